@@ -1,0 +1,1189 @@
+//! `hoard`: back up, restore, list and check hoard repositories — no cluster needed.
+//!
+//! Exit codes: 0 success, 1 failure, 3 finished with warnings (some files skipped or failed),
+//! 10 no repository, 11 repository locked, 12 wrong password, 13 unsupported format version,
+//! 14 repository damaged, 130 interrupted.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use hoard_core::backup::{BackupOptions, ParentSelection, Source};
+use hoard_core::browse::{self, Located};
+use hoard_core::crypto::KdfParams;
+use hoard_core::progress::Progress;
+use hoard_core::repo::{InitOptions, RepoParams, SnapshotFilter};
+use hoard_core::restore::{RestoreOptions, RestoreSource};
+use hoard_core::store::{StoreOptions, open_store};
+use hoard_core::tree::NodeKind;
+use hoard_core::util::human_bytes;
+use hoard_core::{Error, Id, Password, Repository};
+
+use hoard::ops::parse_percent;
+use hoard::output::{ProgressReporter, print_json};
+
+const EXIT_WARNINGS: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(name = "hoard", version, about = "Encrypted, deduplicated backups of files and streams")]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Global {
+    /// Repository location: a directory, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix.
+    #[arg(short = 'r', long = "repo", env = "HOARD_REPOSITORY", global = true)]
+    repo: Option<String>,
+    /// Read the password from this file (first line); wins over HOARD_PASSWORD, as in restic.
+    #[arg(long, env = "HOARD_PASSWORD_FILE", global = true)]
+    password_file: Option<PathBuf>,
+    /// S3 endpoint URL (for S3-compatible servers).
+    #[arg(long, env = "HOARD_S3_ENDPOINT", global = true)]
+    s3_endpoint: Option<String>,
+    /// S3 region (else AWS_REGION, AWS_DEFAULT_REGION, then us-east-1).
+    #[arg(long, env = "HOARD_S3_REGION", global = true)]
+    s3_region: Option<String>,
+    /// Machine-readable output: JSON documents and JSON progress lines.
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress output.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new repository.
+    Init(InitArgs),
+    /// Back up directories, files or standard input into a new snapshot.
+    Backup(BackupArgs),
+    /// List snapshots.
+    Snapshots(FilterArgs),
+    /// List the entries of a snapshot.
+    Ls {
+        /// Snapshot id prefix or `latest`.
+        snapshot: String,
+        /// Path inside the snapshot, `/component/path`.
+        path: Option<String>,
+        /// Long listing: mode, owner, size, time.
+        #[arg(short, long)]
+        long: bool,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Show what changed between two snapshots.
+    Diff { a: String, b: String },
+    /// Restore a snapshot, a component or a path into a directory.
+    Restore(RestoreArgs),
+    /// Write one file of a snapshot to standard output.
+    Dump {
+        snapshot: String,
+        /// A stream component's name, or `/component/path` of a file.
+        path: String,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Repository or snapshot statistics.
+    Stats {
+        snapshot: Option<String>,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Verify the repository's structure and, with --read-data, all of its data.
+    Check {
+        /// Download and verify every pack.
+        #[arg(long, conflicts_with = "read_data_subset")]
+        read_data: bool,
+        /// Download and verify this share of the packs, e.g. `10%`.
+        #[arg(long)]
+        read_data_subset: Option<String>,
+    },
+    /// Remove snapshots according to a retention policy (restic's `forget` rules).
+    Forget(ForgetArgs),
+    /// Remove unreferenced data; repack packs that are mostly unused.
+    Prune(PruneArgs),
+    /// Manage the passwords (key slots) that open the repository.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+    /// Copy snapshots into another repository (re-encrypted under its keys).
+    Copy {
+        /// The source repository; --repo names the target.
+        #[arg(long)]
+        from_repo: String,
+        /// Password file of the source repository (else HOARD_FROM_PASSWORD).
+        #[arg(long)]
+        from_password_file: Option<PathBuf>,
+        /// Snapshots to copy (default: all not yet in the target).
+        snapshots: Vec<String>,
+    },
+    /// Remove stale locks left by processes that died.
+    Unlock {
+        /// Remove every lock, stale or not.
+        #[arg(long)]
+        remove_all: bool,
+    },
+    /// Repair repository metadata.
+    Repair {
+        #[command(subcommand)]
+        what: RepairWhat,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyAction {
+    /// List key slots.
+    List,
+    /// Add a password (read from --new-password-file, else HOARD_NEW_PASSWORD, else a prompt).
+    Add(NewPassword),
+    /// Remove a key slot by id prefix (not the one in use).
+    Remove { id: String },
+    /// Change the password in use.
+    Passwd(NewPassword),
+}
+
+#[derive(Args, Debug)]
+struct NewPassword {
+    #[arg(long)]
+    new_password_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    kdf_memory_mib: u32,
+    #[arg(long, default_value_t = 3)]
+    kdf_iterations: u32,
+}
+
+#[derive(Subcommand, Debug)]
+enum RepairWhat {
+    /// Rebuild the index from the pack headers.
+    Index,
+}
+
+#[derive(Args, Debug)]
+struct ForgetArgs {
+    /// Snapshots to remove explicitly (id prefixes); no policy needed then.
+    snapshots: Vec<String>,
+    /// Keep the last N snapshots (-1: all).
+    #[arg(long, allow_hyphen_values = true)]
+    keep_last: Option<String>,
+    #[arg(long, allow_hyphen_values = true)]
+    keep_hourly: Option<String>,
+    #[arg(long, allow_hyphen_values = true)]
+    keep_daily: Option<String>,
+    #[arg(long, allow_hyphen_values = true)]
+    keep_weekly: Option<String>,
+    #[arg(long, allow_hyphen_values = true)]
+    keep_monthly: Option<String>,
+    #[arg(long, allow_hyphen_values = true)]
+    keep_yearly: Option<String>,
+    /// Keep snapshots newer than this before the newest, e.g. `2d`, `1y6m`.
+    #[arg(long)]
+    keep_within: Option<String>,
+    #[arg(long)]
+    keep_within_hourly: Option<String>,
+    #[arg(long)]
+    keep_within_daily: Option<String>,
+    #[arg(long)]
+    keep_within_weekly: Option<String>,
+    #[arg(long)]
+    keep_within_monthly: Option<String>,
+    #[arg(long)]
+    keep_within_yearly: Option<String>,
+    /// Keep snapshots with these tags (comma-separated: all must be present; repeatable).
+    #[arg(long = "keep-tag")]
+    keep_tags: Vec<String>,
+    /// Group snapshots by `host`, `tags`, `labels` (all labels), `label:KEY` (comma-separated;
+    /// empty: no grouping).
+    #[arg(long, default_value = "host,tags")]
+    group_by: String,
+    #[command(flatten)]
+    filter: FilterArgs,
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+    /// Run prune afterwards.
+    #[arg(long)]
+    prune: bool,
+    #[arg(long, default_value = "5%")]
+    max_unused: String,
+}
+
+#[derive(Args, Debug)]
+struct PruneArgs {
+    /// Unused space tolerated after pruning, as a share of used space, e.g. `5%`.
+    #[arg(long, default_value = "5%")]
+    max_unused: String,
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+struct FilterArgs {
+    /// Only snapshots from this host.
+    #[arg(long)]
+    host: Option<String>,
+    /// Only snapshots with this tag (repeatable: all must match).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+}
+
+impl FilterArgs {
+    fn filter(&self) -> SnapshotFilter {
+        SnapshotFilter { host: self.host.clone(), tags: self.tags.clone() }
+    }
+}
+
+#[derive(Args, Debug)]
+struct InitArgs {
+    /// Minimum, average and maximum chunk size in KiB.
+    #[arg(long, default_value_t = 512)]
+    chunk_min_kib: u32,
+    #[arg(long, default_value_t = 1024)]
+    chunk_avg_kib: u32,
+    #[arg(long, default_value_t = 8192)]
+    chunk_max_kib: u32,
+    /// Target pack size in MiB.
+    #[arg(long, default_value_t = 16)]
+    pack_size_mib: u32,
+    /// zstd level (0 = no compression).
+    #[arg(long, default_value_t = 1)]
+    compression: i32,
+    /// Argon2id memory in MiB for the key slot (minimum 8).
+    #[arg(long, default_value_t = 64)]
+    kdf_memory_mib: u32,
+    /// Argon2id passes.
+    #[arg(long, default_value_t = 3)]
+    kdf_iterations: u32,
+}
+
+#[derive(Args, Debug)]
+struct BackupArgs {
+    /// Directories or files; each becomes one component of the snapshot.
+    paths: Vec<PathBuf>,
+    /// Component name (only with a single path or --stdin); default: the path's last element.
+    #[arg(long)]
+    name: Option<String>,
+    /// Read the data from standard input into a stream component.
+    #[arg(long)]
+    stdin: bool,
+    /// Name of the stream component read from standard input.
+    #[arg(long, default_value = "stdin")]
+    stdin_name: String,
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Free-form label KEY=VALUE (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Host name recorded in the snapshot.
+    #[arg(long)]
+    host: Option<String>,
+    /// Compare against this snapshot instead of the newest one of this host.
+    #[arg(long)]
+    parent: Option<String>,
+    /// Read every file, ignoring the parent snapshot.
+    #[arg(long)]
+    force: bool,
+    /// Time recorded in the snapshot (RFC 3339), instead of now.
+    #[arg(long)]
+    time: Option<chrono::DateTime<chrono::Utc>>,
+    /// Exclude a glob pattern (repeatable); a pattern without `/` matches names at any depth.
+    #[arg(short = 'e', long = "exclude")]
+    excludes: Vec<String>,
+    /// Read exclude patterns from a file, one per line.
+    #[arg(long)]
+    exclude_file: Vec<PathBuf>,
+    /// Do not cross filesystem boundaries.
+    #[arg(short = 'x', long)]
+    one_file_system: bool,
+    /// Memory budget for data in flight, in MiB.
+    #[arg(long, default_value_t = 512)]
+    memory_budget_mib: usize,
+    /// Files read at the same time (default: the number of cores, at least 4).
+    #[arg(long, default_value_t = hoard_core::backup::default_read_concurrency())]
+    read_concurrency: usize,
+    /// Packs uploaded at the same time (default: the number of cores, at least 4).
+    #[arg(long, default_value_t = hoard_core::writer::default_upload_concurrency())]
+    upload_concurrency: usize,
+    /// Read files with plain reads, never io_uring (io_uring is used where the kernel allows).
+    #[arg(long)]
+    no_io_uring: bool,
+}
+
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    /// `SNAPSHOT` or `SNAPSHOT:/component/path`.
+    snapshot: String,
+    /// Directory to restore into (created if missing).
+    #[arg(short, long)]
+    target: PathBuf,
+    #[arg(short, long = "include")]
+    includes: Vec<String>,
+    #[arg(short, long = "exclude")]
+    excludes: Vec<String>,
+    #[command(flatten)]
+    filter: FilterArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            // Damaged objects that loading skipped are warnings users must see.
+            tracing_subscriber::EnvFilter::try_from_env("HOARD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,hoard_core::repo=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    raise_fd_limit();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hoard: cannot start runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let json = cli.global.json;
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let code = e.downcast_ref::<Error>().map(|e| e.exit_code()).unwrap_or(1);
+            if json {
+                print_json(&serde_json::json!({"message_type": "error", "error": format!("{e:#}"), "exit_code": code}));
+            }
+            eprintln!("hoard: {e:#}");
+            ExitCode::from(code.clamp(0, 255) as u8)
+        }
+    }
+}
+
+/// Deep trees keep one descriptor per level open; use the hard limit.
+fn raise_fd_limit() {
+    let lim = rustix_limit();
+    if let Some((soft, hard)) = lim
+        && soft < hard
+    {
+        set_limit(hard);
+    }
+}
+
+fn rustix_limit() -> Option<(u64, u64)> {
+    let l = hoard_core::util::nofile_limit();
+    Some((l.0, l.1))
+}
+
+fn set_limit(n: u64) {
+    hoard_core::util::set_nofile_limit(n);
+}
+
+fn repo_location(g: &Global) -> anyhow::Result<String> {
+    g.repo.clone().ok_or_else(|| anyhow!("no repository given: use --repo or set HOARD_REPOSITORY"))
+}
+
+/// The first line of a password file.
+fn password_from_file(f: &std::path::Path) -> anyhow::Result<Password> {
+    let s = std::fs::read_to_string(f).with_context(|| format!("read password file {}", f.display()))?;
+    Ok(Password::new(s.lines().next().unwrap_or("")))
+}
+
+/// A password from, in restic's order: a password file (flag or its variable), the password
+/// variable, a prompt on a terminal.
+fn password_from(file: Option<&std::path::Path>, var: &str) -> anyhow::Result<Option<Password>> {
+    if let Some(f) = file {
+        return password_from_file(f).map(Some);
+    }
+    Ok(std::env::var(var).ok().filter(|p| !p.is_empty()).map(Password::new))
+}
+
+fn read_password(g: &Global, confirm: bool) -> anyhow::Result<Password> {
+    if let Some(p) = password_from(g.password_file.as_deref(), "HOARD_PASSWORD")? {
+        return Ok(p);
+    }
+    if std::io::stdin().is_terminal() {
+        let p = rpassword::prompt_password("enter repository password: ")?;
+        if confirm {
+            let q = rpassword::prompt_password("enter the password again: ")?;
+            if p != q {
+                bail!("the passwords do not match");
+            }
+        }
+        return Ok(Password::new(p));
+    }
+    bail!("no password: set HOARD_PASSWORD, use --password-file, or run on a terminal")
+}
+
+fn store_options(g: &Global, create: bool) -> StoreOptions {
+    StoreOptions {
+        s3_endpoint: g.s3_endpoint.clone(),
+        s3_region: g.s3_region.clone(),
+        create_dir: create,
+        ..Default::default()
+    }
+}
+
+async fn open_repo(g: &Global) -> anyhow::Result<Arc<Repository>> {
+    let loc = repo_location(g)?;
+    let store = open_store(&loc, &store_options(g, false))?;
+    let password = read_password(g, false)?;
+    Ok(Arc::new(Repository::open(store, &password).await?))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Init(a) => cmd_init(g, a).await,
+        Command::Backup(a) => cmd_backup(g, a).await,
+        Command::Snapshots(f) => cmd_snapshots(g, &f).await,
+        Command::Ls { snapshot, path, long, filter } => cmd_ls(g, &snapshot, path.as_deref(), long, &filter).await,
+        Command::Diff { a, b } => cmd_diff(g, &a, &b).await,
+        Command::Restore(a) => cmd_restore(g, a).await,
+        Command::Dump { snapshot, path, filter } => cmd_dump(g, &snapshot, &path, &filter).await,
+        Command::Stats { snapshot, filter } => cmd_stats(g, snapshot.as_deref(), &filter).await,
+        Command::Check { read_data, read_data_subset } => cmd_check(g, read_data, read_data_subset.as_deref()).await,
+        Command::Forget(a) => cmd_forget(g, a).await,
+        Command::Prune(a) => cmd_prune(g, a).await,
+        Command::Key { action } => cmd_key(g, action).await,
+        Command::Copy { from_repo, from_password_file, snapshots } => {
+            cmd_copy(g, &from_repo, from_password_file, &snapshots).await
+        }
+        Command::Unlock { remove_all } => hoard::ops::unlock(&*open_repo(g).await?, remove_all, g.json).await,
+        Command::Repair { what: RepairWhat::Index } => {
+            let repo = open_repo(g).await?;
+            let (n, problems) = hoard_core::prune::repair_index(repo).await?;
+            for p in &problems {
+                eprintln!("warning: {p}");
+            }
+            println!("index rebuilt from {n} packs");
+            Ok(if problems.is_empty() { 0 } else { EXIT_WARNINGS })
+        }
+    }
+}
+
+async fn cmd_init(g: &Global, a: InitArgs) -> anyhow::Result<u8> {
+    let loc = repo_location(g)?;
+    let store = open_store(&loc, &store_options(g, true))?;
+    let password = read_password(g, true)?;
+    let chunker = hoard_core::chunker::ChunkerParams {
+        min: a.chunk_min_kib * 1024,
+        avg: a.chunk_avg_kib * 1024,
+        max: a.chunk_max_kib * 1024,
+    };
+    let params = RepoParams {
+        chunker,
+        pack_size: a.pack_size_mib * 1024 * 1024,
+        compression_level: a.compression,
+        large_files: hoard_core::chunker::LargeFileChunking::default_for(&chunker),
+    };
+    let kdf = KdfParams { memory_kib: a.kdf_memory_mib * 1024, iterations: a.kdf_iterations, ..KdfParams::default() };
+    let repo = Repository::init(store, &password, InitOptions { params, kdf }).await?;
+    if g.json {
+        print_json(
+            &serde_json::json!({"message_type": "initialized", "id": repo.id().to_hex(), "repository": repo.store().location()}),
+        );
+    } else {
+        println!("created hoard repository {} at {}", repo.id().short(), repo.store().location());
+        println!("Keep the password safe: without it the data cannot be restored.");
+    }
+    Ok(0)
+}
+
+fn component_name(path: &std::path::Path) -> String {
+    std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .filter(|n| hoard_core::tree::valid_name(n.as_bytes()))
+        .unwrap_or_else(|| "root".to_string())
+}
+
+async fn cmd_backup(g: &Global, a: BackupArgs) -> anyhow::Result<u8> {
+    let repo = open_repo(g).await?;
+    let mut sources = Vec::new();
+    if a.stdin {
+        if !a.paths.is_empty() {
+            bail!("--stdin takes no paths");
+        }
+        let name = a.name.clone().unwrap_or(a.stdin_name.clone());
+        sources.push(Source::Stream { name, reader: Box::new(std::io::stdin()) });
+    } else {
+        if a.paths.is_empty() {
+            bail!("nothing to back up: give paths or --stdin");
+        }
+        if a.name.is_some() && a.paths.len() > 1 {
+            bail!("--name needs exactly one path");
+        }
+        for p in &a.paths {
+            let name = a.name.clone().unwrap_or_else(|| component_name(p));
+            sources.push(Source::Path { name, path: p.clone() });
+        }
+    }
+    let mut excludes = a.excludes.clone();
+    for f in &a.exclude_file {
+        let s = std::fs::read_to_string(f).with_context(|| format!("read exclude file {}", f.display()))?;
+        excludes.extend(s.lines().map(str::to_string));
+    }
+    let mut labels = BTreeMap::new();
+    for l in &a.labels {
+        let (k, v) = l.split_once('=').ok_or_else(|| anyhow!("label {l:?} is not KEY=VALUE"))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    let parent = if a.force {
+        ParentSelection::None
+    } else if let Some(p) = &a.parent {
+        repo.load_index().await?;
+        let (id, _) = repo.find_snapshot(p, &SnapshotFilter::default()).await?;
+        ParentSelection::Explicit(id)
+    } else {
+        ParentSelection::Auto
+    };
+    let progress = Arc::new(Progress::default());
+    let mut opts = BackupOptions {
+        sources,
+        tags: a.tags.clone(),
+        labels,
+        parent,
+        excludes,
+        one_file_system: a.one_file_system,
+        memory_budget: a.memory_budget_mib * 1024 * 1024,
+        read_concurrency: a.read_concurrency,
+        io_uring: !a.no_io_uring,
+        progress: Arc::clone(&progress),
+        ..BackupOptions::default()
+    };
+    opts.writer.upload_concurrency = a.upload_concurrency;
+    opts.time = a.time;
+    if let Some(h) = &a.host {
+        opts.host = h.clone();
+    }
+    let reporter = ProgressReporter::start(progress, g.json, g.quiet, "backup");
+    let result = hoard_core::backup::backup(Arc::clone(&repo), opts).await;
+    reporter.stop().await;
+    let out = result?;
+    let s = &out.snapshot.summary;
+    if g.json {
+        print_json(&serde_json::json!({
+            "message_type": "summary",
+            "snapshot_id": out.snapshot_id.to_hex(),
+            "summary": s,
+            "warnings": out.snapshot.warnings,
+        }));
+    } else if !g.quiet {
+        for w in &out.snapshot.warnings {
+            eprintln!("warning: {w}");
+        }
+        println!(
+            "Files: {} new, {} changed, {} unmodified; {} dirs, {} other",
+            s.files_new, s.files_changed, s.files_unmodified, s.dirs, s.other_entries
+        );
+        println!(
+            "Data: {} in snapshot, {} read, {} new, {} stored",
+            human_bytes(s.total_bytes),
+            human_bytes(s.bytes_read),
+            human_bytes(s.bytes_new),
+            human_bytes(s.bytes_stored)
+        );
+        println!("snapshot {} saved in {:.2}s", out.snapshot_id.short(), s.duration_ms as f64 / 1000.0);
+    }
+    Ok(if s.warnings > 0 { EXIT_WARNINGS } else { 0 })
+}
+
+async fn cmd_snapshots(g: &Global, f: &FilterArgs) -> anyhow::Result<u8> {
+    let repo = open_repo(g).await?;
+    let filter = f.filter();
+    let snaps: Vec<_> = repo.list_snapshots().await?.into_iter().filter(|(_, s)| filter.matches(s)).collect();
+    if g.json {
+        let v: Vec<_> = snaps
+            .iter()
+            .map(|(id, s)| {
+                let mut v = serde_json::to_value(s).unwrap_or_default();
+                v["id"] = serde_json::Value::String(id.to_hex());
+                v["short_id"] = serde_json::Value::String(id.short());
+                v
+            })
+            .collect();
+        print_json(&serde_json::Value::Array(v));
+        return Ok(0);
+    }
+    println!("{:<10} {:<20} {:<16} {:<20} {:<24} {:>12}", "ID", "Time", "Host", "Tags", "Components", "Size");
+    for (id, s) in &snaps {
+        let comps: Vec<&str> = s.components.iter().map(|c| c.name.as_str()).collect();
+        println!(
+            "{:<10} {:<20} {:<16} {:<20} {:<24} {:>12}",
+            id.short(),
+            s.time.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S"),
+            s.host,
+            s.tags.join(","),
+            comps.join(","),
+            human_bytes(s.summary.total_bytes)
+        );
+    }
+    println!("{} snapshots", snaps.len());
+    Ok(0)
+}
+
+fn mode_string(kind: NodeKind, mode: u32) -> String {
+    let t = match kind {
+        NodeKind::Dir => 'd',
+        NodeKind::Symlink => 'l',
+        NodeKind::Fifo => 'p',
+        NodeKind::Socket => 's',
+        NodeKind::CharDevice => 'c',
+        NodeKind::BlockDevice => 'b',
+        NodeKind::File => '-',
+    };
+    let mut s = String::from(t);
+    for shift in [6, 3, 0] {
+        let b = (mode >> shift) & 7;
+        s.push(if b & 4 != 0 { 'r' } else { '-' });
+        s.push(if b & 2 != 0 { 'w' } else { '-' });
+        s.push(if b & 1 != 0 { 'x' } else { '-' });
+    }
+    s
+}
+
+async fn cmd_ls(g: &Global, spec: &str, path: Option<&str>, long: bool, f: &FilterArgs) -> anyhow::Result<u8> {
+    let repo = open_repo(g).await?;
+    repo.load_index().await?;
+    let (id, snap) = repo.find_snapshot(spec, &f.filter()).await?;
+    let mut rows: Vec<(String, hoard_core::tree::Node)> = Vec::new();
+    let mut visit = |p: &str, n: &hoard_core::tree::Node| rows.push((p.to_string(), n.clone()));
+    match path {
+        None | Some("/") | Some("") => {
+            for c in &snap.components {
+                browse::walk(&repo, c.root, format!("/{}", c.name), &mut visit).await?;
+            }
+        }
+        Some(p) => match browse::locate(&repo, &snap, p).await? {
+            Located::Root { component, tree } => browse::walk(&repo, tree, format!("/{component}"), &mut visit).await?,
+            Located::Node { path, node } => {
+                let sub = node.subtree;
+                let is_dir = node.kind == NodeKind::Dir;
+                visit(&path, &node);
+                if let (true, Some(sub)) = (is_dir, sub) {
+                    browse::walk(&repo, sub, path, &mut visit).await?;
+                }
+            }
+        },
+    }
+    if g.json {
+        print_json(&serde_json::json!({"message_type": "snapshot", "id": id.to_hex(), "time": snap.time}));
+        for (p, n) in &rows {
+            print_json(&serde_json::json!({
+                "message_type": "node", "path": p, "type": format!("{:?}", n.kind).to_lowercase(),
+                "size": n.size, "mode": n.mode, "uid": n.uid, "gid": n.gid,
+                "mtime": chrono::DateTime::from_timestamp(n.mtime.sec, n.mtime.nsec),
+            }));
+        }
+        return Ok(0);
+    }
+    for (p, n) in &rows {
+        if long {
+            let t = chrono::DateTime::from_timestamp(n.mtime.sec, n.mtime.nsec)
+                .map(|t| t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default();
+            let link =
+                n.link_target.as_ref().map(|t| format!(" -> {}", String::from_utf8_lossy(t))).unwrap_or_default();
+            println!("{} {:>5} {:>5} {:>12} {} {p}{link}", mode_string(n.kind, n.mode), n.uid, n.gid, n.size, t);
+        } else {
+            println!("{p}");
+        }
+    }
+    Ok(0)
+}
+
+async fn cmd_diff(g: &Global, a: &str, b: &str) -> anyhow::Result<u8> {
+    let repo = open_repo(g).await?;
+    repo.load_index().await?;
+    let (ia, sa) = repo.find_snapshot(a, &SnapshotFilter::default()).await?;
+    let (ib, sb) = repo.find_snapshot(b, &SnapshotFilter::default()).await?;
+    let mut names: Vec<&str> = sa.components.iter().chain(&sb.components).map(|c| c.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut out = Vec::new();
+    for n in names {
+        let ra = sa.component(n).map(|c| c.root);
+        let rb = sb.component(n).map(|c| c.root);
+        browse::diff(&repo, ra, rb, format!("/{n}"), &mut out).await?;
+    }
+    if g.json {
+        print_json(&serde_json::json!({"from": ia.to_hex(), "to": ib.to_hex(), "changes": out}));
+    } else {
+        println!("comparing snapshot {} to {}:", ia.short(), ib.short());
+        for d in &out {
+            let c = match d.change {
+                browse::Change::Added => '+',
+                browse::Change::Removed => '-',
+                browse::Change::Modified => 'M',
+                browse::Change::Metadata => 'U',
+            };
+            println!("{c}    {}", d.path);
+        }
+        let count = |c| out.iter().filter(|d| d.change == c).count();
+        println!(
+            "{} added, {} removed, {} modified, {} metadata only",
+            count(browse::Change::Added),
+            count(browse::Change::Removed),
+            count(browse::Change::Modified),
+            count(browse::Change::Metadata)
+        );
+    }
+    Ok(0)
+}
+
+async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
+    let repo = open_repo(g).await?;
+    repo.load_index().await?;
+    let (spec, path) = match a.snapshot.split_once(':') {
+        Some((s, p)) => (s.to_string(), Some(p.to_string())),
+        None => (a.snapshot.clone(), None),
+    };
+    let (id, snap) = repo.find_snapshot(&spec, &a.filter.filter()).await?;
+    let progress = Arc::new(Progress::default());
+    // (source, target path for messages, already opened confined directory, match prefix)
+    let mut targets: Vec<(RestoreSource, PathBuf, Option<std::os::fd::OwnedFd>, String)> = Vec::new();
+    let mut total = 0u64;
+    match path.as_deref() {
+        None | Some("") | Some("/") => {
+            for c in &snap.components {
+                total += c.stats.total_bytes;
+                let dir = open_component_dir(&a.target, &c.name, &id)?;
+                targets.push((RestoreSource::Tree(c.root), a.target.join(&c.name), Some(dir), c.name.clone()));
+            }
+        }
+        Some(p) => match browse::locate(&repo, &snap, p).await? {
+            Located::Root { tree, component } => {
+                total += snap.component(&component).map(|c| c.stats.total_bytes).unwrap_or(0);
+                targets.push((RestoreSource::Tree(tree), a.target.clone(), None, component))
+            }
+            Located::Node { node, path } if node.kind == NodeKind::Dir => {
+                let sub = node.subtree.ok_or_else(|| anyhow!("directory without listing"))?;
+                targets.push((RestoreSource::Tree(sub), a.target.clone(), None, path))
+            }
+            Located::Node { node, path } => {
+                total += node.size;
+                let parent = path.rsplit_once('/').map(|(p, _)| p.to_string()).unwrap_or_default();
+                targets.push((RestoreSource::Node(node), a.target.clone(), None, parent))
+            }
+        },
+    }
+    progress.bytes_total.store(total, std::sync::atomic::Ordering::Relaxed);
+    progress.scan_finished.store(total > 0, std::sync::atomic::Ordering::Relaxed);
+    let reporter = ProgressReporter::start(Arc::clone(&progress), g.json, g.quiet, "restore");
+    let mut combined = hoard_core::restore::RestoreOutcome::default();
+    let mut result = Ok(());
+    for (source, target, dir, prefix) in targets {
+        let mut opts = RestoreOptions::new(target);
+        opts.target_dir = dir;
+        opts.match_prefix = prefix;
+        opts.includes = a.includes.clone();
+        opts.excludes = a.excludes.clone();
+        opts.progress = Arc::clone(&progress);
+        match hoard_core::restore::restore(Arc::clone(&repo), source, opts).await {
+            Ok(o) => {
+                combined.files += o.files;
+                combined.dirs += o.dirs;
+                combined.other += o.other;
+                combined.bytes += o.bytes;
+                combined.failed.extend(o.failed);
+                combined.warnings.extend(o.warnings);
+            }
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    reporter.stop().await;
+    result?;
+    if g.json {
+        print_json(&serde_json::json!({"message_type": "summary", "snapshot_id": id.to_hex(), "outcome": combined}));
+    } else {
+        for w in &combined.warnings {
+            eprintln!("warning: {w}");
+        }
+        for (p, why) in &combined.failed {
+            eprintln!("error: {p}: {why}");
+        }
+        println!(
+            "restored snapshot {} into {}: {} files, {} dirs, {} other, {}",
+            id.short(),
+            a.target.display(),
+            combined.files,
+            combined.dirs,
+            combined.other,
+            human_bytes(combined.bytes)
+        );
+        if !combined.failed.is_empty() {
+            println!(
+                "{} files could not be restored (listed above); run `hoard check --read-data`",
+                combined.failed.len()
+            );
+        }
+    }
+    Ok(if !combined.failed.is_empty() {
+        1
+    } else if !combined.warnings.is_empty() {
+        EXIT_WARNINGS
+    } else {
+        0
+    })
+}
+
+/// Opens `target/<name>` (created if missing) for restoring one component, confined to the
+/// target: a name that is not one safe path component is refused (defence in depth: decoding
+/// the snapshot already refuses it), and a symlink planted at `target/<name>` is not followed.
+fn open_component_dir(target: &std::path::Path, name: &str, snap: &Id) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    if !hoard_core::snapshot::valid_component_name(name) {
+        return Err(Error::corrupt(
+            hoard_core::error::ObjectKind::Snapshot,
+            format!("snapshots/{}", snap.to_hex()),
+            format!("unsafe component name {name:?}"),
+        )
+        .into());
+    }
+    std::fs::create_dir_all(target).with_context(|| format!("create {}", target.display()))?;
+    let dir = rustix::fs::open(target, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .with_context(|| format!("open {}", target.display()))?;
+    let path = target.join(name);
+    let mkdir = || rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o777));
+    match mkdir() {
+        Ok(()) => {}
+        Err(rustix::io::Errno::EXIST) => {
+            // Like any entry restore meets in its way: a directory is reused, anything else
+            // (a planted symlink, a file) is replaced, never followed.
+            let st = rustix::fs::statat(&dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+                .with_context(|| format!("stat {}", path.display()))?;
+            if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Directory {
+                rustix::fs::unlinkat(&dir, name, rustix::fs::AtFlags::empty())
+                    .with_context(|| format!("remove {}", path.display()))?;
+                mkdir().with_context(|| format!("create {}", path.display()))?;
+            }
+        }
+        Err(e) => return Err(anyhow::Error::from(e).context(format!("create {}", path.display()))),
+    }
+    rustix::fs::openat(
+        &dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("open {}", path.display()))
+}
+
+async fn cmd_dump(g: &Global, spec: &str, path: &str, f: &FilterArgs) -> anyhow::Result<u8> {
+    use std::io::Write;
+    let repo = open_repo(g).await?;
+    repo.load_index().await?;
+    let (_, snap) = repo.find_snapshot(spec, &f.filter()).await?;
+    let node = match browse::locate(&repo, &snap, path).await? {
+        Located::Node { node, .. } => node,
+        Located::Root { component, tree } => {
+            // A stream component: its tree holds one file.
+            let t = repo.load_tree(&tree).await?;
+            match t.nodes.as_slice() {
+                [n] if n.kind == NodeKind::File => n.clone(),
+                _ => bail!("/{component} is a directory tree; name a file inside it"),
+            }
+        }
+    };
+    if node.kind != NodeKind::File {
+        bail!("{path} is not a regular file");
+    }
+    let mut out = std::io::stdout().lock();
+    for e in &node.content {
+        match e {
+            hoard_core::tree::Extent::Data { id, .. } => out.write_all(&repo.read_blob(id).await?)?,
+            hoard_core::tree::Extent::Hole { len } => {
+                let zeros = vec![0u8; (*len).min(1 << 20) as usize];
+                let mut left = *len;
+                while left > 0 {
+                    let n = left.min(zeros.len() as u64) as usize;
+                    out.write_all(&zeros[..n])?;
+                    left -= n as u64;
+                }
+            }
+        }
+    }
+    out.flush()?;
+    Ok(0)
+}
+
+async fn cmd_stats(g: &Global, spec: Option<&str>, f: &FilterArgs) -> anyhow::Result<u8> {
+    let repo = open_repo(g).await?;
+    repo.load_index().await?;
+    let snaps = repo.list_snapshots().await?;
+    let (blob_count, stored, raw, packs) = {
+        let idx = repo.index();
+        let (mut stored, mut raw) = (0u64, 0u64);
+        for (_, loc) in idx.iter() {
+            stored += loc.stored_len as u64;
+            raw += loc.raw_len as u64;
+        }
+        (idx.len(), stored, raw, idx.pack_count())
+    };
+    let mut v = serde_json::json!({
+        "snapshots": snaps.len(),
+        "packs": packs,
+        "blobs": blob_count,
+        "blob_bytes_stored": stored,
+        "blob_bytes_uncompressed": raw,
+    });
+    if let Some(spec) = spec {
+        let (id, snap) = hoard_core::repo::select_snapshot(snaps, spec, &f.filter())?;
+        let mut files = 0u64;
+        let mut bytes = 0u64;
+        let mut unique = std::collections::HashSet::<Id>::new();
+        let mut visit = |_: &str, n: &hoard_core::tree::Node| {
+            if n.kind == NodeKind::File {
+                files += 1;
+                bytes += n.size;
+                for e in &n.content {
+                    if let hoard_core::tree::Extent::Data { id, .. } = e {
+                        unique.insert(*id);
+                    }
+                }
+            }
+        };
+        for c in &snap.components {
+            browse::walk(&repo, c.root, format!("/{}", c.name), &mut visit).await?;
+        }
+        let unique_bytes: u64 = {
+            let idx = repo.index();
+            unique.iter().filter_map(|id| idx.get(id)).map(|l| l.raw_len as u64).sum()
+        };
+        v["snapshot"] = serde_json::json!({"id": id.to_hex(), "files": files, "restore_size": bytes, "unique_blobs": unique.len(), "unique_bytes": unique_bytes});
+    }
+    if g.json {
+        print_json(&v);
+    } else {
+        println!("repository {} at {}", repo.id().short(), repo.store().location());
+        println!("  snapshots: {}", snaps_len(&v));
+        println!("  packs: {packs}, blobs: {blob_count}");
+        println!("  stored: {} ({} before compression)", human_bytes(stored), human_bytes(raw));
+        if let Some(s) = v.get("snapshot") {
+            println!(
+                "snapshot {}: {} files, {} to restore, {} in {} unique blobs",
+                &s["id"].as_str().unwrap_or_default()[..8],
+                s["files"],
+                human_bytes(s["restore_size"].as_u64().unwrap_or(0)),
+                human_bytes(s["unique_bytes"].as_u64().unwrap_or(0)),
+                s["unique_blobs"]
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn snaps_len(v: &serde_json::Value) -> u64 {
+    v["snapshots"].as_u64().unwrap_or(0)
+}
+
+async fn cmd_check(g: &Global, read_data: bool, subset: Option<&str>) -> anyhow::Result<u8> {
+    hoard::ops::check(open_repo(g).await?, read_data, subset, g.json).await
+}
+
+async fn cmd_prune(g: &Global, a: PruneArgs) -> anyhow::Result<u8> {
+    let repo = open_repo(g).await?;
+    let opts = hoard_core::prune::PruneOptions { max_unused: parse_percent(&a.max_unused)?, dry_run: a.dry_run };
+    let out = hoard_core::prune::prune(repo, opts).await?;
+    if g.json {
+        print_json(&serde_json::to_value(&out)?);
+    } else {
+        let p = &out.plan;
+        println!(
+            "{}used {}, unused {}; {} packs to delete, {} to repack ({}), {} kept; unused afterwards {}",
+            if a.dry_run { "would prune: " } else { "" },
+            human_bytes(p.used_bytes),
+            human_bytes(p.unused_bytes),
+            p.delete.len(),
+            p.repack.len(),
+            human_bytes(p.repack_bytes),
+            p.keep.len(),
+            human_bytes(p.unused_after)
+        );
+        if !a.dry_run {
+            println!(
+                "removed {} packs and {} index files, wrote {} packs",
+                out.packs_removed, out.index_files_removed, out.packs_written
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn read_new_password(a: &NewPassword) -> anyhow::Result<Password> {
+    if let Some(p) = password_from(a.new_password_file.as_deref(), "HOARD_NEW_PASSWORD")? {
+        return Ok(p);
+    }
+    if std::io::stdin().is_terminal() {
+        let p = rpassword::prompt_password("enter the new password: ")?;
+        let q = rpassword::prompt_password("enter it again: ")?;
+        if p != q {
+            bail!("the passwords do not match");
+        }
+        return Ok(Password::new(p));
+    }
+    bail!("no new password: set HOARD_NEW_PASSWORD or use --new-password-file")
+}
+
+async fn cmd_key(g: &Global, action: KeyAction) -> anyhow::Result<u8> {
+    let loc = repo_location(g)?;
+    let store = open_store(&loc, &store_options(g, false))?;
+    let password = read_password(g, false)?;
+    let mut repo = Repository::open(store, &password).await?;
+    let kdf = |a: &NewPassword| KdfParams {
+        memory_kib: a.kdf_memory_mib * 1024,
+        iterations: a.kdf_iterations,
+        ..KdfParams::default()
+    };
+    match action {
+        KeyAction::List => {
+            hoard::ops::key_list(&repo, g.json).await?;
+        }
+        KeyAction::Add(a) => {
+            let id = repo.add_key(&read_new_password(&a)?, kdf(&a)).await?;
+            println!("added key {}", id.short());
+        }
+        KeyAction::Remove { id } => {
+            let keys = repo.list_keys().await?;
+            let matching: Vec<Id> =
+                keys.iter().map(|(k, _)| *k).filter(|k| k.to_hex().starts_with(&id.to_ascii_lowercase())).collect();
+            let [one] = matching.as_slice() else { bail!("{id:?} matches {} keys", matching.len()) };
+            repo.remove_key(one).await?;
+            println!("removed key {}", one.short());
+        }
+        KeyAction::Passwd(a) => {
+            let id = repo.change_password(&read_new_password(&a)?, kdf(&a)).await?;
+            println!("password changed (key {})", id.short());
+        }
+    }
+    Ok(0)
+}
+
+async fn cmd_copy(g: &Global, from: &str, from_pw: Option<PathBuf>, only: &[String]) -> anyhow::Result<u8> {
+    let dst = open_repo(g).await?;
+    let Some(src_password) = password_from(from_pw.as_deref(), "HOARD_FROM_PASSWORD")? else {
+        bail!("no password for the source repository: set HOARD_FROM_PASSWORD or use --from-password-file")
+    };
+    let src = Arc::new(Repository::open(open_store(from, &store_options(g, false))?, &src_password).await?);
+    let mut ids = Vec::new();
+    if !only.is_empty() {
+        let snaps = src.list_snapshots().await?;
+        for spec in only {
+            ids.push(hoard_core::repo::select_snapshot(snaps.clone(), spec, &SnapshotFilter::default())?.0);
+        }
+    }
+    let done = hoard_core::copy::copy(src, dst, &ids).await?;
+    if g.json {
+        print_json(&serde_json::json!(
+            done.iter()
+                .map(|(a, b)| serde_json::json!({"source": a.to_hex(), "target": b.to_hex()}))
+                .collect::<Vec<_>>()
+        ));
+    } else {
+        for (a, b) in &done {
+            println!("copied snapshot {} -> {}", a.short(), b.short());
+        }
+        println!("{} snapshots copied", done.len());
+    }
+    Ok(0)
+}
+
+async fn cmd_forget(g: &Global, a: ForgetArgs) -> anyhow::Result<u8> {
+    use hoard_core::retention::{GroupBy, KeepCount, RetentionPolicy, WithinDuration};
+    let repo = open_repo(g).await?;
+    let snaps = repo.list_snapshots().await?;
+    let mut remove: Vec<(Id, String)> = Vec::new();
+    let mut report = serde_json::json!({});
+    if !a.snapshots.is_empty() {
+        for spec in &a.snapshots {
+            let (id, _) = hoard_core::repo::select_snapshot(snaps.clone(), spec, &SnapshotFilter::default())?;
+            remove.push((id, "named on the command line".into()));
+        }
+    } else {
+        let count = |v: &Option<String>| -> anyhow::Result<Option<KeepCount>> {
+            v.as_deref().map(|s| s.parse::<KeepCount>().map_err(anyhow::Error::from)).transpose()
+        };
+        let within = |v: &Option<String>| -> anyhow::Result<Option<WithinDuration>> {
+            v.as_deref().map(|s| s.parse::<WithinDuration>().map_err(anyhow::Error::from)).transpose()
+        };
+        let policy = RetentionPolicy {
+            keep_last: count(&a.keep_last)?,
+            keep_hourly: count(&a.keep_hourly)?,
+            keep_daily: count(&a.keep_daily)?,
+            keep_weekly: count(&a.keep_weekly)?,
+            keep_monthly: count(&a.keep_monthly)?,
+            keep_yearly: count(&a.keep_yearly)?,
+            keep_within: within(&a.keep_within)?,
+            keep_within_hourly: within(&a.keep_within_hourly)?,
+            keep_within_daily: within(&a.keep_within_daily)?,
+            keep_within_weekly: within(&a.keep_within_weekly)?,
+            keep_within_monthly: within(&a.keep_within_monthly)?,
+            keep_within_yearly: within(&a.keep_within_yearly)?,
+            keep_tags: a
+                .keep_tags
+                .iter()
+                .map(|t| t.split(',').map(str::to_string).filter(|s| !s.is_empty()).collect())
+                .collect(),
+            keep_last_failed: None,
+        };
+        let group_by: GroupBy = a.group_by.parse()?;
+        let filter = a.filter.filter();
+        let selected: Vec<(Id, hoard_core::snapshot::Snapshot)> =
+            snaps.into_iter().filter(|(_, s)| filter.matches(s)).collect();
+        let tz = *chrono::Local::now().offset();
+        let plans = hoard_core::retention::plan(&selected, &policy, &group_by, tz)?;
+        report = serde_json::to_value(&plans)?;
+        if !g.json {
+            for p in &plans {
+                println!("snapshots for {}:", p.key);
+                for d in &p.keep {
+                    println!(
+                        "  keep   {} {}  {}",
+                        d.id.short(),
+                        d.time.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S"),
+                        d.reasons.join(", ")
+                    );
+                }
+                for d in &p.remove {
+                    println!(
+                        "  remove {} {}",
+                        d.id.short(),
+                        d.time.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S")
+                    );
+                }
+            }
+        }
+        for p in plans {
+            remove.extend(p.remove.into_iter().map(|d| (d.id, "not kept by the policy".to_string())));
+        }
+    }
+    if !a.dry_run {
+        for (id, _) in &remove {
+            repo.delete_snapshot(id).await?;
+        }
+    }
+    if g.json {
+        print_json(&serde_json::json!({
+            "dry_run": a.dry_run,
+            "groups": report,
+            "removed": remove.iter().map(|(id, _)| id.to_hex()).collect::<Vec<_>>(),
+        }));
+    } else {
+        println!("{} {} snapshots", if a.dry_run { "would remove" } else { "removed" }, remove.len());
+    }
+    if a.prune && !a.dry_run {
+        let opts = hoard_core::prune::PruneOptions { max_unused: parse_percent(&a.max_unused)?, dry_run: false };
+        let out = hoard_core::prune::prune(repo, opts).await?;
+        if !g.json {
+            println!("prune removed {} packs and {} index files", out.packs_removed, out.index_files_removed);
+        }
+    }
+    Ok(0)
+}

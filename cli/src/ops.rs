@@ -1,0 +1,107 @@
+//! Repository verbs shared by `hoard` and `kubectl hoard repo`: both open a [`Repository`] their
+//! own way (flags and environment, or the cluster's Repository, BackupStorage and Secrets) and
+//! then run exactly these functions, which print the result and return the exit code.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail};
+use hoard_core::Repository;
+
+use crate::output::print_json;
+
+/// `10%` → 0.1.
+pub fn parse_percent(s: &str) -> anyhow::Result<f64> {
+    let v: f64 = s.trim().trim_end_matches('%').parse().map_err(|_| anyhow!("{s:?} is not a percentage"))?;
+    if !(0.0..=100.0).contains(&v) {
+        bail!("{s:?} must be between 0% and 100%");
+    }
+    Ok(v / 100.0)
+}
+
+/// Verifies the repository's structure and, per `read_data` / `subset`, its data. Prints the
+/// report (JSON with `json`); returns 0 when no errors were found and 1 otherwise.
+pub async fn check(repo: Arc<Repository>, read_data: bool, subset: Option<&str>, json: bool) -> anyhow::Result<u8> {
+    let fraction = match (read_data, subset) {
+        (true, _) => 1.0,
+        (false, Some(s)) => parse_percent(s)?,
+        _ => 0.0,
+    };
+    let opts = hoard_core::check::CheckOptions { read_data_fraction: fraction, concurrency: 4 };
+    let report = hoard_core::check::check(repo, opts).await?;
+    if json {
+        print_json(&serde_json::to_value(&report)?);
+    } else {
+        println!(
+            "checked {} snapshots, {} trees, {} packs ({} read, {} blobs verified)",
+            report.snapshots, report.trees, report.packs, report.packs_read, report.blobs_read
+        );
+        if !report.unreferenced_packs.is_empty() {
+            println!(
+                "{} packs are not referenced by any index (left by interrupted runs; `hoard prune` removes them)",
+                report.unreferenced_packs.len()
+            );
+        }
+        if report.unreferenced_trees > 0 {
+            println!(
+                "{} directory trees are not referenced by any snapshot (a snapshot was forgotten without prune, or deleted)",
+                report.unreferenced_trees
+            );
+        }
+        for e in &report.errors {
+            eprintln!("error: {}: {}", e.object, e.message);
+        }
+        for (snap, paths) in &report.affected {
+            eprintln!("snapshot {} is affected:", snap.get(..8).unwrap_or(snap));
+            for p in paths {
+                eprintln!("  {p}");
+            }
+        }
+        if let Some(s) = &report.suggestion {
+            eprintln!("suggestion: {s}");
+        }
+        if report.is_ok() {
+            println!("no errors were found");
+        }
+    }
+    Ok(if report.is_ok() { 0 } else { 1 })
+}
+
+/// Removes stale locks (every lock with `remove_all`).
+pub async fn unlock(repo: &Repository, remove_all: bool, json: bool) -> anyhow::Result<u8> {
+    let n = hoard_core::lock::unlock(repo, remove_all).await?;
+    if json {
+        print_json(&serde_json::json!({"removed_locks": n}));
+    } else {
+        println!("removed {n} locks");
+    }
+    Ok(0)
+}
+
+/// Lists the key slots; `*` marks the one that opened the repository. Never prints key material.
+pub async fn key_list(repo: &Repository, json: bool) -> anyhow::Result<u8> {
+    let keys = repo.list_keys().await?;
+    let rows: Vec<serde_json::Value> = keys
+        .iter()
+        .map(|(id, slot)| match slot {
+            Ok(s) => serde_json::json!({"id": id.to_hex(), "current": *id == repo.key_id(), "created": s.created, "host": s.hostname, "user": s.username}),
+            Err(e) => serde_json::json!({"id": id.to_hex(), "current": false, "error": e.to_string()}),
+        })
+        .collect();
+    if json {
+        print_json(&serde_json::Value::Array(rows));
+    } else {
+        for r in rows {
+            let id = r["id"].as_str().unwrap_or_default();
+            println!(
+                "{} {:<10} {} {}@{} {}",
+                if r["current"] == true { "*" } else { " " },
+                id.get(..8).unwrap_or(id),
+                r["created"].as_str().unwrap_or("-"),
+                r["user"].as_str().unwrap_or("-"),
+                r["host"].as_str().unwrap_or("-"),
+                r["error"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,547 @@
+//! BackupSession: the shell around [`crate::session::next_step`]. Each pass first folds what
+//! the in-flight orders reported into the Snapshot objects (one per repository, named
+//! `<repository>-<session>`), then asks the state machine what to do, does it, and requeues
+//! every few seconds while running — that is how progress reaches status.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use hoard_api::agent::v1::{BackupOrder, Phase, Progress};
+use hoard_api::crd::{
+    BackupConfiguration, BackupSession, ComponentPhase, ComponentProgress, ComponentStatus, Repository,
+    RetentionApplied, RetentionPhase, RetentionPolicy, SessionConfig, SessionPhase, SessionSnapshot, Snapshot,
+    SnapshotPhase, SnapshotSpec, SnapshotStatus, parse_duration,
+};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+
+use crate::error::{Error, Result, is_not_found};
+use crate::orders::Order;
+use crate::reconcile::{agent_endpoints, repo, resolve_target};
+use crate::schedule::{fmt_time, parse_time};
+use crate::session::{SessionView, Step, WorkKey, WorkView, next_step, order_id, retry_at};
+use crate::{
+    BACKUP_SESSION_LABEL, CONFIG_LABEL, Context, FIELD_MANAGER, REPOSITORY_LABEL, SESSION_LABEL, SNAPSHOT_LABEL,
+    apply_status,
+};
+
+/// Bound on one prune run after retention.
+pub const PRUNE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+pub fn snapshot_name(repository: &str, session: &str) -> String {
+    format!("{repository}-{session}")
+}
+
+fn duration_str(d: chrono::Duration) -> String {
+    format!("{:.1}s", d.num_milliseconds() as f64 / 1000.0)
+}
+
+struct Loaded {
+    config: Option<BackupConfiguration>,
+    session_cfg: Option<SessionConfig>,
+    snapshots: BTreeMap<String, Snapshot>, // by repository
+}
+
+async fn load(ctx: &Context, bs: &BackupSession) -> Result<Loaded> {
+    let ns = bs.namespace().unwrap_or_default();
+    let configs: Api<BackupConfiguration> = Api::namespaced(ctx.client.clone(), &ns);
+    let config = configs.get_opt(&bs.spec.invoker.name).await?;
+    let session_cfg = config.as_ref().and_then(|c| c.spec.sessions.iter().find(|s| s.name == bs.spec.session).cloned());
+    let snaps: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut snapshots = BTreeMap::new();
+    for r in session_cfg.iter().flat_map(|s| s.repositories.iter()) {
+        if let Some(s) = snaps.get_opt(&snapshot_name(&r.name, &bs.name_any())).await? {
+            snapshots.insert(r.name.clone(), s);
+        }
+    }
+    Ok(Loaded { config, session_cfg, snapshots })
+}
+
+/// Shortest requeue of a session that is moving on (never sub-second).
+pub const STEP: Duration = Duration::from_secs(1);
+
+pub async fn reconcile(bs: Arc<BackupSession>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = bs.namespace().unwrap_or_default();
+    let api: Api<BackupSession> = Api::namespaced(ctx.client.clone(), &ns);
+    // The current object, not the watch cache's: the previous pass may have just written status.
+    let Some(bs) = api.get_opt(&bs.name_any()).await?.map(Arc::new) else { return Ok(Action::await_change()) };
+    let uid = bs.uid().unwrap_or_default();
+    let now = ctx.now();
+    let status = bs.status.clone().unwrap_or_default();
+    if status.phase.is_some_and(SessionPhase::is_finished) {
+        return Ok(Action::await_change());
+    }
+    let mut l = load(&ctx, &bs).await?;
+    let retry = l.session_cfg.as_ref().map(|s| s.retry_config.clone()).unwrap_or_default();
+    let delay = parse_duration(&retry.delay).and_then(|d| chrono::Duration::from_std(d).ok()).unwrap_or_default();
+
+    // 1. Fold order results into the Snapshot objects.
+    let snaps_api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    for (repo_name, snap) in l.snapshots.iter_mut() {
+        let mut st = snap.status.clone().unwrap_or_default();
+        let before = serde_json::to_value(&st)?;
+        for (comp, c) in st.components.iter_mut() {
+            if c.phase != Some(ComponentPhase::Running) {
+                continue;
+            }
+            let key = WorkKey { repository: repo_name.clone(), component: comp.clone() };
+            let oid = order_id(&uid, &key, c.attempts);
+            let Some(state) = ctx.orders.state(&oid) else { continue };
+            if let Some(p) = state.terminal() {
+                fold_terminal(c, p, retry.max_retry, delay, now, &ctx);
+                ctx.orders.forget(&oid);
+            } else if let Some(p) = &state.last {
+                c.progress = Some(progress_of(p));
+            }
+        }
+        summarise(&mut st);
+        // Written only when something changed (then with the time of the change).
+        if serde_json::to_value(&st)? != before {
+            st.last_update_time = Some(fmt_time(now));
+            apply_status(&snaps_api, snap, serde_json::to_value(&st)?).await?;
+            snap.status = Some(st);
+        }
+    }
+    ctx.metrics.orders_in_flight.set(ctx.orders.count() as i64);
+
+    // 2. Decide.
+    let work: Vec<WorkView> = l
+        .snapshots
+        .iter()
+        .flat_map(|(repo_name, snap)| {
+            let uid = uid.clone();
+            let ctx = Arc::clone(&ctx);
+            snap.status.iter().flat_map(|s| s.components.iter()).map(move |(comp, c)| {
+                let key = WorkKey { repository: repo_name.clone(), component: comp.clone() };
+                let in_flight = ctx.orders.in_flight(&order_id(&uid, &key, c.attempts));
+                WorkView { key, node: c.node.clone().unwrap_or_default(), status: c.clone(), in_flight }
+            })
+        })
+        .collect();
+    let repos_count = l.session_cfg.as_ref().map_or(0, |s| s.repositories.len());
+    let view = SessionView {
+        phase: status.phase,
+        config_found: l.session_cfg.is_some(),
+        paused: l.config.as_ref().is_some_and(|c| c.spec.paused),
+        deadline: status.backup_deadline.as_deref().and_then(parse_time),
+        work,
+        retention_done: status.retention_policy.len() >= repos_count && repos_count > 0,
+    };
+    let step = next_step(&view, &ctx.orders.load(), ctx.config.max_orders_per_node, now);
+    tracing::debug!(session = bs.name_any(), namespace = ns, ?step, "backup session step");
+
+    // 3. Act.
+    match step {
+        Step::Idle => Ok(Action::await_change()),
+        Step::Skip(msg) => {
+            let mut s = status.clone();
+            s.phase = Some(SessionPhase::Skipped);
+            s.message = Some(msg.clone());
+            s.completion_time = Some(fmt_time(now));
+            apply_status(&api, &*bs, serde_json::to_value(&s)?).await?;
+            ctx.metrics.session_phase("Skipped");
+            ctx.event(&*bs, false, "Skipped", msg).await;
+            Ok(Action::await_change())
+        }
+        Step::Start => match start(&ctx, &bs, &l, now).await {
+            Ok(()) => Ok(Action::requeue(STEP)),
+            Err(e) if e.is_retryable() => {
+                let mut s = status.clone();
+                s.phase = Some(SessionPhase::Pending);
+                s.message = Some(e.to_string());
+                apply_status(&api, &*bs, serde_json::to_value(&s)?).await?;
+                // The error policy backs off (exponentially, bounded); the timeout still applies
+                // once running.
+                Err(e)
+            }
+            Err(e) => finish(&ctx, &bs, &l, false, &e.to_string(), now).await,
+        },
+        Step::Work { dispatch, wake } => {
+            if !dispatch.is_empty() {
+                send(&ctx, &bs, &mut l, &dispatch, delay, retry.max_retry, now).await?;
+            }
+            Ok(Action::requeue(wake))
+        }
+        Step::Retention => {
+            let applied = retention(&ctx, &bs, &l, now).await;
+            let mut s = status.clone();
+            s.retention_policy = applied;
+            apply_status(&api, &*bs, serde_json::to_value(&s)?).await?;
+            Ok(Action::requeue(STEP))
+        }
+        Step::Succeed => finish(&ctx, &bs, &l, true, "every component backed up", now).await,
+        Step::Fail(msg) => finish(&ctx, &bs, &l, false, &msg, now).await,
+    }
+}
+
+fn progress_of(p: &Progress) -> ComponentProgress {
+    ComponentProgress {
+        files_done: p.files_done,
+        files_total: p.files_total,
+        bytes_done: p.bytes_done,
+        bytes_total: p.bytes_total,
+        bytes_uploaded: p.bytes_uploaded,
+        bytes_per_second: p.rate_bytes_per_second.max(0.0) as u64,
+        eta_seconds: (p.eta_seconds >= 0.0).then_some(p.eta_seconds as u64),
+    }
+}
+
+fn fold_terminal(
+    c: &mut ComponentStatus,
+    p: &Progress,
+    max_retry: u32,
+    delay: chrono::Duration,
+    now: DateTime<Utc>,
+    ctx: &Context,
+) {
+    c.progress = None;
+    if p.phase == Phase::Done as i32 {
+        let stats = p.result.as_ref().and_then(|r| r.stats).unwrap_or_default();
+        c.phase = Some(ComponentPhase::Succeeded);
+        c.snapshot_id = p.result.as_ref().map(|r| r.snapshot_id.clone());
+        c.size = Some(stats.total_bytes);
+        c.duration = Some(format!("{:.1}s", stats.duration_ms as f64 / 1000.0));
+        c.error = None;
+        c.retry_after = None;
+        c.warnings = p.recent_warnings.iter().take(10).cloned().collect();
+        ctx.metrics.bytes.inc_by(stats.bytes_read);
+    } else {
+        c.phase = Some(ComponentPhase::Failed);
+        c.error = Some(if p.error.is_empty() { "the order failed".into() } else { p.error.clone() });
+        c.retry_after = retry_at(c.attempts, max_retry, &p.error_class, delay, now).map(fmt_time);
+    }
+}
+
+fn summarise(st: &mut SnapshotStatus) {
+    st.total_components = Some(st.components.len() as u32);
+    st.size = Some(st.components.values().filter_map(|c| c.size).sum());
+    if !st.components.is_empty() && st.components.values().all(|c| c.phase == Some(ComponentPhase::Succeeded)) {
+        st.phase = Some(SnapshotPhase::Succeeded);
+    }
+}
+
+/// Resolve the target, make sure the repositories exist, create the Snapshot objects.
+async fn start(ctx: &Context, bs: &BackupSession, l: &Loaded, now: DateTime<Utc>) -> Result<()> {
+    let ns = bs.namespace().unwrap_or_default();
+    let (Some(config), Some(scfg)) = (&l.config, &l.session_cfg) else {
+        return Err(Error::NotFound("BackupConfiguration session".into()));
+    };
+    let volumes = resolve_target(ctx, &ns, &config.spec.target, &scfg.volumes).await?;
+    if volumes.is_empty() {
+        return Err(Error::invalid("target", "the target has no volumes to back up (is it running?)"));
+    }
+    let repos: Api<Repository> = Api::namespaced(ctx.client.clone(), &ns);
+    let snaps: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut listed = Vec::new();
+    for r in &scfg.repositories {
+        let repo = repos
+            .get_opt(&r.name)
+            .await?
+            .ok_or_else(|| Error::Transient(format!("Repository {} is not created yet", r.name)))?;
+        repo::ensure_initialised(ctx, &repo).await?;
+        let name = snapshot_name(&r.name, &bs.name_any());
+        let mut obj = Snapshot::new(
+            &name,
+            SnapshotSpec {
+                repository: r.name.clone(),
+                session: Some(bs.spec.session.clone()),
+                backup_session: Some(bs.name_any()),
+                app_ref: repo.spec.app_ref.clone(),
+                deletion_policy: repo.spec.deletion_policy,
+            },
+        );
+        obj.metadata.labels = Some(
+            [
+                (REPOSITORY_LABEL.to_string(), r.name.clone()),
+                (CONFIG_LABEL.to_string(), config.name_any()),
+                (SESSION_LABEL.to_string(), bs.spec.session.clone()),
+                (BACKUP_SESSION_LABEL.to_string(), bs.name_any()),
+            ]
+            .into(),
+        );
+        // Owned by the Repository: snapshots outlive the session (history limit) but not the
+        // repository they describe.
+        obj.metadata.owner_references = repo.controller_owner_ref(&()).map(|o| vec![o]);
+        let created = snaps.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&obj)).await?;
+        let components: BTreeMap<String, ComponentStatus> = volumes
+            .iter()
+            .map(|v| {
+                (
+                    v.component.clone(),
+                    ComponentStatus {
+                        phase: Some(ComponentPhase::Pending),
+                        node: Some(v.identity.node_name.clone()),
+                        pod: Some(v.identity.pod_name.clone()),
+                        volume: Some(v.identity.volume_name.clone()),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        let st = SnapshotStatus {
+            phase: Some(SnapshotPhase::Running),
+            snapshot_time: Some(fmt_time(now)),
+            last_update_time: Some(fmt_time(now)),
+            total_components: Some(components.len() as u32),
+            components,
+            ..Default::default()
+        };
+        apply_status(&snaps, &created, serde_json::to_value(&st)?).await?;
+        listed.push(SessionSnapshot { name, repository: r.name.clone(), phase: Some(SnapshotPhase::Running) });
+    }
+    let deadline = scfg
+        .backup_timeout
+        .as_deref()
+        .and_then(parse_duration)
+        .and_then(|d| chrono::Duration::from_std(d).ok())
+        .map(|d| fmt_time(now + d));
+    let mut s = bs.status.clone().unwrap_or_default();
+    s.phase = Some(SessionPhase::Running);
+    s.start_time = Some(fmt_time(now));
+    s.backup_deadline = deadline;
+    s.total_snapshots = Some(listed.len() as u32);
+    s.snapshots = listed;
+    s.message = None;
+    let api: Api<BackupSession> = Api::namespaced(ctx.client.clone(), &ns);
+    apply_status(&api, bs, serde_json::to_value(&s)?).await?;
+    ctx.metrics.session_phase("Running");
+    ctx.event(
+        bs,
+        false,
+        "Running",
+        format!("backing up {} volume(s) into {} repository(ies)", volumes.len(), s.total_snapshots.unwrap_or(0)),
+    )
+    .await;
+    Ok(())
+}
+
+/// Sends the orders for `keys` and marks their components Running.
+async fn send(
+    ctx: &Context,
+    bs: &BackupSession,
+    l: &mut Loaded,
+    keys: &[WorkKey],
+    delay: chrono::Duration,
+    max_retry: u32,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let ns = bs.namespace().unwrap_or_default();
+    let uid = bs.uid().unwrap_or_default();
+    let (Some(config), Some(scfg)) = (&l.config, &l.session_cfg) else { return Ok(()) };
+    let volumes = resolve_target(ctx, &ns, &config.spec.target, &scfg.volumes).await?;
+    let agents = agent_endpoints(ctx).await?;
+    let repos: Api<Repository> = Api::namespaced(ctx.client.clone(), &ns);
+    let snaps: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let by_repo: BTreeSet<&str> = keys.iter().map(|k| k.repository.as_str()).collect();
+    for repo_name in by_repo {
+        let Some(snap) = l.snapshots.get_mut(repo_name) else { continue };
+        let repo = repos.get(repo_name).await?;
+        let access = repo::access(ctx, &repo).await?;
+        let mut st = snap.status.clone().unwrap_or_default();
+        for key in keys.iter().filter(|k| k.repository == repo_name) {
+            let Some(c) = st.components.get_mut(&key.component) else { continue };
+            let reattach = c.phase == Some(ComponentPhase::Running);
+            if !reattach {
+                c.attempts += 1;
+            }
+            let oid = order_id(&uid, key, c.attempts);
+            let vol = volumes.iter().find(|v| v.component == key.component);
+            let (vol, addr) = match vol.map(|v| (v, agents.get(v.node()))) {
+                Some((v, Some(addr))) => (v, addr.clone()),
+                Some((v, None)) => {
+                    c.phase = Some(ComponentPhase::Failed);
+                    c.error = Some(format!("no Ready hoard agent on node {}", v.node()));
+                    c.retry_after = retry_at(c.attempts, max_retry, "", delay, now).map(fmt_time);
+                    continue;
+                }
+                None => {
+                    c.phase = Some(ComponentPhase::Failed);
+                    c.error =
+                        Some(format!("volume for component {} is no longer mounted by a running pod", key.component));
+                    c.retry_after = retry_at(c.attempts, max_retry, "", delay, now).map(fmt_time);
+                    continue;
+                }
+            };
+            let labels = [
+                (crate::retention::COMPONENT_LABEL.to_string(), key.component.clone()),
+                (SNAPSHOT_LABEL.to_string(), snap.name_any()),
+                (SESSION_LABEL.to_string(), bs.spec.session.clone()),
+                (BACKUP_SESSION_LABEL.to_string(), bs.name_any()),
+                (CONFIG_LABEL.to_string(), config.name_any()),
+                ("hoard.dev/namespace".to_string(), ns.clone()),
+            ];
+            let order = BackupOrder {
+                order_id: oid,
+                volume: Some(vol.identity.clone()),
+                repository: Some(access.message()),
+                component: key.component.clone(),
+                host: format!("{ns}/{}", config.spec.target.name),
+                tags: vec![],
+                labels: labels.into_iter().collect(),
+                excludes: scfg.exclude.clone(),
+            };
+            ctx.orders.start(vol.node(), &addr, Order::Backup(order));
+            c.phase = Some(ComponentPhase::Running);
+            c.node = Some(vol.node().to_string());
+            c.pod = Some(vol.identity.pod_name.clone());
+            c.error = None;
+            c.retry_after = None;
+        }
+        summarise(&mut st);
+        st.last_update_time = Some(fmt_time(now));
+        apply_status(&snaps, snap, serde_json::to_value(&st)?).await?;
+        snap.status = Some(st);
+    }
+    ctx.metrics.orders_in_flight.set(ctx.orders.count() as i64);
+    Ok(())
+}
+
+/// Applies each repository's retention policy; failures are recorded, never fatal to the
+/// session (the backup itself succeeded).
+async fn retention(ctx: &Context, bs: &BackupSession, l: &Loaded, now: DateTime<Utc>) -> Vec<RetentionApplied> {
+    let mut out = Vec::new();
+    let (Some(config), Some(scfg)) = (&l.config, &l.session_cfg) else { return out };
+    let ns = bs.namespace().unwrap_or_default();
+    for r in &scfg.repositories {
+        let policy_ref =
+            config.spec.backends.iter().find(|b| b.name == r.backend).and_then(|b| b.retention_policy.clone());
+        let mut applied = RetentionApplied {
+            repository: r.name.clone(),
+            policy: policy_ref.as_ref().map(|p| p.name.clone()),
+            phase: Some(RetentionPhase::Applied),
+            removed: 0,
+            error: None,
+        };
+        if let Some(pref) = policy_ref {
+            match apply_retention(ctx, &ns, &r.name, &pref, now).await {
+                Ok(n) => applied.removed = n,
+                Err(e) => {
+                    applied.phase = Some(RetentionPhase::FailedToApply);
+                    applied.error = Some(e.to_string());
+                    ctx.event(bs, true, "RetentionFailed", format!("repository {}: {e}", r.name)).await;
+                }
+            }
+        }
+        out.push(applied);
+    }
+    out
+}
+
+async fn apply_retention(
+    ctx: &Context,
+    ns: &str,
+    repo_name: &str,
+    pref: &hoard_api::crd::ObjectRef,
+    now: DateTime<Utc>,
+) -> Result<u32> {
+    let pns = pref.namespace_or(ns).to_string();
+    let policy = Api::<RetentionPolicy>::namespaced(ctx.client.clone(), &pns)
+        .get_opt(&pref.name)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("RetentionPolicy {pns}/{}", pref.name)))?;
+    let repo = Api::<Repository>::namespaced(ctx.client.clone(), ns).get(repo_name).await?;
+    let access = repo::access(ctx, &repo).await?;
+    let (core, _) = repo::open_or_init(&access).await?;
+    let snapshots = core.list_snapshots().await?;
+    let remove = crate::retention::plan_forget(&snapshots, &policy.spec, now)?;
+    for id in &remove {
+        core.delete_snapshot(id).await?;
+    }
+    let removed: BTreeSet<String> = remove.iter().map(|id| id.to_hex()).collect();
+    // Snapshot objects whose every component was forgotten go too; failed ones beyond the
+    // policy's failedSnapshots.last as well.
+    let snaps: Api<Snapshot> = Api::namespaced(ctx.client.clone(), ns);
+    let mut list = snaps.list(&ListParams::default().labels(&format!("{REPOSITORY_LABEL}={repo_name}"))).await?.items;
+    list.sort_by_key(|s| std::cmp::Reverse(s.status.as_ref().and_then(|s| s.snapshot_time.clone())));
+    let mut failed_kept = 0;
+    for s in &list {
+        let st = s.status.clone().unwrap_or_default();
+        let gone = match st.phase {
+            Some(SnapshotPhase::Succeeded) => {
+                !st.components.is_empty()
+                    && st.components.values().all(|c| c.snapshot_id.as_ref().is_some_and(|id| removed.contains(id)))
+            }
+            Some(SnapshotPhase::Failed) => {
+                failed_kept += 1;
+                failed_kept > policy.spec.failed_snapshots.last
+            }
+            _ => false,
+        };
+        if gone {
+            match snaps.delete(&s.name_any(), &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    if !remove.is_empty() {
+        // Prune is its own bounded operation: the session does not wait for it.
+        let core = Arc::new(core);
+        let name = repo_name.to_string();
+        tokio::spawn(async move {
+            let opts = hoard_core::prune::PruneOptions { max_unused: 0.05, dry_run: false };
+            match tokio::time::timeout(PRUNE_TIMEOUT, hoard_core::prune::prune(core, opts)).await {
+                Ok(Ok(o)) => tracing::info!(repository = name, packs_removed = o.packs_removed, "pruned"),
+                Ok(Err(e)) => tracing::warn!(repository = name, "prune failed: {e}"),
+                Err(_) => tracing::warn!(repository = name, "prune did not finish in {PRUNE_TIMEOUT:?}; stopped"),
+            }
+        });
+    }
+    Ok(remove.len() as u32)
+}
+
+async fn finish(
+    ctx: &Context,
+    bs: &BackupSession,
+    l: &Loaded,
+    ok: bool,
+    msg: &str,
+    now: DateTime<Utc>,
+) -> Result<Action> {
+    let ns = bs.namespace().unwrap_or_default();
+    let uid = bs.uid().unwrap_or_default();
+    let snaps: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut listed = Vec::new();
+    for (repo_name, snap) in &l.snapshots {
+        let mut st = snap.status.clone().unwrap_or_default();
+        for (comp, c) in st.components.iter_mut() {
+            let key = WorkKey { repository: repo_name.clone(), component: comp.clone() };
+            let oid = order_id(&uid, &key, c.attempts);
+            if ctx.orders.in_flight(&oid) {
+                ctx.orders.cancel(&oid).await;
+            }
+            if c.phase != Some(ComponentPhase::Succeeded) {
+                c.phase = Some(ComponentPhase::Failed);
+                c.retry_after = None;
+                c.progress = None;
+                if c.error.is_none() {
+                    c.error = Some(msg.to_string());
+                }
+            }
+        }
+        st.phase = Some(if ok { SnapshotPhase::Succeeded } else { SnapshotPhase::Failed });
+        st.last_update_time = Some(fmt_time(now));
+        apply_status(&snaps, snap, serde_json::to_value(&st)?).await?;
+        listed.push(SessionSnapshot { name: snap.name_any(), repository: repo_name.clone(), phase: st.phase });
+    }
+    let mut s = bs.status.clone().unwrap_or_default();
+    let phase = if ok { SessionPhase::Succeeded } else { SessionPhase::Failed };
+    s.phase = Some(phase);
+    s.completion_time = Some(fmt_time(now));
+    let started = s.start_time.as_deref().and_then(parse_time).unwrap_or(now);
+    s.duration = Some(duration_str(now - started));
+    if !listed.is_empty() {
+        s.snapshots = listed;
+    }
+    s.message = Some(msg.to_string());
+    let api: Api<BackupSession> = Api::namespaced(ctx.client.clone(), &ns);
+    apply_status(&api, bs, serde_json::to_value(&s)?).await?;
+    ctx.metrics.session_phase(if ok { "Succeeded" } else { "Failed" });
+    ctx.metrics.session_duration.observe((now - started).num_milliseconds().max(0) as f64 / 1000.0);
+    ctx.event(bs, !ok, if ok { "Succeeded" } else { "Failed" }, msg.to_string()).await;
+    Ok(Action::await_change())
+}

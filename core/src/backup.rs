@@ -1,0 +1,1083 @@
+//! Backup: walk, read, chunk and hash next to the disk; hand blobs to the [`BlobWriter`].
+//!
+//! ```text
+//! walker ──FileJob──▶ readers (open beneath dir fd, read segments, FastCDC, keyed hash) ──▶ BlobSink
+//!    └──DirPlan (post-order)──▶ finisher (waits for file results, writes tree blobs)
+//! ```
+//! * Confinement: every entry is opened relative to its parent's directory descriptor with
+//!   `O_NOFOLLOW`; symlinks are recorded, never followed; FIFOs and devices are never opened.
+//! * Bounded: the job and plan channels have fixed capacity, and file data in flight is bounded
+//!   by a byte [`Budget`]: a segment is acquired before it is read and held until every blob cut
+//!   from it is uploaded in a pack (queued for sealing, sealed, in the pack being built, in a
+//!   queued or uploading pack). The budget may be shared with other backups
+//!   ([`BackupOptions::budget`]), so one limit holds for all of them.
+//! * Reads: with [`BackupOptions::io_uring`] and a kernel that allows it, file data of files of
+//!   at least [`URING_MIN_FILE`] bytes is read through one io_uring thread per backup
+//!   ([`crate::uring`]: large reads, one per reader thread in flight); otherwise, and for small
+//!   files, with `pread`. Both give the same bytes, hence the same snapshot.
+//! * Incremental: a file whose size, mtime, ctime and inode match the parent snapshot's node,
+//!   and whose blobs are all indexed, is not read again.
+//! * A file that cannot be read, vanishes, or changes while read is a warning, not a failure.
+//! * Ordering: the snapshot is saved only after [`BlobWriter::finish`] has stored and indexed
+//!   every blob it references.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{CStr, CString};
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use crossbeam_channel::{Receiver, Sender, bounded};
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+
+use crate::budget::Budget;
+use crate::chunker::Chunker;
+use crate::error::{Error, IoContext, Result};
+use crate::fsmeta;
+use crate::id::Id;
+use crate::pack::BlobType;
+use crate::progress::Progress;
+use crate::repo::Repository;
+use crate::snapshot::{Component, ComponentKind, Snapshot, Summary, valid_component_name};
+use crate::tree::{Extent, Node, NodeKind, Timestamp, Tree};
+use crate::writer::{BlobSink, BlobWriter, WriterConfig};
+
+/// Warnings kept in a snapshot; the count is always exact.
+const MAX_RECORDED_WARNINGS: usize = 1000;
+
+/// Files smaller than this are read with plain reads even when io_uring is on: their one or two
+/// reads cost less than the hand-off to the ring thread.
+pub const URING_MIN_FILE: u64 = 256 * 1024;
+
+/// What to back up.
+pub enum Source {
+    /// A directory (or a single file) read from the local filesystem.
+    Path { name: String, path: PathBuf },
+    /// A byte stream stored as one file named like the component.
+    Stream { name: String, reader: Box<dyn Read + Send> },
+    /// A directory the caller opened (e.g. a volume resolved and confined by the node agent);
+    /// nothing outside it is reachable. `origin` is recorded for display.
+    Dir { name: String, dir: OwnedFd, origin: String },
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Path { name, path } => write!(f, "Path({name}, {})", path.display()),
+            Source::Stream { name, .. } => write!(f, "Stream({name})"),
+            Source::Dir { name, origin, .. } => write!(f, "Dir({name}, {origin})"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub enum ParentSelection {
+    /// The newest snapshot from the same host that has a component of the same name.
+    #[default]
+    Auto,
+    None,
+    Explicit(Id),
+}
+
+#[derive(Debug)]
+pub struct BackupOptions {
+    pub sources: Vec<Source>,
+    pub host: String,
+    pub tags: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub parent: ParentSelection,
+    pub excludes: Vec<String>,
+    pub one_file_system: bool,
+    /// Bytes of file data allowed in flight (read but not yet uploaded in a pack); at least one
+    /// read segment (16 MiB, or twice the largest chunk).
+    pub memory_budget: usize,
+    /// A budget shared with other backups (e.g. every order of a node agent); when set, it is
+    /// used instead of a budget of `memory_budget` bytes for this backup alone.
+    pub budget: Option<Arc<Budget>>,
+    /// Read file data through io_uring where the kernel allows it (falls back to plain reads,
+    /// logging once why); off: always plain reads.
+    pub io_uring: bool,
+    pub read_concurrency: usize,
+    pub writer: WriterConfig,
+    pub progress: Arc<Progress>,
+    /// Walk the sources a second time, metadata only, in parallel with the backup: it gives
+    /// progress totals (ETA) and, on a cold cache, warms the metadata the walker needs next
+    /// (measured: a no-change backup of 15k files took 0.78 s with it, 0.93 s without).
+    pub scan_totals: bool,
+    pub time: Option<DateTime<Utc>>,
+    /// Called at the points where a concurrent change to a file matters; empty in production.
+    pub hooks: RaceHooks,
+}
+
+/// A callback given a file's path below the component root.
+pub type FileHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Callbacks at the moments a file can vanish or change under a backup, so tests can make that
+/// happen deterministically instead of racing a concurrent writer.
+#[derive(Clone, Default)]
+pub struct RaceHooks {
+    /// A reader is about to open the file (the walker has already listed and stat'ed it).
+    pub before_open: Option<FileHook>,
+    /// The file's content has been read; its metadata is checked again next.
+    pub after_read: Option<FileHook>,
+}
+
+impl std::fmt::Debug for RaceHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaceHooks")
+            .field("before_open", &self.before_open.is_some())
+            .field("after_read", &self.after_read.is_some())
+            .finish()
+    }
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            sources: Vec::new(),
+            host: crate::util::hostname(),
+            tags: Vec::new(),
+            labels: BTreeMap::new(),
+            parent: ParentSelection::Auto,
+            excludes: Vec::new(),
+            one_file_system: false,
+            memory_budget: 512 * 1024 * 1024,
+            budget: None,
+            io_uring: true,
+            read_concurrency: default_read_concurrency(),
+            writer: WriterConfig::default(),
+            progress: Arc::new(Progress::default()),
+            scan_totals: true,
+            time: None,
+            hooks: RaceHooks::default(),
+        }
+    }
+}
+
+/// Files read at once by default: reading is I/O-bound (a thread mostly waits on the disk or
+/// network filesystem), so more readers than cores help, with at least 4 on small machines.
+pub fn default_read_concurrency() -> usize {
+    crate::writer::default_workers().max(4)
+}
+
+#[derive(Debug)]
+pub struct BackupOutcome {
+    pub snapshot_id: Id,
+    pub snapshot: Snapshot,
+    /// Whether file data was read through io_uring (false: plain reads only).
+    pub io_uring: bool,
+    /// The most plaintext bytes of file data this backup had in flight at once (read, not yet
+    /// uploaded); never more than the memory budget.
+    pub data_in_flight_high_water: u64,
+}
+
+/// Exclude patterns: a pattern with a `/` matches the path below the component root, any other
+/// pattern matches an entry's name at any depth.
+#[derive(Debug, Clone)]
+pub struct Excludes {
+    by_name: GlobSet,
+    by_path: GlobSet,
+}
+
+impl Excludes {
+    pub fn new(patterns: &[String]) -> Result<Excludes> {
+        let mut by_name = GlobSetBuilder::new();
+        let mut by_path = GlobSetBuilder::new();
+        for p in patterns {
+            let p = p.trim();
+            if p.is_empty() || p.starts_with('#') {
+                continue;
+            }
+            let bad = |e: globset::Error| Error::InvalidArgument(format!("exclude pattern {p:?}: {e}"));
+            if p.contains('/') {
+                let g = GlobBuilder::new(p.trim_start_matches('/')).literal_separator(true).build().map_err(bad)?;
+                by_path.add(g);
+            } else {
+                by_name.add(GlobBuilder::new(p).literal_separator(true).build().map_err(bad)?);
+            }
+        }
+        let build = |b: GlobSetBuilder| b.build().map_err(|e| Error::InvalidArgument(e.to_string()));
+        Ok(Excludes { by_name: build(by_name)?, by_path: build(by_path)? })
+    }
+
+    /// `rel` is the path below the component root, without a leading `/`.
+    pub fn is_excluded(&self, rel: &str, name: &str) -> bool {
+        self.by_name.is_match(name) || self.by_path.is_match(rel)
+    }
+}
+
+/// (device, inode) of a file.
+type InodeKey = (u64, u64);
+
+struct FileJob {
+    dir: Arc<OwnedFd>,
+    name: CString,
+    rel: String,
+    expected_inode: u64,
+    reply: Sender<FileOutcome>,
+}
+
+#[derive(Default)]
+struct FileOutcome {
+    content: Vec<Extent>,
+    size: u64,
+    xattrs: Vec<crate::tree::Xattr>,
+    stat: Option<rustix::fs::Stat>,
+    /// The file could not be backed up at all.
+    skip: bool,
+}
+
+enum Pending {
+    Ready,
+    File(Receiver<FileOutcome>),
+    Dir(u64),
+}
+
+struct DirPlan {
+    seq: u64,
+    nodes: Vec<(Node, Pending)>,
+}
+
+/// State shared by the walker, readers and finisher of one backup.
+struct Ctx {
+    repo: Arc<Repository>,
+    sink: BlobSink,
+    chunker: Chunker,
+    /// Chunker for files of at least the given size ([`crate::chunker::LargeFileChunking`]).
+    large_chunker: Option<(u64, Chunker)>,
+    budget: Arc<Budget>,
+    segment: usize,
+    progress: Arc<Progress>,
+    /// The io_uring reader of this backup, when in use.
+    uring: Option<crate::uring::UringReader>,
+    handle: tokio::runtime::Handle,
+    warnings: Mutex<Vec<String>>,
+    warning_count: AtomicU64,
+    excludes: Excludes,
+    one_file_system: bool,
+    stats: SummaryCounters,
+    /// Content of multiply-linked files already read in this run, by (device, inode).
+    hardlinks: Mutex<HashMap<InodeKey, (Timestamp, Vec<Extent>)>>,
+    hooks: RaceHooks,
+}
+
+#[derive(Default)]
+struct SummaryCounters {
+    files_new: AtomicU64,
+    files_changed: AtomicU64,
+    files_unmodified: AtomicU64,
+    dirs: AtomicU64,
+    other: AtomicU64,
+    total_bytes: AtomicU64,
+    bytes_read: AtomicU64,
+}
+
+impl SummaryCounters {
+    fn take(&self) -> Summary {
+        let t = |a: &AtomicU64| a.swap(0, Ordering::Relaxed);
+        Summary {
+            files_new: t(&self.files_new),
+            files_changed: t(&self.files_changed),
+            files_unmodified: t(&self.files_unmodified),
+            dirs: t(&self.dirs),
+            other_entries: t(&self.other),
+            total_bytes: t(&self.total_bytes),
+            bytes_read: t(&self.bytes_read),
+            ..Summary::default()
+        }
+    }
+}
+
+impl Ctx {
+    fn warn(&self, msg: String) {
+        tracing::warn!("{msg}");
+        self.warning_count.fetch_add(1, Ordering::Relaxed);
+        self.progress.add_warning(&msg);
+        let mut w = self.warnings.lock().unwrap_or_else(|p| p.into_inner());
+        if w.len() < MAX_RECORDED_WARNINGS {
+            w.push(msg);
+        }
+    }
+
+    fn load_tree(&self, id: &Id) -> Option<Tree> {
+        match self.handle.block_on(self.repo.load_tree(id)) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.warn(format!("parent tree {} unusable, reading everything below it: {e}", id.short()));
+                None
+            }
+        }
+    }
+
+    fn all_indexed(&self, content: &[Extent]) -> bool {
+        let idx = self.repo.index();
+        content.iter().all(|e| match e {
+            Extent::Data { id, .. } => idx.contains(id),
+            Extent::Hole { .. } => true,
+        })
+    }
+
+    fn save_tree(&self, tree: &Tree) -> Result<Id> {
+        let bytes = tree.encode()?;
+        // Never write a tree that readers would refuse.
+        if bytes.len() > crate::tree::MAX_TREE_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "a directory with {} entries is too large for one tree blob ({} bytes)",
+                tree.nodes.len(),
+                bytes.len()
+            )));
+        }
+        self.sink.add_bytes(BlobType::Tree, Bytes::from(bytes))
+    }
+
+    /// Reads a source into content extents: segments under the budget, FastCDC, hash, add.
+    /// `size_hint`: the expected length; a small file then gets a small first buffer (and budget
+    /// share) instead of a whole segment.
+    fn chunk_stream(
+        &self,
+        chunker: &Chunker,
+        size_hint: Option<u64>,
+        mut read: impl FnMut(&mut Vec<u8>) -> std::io::Result<usize>,
+    ) -> Result<(Vec<Extent>, u64)> {
+        let keys = Arc::clone(self.repo.keys());
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut carry: Vec<u8> = Vec::new();
+        let mut total = 0u64;
+        let mut first = size_hint;
+        loop {
+            // One byte of room past the hint, so the end of the file is seen in the same pass.
+            let cap = first.take().map_or(self.segment, |h| (h as usize).saturating_add(4096).min(self.segment));
+            let guard = Arc::new(self.budget.acquire(cap));
+            let mut buf = Vec::with_capacity(cap);
+            buf.extend_from_slice(&carry);
+            let mut eof = false;
+            while buf.len() < cap {
+                let before = buf.len();
+                let n = read(&mut buf).map_err(|e| Error::io("read", e))?;
+                debug_assert_eq!(buf.len(), before + n);
+                if n == 0 {
+                    eof = true;
+                    break;
+                }
+                total += n as u64;
+                self.progress.add_bytes(n as u64);
+                self.progress.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+                self.stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            let data = Bytes::from(buf);
+            let mut pos = 0;
+            while let Some(n) = chunker.next_chunk_len(&data[pos..], eof) {
+                let chunk = data.slice(pos..pos + n);
+                pos += n;
+                if crate::util::is_zero(&chunk) {
+                    match extents.last_mut() {
+                        Some(Extent::Hole { len }) => *len += n as u64,
+                        _ => extents.push(Extent::Hole { len: n as u64 }),
+                    }
+                    continue;
+                }
+                let id = keys.blob_id(&chunk);
+                self.sink.add(BlobType::Data, id, chunk, Some(Arc::clone(&guard)))?;
+                extents.push(Extent::Data { id, len: n as u32 });
+            }
+            self.progress.bytes_chunked.fetch_add(pos as u64, Ordering::Relaxed);
+            if eof {
+                break;
+            }
+            carry = data[pos..].to_vec();
+        }
+        Ok((extents, total))
+    }
+
+    fn read_file(&self, job: &FileJob) -> FileOutcome {
+        if let Some(h) = &self.hooks.before_open {
+            h(&job.rel);
+        }
+        let fd = match fsmeta::open_file_at(job.dir.as_fd(), &job.name) {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.warn(format!("{}: cannot open: {e}", job.rel));
+                return FileOutcome { skip: true, ..Default::default() };
+            }
+        };
+        let st = match rustix::fs::fstat(&fd) {
+            Ok(st) => st,
+            Err(e) => {
+                self.warn(format!("{}: cannot stat: {e}", job.rel));
+                return FileOutcome { skip: true, ..Default::default() };
+            }
+        };
+        if fsmeta::kind_of(&st) != NodeKind::File || st.st_ino != job.expected_inode {
+            self.warn(format!("{}: replaced while backing up, skipped", job.rel));
+            return FileOutcome { skip: true, ..Default::default() };
+        }
+        let xattrs = fsmeta::read_xattrs_fd(fd.as_fd());
+        let key = (st.st_dev, st.st_ino);
+        let mtime = Timestamp { sec: st.st_mtime, nsec: st.st_mtime_nsec as u32 };
+        if st.st_nlink > 1 {
+            let links = self.hardlinks.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((t, content)) = links.get(&key)
+                && *t == mtime
+            {
+                let size = content.iter().map(Extent::len).sum();
+                self.progress.add_bytes(size);
+                return FileOutcome { content: content.clone(), size, xattrs, stat: Some(st), skip: false };
+            }
+        }
+        let fd = Arc::new(fd);
+        let uring = self.uring.as_ref().filter(|_| st.st_size >= URING_MIN_FILE as i64);
+        let mut offset = 0u64;
+        let read = |buf: &mut Vec<u8>| -> std::io::Result<usize> {
+            let via_ring = match uring {
+                Some(u) => match u.read_at(&fd, offset, buf) {
+                    // The ring thread failed (logged there): this and later reads use pread.
+                    Err(e) if crate::uring::is_stopped(&e) => None,
+                    r => Some(r),
+                },
+                None => None,
+            };
+            let n = match via_ring {
+                Some(r) => {
+                    let n = r?;
+                    self.progress.bytes_read_io_uring.fetch_add(n as u64, Ordering::Relaxed);
+                    n
+                }
+                None => loop {
+                    match rustix::io::pread(&*fd, rustix::buffer::spare_capacity(buf), offset) {
+                        Err(rustix::io::Errno::INTR) => continue,
+                        other => break other.map_err(std::io::Error::from)?,
+                    }
+                },
+            };
+            offset += n as u64;
+            Ok(n)
+        };
+        // Chunk parameters depend on the size at open only, so re-backups cut the same chunks.
+        let size = st.st_size.max(0) as u64;
+        let chunker = match &self.large_chunker {
+            Some((min, c)) if size >= *min => c,
+            _ => &self.chunker,
+        };
+        match self.chunk_stream(chunker, Some(size), read) {
+            Ok((content, size)) => {
+                if let Some(h) = &self.hooks.after_read {
+                    h(&job.rel);
+                }
+                let after = rustix::fs::fstat(&*fd).ok();
+                if let Some(a) = &after
+                    && (a.st_size != st.st_size || a.st_mtime != st.st_mtime || a.st_mtime_nsec != st.st_mtime_nsec)
+                {
+                    self.warn(format!("{}: changed while being read; stored as read", job.rel));
+                }
+                if st.st_nlink > 1 {
+                    self.hardlinks.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (mtime, content.clone()));
+                }
+                FileOutcome { content, size, xattrs, stat: after.or(Some(st)), skip: false }
+            }
+            Err(e) => {
+                if self.sink.has_failed() {
+                    return FileOutcome { skip: true, ..Default::default() };
+                }
+                self.warn(format!("{}: read failed: {e}", job.rel));
+                FileOutcome { skip: true, ..Default::default() }
+            }
+        }
+    }
+}
+
+fn join_rel(rel: &str, name: &str) -> String {
+    if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") }
+}
+
+struct Walker<'a> {
+    ctx: &'a Ctx,
+    jobs: Sender<FileJob>,
+    plans: Sender<DirPlan>,
+    next_seq: u64,
+    root_dev: u64,
+    /// With `one_file_system`: the root's mount, to stop at bind mounts of the same device too.
+    root_mount: Option<crate::restore::MountKey>,
+}
+
+impl Walker<'_> {
+    /// Whether `name` in `dir` is on another mount than the root (unknown counts as another).
+    fn other_mount(&self, dir: &OwnedFd, name: &CStr) -> bool {
+        self.root_mount.is_some_and(|root| {
+            crate::restore::MountKey::of_at(dir.as_fd(), name).map_or(true, |m| !m.same_mount(&root))
+        })
+    }
+
+    fn emit(&mut self, nodes: Vec<(Node, Pending)>) -> Result<u64> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.plans.send(DirPlan { seq, nodes }).map_err(|_| Error::Internal("tree finisher stopped".into()))?;
+        Ok(seq)
+    }
+
+    fn walk(&mut self, dir: Arc<OwnedFd>, rel: &str, parent: Option<&Tree>) -> Result<u64> {
+        let ctx = self.ctx;
+        if ctx.sink.has_failed() {
+            return Err(Error::Internal("backup aborted".into()));
+        }
+        let names = match fsmeta::list_dir(dir.as_fd()) {
+            Ok(n) => n,
+            Err(e) if !rel.is_empty() => {
+                ctx.warn(format!("{rel}: cannot list directory: {e}"));
+                Vec::new()
+            }
+            Err(e) => return Err(Error::io("list backup root", e.into())),
+        };
+        // The parent snapshot's subtrees of this directory's children, fetched together (one
+        // ranged request per pack instead of one per directory).
+        let mut old_trees: HashMap<Id, Tree> = HashMap::new();
+        if let Some(p) = parent {
+            let subs: Vec<Id> = p.nodes.iter().filter(|n| n.kind == NodeKind::Dir).filter_map(|n| n.subtree).collect();
+            if subs.len() > 1 {
+                let loaded = ctx.handle.block_on(ctx.repo.load_trees(&subs));
+                for (id, r) in subs.into_iter().zip(loaded) {
+                    match r {
+                        Ok(t) => {
+                            old_trees.insert(id, t);
+                        }
+                        Err(e) => {
+                            ctx.warn(format!("parent tree {} unusable, reading everything below it: {e}", id.short()))
+                        }
+                    }
+                }
+            }
+        }
+        let prefetched = !old_trees.is_empty();
+        let mut nodes = Vec::with_capacity(names.len());
+        for cname in names {
+            let name_str = String::from_utf8_lossy(cname.as_bytes()).into_owned();
+            let child_rel = join_rel(rel, &name_str);
+            if ctx.excludes.is_excluded(&child_rel, &name_str) {
+                continue;
+            }
+            let st = match fsmeta::stat_at(dir.as_fd(), &cname) {
+                Ok(st) => st,
+                Err(e) => {
+                    ctx.warn(format!("{child_rel}: cannot stat: {e}"));
+                    continue;
+                }
+            };
+            let mut node = fsmeta::node_from_stat(cname.as_bytes().to_vec(), &st);
+            let old = parent.and_then(|t| t.find(&node.name));
+            match node.kind {
+                NodeKind::Dir => {
+                    ctx.stats.dirs.fetch_add(1, Ordering::Relaxed);
+                    if ctx.one_file_system && (st.st_dev != self.root_dev || self.other_mount(&dir, &cname)) {
+                        node.subtree = Some(ctx.save_tree(&Tree::default())?);
+                        nodes.push((node, Pending::Ready));
+                        continue;
+                    }
+                    let sub = match fsmeta::open_dir_at(dir.as_fd(), &cname) {
+                        Ok(fd) => fd,
+                        Err(e) => {
+                            ctx.warn(format!("{child_rel}: cannot open directory: {e}"));
+                            continue;
+                        }
+                    };
+                    node.xattrs = fsmeta::read_xattrs_fd(sub.as_fd());
+                    let old_tree = old
+                        .filter(|o| o.kind == NodeKind::Dir)
+                        .and_then(|o| o.subtree)
+                        .and_then(|id| if prefetched { old_trees.get(&id).cloned() } else { ctx.load_tree(&id) });
+                    let seq = self.walk(Arc::new(sub), &child_rel, old_tree.as_ref())?;
+                    nodes.push((node, Pending::Dir(seq)));
+                }
+                NodeKind::File => {
+                    ctx.progress.set_current(&child_rel);
+                    if let Some(o) = old
+                        && fsmeta::unchanged(o, &node)
+                        && ctx.all_indexed(&o.content)
+                    {
+                        node.content = o.content.clone();
+                        node.xattrs = o.xattrs.clone();
+                        ctx.stats.files_unmodified.fetch_add(1, Ordering::Relaxed);
+                        ctx.stats.total_bytes.fetch_add(node.size, Ordering::Relaxed);
+                        ctx.progress.add_bytes(node.size);
+                        ctx.progress.add_files(1);
+                        nodes.push((node, Pending::Ready));
+                        continue;
+                    }
+                    if old.is_some() {
+                        ctx.stats.files_changed.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        ctx.stats.files_new.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let (tx, rx) = bounded(1);
+                    let job = FileJob {
+                        dir: Arc::clone(&dir),
+                        name: cname,
+                        rel: child_rel,
+                        expected_inode: st.st_ino,
+                        reply: tx,
+                    };
+                    self.jobs.send(job).map_err(|_| Error::Internal("file readers stopped".into()))?;
+                    nodes.push((node, Pending::File(rx)));
+                }
+                NodeKind::Symlink => {
+                    ctx.stats.other.fetch_add(1, Ordering::Relaxed);
+                    match rustix::fs::readlinkat(dir.as_fd(), &cname, Vec::new()) {
+                        Ok(t) => node.link_target = Some(serde_bytes::ByteBuf::from(t.into_bytes())),
+                        Err(e) => {
+                            ctx.warn(format!("{child_rel}: cannot read link: {e}"));
+                            continue;
+                        }
+                    }
+                    node.xattrs = fsmeta::read_xattrs_at(dir.as_fd(), &cname);
+                    nodes.push((node, Pending::Ready));
+                }
+                _ => {
+                    ctx.stats.other.fetch_add(1, Ordering::Relaxed);
+                    node.xattrs = fsmeta::read_xattrs_at(dir.as_fd(), &cname);
+                    nodes.push((node, Pending::Ready));
+                }
+            }
+        }
+        self.emit(nodes)
+    }
+}
+
+/// Receives directory plans in post-order and turns them into tree blobs.
+fn finisher(ctx: &Ctx, plans: &Receiver<DirPlan>) -> Result<HashMap<u64, Id>> {
+    let mut done: HashMap<u64, Id> = HashMap::new();
+    for plan in plans.iter() {
+        let mut tree = Tree { nodes: Vec::with_capacity(plan.nodes.len()) };
+        for (mut node, pending) in plan.nodes {
+            match pending {
+                Pending::Ready => {}
+                Pending::Dir(seq) => {
+                    node.subtree = Some(done.remove(&seq).ok_or_else(|| Error::Internal("subtree missing".into()))?);
+                }
+                Pending::File(rx) => {
+                    let Ok(out) = rx.recv() else {
+                        return Err(Error::Internal("file reader vanished".into()));
+                    };
+                    if out.skip {
+                        continue;
+                    }
+                    if let Some(st) = &out.stat {
+                        node = {
+                            let mut n = fsmeta::node_from_stat(node.name, st);
+                            n.size = out.size;
+                            n
+                        };
+                    }
+                    node.size = out.size;
+                    node.content = out.content;
+                    node.xattrs = out.xattrs;
+                    ctx.stats.total_bytes.fetch_add(node.size, Ordering::Relaxed);
+                    ctx.progress.add_files(1);
+                }
+            }
+            tree.nodes.push(node);
+        }
+        done.insert(plan.seq, ctx.save_tree(&tree)?);
+    }
+    Ok(done)
+}
+
+fn reader_loop(ctx: &Ctx, jobs: &Receiver<FileJob>) {
+    for job in jobs.iter() {
+        let out =
+            if ctx.sink.has_failed() { FileOutcome { skip: true, ..Default::default() } } else { ctx.read_file(&job) };
+        let _ = job.reply.send(out);
+    }
+}
+
+/// Walks one directory source with reader and finisher threads; returns the root tree id.
+fn backup_path(ctx: &Ctx, path: &Path, parent_root: Option<Id>, read_concurrency: usize) -> Result<Id> {
+    let meta = std::fs::symlink_metadata(path).ctx(|| format!("backup source {}", path.display()))?;
+    let (dir_path, only): (PathBuf, Option<Vec<u8>>) = if meta.is_dir() {
+        (path.to_path_buf(), None)
+    } else {
+        use std::os::unix::ffi::OsStrExt;
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = path.file_name().ok_or_else(|| Error::InvalidArgument(format!("{} has no name", path.display())))?;
+        (parent.to_path_buf(), Some(name.as_bytes().to_vec()))
+    };
+    let root = rustix::fs::open(
+        &dir_path,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .ctx(|| format!("open {}", dir_path.display()))?;
+    backup_root(ctx, root, only, parent_root, read_concurrency)
+}
+
+/// Walks an open directory (or, with `only`, just that entry of it); returns the root tree id.
+fn backup_root(
+    ctx: &Ctx,
+    root: OwnedFd,
+    only: Option<Vec<u8>>,
+    parent_root: Option<Id>,
+    read_concurrency: usize,
+) -> Result<Id> {
+    let root_dev = rustix::fs::fstat(&root).ctx(|| "stat backup root".into())?.st_dev;
+    let root_mount = if ctx.one_file_system {
+        Some(crate::restore::MountKey::of(root.as_fd()).ctx(|| "stat backup root".into())?)
+    } else {
+        None
+    };
+    let parent_tree = parent_root.and_then(|id| ctx.load_tree(&id));
+
+    let (job_tx, job_rx) = bounded::<FileJob>(256);
+    let (plan_tx, plan_rx) = bounded::<DirPlan>(256);
+    std::thread::scope(|s| {
+        let readers: Vec<_> = (0..read_concurrency.max(1))
+            .map(|_| {
+                let rx = job_rx.clone();
+                s.spawn(move || reader_loop(ctx, &rx))
+            })
+            .collect();
+        drop(job_rx);
+        // The finisher owns the receiving end: when it stops early (the writer failed), the
+        // channel closes and a walker blocked on a full plan queue gets an error instead of
+        // waiting forever.
+        let fin = s.spawn(move || finisher(ctx, &plan_rx));
+        let walked = std::thread::Builder::new()
+            .stack_size(256 * 1024 * 1024)
+            .spawn_scoped(s, move || -> Result<u64> {
+                let mut w = Walker { ctx, jobs: job_tx, plans: plan_tx, next_seq: 0, root_dev, root_mount };
+                let root_fd = Arc::new(root);
+                match only {
+                    None => w.walk(root_fd, "", parent_tree.as_ref()),
+                    Some(name) => {
+                        // A single file: a root tree holding just that entry.
+                        let cname =
+                            CString::new(name.clone()).map_err(|_| Error::InvalidArgument("NUL in name".into()))?;
+                        let st = fsmeta::stat_at(root_fd.as_fd(), &cname).ctx(|| "stat backup source".into())?;
+                        let node = fsmeta::node_from_stat(name, &st);
+                        let (tx, rx) = bounded(1);
+                        let rel = node.name_lossy();
+                        w.jobs
+                            .send(FileJob { dir: root_fd, name: cname, rel, expected_inode: st.st_ino, reply: tx })
+                            .map_err(|_| Error::Internal("readers stopped".into()))?;
+                        ctx.stats.files_new.fetch_add(1, Ordering::Relaxed);
+                        w.emit(vec![(node, Pending::File(rx))])
+                    }
+                }
+            })
+            .map_err(|e| Error::io("spawn walker", e))?;
+        let root_seq = walked.join().map_err(|_| Error::Internal("walker panicked".into()))?;
+        let done = fin.join().map_err(|_| Error::Internal("finisher panicked".into()))?;
+        for r in readers {
+            let _ = r.join();
+        }
+        let root_seq = root_seq?;
+        let mut done = done?;
+        done.remove(&root_seq).ok_or_else(|| Error::Internal("root tree missing".into()))
+    })
+}
+
+/// Counts files and bytes below `path` for progress totals. Best effort, bounded by the tree.
+fn scan(path: &Path, excludes: &Excludes, progress: &Progress) {
+    fn rec(dir: &Path, rel: &str, ex: &Excludes, p: &Progress) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let child_rel = join_rel(rel, &name);
+            if ex.is_excluded(&child_rel, &name) {
+                continue;
+            }
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                rec(&e.path(), &child_rel, ex, p);
+            } else if m.is_file() {
+                p.files_total.fetch_add(1, Ordering::Relaxed);
+                p.bytes_total.fetch_add(m.len(), Ordering::Relaxed);
+            }
+        }
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => rec(path, "", excludes, progress),
+        Ok(m) => {
+            progress.files_total.fetch_add(1, Ordering::Relaxed);
+            progress.bytes_total.fetch_add(m.len(), Ordering::Relaxed);
+        }
+        Err(_) => {}
+    }
+}
+
+fn stream_tree(ctx: &Ctx, name: &str, mut reader: Box<dyn Read + Send>) -> Result<Id> {
+    let read = |buf: &mut Vec<u8>| -> std::io::Result<usize> {
+        let start = buf.len();
+        let want = buf.capacity() - start;
+        buf.resize(start + want, 0);
+        let r = loop {
+            match reader.read(&mut buf[start..]) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        let n = *r.as_ref().unwrap_or(&0);
+        buf.truncate(start + n);
+        r
+    };
+    let (content, size) = ctx.chunk_stream(&ctx.chunker, None, read)?;
+    let now = Utc::now();
+    let mut node = Node::new(name.as_bytes().to_vec(), NodeKind::File);
+    node.mode = 0o600;
+    node.uid = rustix::process::getuid().as_raw();
+    node.gid = rustix::process::getgid().as_raw();
+    node.size = size;
+    node.mtime = Timestamp { sec: now.timestamp(), nsec: now.timestamp_subsec_nanos() };
+    node.ctime = node.mtime;
+    node.content = content;
+    ctx.stats.files_new.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.total_bytes.fetch_add(size, Ordering::Relaxed);
+    ctx.progress.add_files(1);
+    ctx.save_tree(&Tree { nodes: vec![node] })
+}
+
+async fn find_parent(repo: &Repository, opts: &BackupOptions) -> Result<Option<(Id, Snapshot)>> {
+    match &opts.parent {
+        ParentSelection::None => Ok(None),
+        ParentSelection::Explicit(id) => Ok(Some((*id, repo.load_snapshot(id).await?))),
+        ParentSelection::Auto => {
+            let names: Vec<&str> = opts
+                .sources
+                .iter()
+                .filter_map(|s| match s {
+                    Source::Path { name, .. } | Source::Dir { name, .. } => Some(name.as_str()),
+                    Source::Stream { .. } => None,
+                })
+                .collect();
+            if names.is_empty() {
+                return Ok(None);
+            }
+            let snaps = repo.list_snapshots().await?;
+            Ok(snaps
+                .into_iter()
+                .rev()
+                .find(|(_, s)| s.host == opts.host && names.iter().any(|n| s.component(n).is_some())))
+        }
+    }
+}
+
+/// Backs up every source into one snapshot.
+pub async fn backup(repo: Arc<Repository>, opts: BackupOptions) -> Result<BackupOutcome> {
+    let started = Instant::now();
+    if opts.sources.is_empty() {
+        return Err(Error::InvalidArgument("nothing to back up".into()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for s in &opts.sources {
+        let name = match s {
+            Source::Path { name, .. } | Source::Stream { name, .. } | Source::Dir { name, .. } => name,
+        };
+        if !valid_component_name(name) || !seen.insert(name.clone()) {
+            return Err(Error::InvalidArgument(format!("component name {name:?} is invalid or repeated")));
+        }
+    }
+    let lock = crate::lock::LockGuard::acquire(Arc::clone(&repo), false).await?;
+    let result = backup_locked(&repo, opts, started, &lock).await;
+    match result {
+        Ok(out) => {
+            // The snapshot is saved; a lock left behind only delays others until it is stale.
+            if let Err(e) = lock.release().await {
+                tracing::warn!("could not remove the lock: {e}");
+            }
+            Ok(out)
+        }
+        Err(e) => {
+            let _ = lock.release().await;
+            Err(e)
+        }
+    }
+}
+
+async fn backup_locked(
+    repo: &Arc<Repository>,
+    mut opts: BackupOptions,
+    started: Instant,
+    lock: &crate::lock::LockGuard,
+) -> Result<BackupOutcome> {
+    // Load the index under the lock, so nothing a concurrent prune removed is used for dedup.
+    repo.load_index().await?;
+    let adopted = crate::prune::adopt_unindexed_packs(repo, Some(&lock.lease())).await?;
+    if adopted > 0 {
+        tracing::info!("indexed {adopted} packs left by an interrupted backup");
+    }
+    let parent = find_parent(repo, &opts).await?;
+    let excludes = Excludes::new(&opts.excludes)?;
+    let chunker = repo.chunker()?;
+    let large_chunker = repo.large_file_chunker()?;
+    let max_chunk = large_chunker.as_ref().map_or(0, |(_, c)| c.max_size()).max(chunker.max_size());
+    let segment = (max_chunk * 2).max(16 * 1024 * 1024);
+    let mut writer_cfg = opts.writer.clone();
+    writer_cfg.lease = Some(lock.lease());
+    writer_cfg.progress = Some(Arc::clone(&opts.progress));
+    let uring = if !opts.io_uring {
+        None
+    } else if let Err(why) = crate::uring::available() {
+        tracing::debug!("plain reads: {why}");
+        None
+    } else {
+        match crate::uring::UringReader::start(opts.read_concurrency) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                // Available at the probe but not now (e.g. locked-memory limits): plain reads.
+                tracing::warn!("cannot start an io_uring reader ({e}); this backup uses plain reads");
+                None
+            }
+        }
+    };
+    let io_uring = uring.is_some();
+    let budget = match &opts.budget {
+        Some(b) => Arc::clone(b),
+        None => Budget::new(opts.memory_budget.max(segment)),
+    };
+    let writer = BlobWriter::start(Arc::clone(repo), writer_cfg);
+    let wstats = writer.stats();
+    let ctx = Arc::new(Ctx {
+        repo: Arc::clone(repo),
+        sink: writer.sink(),
+        chunker,
+        large_chunker,
+        budget,
+        segment,
+        progress: Arc::clone(&opts.progress),
+        uring,
+        handle: tokio::runtime::Handle::current(),
+        warnings: Mutex::new(Vec::new()),
+        warning_count: AtomicU64::new(0),
+        excludes: excludes.clone(),
+        one_file_system: opts.one_file_system,
+        stats: SummaryCounters::default(),
+        hardlinks: Mutex::new(HashMap::new()),
+        hooks: opts.hooks.clone(),
+    });
+
+    // Totals for progress, in the background, when someone watches the progress.
+    let scan_paths: Vec<PathBuf> = if !opts.scan_totals {
+        Vec::new()
+    } else {
+        opts.sources
+            .iter()
+            .filter_map(|s| match s {
+                Source::Path { path, .. } => Some(path.clone()),
+                Source::Stream { .. } | Source::Dir { .. } => None,
+            })
+            .collect()
+    };
+    if opts.scan_totals {
+        let progress = Arc::clone(&opts.progress);
+        let ex = excludes;
+        std::thread::spawn(move || {
+            for p in &scan_paths {
+                scan(p, &ex, &progress);
+            }
+            progress.scan_finished.store(true, Ordering::Relaxed);
+        });
+    }
+
+    let mut components = Vec::new();
+    let mut summary = Summary::default();
+    let sources = std::mem::take(&mut opts.sources);
+    let read_concurrency = opts.read_concurrency;
+    for source in sources {
+        let ctx2 = Arc::clone(&ctx);
+        let parent_root = match &source {
+            Source::Path { name, .. } | Source::Dir { name, .. } => {
+                parent.as_ref().and_then(|(_, s)| s.component(name)).map(|c| c.root)
+            }
+            Source::Stream { .. } => None,
+        };
+        let (name, kind, origin, result) = match source {
+            Source::Path { name, path } => {
+                let origin = std::path::absolute(&path).unwrap_or(path.clone()).display().to_string();
+                let r =
+                    tokio::task::spawn_blocking(move || backup_path(&ctx2, &path, parent_root, read_concurrency)).await;
+                (name, ComponentKind::Tree, origin, r)
+            }
+            Source::Dir { name, dir, origin } => {
+                let r =
+                    tokio::task::spawn_blocking(move || backup_root(&ctx2, dir, None, parent_root, read_concurrency))
+                        .await;
+                (name, ComponentKind::Tree, origin, r)
+            }
+            Source::Stream { name, reader } => {
+                let n = name.clone();
+                let r = tokio::task::spawn_blocking(move || stream_tree(&ctx2, &n, reader)).await;
+                (name, ComponentKind::Stream, "stdin".to_string(), r)
+            }
+        };
+        let root = match result.map_err(|e| Error::Internal(format!("backup task: {e}")))? {
+            Ok(root) => root,
+            Err(e) => {
+                drop(ctx);
+                // Index whatever was stored, then report the first cause.
+                let finished = writer.finish().await;
+                return Err(finished.err().unwrap_or(e));
+            }
+        };
+        let stats = ctx.stats.take();
+        summary.add(&stats);
+        components.push(Component { name, kind, root, source: origin, stats });
+    }
+    let warnings = std::mem::take(&mut *ctx.warnings.lock().unwrap_or_else(|p| p.into_inner()));
+    let warning_count = ctx.warning_count.load(Ordering::Relaxed);
+    drop(ctx);
+    writer.finish().await?;
+
+    summary.blobs_new = wstats.blobs_new.load(Ordering::Relaxed);
+    summary.bytes_new = wstats.bytes_new.load(Ordering::Relaxed);
+    summary.bytes_stored = wstats.bytes_stored.load(Ordering::Relaxed);
+    summary.warnings = warning_count;
+    summary.duration_ms = started.elapsed().as_millis() as u64;
+    opts.progress.bytes_stored.store(summary.bytes_stored, Ordering::Relaxed);
+    let snapshot = Snapshot {
+        time: opts.time.unwrap_or_else(Utc::now),
+        host: opts.host.clone(),
+        username: crate::util::username(),
+        tags: opts.tags.clone(),
+        labels: opts.labels.clone(),
+        parent: parent.map(|(id, _)| id),
+        components,
+        summary,
+        warnings,
+        program_version: format!("hoard {}", env!("CARGO_PKG_VERSION")),
+    };
+    test_pause("HOARD_TEST_PAUSE_BEFORE_SNAPSHOT").await;
+    // The lease must have held throughout: otherwise a prune may have removed blobs we dedup'd.
+    lock.check()?;
+    test_pause("HOARD_TEST_PAUSE_AFTER_LEASE_CHECK").await;
+    let snapshot_id = repo.save_snapshot(&snapshot).await?;
+    // A freeze between the check and the write's completion may have let the lease lapse: the
+    // snapshot is valid only if it became visible while the lease still held.
+    if let Err(e) = lock.check() {
+        if let Err(d) = repo.delete_snapshot(&snapshot_id).await {
+            tracing::error!(
+                "could not take back snapshot {} written after the lock was lost: {d}",
+                snapshot_id.short()
+            );
+        }
+        return Err(e);
+    }
+    let data_in_flight_high_water = wstats.budgeted_high_water.load(Ordering::SeqCst);
+    Ok(BackupOutcome { snapshot_id, snapshot, io_uring, data_in_flight_high_water })
+}
+
+/// Test hook for deterministic races: when the environment variable `var` names a file path,
+/// creates that file (holding this process id) and waits, at most 120 s, until it is removed.
+/// Unset in normal use; costs one environment lookup.
+async fn test_pause(var: &str) {
+    let Some(path) = std::env::var_os(var) else { return };
+    let path = PathBuf::from(path);
+    if let Err(e) = std::fs::write(&path, std::process::id().to_string()) {
+        tracing::warn!("{var}: cannot create {}: {e}", path.display());
+        return;
+    }
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    while path.exists() && Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

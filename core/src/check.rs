@@ -1,0 +1,378 @@
+//! `check`: verifies a repository's structure and, optionally, every byte of its data.
+//!
+//! Structure: config (by opening), every key slot (each decoded and its structure validated, a
+//! bad one named `keys/<id>`; the slot that opened the repository is known good), every index file, every pack the index names exists
+//! and is large enough, every snapshot decodes, every tree decodes, every blob a tree names is
+//! indexed. With `read_data` (or a subset), packs are downloaded, their hash checked against
+//! their name, their header compared with the index, and every blob decrypted and verified.
+//! Damage is mapped back to the snapshots and file paths it affects.
+//!
+//! Reports problems; never modifies the repository.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::crypto::{KeySlot, SEAL_OVERHEAD};
+use crate::error::{Error, ObjectKind, Result};
+use crate::id::Id;
+use crate::index::{IndexFile, MasterIndex};
+use crate::pack::{self, BlobType};
+use crate::repo::{Repository, pack_key};
+use crate::tree::{Extent, NodeKind, Tree};
+
+#[derive(Debug, Clone, Default)]
+pub struct CheckOptions {
+    /// Fraction of packs (0.0..=1.0) whose data is read and verified.
+    pub read_data_fraction: f64,
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    /// The damaged object, e.g. `packs/ab/ab12…`, `index/…`, `snapshots/…`, `blob …`.
+    pub object: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckReport {
+    pub errors: Vec<Problem>,
+    /// Not damage: packs no index names (left by an interrupted backup), removable by prune.
+    pub unreferenced_packs: Vec<String>,
+    /// `snapshot id → file paths` whose data is affected by the errors.
+    pub affected: Vec<(String, Vec<String>)>,
+    pub snapshots: usize,
+    pub trees: usize,
+    pub packs: usize,
+    pub packs_read: usize,
+    /// Directory trees no snapshot reaches: a snapshot was forgotten (prune removes them) or
+    /// deleted. Not damage by itself, but the only trace a deleted snapshot leaves.
+    pub unreferenced_trees: usize,
+    pub blobs_read: usize,
+    pub suggestion: Option<String>,
+}
+
+impl CheckReport {
+    pub fn is_ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+fn chance(fraction: f64) -> bool {
+    if fraction >= 1.0 {
+        return true;
+    }
+    if fraction <= 0.0 {
+        return false;
+    }
+    // Random per run: a different sample each time covers the repository over runs.
+    let mut r = [0u8; 8];
+    crate::crypto::fill_random(&mut r);
+    (u64::from_le_bytes(r) as f64 / u64::MAX as f64) < fraction
+}
+
+pub async fn check(repo: Arc<Repository>, opts: CheckOptions) -> Result<CheckReport> {
+    let mut report = CheckReport::default();
+    let conc = opts.concurrency.max(1);
+
+    // Every key slot, not only the one that opened the repository: a damaged spare slot is a
+    // password that no longer works.
+    for (id, slot) in repo.list_keys().await? {
+        let problem = match slot {
+            Err(e) => Some(e.to_string()),
+            Ok(s) => slot_problem(&s),
+        };
+        if let Some(message) = problem {
+            report.errors.push(Problem { object: format!("keys/{}", id.to_hex()), message });
+        }
+    }
+
+    // Index files, one by one, so one damaged file does not hide the others.
+    let mut index = MasterIndex::default();
+    let mut files: Vec<(Id, IndexFile)> = Vec::new();
+    for id in repo.list_ids("index").await? {
+        let name = format!("index/{}", id.to_hex());
+        match repo.load_file(ObjectKind::Index, "index", &id).await {
+            Ok(raw) => match IndexFile::decode(repo.keys(), &name, &raw) {
+                Ok(f) => files.push((id, f)),
+                Err(e) => report.errors.push(Problem { object: name, message: e.to_string() }),
+            },
+            Err(e) => report.errors.push(Problem { object: name, message: e.to_string() }),
+        }
+    }
+    // Superseded files (an interrupted prune or repair) are ignored, as readers do.
+    let superseded: HashSet<Id> = files.iter().flat_map(|(_, f)| f.supersedes.iter().copied()).collect();
+    files.retain(|(id, _)| !superseded.contains(id));
+    files.sort_by_key(|(id, _)| *id);
+    for (id, f) in &files {
+        index.add_file(*id, f);
+    }
+    // Packs: present and big enough for what the index says.
+    let listed: HashMap<String, u64> =
+        repo.store().list("packs/").await?.into_iter().map(|o| (o.key, o.size)).collect();
+    let mut needed_len: HashMap<Id, u64> = HashMap::new();
+    for (_, loc) in index.iter() {
+        let end = loc.offset as u64 + loc.stored_len as u64;
+        let e = needed_len.entry(loc.pack).or_default();
+        *e = (*e).max(end);
+    }
+    let mut missing_packs = HashSet::new();
+    for (pack, need) in &needed_len {
+        let key = pack_key(pack);
+        match listed.get(&key) {
+            None => {
+                missing_packs.insert(*pack);
+                report.errors.push(Problem { object: key, message: "pack is missing (the index names it)".into() });
+            }
+            Some(size) if *size < need + 4 => {
+                missing_packs.insert(*pack);
+                report.errors.push(Problem { object: key, message: format!("pack is truncated ({size} bytes)") });
+            }
+            _ => {}
+        }
+    }
+    let indexed: HashSet<String> = needed_len.keys().map(pack_key).collect();
+    report.unreferenced_packs = listed.keys().filter(|k| !indexed.contains(*k)).cloned().collect();
+    report.unreferenced_packs.sort();
+    report.packs = listed.len();
+
+    // Snapshots and trees.
+    let mut snapshots = Vec::new();
+    for id in repo.list_ids("snapshots").await? {
+        match repo.load_snapshot(&id).await {
+            Ok(s) => snapshots.push((id, s)),
+            Err(e) => {
+                report.errors.push(Problem { object: format!("snapshots/{}", id.to_hex()), message: e.to_string() })
+            }
+        }
+    }
+    report.snapshots = snapshots.len();
+    // Install the index we built so tree reads use it.
+    *repo.index_mut() = index;
+
+    // Data check before the tree walk, so damaged blobs can be mapped to files in one pass.
+    let mut bad_blobs: HashSet<Id> = HashSet::new();
+    if opts.read_data_fraction > 0.0 {
+        let packs: Vec<Id> = needed_len
+            .keys()
+            .filter(|p| !missing_packs.contains(*p) && chance(opts.read_data_fraction))
+            .copied()
+            .collect();
+        let expected: HashMap<Id, Vec<(Id, crate::index::BlobLocation)>> = {
+            let idx = repo.index();
+            let mut m: HashMap<Id, Vec<_>> = HashMap::new();
+            for (id, loc) in idx.iter() {
+                m.entry(loc.pack).or_default().push((id, loc));
+            }
+            m
+        };
+        let results: Vec<(Id, Vec<Problem>, Vec<Id>, usize)> = futures::stream::iter(packs)
+            .map(|p| {
+                let repo = Arc::clone(&repo);
+                let blobs = expected.get(&p).cloned().unwrap_or_default();
+                async move { read_pack(&repo, p, blobs).await }
+            })
+            .buffer_unordered(conc)
+            .collect()
+            .await;
+        for (_, problems, bad, n) in results {
+            report.packs_read += 1;
+            report.blobs_read += n;
+            report.errors.extend(problems);
+            bad_blobs.extend(bad);
+        }
+    }
+    for p in &missing_packs {
+        let idx = repo.index();
+        bad_blobs.extend(idx.iter().filter(|(_, l)| l.pack == *p).map(|(id, _)| id));
+    }
+
+    // Walk every tree once; map missing or bad blobs to snapshot paths.
+    let mut affected: HashMap<String, BTreeSet<String>> = HashMap::new();
+    let mut seen: HashSet<Id> = HashSet::new();
+    let mut stack: Vec<(Id, String, String)> = Vec::new();
+    for (sid, snap) in &snapshots {
+        for c in &snap.components {
+            stack.push((c.root, sid.to_hex(), format!("/{}", c.name)));
+        }
+    }
+    while let Some((tree_id, sid, path)) = stack.pop() {
+        let first_visit = seen.insert(tree_id);
+        let tree: Tree = match repo.load_tree(&tree_id).await {
+            Ok(t) => t,
+            Err(e) => {
+                if first_visit {
+                    report
+                        .errors
+                        .push(Problem { object: format!("tree {}", tree_id.to_hex()), message: e.to_string() });
+                }
+                affected.entry(sid.clone()).or_default().insert(format!("{path} (directory listing)"));
+                continue;
+            }
+        };
+        if first_visit {
+            report.trees += 1;
+        }
+        for node in &tree.nodes {
+            let p = format!("{path}/{}", node.name_lossy());
+            match node.kind {
+                NodeKind::Dir => {
+                    if let Some(sub) = node.subtree {
+                        // Revisit shared subtrees only when damage exists, to name paths per snapshot.
+                        if !seen.contains(&sub) || !bad_blobs.is_empty() || !report.errors.is_empty() {
+                            stack.push((sub, sid.clone(), p));
+                        }
+                    }
+                }
+                NodeKind::File => {
+                    for e in &node.content {
+                        if let Extent::Data { id, .. } = e {
+                            let indexed = repo.index().get(id);
+                            match indexed {
+                                None => {
+                                    if first_visit {
+                                        report.errors.push(Problem {
+                                            object: format!("blob {}", id.to_hex()),
+                                            message: format!("missing from the index (used by {p})"),
+                                        });
+                                    }
+                                    affected.entry(sid.clone()).or_default().insert(p.clone());
+                                    break;
+                                }
+                                Some(_) if bad_blobs.contains(id) => {
+                                    affected.entry(sid.clone()).or_default().insert(p.clone());
+                                    break;
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    report.unreferenced_trees =
+        repo.index().iter().filter(|(id, l)| l.ty == BlobType::Tree && !seen.contains(id)).count();
+    report.affected = affected.into_iter().map(|(s, p)| (s, p.into_iter().collect())).collect();
+    report.affected.sort();
+    report.errors.sort();
+    report.errors.dedup();
+    if !report.errors.is_empty() {
+        report.suggestion = Some(
+            "run `hoard repair index` if index files are damaged or packs are unindexed; damaged packs lose the files listed — back them up again, then `hoard prune`"
+                .into(),
+        );
+    }
+    Ok(report)
+}
+
+/// Pure: why a decoded key slot cannot be opened by any password, if it cannot.
+pub fn slot_problem(slot: &KeySlot) -> Option<String> {
+    if slot.version != 1 {
+        return Some(format!("unsupported key slot version {}", slot.version));
+    }
+    if !(16..=64).contains(&slot.salt.len()) {
+        return Some(format!("salt of {} bytes (16..=64 expected)", slot.salt.len()));
+    }
+    if slot.wrapped.len() != 32 + SEAL_OVERHEAD {
+        return Some(format!("wrapped key of {} bytes ({} expected)", slot.wrapped.len(), 32 + SEAL_OVERHEAD));
+    }
+    if let Err(e) = slot.kdf.validate() {
+        return Some(format!("key derivation parameters: {e}"));
+    }
+    None
+}
+
+async fn read_pack(
+    repo: &Repository,
+    pack: Id,
+    blobs: Vec<(Id, crate::index::BlobLocation)>,
+) -> (Id, Vec<Problem>, Vec<Id>, usize) {
+    let key = pack_key(&pack);
+    let mut problems = Vec::new();
+    let all_bad = || blobs.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+    let data = match repo.store().get(&key).await {
+        Ok(d) => d,
+        Err(e) => {
+            problems.push(Problem { object: key, message: e.to_string() });
+            return (pack, problems, all_bad(), 0);
+        }
+    };
+    if Id::of_bytes(&data) != pack {
+        problems.push(Problem { object: key.clone(), message: "content does not match its name".into() });
+    }
+    // The header must agree with the index.
+    match pack::header_range(data.len() as u64, &data[data.len().saturating_sub(4)..]) {
+        Ok(r) => {
+            match pack::decode_header(repo.keys(), &key, &data[r.start as usize..r.end as usize], data.len() as u64) {
+                Ok(entries) => {
+                    let in_header: HashMap<Id, (u32, u32)> =
+                        entries.iter().map(|e| (e.id, (e.offset, e.stored_len))).collect();
+                    for (id, loc) in &blobs {
+                        if in_header.get(id) != Some(&(loc.offset, loc.stored_len)) {
+                            problems.push(Problem {
+                                object: key.clone(),
+                                message: format!("header does not list blob {} where the index says", id.short()),
+                            });
+                        }
+                    }
+                }
+                Err(e) => problems.push(Problem { object: key.clone(), message: format!("header: {e}") }),
+            }
+        }
+        Err(e) => problems.push(Problem { object: key.clone(), message: format!("header: {e}") }),
+    }
+    let mut bad = Vec::new();
+    let mut n = 0;
+    for (id, loc) in &blobs {
+        let start = loc.offset as usize;
+        let end = start + loc.stored_len as usize;
+        n += 1;
+        let ok =
+            end <= data.len() && repo.unseal_blob(id, loc.ty, loc.compression, loc.raw_len, &data[start..end]).is_ok();
+        if !ok {
+            bad.push(*id);
+            problems.push(Problem { object: format!("blob {}", id.to_hex()), message: format!("damaged (in {key})") });
+        }
+    }
+    (pack, problems, bad, n)
+}
+
+/// Why `check` found the repository damaged, as an error for callers that need one.
+pub fn into_result(report: &CheckReport) -> Result<()> {
+    if report.is_ok() {
+        Ok(())
+    } else {
+        Err(Error::corrupt(ObjectKind::Pack, "repository", format!("{} problems found", report.errors.len())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::crypto::{KdfParams, SecretKey};
+
+    #[test]
+    fn a_well_formed_slot_passes_and_each_structural_fault_is_named() {
+        let kdf = KdfParams { memory_kib: 8 * 1024, iterations: 1, ..KdfParams::default() };
+        let good = KeySlot::wrap(&SecretKey::random(), b"pw", &Id([1; 32]), kdf).unwrap();
+        assert_eq!(slot_problem(&good), None);
+        let mut s = good.clone();
+        s.version = 2;
+        assert!(slot_problem(&s).unwrap().contains("version"));
+        let mut s = good.clone();
+        s.salt.truncate(4);
+        assert!(slot_problem(&s).unwrap().contains("salt"));
+        let mut s = good.clone();
+        s.wrapped.pop();
+        assert!(slot_problem(&s).unwrap().contains("wrapped key"));
+        let mut s = good;
+        s.kdf.iterations = 0;
+        assert!(slot_problem(&s).unwrap().contains("key derivation"));
+    }
+}

@@ -1,0 +1,377 @@
+//! Keys, key derivation and authenticated encryption.
+//!
+//! * A repository has one random 256-bit master key. It never leaves the process unwrapped; key
+//!   slots (`keys/<id>`) wrap it under a key derived from a password with Argon2id.
+//! * Purpose keys are derived from the master key with HKDF-SHA256 (`info = "hoard v1 <purpose>"`).
+//! * Every object is sealed with AES-256-GCM as `nonce(12) ‖ ciphertext ‖ tag(16)`, with a fresh
+//!   random nonce from the OS generator and associated data that binds what the object is.
+//! * Blobs use a per-blob key, `BLAKE3-keyed(data key, blob id)`, so no key ever seals more than a
+//!   handful of messages and the random-nonce limit of 2^32 messages per key (NIST SP 800-38D) is
+//!   out of reach. Metadata objects (pack headers, index files, snapshots, locks) share one key;
+//!   a repository would need 2^32 of them before the limit matters, which [`MetaSealCounter`]
+//!   guards against by refusing to go past 2^30 in one process.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use crate::error::{Error, ObjectKind, Result};
+use crate::id::Id;
+
+pub const TAG_LEN: usize = 16;
+/// Bytes an encrypted object is longer than its plaintext.
+pub const SEAL_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
+const META_SEAL_LIMIT: u64 = 1 << 30;
+
+pub fn fill_random(buf: &mut [u8]) {
+    // The OS generator failing is not a recoverable condition for a backup tool.
+    #[allow(clippy::expect_used)]
+    getrandom::fill(buf).expect("the operating system's random number generator failed");
+}
+
+/// A 256-bit secret that is wiped when dropped.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct SecretKey(pub [u8; 32]);
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKey(..)")
+    }
+}
+
+impl SecretKey {
+    pub fn random() -> Self {
+        let mut k = [0u8; 32];
+        fill_random(&mut k);
+        SecretKey(k)
+    }
+}
+
+/// What an encrypted object is; part of the associated data, so an object of one type can never
+/// be passed off as another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SealType {
+    DataBlob = 1,
+    TreeBlob = 2,
+    PackHeader = 3,
+    Index = 4,
+    Snapshot = 5,
+    Config = 6,
+    Lock = 7,
+    KeySlot = 8,
+}
+
+/// The purpose keys derived from a master key.
+pub struct Keys {
+    master: SecretKey,
+    id_key: SecretKey,
+    data_key: SecretKey,
+    meta: LessSafeKey,
+    chunker_seed: u64,
+    meta_seals: AtomicU64,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys(..)")
+    }
+}
+
+fn hkdf(master: &SecretKey, purpose: &str) -> SecretKey {
+    let hk = hkdf::Hkdf::<sha2::Sha256>::new(None, &master.0);
+    let mut out = [0u8; 32];
+    #[allow(clippy::expect_used)]
+    hk.expand(format!("hoard v1 {purpose}").as_bytes(), &mut out)
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    SecretKey(out)
+}
+
+fn aead_key(key: &SecretKey) -> LessSafeKey {
+    #[allow(clippy::expect_used)]
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key.0).expect("32-byte AES-256 key"))
+}
+
+/// Guards the message budget of the shared metadata key.
+pub type MetaSealCounter = AtomicU64;
+
+impl Keys {
+    pub fn from_master(master: SecretKey) -> Keys {
+        let id_key = hkdf(&master, "blob-id");
+        let data_key = hkdf(&master, "data");
+        let meta = aead_key(&hkdf(&master, "meta"));
+        let seed = hkdf(&master, "chunker");
+        let mut seed_bytes = [0u8; 8];
+        seed_bytes.copy_from_slice(&seed.0[..8]);
+        Keys {
+            master,
+            id_key,
+            data_key,
+            meta,
+            chunker_seed: u64::from_le_bytes(seed_bytes),
+            meta_seals: AtomicU64::new(0),
+        }
+    }
+
+    pub fn master(&self) -> &SecretKey {
+        &self.master
+    }
+
+    /// The secret per-repository seed of the chunker's gear table.
+    pub fn chunker_seed(&self) -> u64 {
+        self.chunker_seed
+    }
+
+    /// The id of a blob: keyed BLAKE3 of its plaintext, so ids reveal nothing about content.
+    pub fn blob_id(&self, plaintext: &[u8]) -> Id {
+        Id(*blake3::keyed_hash(&self.id_key.0, plaintext).as_bytes())
+    }
+
+    fn blob_key(&self, id: &Id) -> LessSafeKey {
+        let k = SecretKey(*blake3::keyed_hash(&self.data_key.0, &id.0).as_bytes());
+        aead_key(&k)
+    }
+
+    /// Seals a blob's (possibly compressed) payload; appends `nonce ‖ ct ‖ tag` to `out`.
+    pub fn seal_blob(&self, ty: SealType, id: &Id, payload: &[u8], out: &mut Vec<u8>) {
+        seal_with(&self.blob_key(id), &blob_aad(ty, id), payload, out)
+    }
+
+    pub fn open_blob(&self, ty: SealType, id: &Id, sealed: &[u8]) -> Result<Vec<u8>> {
+        open_with(&self.blob_key(id), &blob_aad(ty, id), sealed)
+            .ok_or_else(|| Error::corrupt(ObjectKind::Blob, id.to_hex(), "authentication failed (damaged or tampered)"))
+    }
+
+    /// Seals a metadata object of the given type.
+    pub fn seal_meta(&self, ty: SealType, plaintext: &[u8]) -> Result<Vec<u8>> {
+        let n = self.meta_seals.fetch_add(1, Ordering::Relaxed);
+        if n >= META_SEAL_LIMIT {
+            return Err(Error::Internal(
+                "metadata key message budget exhausted for this process; restart to continue".into(),
+            ));
+        }
+        let mut out = Vec::with_capacity(plaintext.len() + SEAL_OVERHEAD);
+        seal_with(&self.meta, &meta_aad(ty), plaintext, &mut out);
+        Ok(out)
+    }
+
+    pub fn open_meta(&self, ty: SealType, kind: ObjectKind, name: &str, sealed: &[u8]) -> Result<Vec<u8>> {
+        open_with(&self.meta, &meta_aad(ty), sealed)
+            .ok_or_else(|| Error::corrupt(kind, name, "authentication failed (damaged, tampered or wrong type)"))
+    }
+}
+
+fn blob_aad(ty: SealType, id: &Id) -> [u8; 40] {
+    let mut aad = [0u8; 40];
+    aad[..6].copy_from_slice(b"hoard\x01");
+    aad[6] = ty as u8;
+    aad[8..].copy_from_slice(&id.0);
+    aad
+}
+
+fn meta_aad(ty: SealType) -> [u8; 7] {
+    let mut aad = *b"hoard\x01\x00";
+    aad[6] = ty as u8;
+    aad
+}
+
+pub(crate) fn seal_with(key: &LessSafeKey, aad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
+    let mut nonce = [0u8; NONCE_LEN];
+    fill_random(&mut nonce);
+    let start = out.len();
+    out.reserve(plaintext.len() + SEAL_OVERHEAD);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(plaintext);
+    #[allow(clippy::expect_used)]
+    let tag = key
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut out[start + NONCE_LEN..])
+        .expect("AES-GCM sealing cannot fail for in-range lengths");
+    out.extend_from_slice(tag.as_ref());
+}
+
+pub(crate) fn open_with(key: &LessSafeKey, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+    if sealed.len() < SEAL_OVERHEAD {
+        return None;
+    }
+    let nonce = <[u8; NONCE_LEN]>::try_from(&sealed[..NONCE_LEN]).ok()?;
+    let mut buf = sealed[NONCE_LEN..].to_vec();
+    let len = key.open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf).ok()?.len();
+    buf.truncate(len);
+    Some(buf)
+}
+
+/// Argon2id parameters, stored in each key slot.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KdfParams {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+impl Default for KdfParams {
+    /// RFC 9106's second recommended option, scaled: 64 MiB, 3 passes, 4 lanes.
+    fn default() -> Self {
+        KdfParams { memory_kib: 64 * 1024, iterations: 3, parallelism: 4 }
+    }
+}
+
+impl KdfParams {
+    /// Upper bounds on what a key slot may ask for, so a hostile slot cannot exhaust memory.
+    const MAX_MEMORY_KIB: u32 = 4 * 1024 * 1024;
+    const MAX_ITERATIONS: u32 = 64;
+
+    pub fn validate(&self) -> Result<()> {
+        if self.memory_kib < 8 * 1024
+            || self.memory_kib > Self::MAX_MEMORY_KIB
+            || self.iterations == 0
+            || self.iterations > Self::MAX_ITERATIONS
+            || self.parallelism == 0
+            || self.parallelism > 64
+        {
+            return Err(Error::InvalidArgument(format!("unacceptable key derivation parameters {self:?}")));
+        }
+        Ok(())
+    }
+
+    pub fn derive(&self, password: &[u8], salt: &[u8]) -> Result<SecretKey> {
+        self.validate()?;
+        let params = argon2::Params::new(self.memory_kib, self.iterations, self.parallelism, Some(32))
+            .map_err(|e| Error::InvalidArgument(format!("argon2 parameters: {e}")))?;
+        let a2 = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let mut out = [0u8; 32];
+        a2.hash_password_into(password, salt, &mut out).map_err(|e| Error::InvalidArgument(format!("argon2: {e}")))?;
+        Ok(SecretKey(out))
+    }
+}
+
+/// A key slot: the master key wrapped under a password-derived key. Stored as JSON in `keys/<id>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeySlot {
+    pub version: u32,
+    pub created: chrono::DateTime<chrono::Utc>,
+    pub hostname: String,
+    pub username: String,
+    pub kdf: KdfParams,
+    #[serde(with = "hex_bytes")]
+    pub salt: Vec<u8>,
+    /// `nonce ‖ AES-256-GCM(KEK, master key) ‖ tag`, associated data `"hoard-key\x01" ‖ repo id`.
+    #[serde(with = "hex_bytes")]
+    pub wrapped: Vec<u8>,
+}
+
+fn slot_aad(repo_id: &Id) -> Vec<u8> {
+    let mut aad = b"hoard-key\x01".to_vec();
+    aad.extend_from_slice(&repo_id.0);
+    aad
+}
+
+impl KeySlot {
+    pub fn wrap(master: &SecretKey, password: &[u8], repo_id: &Id, kdf: KdfParams) -> Result<KeySlot> {
+        let mut salt = vec![0u8; 32];
+        fill_random(&mut salt);
+        let kek = kdf.derive(password, &salt)?;
+        let mut wrapped = Vec::new();
+        seal_with(&aead_key(&kek), &slot_aad(repo_id), &master.0, &mut wrapped);
+        Ok(KeySlot {
+            version: 1,
+            created: chrono::Utc::now(),
+            hostname: crate::util::hostname(),
+            username: crate::util::username(),
+            kdf,
+            salt,
+            wrapped,
+        })
+    }
+
+    /// Unwraps the master key; `None` when the password does not fit this slot.
+    pub fn unwrap_key(&self, password: &[u8], repo_id: &Id) -> Result<Option<SecretKey>> {
+        if self.version != 1 || self.salt.len() < 16 || self.salt.len() > 64 {
+            return Ok(None);
+        }
+        let kek = self.kdf.derive(password, &self.salt)?;
+        let Some(mut plain) = open_with(&aead_key(&kek), &slot_aad(repo_id), &self.wrapped) else {
+            return Ok(None);
+        };
+        let key = <[u8; 32]>::try_from(plain.as_slice()).ok().map(SecretKey);
+        plain.zeroize();
+        Ok(key)
+    }
+}
+
+pub(crate) mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(b))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Keys {
+        Keys::from_master(SecretKey([7u8; 32]))
+    }
+
+    #[test]
+    fn blob_round_trip_and_binding() {
+        let k = keys();
+        let id = k.blob_id(b"hello");
+        let mut sealed = Vec::new();
+        k.seal_blob(SealType::DataBlob, &id, b"hello", &mut sealed);
+        assert_eq!(k.open_blob(SealType::DataBlob, &id, &sealed).unwrap(), b"hello");
+        // Another type or another id must not open.
+        assert!(k.open_blob(SealType::TreeBlob, &id, &sealed).is_err());
+        assert!(k.open_blob(SealType::DataBlob, &k.blob_id(b"x"), &sealed).is_err());
+        // Every flipped byte is detected.
+        for i in 0..sealed.len() {
+            let mut s = sealed.clone();
+            s[i] ^= 0x40;
+            assert!(k.open_blob(SealType::DataBlob, &id, &s).is_err(), "flip at {i}");
+        }
+    }
+
+    #[test]
+    fn nonces_are_fresh() {
+        let k = keys();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let s = k.seal_meta(SealType::Index, b"same").unwrap();
+            assert!(seen.insert(s[..NONCE_LEN].to_vec()));
+        }
+    }
+
+    #[test]
+    fn meta_type_is_bound() {
+        let k = keys();
+        let s = k.seal_meta(SealType::Snapshot, b"{}").unwrap();
+        assert!(k.open_meta(SealType::Index, ObjectKind::Index, "x", &s).is_err());
+        assert_eq!(k.open_meta(SealType::Snapshot, ObjectKind::Snapshot, "x", &s).unwrap(), b"{}");
+    }
+
+    #[test]
+    fn ids_are_keyed() {
+        let a = Keys::from_master(SecretKey([1u8; 32]));
+        let b = Keys::from_master(SecretKey([2u8; 32]));
+        assert_ne!(a.blob_id(b"same"), b.blob_id(b"same"));
+        assert_ne!(a.chunker_seed(), b.chunker_seed());
+    }
+
+    #[test]
+    fn key_slot_wraps_and_rejects_wrong_password() {
+        let repo = Id([9u8; 32]);
+        let kdf = KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
+        let slot = KeySlot::wrap(&SecretKey([5u8; 32]), b"pw", &repo, kdf).unwrap();
+        assert_eq!(slot.unwrap_key(b"pw", &repo).unwrap().unwrap().0, [5u8; 32]);
+        assert!(slot.unwrap_key(b"nope", &repo).unwrap().is_none());
+        assert!(slot.unwrap_key(b"pw", &Id([8u8; 32])).unwrap().is_none());
+    }
+}

@@ -1,0 +1,204 @@
+//! Filesystem metadata: from `stat` to [`Node`] and back, all relative to directory descriptors.
+//!
+//! Everything here works on `(directory fd, single name)` pairs and never follows a symlink, so
+//! callers that hold a descriptor of a root can neither read nor write outside it.
+
+use std::ffi::CStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps};
+
+use crate::tree::{Node, NodeKind, Timestamp, Xattr};
+
+/// Cap on one xattr value and on the number of xattrs per entry we record.
+const MAX_XATTR_VALUE: usize = 64 * 1024;
+const MAX_XATTRS: usize = 256;
+
+pub fn kind_of(st: &Stat) -> NodeKind {
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => NodeKind::File,
+        FileType::Directory => NodeKind::Dir,
+        FileType::Symlink => NodeKind::Symlink,
+        FileType::Fifo => NodeKind::Fifo,
+        FileType::Socket => NodeKind::Socket,
+        FileType::CharacterDevice => NodeKind::CharDevice,
+        FileType::BlockDevice => NodeKind::BlockDevice,
+        FileType::Unknown => NodeKind::File,
+    }
+}
+
+/// A node with everything `stat` tells; content, subtree, link target and xattrs are left empty.
+pub fn node_from_stat(name: Vec<u8>, st: &Stat) -> Node {
+    let kind = kind_of(st);
+    let mut n = Node::new(name, kind);
+    n.mode = st.st_mode & 0o7777;
+    n.uid = st.st_uid;
+    n.gid = st.st_gid;
+    n.size = if kind == NodeKind::File { st.st_size.max(0) as u64 } else { 0 };
+    n.mtime = Timestamp { sec: st.st_mtime, nsec: st.st_mtime_nsec as u32 };
+    n.ctime = Timestamp { sec: st.st_ctime, nsec: st.st_ctime_nsec as u32 };
+    n.inode = st.st_ino;
+    n.device = st.st_dev;
+    n.links = st.st_nlink;
+    if matches!(kind, NodeKind::CharDevice | NodeKind::BlockDevice) {
+        n.rdev = st.st_rdev;
+    }
+    n
+}
+
+/// Whether a file looks unchanged against a node from an earlier snapshot.
+pub fn unchanged(old: &Node, new: &Node) -> bool {
+    old.kind == NodeKind::File
+        && new.kind == NodeKind::File
+        && old.size == new.size
+        && old.mtime == new.mtime
+        && old.ctime == new.ctime
+        && old.inode == new.inode
+}
+
+fn parse_names(list: &[u8]) -> Vec<Vec<u8>> {
+    list.split(|&b| b == 0).filter(|n| !n.is_empty()).map(|n| n.to_vec()).collect()
+}
+
+/// Reads xattrs with the given list and get calls (fd- or path-based).
+fn read_xattrs_with(
+    list: impl FnOnce(&mut Vec<u8>) -> rustix::io::Result<usize>,
+    get: impl Fn(&CStr, &mut Vec<u8>) -> rustix::io::Result<usize>,
+) -> Vec<Xattr> {
+    let mut names = Vec::with_capacity(1024);
+    if !matches!(list(&mut names), Ok(n) if n > 0) {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for name in parse_names(&names).into_iter().take(MAX_XATTRS) {
+        let Ok(cname) = std::ffi::CString::new(name.clone()) else { continue };
+        let mut value = Vec::with_capacity(MAX_XATTR_VALUE);
+        if get(&cname, &mut value).is_ok() {
+            out.push(Xattr { name, value });
+        }
+    }
+    out
+}
+
+/// Extended attributes of an open file or directory. Errors (no support, no permission) yield
+/// what could be read.
+pub fn read_xattrs_fd(fd: BorrowedFd<'_>) -> Vec<Xattr> {
+    read_xattrs_with(
+        |buf| rustix::fs::flistxattr(fd, rustix::buffer::spare_capacity(buf)),
+        |name, buf| rustix::fs::fgetxattr(fd, name, rustix::buffer::spare_capacity(buf)),
+    )
+}
+
+/// Extended attributes of an entry that cannot be opened for reading (symlinks, devices),
+/// through `/proc/self/fd/<dirfd>/<name>` without following a final symlink.
+pub fn read_xattrs_at(dir: BorrowedFd<'_>, name: &CStr) -> Vec<Xattr> {
+    use std::os::fd::AsRawFd;
+    let mut path = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    path.extend_from_slice(name.to_bytes());
+    let Ok(path) = std::ffi::CString::new(path) else { return Vec::new() };
+    read_xattrs_with(
+        |buf| rustix::fs::llistxattr(path.as_c_str(), rustix::buffer::spare_capacity(buf)),
+        |xname, buf| rustix::fs::lgetxattr(path.as_c_str(), xname, rustix::buffer::spare_capacity(buf)),
+    )
+}
+
+/// Opens a directory entry for reading without following symlinks or blocking on FIFOs.
+pub fn open_file_at(dir: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
+    match rustix::fs::openat(dir, name, flags | OFlags::NOATIME, Mode::empty()) {
+        Err(rustix::io::Errno::PERM) => rustix::fs::openat(dir, name, flags, Mode::empty()),
+        other => other,
+    }
+}
+
+pub fn open_dir_at(dir: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    match rustix::fs::openat(dir, name, flags | OFlags::NOATIME, Mode::empty()) {
+        Err(rustix::io::Errno::PERM) => rustix::fs::openat(dir, name, flags, Mode::empty()),
+        other => other,
+    }
+}
+
+pub fn stat_at(dir: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<Stat> {
+    rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+}
+
+/// Names in a directory (without `.` and `..`), sorted bytewise.
+pub fn list_dir(dir: BorrowedFd<'_>) -> rustix::io::Result<Vec<std::ffi::CString>> {
+    let mut d = rustix::fs::Dir::read_from(dir)?;
+    let mut names = Vec::new();
+    while let Some(entry) = d.read() {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        names.push(name.to_owned());
+    }
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    Ok(names)
+}
+
+fn timespec(t: Timestamp) -> Timespec {
+    Timespec { tv_sec: t.sec, tv_nsec: t.nsec as _ }
+}
+
+fn times(n: &Node) -> Timestamps {
+    // Access time is not recorded; set it to the modification time.
+    Timestamps { last_access: timespec(n.mtime), last_modification: timespec(n.mtime) }
+}
+
+/// Applies owner (when root), mode, xattrs and times to an open file or directory.
+/// Returns a description of what failed, if anything.
+pub fn apply_fd(fd: impl AsFd, n: &Node, as_root: bool) -> Vec<String> {
+    let fd = fd.as_fd();
+    let mut errs = Vec::new();
+    if as_root
+        && let Err(e) =
+            rustix::fs::fchown(fd, Some(rustix::fs::Uid::from_raw(n.uid)), Some(rustix::fs::Gid::from_raw(n.gid)))
+    {
+        errs.push(format!("chown: {e}"));
+    }
+    for x in &n.xattrs {
+        if let Ok(name) = std::ffi::CString::new(x.name.clone())
+            && let Err(e) = rustix::fs::fsetxattr(fd, name.as_c_str(), &x.value, rustix::fs::XattrFlags::empty())
+            // Security and system namespaces need privileges; not having them is not an error.
+            && (e != rustix::io::Errno::PERM || as_root)
+        {
+            errs.push(format!("xattr {}: {e}", String::from_utf8_lossy(&x.name)));
+        }
+    }
+    // chown clears set-id bits, so the mode comes after it.
+    if let Err(e) = rustix::fs::fchmod(fd, Mode::from_raw_mode(n.mode & 0o7777)) {
+        errs.push(format!("chmod: {e}"));
+    }
+    if let Err(e) = rustix::fs::futimens(fd, &times(n)) {
+        errs.push(format!("utimes: {e}"));
+    }
+    errs
+}
+
+/// Applies owner, mode and times to an entry that is not opened (symlinks, devices, FIFOs).
+pub fn apply_at(dir: BorrowedFd<'_>, name: &CStr, n: &Node, as_root: bool) -> Vec<String> {
+    let mut errs = Vec::new();
+    if as_root
+        && let Err(e) = rustix::fs::chownat(
+            dir,
+            name,
+            Some(rustix::fs::Uid::from_raw(n.uid)),
+            Some(rustix::fs::Gid::from_raw(n.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+    {
+        errs.push(format!("chown: {e}"));
+    }
+    if n.kind != NodeKind::Symlink
+        && let Err(e) = rustix::fs::chmodat(dir, name, Mode::from_raw_mode(n.mode & 0o7777), AtFlags::empty())
+    {
+        errs.push(format!("chmod: {e}"));
+    }
+    if let Err(e) = rustix::fs::utimensat(dir, name, &times(n), AtFlags::SYMLINK_NOFOLLOW) {
+        errs.push(format!("utimes: {e}"));
+    }
+    errs
+}

@@ -1,0 +1,688 @@
+//! A repository: the store, its keys and parameters, and the merged index.
+//!
+//! Object layout under the repository root:
+//! `config`, `keys/<id>`, `packs/<xx>/<id>`, `index/<id>`, `snapshots/<id>`, `locks/<id>`.
+//! Every object name except `config` is the BLAKE3 of the object's stored bytes, so objects are
+//! immutable and a damaged object is recognisable by its name alone.
+//!
+//! Loading is tolerant of damage where that is safe: [`Repository::load_index`] and
+//! [`Repository::list_snapshots`] skip a damaged or vanished index or snapshot object (a
+//! warning; [`Repository::damaged`] lists them), so one bad object does not block restoring the
+//! rest. The `_strict` variants fail instead, for prune, which deletes what they do not name.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::chunker::{Chunker, ChunkerParams, LargeFileChunking};
+use crate::crypto::{KdfParams, KeySlot, Keys, SealType, SecretKey};
+use crate::error::{Error, ObjectKind, Result};
+use crate::id::Id;
+use crate::index::{IndexFile, MasterIndex};
+use crate::pack::{BlobType, Compression};
+use crate::snapshot::Snapshot;
+use crate::store::Store;
+use crate::tree::Tree;
+
+pub const FORMAT_VERSION: u32 = 1;
+const MAX_CONFIG_LEN: usize = 64 * 1024;
+const MAX_KEY_LEN: usize = 64 * 1024;
+const LIST_CONCURRENCY: usize = 16;
+
+/// A password, wiped from memory when dropped.
+#[derive(Clone)]
+pub struct Password(Zeroizing<Vec<u8>>);
+
+impl Password {
+    pub fn new(p: impl Into<Vec<u8>>) -> Self {
+        Password(Zeroizing::new(p.into()))
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(..)")
+    }
+}
+
+/// Repository parameters chosen at `init`; sealed inside `config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoParams {
+    pub chunker: ChunkerParams,
+    /// Target pack size in bytes.
+    pub pack_size: u32,
+    /// zstd level for blobs; 0 turns compression off.
+    pub compression_level: i32,
+    /// Finer chunking for large files (absent in repositories made before it existed, which
+    /// chunk every file with `chunker`; hoard versions that do not know the field ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub large_files: Option<LargeFileChunking>,
+}
+
+impl RepoParams {
+    pub fn validate(&self) -> Result<()> {
+        self.chunker.validate()?;
+        if let Some(l) = &self.large_files {
+            l.validate()?;
+        }
+        if !(1024 * 1024..=512 * 1024 * 1024).contains(&self.pack_size) {
+            return Err(Error::InvalidArgument("pack size must be between 1 MiB and 512 MiB".into()));
+        }
+        if !(0..=22).contains(&self.compression_level) {
+            return Err(Error::InvalidArgument("compression level must be between 0 (off) and 22".into()));
+        }
+        Ok(())
+    }
+}
+
+impl Default for RepoParams {
+    fn default() -> Self {
+        let chunker = ChunkerParams::default();
+        RepoParams {
+            chunker,
+            pack_size: 16 * 1024 * 1024,
+            compression_level: 1,
+            large_files: LargeFileChunking::default_for(&chunker),
+        }
+    }
+}
+
+/// The public part of `config`: format version and repository id, plus the sealed parameters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ConfigFile {
+    version: u32,
+    id: Id,
+    #[serde(with = "crate::crypto::hex_bytes")]
+    sealed: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct InitOptions {
+    pub params: RepoParams,
+    pub kdf: KdfParams,
+}
+
+pub fn pack_key(id: &Id) -> String {
+    let h = id.to_hex();
+    format!("packs/{}/{h}", &h[..2])
+}
+
+/// An open repository. Shared between threads as `Arc<Repository>`.
+pub struct Repository {
+    store: Arc<dyn Store>,
+    keys: Arc<Keys>,
+    id: Id,
+    params: RepoParams,
+    key_id: Id,
+    index: RwLock<MasterIndex>,
+    damaged: Mutex<Vec<Damaged>>,
+}
+
+/// An object a tolerant load skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damaged {
+    /// E.g. `index/ab12…` or `snapshots/cd34…`.
+    pub object: String,
+    pub reason: String,
+}
+
+/// Good objects, and damaged ones named `dir/<id>` with their error.
+type Split<T> = (Vec<(Id, T)>, Vec<(String, Error)>);
+
+/// Splits loaded objects into the good ones and the damaged or vanished ones (named
+/// `dir/<id>`); any other error (the store failing) is returned.
+fn split_damaged<T>(loaded: Vec<(Id, Result<T>)>, dir: &str) -> Result<Split<T>> {
+    let mut good = Vec::new();
+    let mut damaged = Vec::new();
+    for (id, r) in loaded {
+        match r {
+            Ok(v) => good.push((id, v)),
+            Err(e @ (Error::Corrupt { .. } | Error::Missing { .. })) => {
+                damaged.push((format!("{dir}/{}", id.to_hex()), e))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    damaged.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok((good, damaged))
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Repository({}, {})", self.id.short(), self.store.location())
+    }
+}
+
+impl Repository {
+    /// Creates a repository in an empty location.
+    pub async fn init(store: Arc<dyn Store>, password: &Password, opts: InitOptions) -> Result<Repository> {
+        opts.params.validate()?;
+        opts.kdf.validate()?;
+        match store.get("config").await {
+            Ok(_) => return Err(Error::RepositoryExists(store.location())),
+            Err(Error::ObjectNotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let master = SecretKey::random();
+        let id = Id::random();
+        let slot = KeySlot::wrap(&master, password.as_bytes(), &id, opts.kdf)?;
+        let keys = Arc::new(Keys::from_master(master));
+        let params_json = serde_json::to_vec(&opts.params).map_err(|e| Error::Internal(e.to_string()))?;
+        let config =
+            ConfigFile { version: FORMAT_VERSION, id, sealed: keys.seal_meta(SealType::Config, &params_json)? };
+        let key_id = save_key_slot(&*store, &slot).await?;
+        let cfg = serde_json::to_vec_pretty(&config).map_err(|e| Error::Internal(e.to_string()))?;
+        store.put("config", Bytes::from(cfg)).await?;
+        Ok(Repository {
+            store,
+            keys,
+            id,
+            params: opts.params,
+            key_id,
+            index: RwLock::default(),
+            damaged: Mutex::default(),
+        })
+    }
+
+    /// Opens a repository, trying every key slot with the password. Touches nothing on failure.
+    pub async fn open(store: Arc<dyn Store>, password: &Password) -> Result<Repository> {
+        let raw = match store.get("config").await {
+            Ok(b) => b,
+            Err(Error::ObjectNotFound(_)) => return Err(Error::RepositoryNotFound(store.location())),
+            Err(e) => return Err(e),
+        };
+        if raw.len() > MAX_CONFIG_LEN {
+            return Err(Error::corrupt(ObjectKind::Config, "config", "too large"));
+        }
+        let config: ConfigFile = serde_json::from_slice(&raw).map_err(|e| {
+            // A config from a newer format may not parse; report the version if it is readable.
+            if let Some(v) = serde_json::from_slice::<serde_json::Value>(&raw)
+                .ok()
+                .and_then(|v| v.get("version").and_then(|v| v.as_u64()))
+                && v != FORMAT_VERSION as u64
+            {
+                return Error::UnsupportedVersion { found: v as u32, supported: FORMAT_VERSION };
+            }
+            Error::corrupt(ObjectKind::Config, "config", format!("undecodable: {e}"))
+        })?;
+        if config.version != FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion { found: config.version, supported: FORMAT_VERSION });
+        }
+        // hoard writes one canonical form; any other byte sequence is damage or tampering.
+        if serde_json::to_vec_pretty(&config).ok().as_deref() != Some(&raw[..]) {
+            return Err(Error::corrupt(ObjectKind::Config, "config", "not in canonical form (damaged or edited)"));
+        }
+        let slots = list_key_slots(&*store).await?;
+        if slots.is_empty() {
+            return Err(Error::Missing { kind: ObjectKind::Key, name: "keys/".into() });
+        }
+        let mut found = None;
+        for (slot_id, slot) in &slots {
+            let slot = match slot {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("skipping key slot {}: {e}", slot_id.short());
+                    continue;
+                }
+            };
+            match slot.unwrap_key(password.as_bytes(), &config.id) {
+                Ok(Some(master)) => {
+                    found = Some((*slot_id, master));
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("skipping key slot {}: {e}", slot_id.short()),
+            }
+        }
+        let Some((key_id, master)) = found else {
+            return Err(Error::WrongPassword);
+        };
+        let keys = Arc::new(Keys::from_master(master));
+        let params_json = keys.open_meta(SealType::Config, ObjectKind::Config, "config", &config.sealed)?;
+        let params: RepoParams = serde_json::from_slice(&params_json)
+            .map_err(|e| Error::corrupt(ObjectKind::Config, "config", format!("parameters: {e}")))?;
+        params.validate().map_err(|e| Error::corrupt(ObjectKind::Config, "config", e.to_string()))?;
+        Ok(Repository {
+            store,
+            keys,
+            id: config.id,
+            params,
+            key_id,
+            index: RwLock::default(),
+            damaged: Mutex::default(),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+    pub fn keys(&self) -> &Arc<Keys> {
+        &self.keys
+    }
+    pub fn id(&self) -> Id {
+        self.id
+    }
+    pub fn params(&self) -> &RepoParams {
+        &self.params
+    }
+    /// The key slot that opened this repository.
+    pub fn key_id(&self) -> Id {
+        self.key_id
+    }
+
+    pub fn chunker(&self) -> Result<Chunker> {
+        Chunker::new(self.params.chunker, self.keys.chunker_seed())
+    }
+
+    /// The chunker for large files and the size from which it applies, if the repository has one.
+    pub fn large_file_chunker(&self) -> Result<Option<(u64, Chunker)>> {
+        self.params
+            .large_files
+            .map(|l| Ok((l.min_file_size, Chunker::new(l.chunker, self.keys.chunker_seed())?)))
+            .transpose()
+    }
+
+    pub fn index(&self) -> std::sync::RwLockReadGuard<'_, MasterIndex> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn index_mut(&self) -> std::sync::RwLockWriteGuard<'_, MasterIndex> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores an object named by the hash of its bytes under `dir/`; returns the id.
+    pub async fn save_file(&self, dir: &str, bytes: Vec<u8>) -> Result<Id> {
+        let id = Id::of_bytes(&bytes);
+        match self.store.put(&format!("{dir}/{}", id.to_hex()), Bytes::from(bytes)).await {
+            Ok(()) | Err(Error::AlreadyExists(_)) => Ok(id),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads an object and checks that its bytes hash to its name.
+    pub async fn load_file(&self, kind: ObjectKind, dir: &str, id: &Id) -> Result<Bytes> {
+        let key = format!("{dir}/{}", id.to_hex());
+        let bytes = match self.store.get(&key).await {
+            Ok(b) => b,
+            Err(Error::ObjectNotFound(_)) => return Err(Error::Missing { kind, name: key }),
+            Err(e) => return Err(e),
+        };
+        if Id::of_bytes(&bytes) != *id {
+            return Err(Error::corrupt(kind, key, "content does not match its name"));
+        }
+        Ok(bytes)
+    }
+
+    /// Ids of all objects under `dir/` whose names are well-formed ids.
+    pub async fn list_ids(&self, dir: &str) -> Result<Vec<Id>> {
+        let objs = self.store.list(&format!("{dir}/")).await?;
+        Ok(objs.iter().filter_map(|o| o.key.rsplit('/').next().and_then(|n| Id::from_hex(n).ok())).collect())
+    }
+
+    /// Loads every index file into the master index, skipping damaged or vanished ones: their
+    /// blobs count as absent (a backup stores them again, which is safe). Each skipped file is a
+    /// warning and is listed by [`Repository::damaged`]. Store errors still fail.
+    pub async fn load_index(&self) -> Result<()> {
+        let (files, damaged) = self.read_index_files().await?;
+        self.note_damage(damaged);
+        self.install_index(files);
+        Ok(())
+    }
+
+    /// Like [`Repository::load_index`], but any damaged index file is an error: for callers that
+    /// delete what the index does not name (prune).
+    pub async fn load_index_strict(&self) -> Result<()> {
+        let (files, mut damaged) = self.read_index_files().await?;
+        if !damaged.is_empty() {
+            return Err(damaged.swap_remove(0).1);
+        }
+        self.install_index(files);
+        Ok(())
+    }
+
+    async fn read_index_files(&self) -> Result<Split<IndexFile>> {
+        let ids = self.list_ids("index").await?;
+        let loaded: Vec<(Id, Result<IndexFile>)> = futures::stream::iter(ids)
+            .map(|id| async move {
+                let r = match self.load_file(ObjectKind::Index, "index", &id).await {
+                    Ok(raw) => IndexFile::decode(&self.keys, &format!("index/{}", id.to_hex()), &raw),
+                    Err(e) => Err(e),
+                };
+                (id, r)
+            })
+            .buffer_unordered(LIST_CONCURRENCY)
+            .collect()
+            .await;
+        split_damaged(loaded, "index")
+    }
+
+    fn install_index(&self, mut files: Vec<(Id, IndexFile)>) {
+        // A file superseded by another present file (written by prune or repair) is ignored:
+        // its content is contained in the newer one, which may have dropped deleted packs.
+        let superseded: std::collections::HashSet<Id> =
+            files.iter().flat_map(|(_, f)| f.supersedes.iter().copied()).collect();
+        files.retain(|(id, _)| !superseded.contains(id));
+        // Deterministic "first copy wins" regardless of download order.
+        files.sort_by_key(|(id, _)| *id);
+        let mut idx = self.index_mut();
+        *idx = MasterIndex::default();
+        for (id, f) in &files {
+            idx.add_file(*id, f);
+        }
+    }
+
+    /// Records skipped objects (once each) and warns about them.
+    fn note_damage(&self, damaged: Vec<(String, Error)>) {
+        let mut d = self.damaged.lock().unwrap_or_else(|p| p.into_inner());
+        for (object, e) in damaged {
+            if d.iter().any(|x| x.object == object) {
+                continue;
+            }
+            tracing::warn!("skipping damaged {object}: {e} (run `hoard check`)");
+            d.push(Damaged { object, reason: e.to_string() });
+        }
+    }
+
+    /// Index and snapshot objects the tolerant loads skipped as damaged, so far.
+    pub fn damaged(&self) -> Vec<Damaged> {
+        self.damaged.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reads, authenticates, decompresses and verifies one blob.
+    pub async fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
+        let loc = self.index().get(id).ok_or_else(|| Error::Missing { kind: ObjectKind::Blob, name: id.to_hex() })?;
+        let range = loc.offset as u64..loc.offset as u64 + loc.stored_len as u64;
+        let sealed = match self.store.get_range(&pack_key(&loc.pack), range).await {
+            Ok(b) => b,
+            Err(Error::ObjectNotFound(k)) => return Err(Error::Missing { kind: ObjectKind::Pack, name: k }),
+            Err(e) => return Err(e),
+        };
+        self.unseal_blob(id, loc.ty, loc.compression, loc.raw_len, &sealed)
+    }
+
+    /// Opens a sealed blob and checks its content against its id.
+    pub fn unseal_blob(
+        &self,
+        id: &Id,
+        ty: BlobType,
+        compression: Compression,
+        raw_len: u32,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>> {
+        let payload = self.keys.open_blob(ty.seal_type(), id, sealed)?;
+        let plain = match compression {
+            Compression::None => payload,
+            Compression::Zstd => decompress(&payload, raw_len as usize)
+                .map_err(|e| Error::corrupt(ObjectKind::Blob, id.to_hex(), format!("decompression: {e}")))?,
+        };
+        if plain.len() != raw_len as usize || self.keys.blob_id(&plain) != *id {
+            return Err(Error::corrupt(ObjectKind::Blob, id.to_hex(), "content does not match its id"));
+        }
+        Ok(plain)
+    }
+
+    /// Reads several blobs, one ranged request per pack (`Store::get_ranges`), several packs at
+    /// once; results in the order of `ids`. A missing or unreadable pack fails only the blobs in
+    /// it.
+    pub async fn read_blobs(&self, ids: &[Id]) -> Vec<Result<Vec<u8>>> {
+        let mut out: Vec<Option<Result<Vec<u8>>>> = (0..ids.len()).map(|_| None).collect();
+        let mut by_pack: std::collections::HashMap<Id, Vec<(usize, crate::index::BlobLocation)>> =
+            std::collections::HashMap::new();
+        {
+            let idx = self.index();
+            for (i, id) in ids.iter().enumerate() {
+                match idx.get(id) {
+                    Some(loc) => by_pack.entry(loc.pack).or_default().push((i, loc)),
+                    None => out[i] = Some(Err(Error::Missing { kind: ObjectKind::Blob, name: id.to_hex() })),
+                }
+            }
+        }
+        let fetched: Vec<(PackBlobs, Result<Vec<Bytes>>)> = futures::stream::iter(by_pack)
+            .map(|(pack, mut blobs)| async move {
+                blobs.sort_by_key(|(_, l)| l.offset);
+                let ranges: Vec<_> =
+                    blobs.iter().map(|(_, l)| l.offset as u64..l.offset as u64 + l.stored_len as u64).collect();
+                let r = match self.store.get_ranges(&pack_key(&pack), &ranges).await {
+                    Err(Error::ObjectNotFound(k)) => Err(Error::Missing { kind: ObjectKind::Pack, name: k }),
+                    other => other,
+                };
+                (blobs, r)
+            })
+            .buffer_unordered(LIST_CONCURRENCY)
+            .collect()
+            .await;
+        for (blobs, r) in fetched {
+            match r {
+                Ok(datas) => {
+                    for ((i, loc), sealed) in blobs.into_iter().zip(datas) {
+                        out[i] = Some(self.unseal_blob(&ids[i], loc.ty, loc.compression, loc.raw_len, &sealed));
+                    }
+                }
+                Err(e) => {
+                    // Every blob of the pack gets the same (typed) error.
+                    for (i, _) in blobs.iter().skip(1) {
+                        out[*i] = Some(Err(same_error(&e)));
+                    }
+                    if let Some((i, _)) = blobs.first() {
+                        out[*i] = Some(Err(e));
+                    }
+                }
+            }
+        }
+        out.into_iter().map(|o| o.unwrap_or_else(|| Err(Error::Internal("blob not fetched".into())))).collect()
+    }
+
+    /// Loads several trees with [`Repository::read_blobs`]; results in the order of `ids`.
+    pub async fn load_trees(&self, ids: &[Id]) -> Vec<Result<Tree>> {
+        self.read_blobs(ids).await.into_iter().zip(ids).map(|(r, id)| r.and_then(|d| Tree::decode(id, &d))).collect()
+    }
+
+    pub async fn load_tree(&self, id: &Id) -> Result<Tree> {
+        let data = self.read_blob(id).await?;
+        Tree::decode(id, &data)
+    }
+
+    pub async fn save_snapshot(&self, snap: &Snapshot) -> Result<Id> {
+        self.save_file("snapshots", snap.encode(&self.keys)?).await
+    }
+
+    pub async fn load_snapshot(&self, id: &Id) -> Result<Snapshot> {
+        let raw = self.load_file(ObjectKind::Snapshot, "snapshots", id).await?;
+        Snapshot::decode(&self.keys, &format!("snapshots/{}", id.to_hex()), &raw)
+    }
+
+    /// All readable snapshots, oldest first. A damaged or vanished snapshot object is skipped
+    /// with a warning and listed by [`Repository::damaged`]; store errors still fail.
+    pub async fn list_snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
+        let (snaps, damaged) = self.read_snapshots().await?;
+        self.note_damage(damaged.into_iter().map(|(id, e)| (format!("snapshots/{}", id.to_hex()), e)).collect());
+        Ok(snaps)
+    }
+
+    /// Like [`Repository::list_snapshots`], but any damaged snapshot is an error: for callers
+    /// that delete what no snapshot references (prune).
+    pub async fn list_snapshots_strict(&self) -> Result<Vec<(Id, Snapshot)>> {
+        let (snaps, mut damaged) = self.read_snapshots().await?;
+        if !damaged.is_empty() {
+            return Err(damaged.swap_remove(0).1);
+        }
+        Ok(snaps)
+    }
+
+    async fn read_snapshots(&self) -> Result<(Vec<(Id, Snapshot)>, Vec<(Id, Error)>)> {
+        let ids = self.list_ids("snapshots").await?;
+        let loaded: Vec<(Id, Result<Snapshot>)> = futures::stream::iter(ids)
+            .map(|id| async move { (id, self.load_snapshot(&id).await) })
+            .buffer_unordered(LIST_CONCURRENCY)
+            .collect()
+            .await;
+        let mut snaps = Vec::new();
+        let mut damaged = Vec::new();
+        for (id, r) in loaded {
+            match r {
+                Ok(s) => snaps.push((id, s)),
+                Err(e @ (Error::Corrupt { .. } | Error::Missing { .. })) => damaged.push((id, e)),
+                Err(e) => return Err(e),
+            }
+        }
+        damaged.sort_by_key(|(id, _)| *id);
+        snaps.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+        Ok((snaps, damaged))
+    }
+
+    /// Resolves `latest` or a unique id prefix, among snapshots that pass `filter`. An id prefix
+    /// that only a damaged snapshot matches fails with that snapshot's damage.
+    pub async fn find_snapshot(&self, spec: &str, filter: &SnapshotFilter) -> Result<(Id, Snapshot)> {
+        let (snaps, damaged) = self.read_snapshots().await?;
+        let found = select_snapshot(snaps, spec, filter);
+        if matches!(found, Err(Error::SnapshotNotFound(_))) && spec != "latest" {
+            let spec_l = spec.to_ascii_lowercase();
+            if let Some((_, e)) =
+                damaged.into_iter().find(|(id, _)| !spec_l.is_empty() && id.to_hex().starts_with(&spec_l))
+            {
+                return Err(e);
+            }
+        } else {
+            self.note_damage(damaged.into_iter().map(|(id, e)| (format!("snapshots/{}", id.to_hex()), e)).collect());
+        }
+        found
+    }
+
+    pub async fn delete_snapshot(&self, id: &Id) -> Result<()> {
+        self.store.delete(&format!("snapshots/{}", id.to_hex())).await
+    }
+
+    /// Adds a key slot for another password; returns its id.
+    pub async fn add_key(&self, password: &Password, kdf: KdfParams) -> Result<Id> {
+        let slot = KeySlot::wrap(self.keys.master(), password.as_bytes(), &self.id, kdf)?;
+        save_key_slot(&*self.store, &slot).await
+    }
+
+    pub async fn list_keys(&self) -> Result<Vec<(Id, Result<KeySlot>)>> {
+        list_key_slots(&*self.store).await
+    }
+
+    /// Removes a key slot. The slot that opened this repository cannot be removed, so at least
+    /// one key known to work always remains (use `change_password` to replace it).
+    pub async fn remove_key(&self, id: &Id) -> Result<()> {
+        let slots = self.list_keys().await?;
+        if !slots.iter().any(|(s, _)| s == id) {
+            return Err(Error::InvalidArgument(format!("no key {}", id.short())));
+        }
+        if *id == self.key_id {
+            return Err(Error::InvalidArgument(
+                "refusing to remove the key in use: it may be the last one that works; open the repository with another key to remove it".into(),
+            ));
+        }
+        self.store.delete(&format!("keys/{}", id.to_hex())).await
+    }
+
+    /// Replaces the current key slot with one for a new password; returns the new slot's id.
+    /// The new slot is written before the old one is deleted.
+    pub async fn change_password(&mut self, new: &Password, kdf: KdfParams) -> Result<Id> {
+        let id = self.add_key(new, kdf).await?;
+        self.store.delete(&format!("keys/{}", self.key_id.to_hex())).await?;
+        self.key_id = id;
+        Ok(id)
+    }
+}
+
+/// Blobs wanted from one pack: (position in the caller's list, location).
+type PackBlobs = Vec<(usize, crate::index::BlobLocation)>;
+
+/// A copy of a storage-level error (errors are not `Clone`); other kinds become `Internal`.
+fn same_error(e: &Error) -> Error {
+    match e {
+        Error::Missing { kind, name } => Error::Missing { kind: *kind, name: name.clone() },
+        Error::ObjectNotFound(k) => Error::ObjectNotFound(k.clone()),
+        Error::Corrupt { kind, name, reason } => {
+            Error::Corrupt { kind: *kind, name: name.clone(), reason: reason.clone() }
+        }
+        Error::Storage { op, key, message, class } => {
+            Error::Storage { op, key: key.clone(), message: message.clone(), class: *class }
+        }
+        other => Error::Internal(other.to_string()),
+    }
+}
+
+thread_local! {
+    /// One zstd context per thread, reused across blobs.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decompresses at most `capacity` bytes (the blob's recorded length, itself bounded).
+fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress(data, capacity),
+            None => zstd::bulk::decompress(data, capacity),
+        }
+    })
+}
+
+async fn save_key_slot(store: &dyn Store, slot: &KeySlot) -> Result<Id> {
+    let bytes = serde_json::to_vec_pretty(slot).map_err(|e| Error::Internal(e.to_string()))?;
+    let id = Id::of_bytes(&bytes);
+    store.put(&format!("keys/{}", id.to_hex()), Bytes::from(bytes)).await?;
+    Ok(id)
+}
+
+async fn list_key_slots(store: &dyn Store) -> Result<Vec<(Id, Result<KeySlot>)>> {
+    let objs = store.list("keys/").await?;
+    let mut out = Vec::new();
+    for o in objs {
+        let Some(id) = o.key.rsplit('/').next().and_then(|n| Id::from_hex(n).ok()) else { continue };
+        let raw = store.get(&o.key).await?;
+        let slot = if raw.len() > MAX_KEY_LEN || Id::of_bytes(&raw) != id {
+            Err(Error::corrupt(ObjectKind::Key, &o.key, "content does not match its name"))
+        } else {
+            serde_json::from_slice::<KeySlot>(&raw)
+                .map_err(|e| Error::corrupt(ObjectKind::Key, &o.key, format!("undecodable: {e}")))
+        };
+        out.push((id, slot));
+    }
+    Ok(out)
+}
+
+/// Which snapshots `latest` and listings consider.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotFilter {
+    pub host: Option<String>,
+    pub tags: Vec<String>,
+}
+
+impl SnapshotFilter {
+    pub fn matches(&self, s: &Snapshot) -> bool {
+        self.host.as_ref().is_none_or(|h| &s.host == h) && self.tags.iter().all(|t| s.tags.contains(t))
+    }
+}
+
+/// Pure selection of a snapshot by `latest` or id prefix.
+pub fn select_snapshot(snaps: Vec<(Id, Snapshot)>, spec: &str, filter: &SnapshotFilter) -> Result<(Id, Snapshot)> {
+    let mut candidates: Vec<(Id, Snapshot)> = snaps.into_iter().filter(|(_, s)| filter.matches(s)).collect();
+    if spec == "latest" {
+        return candidates.pop().ok_or_else(|| Error::SnapshotNotFound(spec.to_string()));
+    }
+    let spec_l = spec.to_ascii_lowercase();
+    if spec_l.is_empty() || !spec_l.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(Error::SnapshotNotFound(spec.to_string()));
+    }
+    let mut matching: Vec<(Id, Snapshot)> =
+        candidates.into_iter().filter(|(id, _)| id.to_hex().starts_with(&spec_l)).collect();
+    match matching.len() {
+        0 => Err(Error::SnapshotNotFound(spec.to_string())),
+        1 => Ok(matching.remove(0)),
+        _ => Err(Error::AmbiguousSnapshot(spec.to_string())),
+    }
+}

@@ -1,0 +1,520 @@
+//! The blob writer: dedup, compress, seal, pack, upload, index.
+//!
+//! ```text
+//! add() ─▶ [dedup: index + in-flight set] ─▶ workers (compress, seal) ─▶ packer ─▶ uploads ─▶ index
+//! ```
+//! * Bounded: the job and packer channels hold a fixed number of blobs, at most
+//!   `upload_concurrency` packs upload at once with one more queued, and callers pass a budget
+//!   guard with each blob that is held until the pack holding the blob is uploaded: queued,
+//!   sealed, packed, queued-pack and uploading bytes all count against the caller's budget.
+//! * No deadlock under a small budget: when someone waits for budget and no blob has arrived for
+//!   [`PRESSURE_POLL`], the packer uploads its partial pack (releasing its guards) instead of
+//!   waiting for a full pack that cannot come. Tree blobs (added without a guard) are outside
+//!   the budget.
+//! * Ordering: a blob is added to the in-memory index only after its pack is stored; an index
+//!   file is written only after every pack it names is stored (every `index_every_packs` packs and
+//!   at [`BlobWriter::finish`]). A crash leaves at worst packs no index names.
+//! * A blob is never queued twice: the first `add` of an id wins, later ones are dedup hits.
+//! * CPU work runs on dedicated threads, never on the async runtime.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, bounded};
+use tokio::sync::mpsc;
+
+use crate::budget::BudgetGuard;
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::index::{IndexFile, IndexPack};
+use crate::pack::{BlobType, Compression, FinishedPack, PackBuilder, PackEntry, SealedBlob};
+use crate::repo::{Repository, pack_key};
+
+/// How long the packer waits for the next blob before checking whether its partial pack holds
+/// budget others wait for.
+pub const PRESSURE_POLL: std::time::Duration = std::time::Duration::from_millis(25);
+
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub workers: usize,
+    pub upload_concurrency: usize,
+    /// Write an index file after this many packs, so an interrupted run can reuse them.
+    pub index_every_packs: usize,
+    /// The writer's repository lock: no index file is written once its lease is lost (a
+    /// concurrent prune may have deleted the packs it would name).
+    pub lease: Option<crate::lock::Lease>,
+    /// Live counters to update as packs are stored (`bytes_stored`).
+    pub progress: Option<Arc<crate::progress::Progress>>,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig {
+            workers: default_workers(),
+            upload_concurrency: default_upload_concurrency(),
+            index_every_packs: 8,
+            lease: None,
+            progress: None,
+        }
+    }
+}
+
+/// Sealing threads by default: compression and encryption are CPU-bound, one per core.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+}
+
+/// Packs uploaded at once by default: uploads are network-bound (mostly waiting on round trips),
+/// so more than one per core pays off, with at least 4 on small machines.
+pub fn default_upload_concurrency() -> usize {
+    default_workers().max(4)
+}
+
+/// Counters the writer keeps; read them for progress and summaries.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub blobs_new: AtomicU64,
+    pub bytes_new: AtomicU64,
+    pub bytes_stored: AtomicU64,
+    pub packs: AtomicU64,
+    pub dedup_hits: AtomicU64,
+    /// Plaintext bytes of budgeted blobs added but not yet uploaded in a pack.
+    pub budgeted_in_flight: AtomicU64,
+    /// The most `budgeted_in_flight` ever reached.
+    pub budgeted_high_water: AtomicU64,
+    /// Packs uploaded before they were full because someone waited for budget.
+    pub pressure_flushes: AtomicU64,
+}
+
+struct Job {
+    ty: BlobType,
+    id: Id,
+    data: Bytes,
+    guard: Option<Arc<BudgetGuard>>,
+}
+
+/// A sealed blob on its way to the packer, still holding its budget.
+struct Sealed {
+    blob: SealedBlob,
+    guard: Option<Arc<BudgetGuard>>,
+}
+
+/// A finished pack on its way to the store; its guards are released once it is stored.
+struct OutPack {
+    pack: FinishedPack,
+    guards: Vec<Arc<BudgetGuard>>,
+    /// Plaintext bytes of its budgeted blobs (for [`WriterStats::budgeted_in_flight`]).
+    budgeted: u64,
+}
+
+struct Shared {
+    repo: Arc<Repository>,
+    lease: Option<crate::lock::Lease>,
+    in_flight: Mutex<HashSet<Id>>,
+    failed: AtomicBool,
+    error: Mutex<Option<Error>>,
+    stats: Arc<WriterStats>,
+    progress: Option<Arc<crate::progress::Progress>>,
+}
+
+impl Shared {
+    fn fail(&self, e: Error) {
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    fn take_error(&self) -> Error {
+        self.error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_else(|| Error::Internal("blob writer stopped".into()))
+    }
+}
+
+/// Handle for adding blobs; cheap to clone across threads.
+#[derive(Clone)]
+pub struct BlobSink {
+    shared: Arc<Shared>,
+    jobs: Sender<Job>,
+}
+
+impl std::fmt::Debug for BlobSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BlobSink")
+    }
+}
+
+impl BlobSink {
+    /// Adds a blob whose id the caller computed; blocks while the pipeline is full.
+    /// Returns whether the blob was new.
+    pub fn add(&self, ty: BlobType, id: Id, data: Bytes, guard: Option<Arc<BudgetGuard>>) -> Result<bool> {
+        if self.shared.failed.load(Ordering::SeqCst) {
+            return Err(self.shared.failure_description());
+        }
+        if self.shared.repo.index().contains(&id) {
+            self.shared.stats.dedup_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        if !self.shared.in_flight.lock().unwrap_or_else(|p| p.into_inner()).insert(id) {
+            self.shared.stats.dedup_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+        let stats = &self.shared.stats;
+        stats.blobs_new.fetch_add(1, Ordering::Relaxed);
+        stats.bytes_new.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if guard.is_some() {
+            let now = stats.budgeted_in_flight.fetch_add(data.len() as u64, Ordering::SeqCst) + data.len() as u64;
+            stats.budgeted_high_water.fetch_max(now, Ordering::SeqCst);
+        }
+        self.jobs.send(Job { ty, id, data, guard }).map_err(|_| self.shared.failure_description())?;
+        Ok(true)
+    }
+
+    /// Hashes and adds a blob.
+    pub fn add_bytes(&self, ty: BlobType, data: Bytes) -> Result<Id> {
+        let id = self.shared.repo.keys().blob_id(&data);
+        self.add(ty, id, data, None)?;
+        Ok(id)
+    }
+
+    pub fn repo(&self) -> &Arc<Repository> {
+        &self.shared.repo
+    }
+
+    pub fn has_failed(&self) -> bool {
+        self.shared.failed.load(Ordering::SeqCst)
+    }
+}
+
+impl Shared {
+    fn failure_description(&self) -> Error {
+        match &*self.error.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Error::Internal(format!("blob writer failed: {e}")),
+            None => Error::Internal("blob writer stopped".into()),
+        }
+    }
+}
+
+/// Owns the writer's threads and upload task.
+pub struct BlobWriter {
+    sink: Option<BlobSink>,
+    workers: Vec<JoinHandle<()>>,
+    packer: Option<JoinHandle<()>>,
+    uploader: Option<tokio::task::JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for BlobWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BlobWriter")
+    }
+}
+
+impl BlobWriter {
+    /// Starts the pipeline. Must be called from within a tokio runtime.
+    pub fn start(repo: Arc<Repository>, cfg: WriterConfig) -> BlobWriter {
+        let workers_n = cfg.workers.max(1);
+        let stats = Arc::new(WriterStats::default());
+        let shared = Arc::new(Shared {
+            repo: Arc::clone(&repo),
+            lease: cfg.lease.clone(),
+            in_flight: Mutex::new(HashSet::new()),
+            failed: AtomicBool::new(false),
+            error: Mutex::new(None),
+            stats,
+            progress: cfg.progress.clone(),
+        });
+        let (job_tx, job_rx) = bounded::<Job>(workers_n * 2);
+        let (sealed_tx, sealed_rx) = bounded::<Sealed>(workers_n * 2);
+        let (pack_tx, pack_rx) = mpsc::channel::<OutPack>(1);
+
+        let level = repo.params().compression_level;
+        let workers = (0..workers_n)
+            .map(|i| {
+                let rx = job_rx.clone();
+                let tx = sealed_tx.clone();
+                let shared = Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name(format!("hoard-seal-{i}"))
+                    .spawn(move || seal_worker(&shared, level, &rx, &tx))
+                    .map_err(|e| Error::io("spawn worker", e))
+            })
+            .filter_map(|r| r.ok())
+            .collect();
+        drop(sealed_tx);
+
+        let packer = {
+            let shared = Arc::clone(&shared);
+            let pack_size = repo.params().pack_size as usize;
+            std::thread::Builder::new()
+                .name("hoard-packer".into())
+                .spawn(move || packer(&shared, pack_size, &sealed_rx, &pack_tx))
+                .ok()
+        };
+
+        let uploader = {
+            let shared = Arc::clone(&shared);
+            tokio::spawn(uploader(shared, pack_rx, cfg.upload_concurrency.max(1), cfg.index_every_packs.max(1)))
+        };
+
+        BlobWriter {
+            sink: Some(BlobSink { shared: Arc::clone(&shared), jobs: job_tx }),
+            workers,
+            packer,
+            uploader: Some(uploader),
+            shared,
+        }
+    }
+
+    pub fn sink(&self) -> BlobSink {
+        #[allow(clippy::expect_used)]
+        self.sink.clone().expect("sink is present until finish")
+    }
+
+    pub fn stats(&self) -> Arc<WriterStats> {
+        Arc::clone(&self.shared.stats)
+    }
+
+    /// Flushes everything: the last pack, outstanding uploads, the final index file.
+    /// Every blob added before this call is indexed when it returns `Ok`.
+    pub async fn finish(mut self) -> Result<()> {
+        self.sink.take();
+        let workers = std::mem::take(&mut self.workers);
+        let packer = self.packer.take();
+        tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+            if let Some(p) = packer {
+                let _ = p.join();
+            }
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("join pipeline: {e}")))?;
+        if let Some(u) = self.uploader.take() {
+            u.await.map_err(|e| Error::Internal(format!("join uploader: {e}")))?;
+        }
+        if self.shared.failed.load(Ordering::SeqCst) {
+            return Err(self.shared.take_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        // Abandoned without finish (an error path): stop everything, write nothing more.
+        self.shared.failed.store(true, Ordering::SeqCst);
+        if let Some(u) = self.uploader.take() {
+            u.abort();
+        }
+    }
+}
+
+/// Whether zstd is worth trying: a sample from the middle must shrink noticeably.
+fn looks_compressible(data: &[u8], compressor: &mut zstd::bulk::Compressor<'_>) -> bool {
+    const SAMPLE: usize = 16 * 1024;
+    if data.len() <= 4 * SAMPLE {
+        return true;
+    }
+    let mid = data.len() / 2;
+    let sample = &data[mid - SAMPLE / 2..mid + SAMPLE / 2];
+    match compressor.compress(sample) {
+        Ok(c) => c.len() < SAMPLE * 97 / 100,
+        Err(_) => true,
+    }
+}
+
+fn seal_worker(shared: &Shared, level: i32, jobs: &Receiver<Job>, out: &Sender<Sealed>) {
+    let keys = Arc::clone(shared.repo.keys());
+    let mut compressor = if level > 0 { zstd::bulk::Compressor::new(level).ok() } else { None };
+    let mut sample_compressor = zstd::bulk::Compressor::new(1).ok();
+    for job in jobs.iter() {
+        if shared.failed.load(Ordering::Relaxed) {
+            continue; // drain so senders never block forever
+        }
+        let mut compression = Compression::None;
+        let mut compressed = None;
+        if let (Some(c), Some(s)) = (compressor.as_mut(), sample_compressor.as_mut())
+            && (job.ty == BlobType::Tree || looks_compressible(&job.data, s))
+            && let Ok(out) = c.compress(&job.data)
+            && out.len() < job.data.len()
+        {
+            compression = Compression::Zstd;
+            compressed = Some(out);
+        }
+        let payload: &[u8] = compressed.as_deref().unwrap_or(&job.data);
+        let mut bytes = Vec::with_capacity(payload.len() + crate::crypto::SEAL_OVERHEAD);
+        keys.seal_blob(job.ty.seal_type(), &job.id, payload, &mut bytes);
+        let blob = SealedBlob { ty: job.ty, compression, id: job.id, raw_len: job.data.len() as u32, bytes };
+        // The plaintext goes now; the budget stays with the blob until its pack is stored.
+        let Job { guard, .. } = job;
+        if out.send(Sealed { blob, guard }).is_err() {
+            return;
+        }
+    }
+}
+
+/// The pack being built and the budget its blobs hold.
+struct OpenPack {
+    builder: PackBuilder,
+    guards: Vec<Arc<BudgetGuard>>,
+    budgeted: u64,
+}
+
+impl OpenPack {
+    fn add(&mut self, s: Sealed) {
+        self.builder.add(&s.blob);
+        if let Some(g) = s.guard {
+            self.budgeted += s.blob.raw_len as u64;
+            // Consecutive blobs usually share their reader's segment guard: keep one clone.
+            if !self.guards.last().is_some_and(|l| Arc::ptr_eq(l, &g)) {
+                self.guards.push(g);
+            }
+        }
+    }
+
+    /// Whether someone waits for budget this pack holds.
+    fn blocks_others(&self) -> bool {
+        self.guards.iter().any(|g| g.budget().has_waiters())
+    }
+}
+
+fn packer(shared: &Shared, pack_size: usize, blobs: &Receiver<Sealed>, packs: &mpsc::Sender<OutPack>) {
+    let keys = Arc::clone(shared.repo.keys());
+    let mut open =
+        OpenPack { builder: PackBuilder::with_capacity(pack_size + pack_size / 8), guards: Vec::new(), budgeted: 0 };
+    let flush = |open: &mut OpenPack| -> bool {
+        match open.builder.finish(&keys) {
+            Ok(pack) => {
+                let out = OutPack { pack, guards: std::mem::take(&mut open.guards), budgeted: open.budgeted };
+                open.budgeted = 0;
+                packs.blocking_send(out).is_ok()
+            }
+            Err(e) => {
+                shared.fail(e);
+                false
+            }
+        }
+    };
+    loop {
+        let s = match blobs.recv_timeout(PRESSURE_POLL) {
+            Ok(s) => s,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                // Readers wait for budget that only this partial pack can give back.
+                if !open.builder.is_empty() && !shared.failed.load(Ordering::Relaxed) && open.blocks_others() {
+                    shared.stats.pressure_flushes.fetch_add(1, Ordering::Relaxed);
+                    if !flush(&mut open) {
+                        shared.failed.store(true, Ordering::SeqCst);
+                    }
+                }
+                continue;
+            }
+        };
+        if shared.failed.load(Ordering::Relaxed) {
+            continue;
+        }
+        open.add(s);
+        if open.builder.len() >= pack_size && !flush(&mut open) {
+            shared.failed.store(true, Ordering::SeqCst);
+        }
+    }
+    if !open.builder.is_empty() && !shared.failed.load(Ordering::Relaxed) {
+        flush(&mut open);
+    }
+}
+
+async fn uploader(shared: Arc<Shared>, mut packs: mpsc::Receiver<OutPack>, concurrency: usize, index_every: usize) {
+    let mut uploads = tokio::task::JoinSet::new();
+    let mut pending = IndexFile::default();
+    let finish_one =
+        |r: std::result::Result<Result<IndexPack>, tokio::task::JoinError>, pending: &mut IndexFile| match r {
+            Ok(Ok(p)) => pending.packs.push(p),
+            Ok(Err(e)) => shared.fail(e),
+            Err(e) => shared.fail(Error::Internal(format!("upload task: {e}"))),
+        };
+    loop {
+        tokio::select! {
+            biased;
+            Some(r) = uploads.join_next(), if !uploads.is_empty() => {
+                finish_one(r, &mut pending);
+            }
+            next = packs.recv(), if uploads.len() < concurrency => {
+                let Some(OutPack { pack, guards, budgeted }) = next else { break };
+                let shared = Arc::clone(&shared);
+                uploads.spawn(async move {
+                    let entries: Vec<PackEntry> = pack.entries;
+                    let key = pack_key(&pack.id);
+                    let len = pack.bytes.len() as u64;
+                    match shared.repo.store().put(&key, Bytes::from(pack.bytes)).await {
+                        Ok(()) | Err(Error::AlreadyExists(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                    let ip = IndexPack::from_entries(pack.id, &entries);
+                    shared.repo.index_mut().add_pack(&ip);
+                    {
+                        let mut f = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                        for e in &entries { f.remove(&e.id); }
+                    }
+                    // Stored: count the bytes out before the budget is given back, so the
+                    // counter never runs ahead of the budget.
+                    shared.stats.budgeted_in_flight.fetch_sub(budgeted, Ordering::SeqCst);
+                    drop(guards);
+                    shared.stats.bytes_stored.fetch_add(len, Ordering::Relaxed);
+                    if let Some(p) = &shared.progress {
+                        p.bytes_stored.fetch_add(len, Ordering::Relaxed);
+                    }
+                    shared.stats.packs.fetch_add(1, Ordering::Relaxed);
+                    Ok(ip)
+                });
+            }
+        }
+        if pending.packs.len() >= index_every && !shared.failed.load(Ordering::SeqCst) {
+            write_index(&shared, &mut pending).await;
+        }
+    }
+    while let Some(r) = uploads.join_next().await {
+        finish_one(r, &mut pending);
+    }
+    // Even after a failure, index what was stored so a retry can reuse it.
+    if !pending.packs.is_empty() {
+        write_index(&shared, &mut pending).await;
+    }
+}
+
+async fn write_index(shared: &Shared, pending: &mut IndexFile) {
+    let file = std::mem::take(pending);
+    if let Err(e) = save_index_under_lease(&shared.repo, &file, shared.lease.as_ref()).await {
+        shared.fail(e);
+    }
+}
+
+/// Writes an index file only while `lease` holds, checking before and after the write: if the
+/// lease lapsed while the write was under way (the process frozen in between), a prune may have
+/// deleted packs the file names, so the file is taken back and its packs stay unindexed
+/// leftovers. Does not merge the file into the in-memory index.
+pub(crate) async fn save_index_under_lease(
+    repo: &Repository,
+    file: &IndexFile,
+    lease: Option<&crate::lock::Lease>,
+) -> Result<Id> {
+    if let Some(l) = lease {
+        l.check()?;
+    }
+    let id = repo.save_file("index", file.encode(repo.keys())?).await?;
+    if let Some(l) = lease
+        && let Err(e) = l.check()
+    {
+        let _ = repo.store().delete(&format!("index/{}", id.to_hex())).await;
+        return Err(e);
+    }
+    Ok(id)
+}

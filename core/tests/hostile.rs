@@ -1,0 +1,101 @@
+//! Restoring a hostile snapshot — tree entries named `..`, `/etc/x`, `a/b`, duplicated names —
+//! written straight into a repository with the library, bypassing the backup path's checks:
+//! the restore refuses them and writes nothing outside the target.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hoard_core::crypto::KdfParams;
+use hoard_core::pack::BlobType;
+use hoard_core::repo::{InitOptions, Password, Repository};
+use hoard_core::restore::{RestoreOptions, RestoreSource, restore};
+use hoard_core::store::{StoreOptions, open_store};
+use hoard_core::tree::{Extent, Node, NodeKind, Tree};
+use hoard_core::writer::{BlobWriter, WriterConfig};
+
+fn file(name: &[u8], id: hoard_core::Id, len: u32) -> Node {
+    let mut n = Node::new(name.to_vec(), NodeKind::File);
+    n.mode = 0o644;
+    n.size = len as u64;
+    n.content = vec![Extent::Data { id, len }];
+    n
+}
+
+#[tokio::test]
+async fn hostile_names_never_escape_the_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store =
+        open_store(tmp.path().join("repo").to_str().unwrap(), &StoreOptions { create_dir: true, ..Default::default() })
+            .unwrap();
+    let kdf = KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
+    let repo = Arc::new(
+        Repository::init(store, &Password::new("pw"), InitOptions { kdf, ..Default::default() }).await.unwrap(),
+    );
+    let writer = BlobWriter::start(Arc::clone(&repo), WriterConfig::default());
+    let sink = writer.sink();
+    let payload = b"owned".to_vec();
+    let s2 = sink.clone();
+    let data_id =
+        tokio::task::spawn_blocking(move || s2.add_bytes(BlobType::Data, Bytes::from(payload))).await.unwrap().unwrap();
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let escape_abs = format!("{}/escaped", outside.display());
+    let hostile: Vec<Vec<u8>> = vec![
+        b"..".to_vec(),
+        b"../outside-escaped".to_vec(),
+        escape_abs.into_bytes(),
+        b"a/b".to_vec(),
+        b".".to_vec(),
+        b"".to_vec(),
+        b"nul\0name".to_vec(),
+    ];
+    let mut roots = Vec::new();
+    for name in &hostile {
+        // Trees encoded without validation, as an attacker with the key could write them.
+        let t = Tree { nodes: vec![file(name, data_id, 5)] };
+        let s2 = sink.clone();
+        let bytes = t.encode().unwrap();
+        roots.push(
+            tokio::task::spawn_blocking(move || s2.add_bytes(BlobType::Tree, Bytes::from(bytes)))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    // Duplicated names: a symlink to the outside, then a directory of the same name.
+    let mut link = Node::new(b"dup".to_vec(), NodeKind::Symlink);
+    link.link_target = Some(serde_bytes::ByteBuf::from(outside.to_str().unwrap().as_bytes().to_vec()));
+    let inner = Tree { nodes: vec![file(b"victim", data_id, 5)] };
+    let s2 = sink.clone();
+    let inner_bytes = inner.encode().unwrap();
+    let inner_id = tokio::task::spawn_blocking(move || s2.add_bytes(BlobType::Tree, Bytes::from(inner_bytes)))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut dir = Node::new(b"dup".to_vec(), NodeKind::Dir);
+    dir.mode = 0o755;
+    dir.subtree = Some(inner_id);
+    let dup = Tree { nodes: vec![link, dir] };
+    let s2 = sink.clone();
+    let dup_bytes = dup.encode().unwrap();
+    roots.push(
+        tokio::task::spawn_blocking(move || s2.add_bytes(BlobType::Tree, Bytes::from(dup_bytes)))
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    drop(sink);
+    writer.finish().await.unwrap();
+
+    for (i, root) in roots.iter().enumerate() {
+        let target = tmp.path().join(format!("target{i}"));
+        let r = restore(Arc::clone(&repo), RestoreSource::Tree(*root), RestoreOptions::new(&target)).await;
+        // Refused as a damaged tree.
+        let e = r.expect_err("a hostile tree must be refused");
+        assert!(e.to_string().contains("unsafe") || e.to_string().contains("order"), "{e}");
+        assert!(std::fs::read_dir(&outside).unwrap().next().is_none(), "something was written outside: case {i}");
+        assert!(!tmp.path().join("outside-escaped").exists());
+    }
+}

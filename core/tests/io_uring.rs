@@ -1,0 +1,163 @@
+//! The io_uring reader against plain reads: the same input gives the same snapshot trees, and
+//! both restore byte-identical. Also: backups sharing one memory budget.
+//!
+//! On hosts without io_uring the tests fail unless `HOARD_TEST_NO_IO_URING` is set (then the
+//! io_uring side is a second plain-read run, and says so).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use hoard_core::backup::{BackupOptions, BackupOutcome, ParentSelection, Source, URING_MIN_FILE, backup};
+use hoard_core::budget::Budget;
+use hoard_core::crypto::KdfParams;
+use hoard_core::progress::Progress;
+use hoard_core::repo::InitOptions;
+use hoard_core::restore::{RestoreOptions, RestoreSource, restore};
+use hoard_core::store::{StoreOptions, open_store};
+use hoard_core::{Password, Repository};
+use hoard_testkit::{compare, make_fidelity_fixture, manifest, random_bytes, text_bytes};
+
+fn io_uring_expected() -> bool {
+    match hoard_core::uring::available() {
+        Ok(()) => true,
+        Err(why) => {
+            assert!(std::env::var_os("HOARD_TEST_NO_IO_URING").is_some(), "io_uring unavailable: {why}");
+            eprintln!("SKIPPED io_uring side: {why}");
+            false
+        }
+    }
+}
+
+async fn init(dir: &Path) -> Arc<Repository> {
+    let store = open_store(dir.to_str().unwrap(), &StoreOptions { create_dir: true, ..Default::default() }).unwrap();
+    let opts =
+        InitOptions { kdf: KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 }, ..Default::default() };
+    Arc::new(Repository::init(store, &Password::new("uring"), opts).await.unwrap())
+}
+
+/// The fidelity fixture plus files around the io_uring threshold and one spanning several
+/// read segments.
+fn make_source(root: &Path) {
+    make_fidelity_fixture(root);
+    let d = root.join("uring");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("big.bin"), random_bytes(40 * 1024 * 1024 + 123, 7)).unwrap();
+    std::fs::write(d.join("at-threshold.bin"), random_bytes(URING_MIN_FILE as usize, 8)).unwrap();
+    std::fs::write(d.join("below-threshold.txt"), text_bytes(URING_MIN_FILE as usize - 1, 9)).unwrap();
+    for i in 0..6 {
+        std::fs::write(d.join(format!("mid-{i}.bin")), random_bytes(700 * 1024 + i, 20 + i as u64)).unwrap();
+    }
+}
+
+/// Bytes of regular files of at least `URING_MIN_FILE` bytes below `dir`, each inode once.
+fn bytes_at_or_above_threshold(dir: &Path) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    manifest(dir)
+        .values()
+        .filter(|e| e.kind == "file" && e.size >= URING_MIN_FILE && seen.insert(e.inode))
+        .map(|e| e.size)
+        .sum()
+}
+
+async fn run(repo: &Arc<Repository>, src: &Path, io_uring: bool) -> (BackupOutcome, Arc<Progress>) {
+    let progress = Arc::new(Progress::default());
+    let opts = BackupOptions {
+        sources: vec![Source::Path { name: "data".into(), path: src.to_path_buf() }],
+        host: "uring-test".into(),
+        parent: ParentSelection::None,
+        io_uring,
+        read_concurrency: 3,
+        memory_budget: 64 * 1024 * 1024,
+        progress: Arc::clone(&progress),
+        ..Default::default()
+    };
+    (backup(Arc::clone(repo), opts).await.unwrap(), progress)
+}
+
+async fn restore_to(repo: &Arc<Repository>, out: &BackupOutcome, target: &Path) {
+    let root = out.snapshot.components[0].root;
+    let r = restore(Arc::clone(repo), RestoreSource::Tree(root), RestoreOptions::new(target)).await.unwrap();
+    assert!(r.failed.is_empty(), "{:?}", r.failed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_uring_and_plain_reads_make_the_same_snapshot() {
+    let expect_ring = io_uring_expected();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_source(&src);
+    let repo = init(&tmp.path().join("repo")).await;
+
+    let (ring, ring_p) = run(&repo, &src, true).await;
+    let (plain, plain_p) = run(&repo, &src, false).await;
+
+    assert_eq!(ring.io_uring, expect_ring);
+    assert!(!plain.io_uring);
+    assert_eq!(plain_p.bytes_read_io_uring.load(Ordering::Relaxed), 0);
+    let big_files = bytes_at_or_above_threshold(&src);
+    assert!(big_files > 100 * 1024 * 1024, "{big_files}");
+    let via_ring = ring_p.bytes_read_io_uring.load(Ordering::Relaxed);
+    if expect_ring {
+        assert_eq!(via_ring, big_files, "bytes read through io_uring");
+    }
+    // Stage counters agree with each other and with the summary.
+    for (o, p) in [(&ring, &ring_p), (&plain, &plain_p)] {
+        let read = p.bytes_read.load(Ordering::Relaxed);
+        assert_eq!(read, o.snapshot.summary.bytes_read);
+        assert_eq!(p.bytes_chunked.load(Ordering::Relaxed), read);
+        assert_eq!(p.bytes_stored.load(Ordering::Relaxed), o.snapshot.summary.bytes_stored);
+        assert_eq!(o.snapshot.summary.warnings, 0, "{:?}", o.snapshot.warnings);
+    }
+    // Same input, same repository keys: the same trees, down to the root id.
+    assert_eq!(ring.snapshot.components[0].root, plain.snapshot.components[0].root);
+    assert_eq!(ring.snapshot.summary.bytes_read, plain.snapshot.summary.bytes_read);
+    assert_eq!(plain.snapshot.summary.bytes_new, 0, "the second run found everything deduplicated");
+
+    let before = manifest(&src);
+    for (name, o) in [("ring", &ring), ("plain", &plain)] {
+        let t = tmp.path().join(name);
+        restore_to(&repo, o, &t).await;
+        let diffs = compare(&before, &manifest(&t));
+        assert!(diffs.is_empty(), "{name}: {}", diffs.join("\n"));
+    }
+}
+
+/// Two backups at once under one budget of a single segment: both finish (no deadlock between
+/// them) and every byte of the budget comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_share_one_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = init(&tmp.path().join("repo")).await;
+    let budget = Budget::new(16 * 1024 * 1024);
+    let mut tasks = Vec::new();
+    for i in 0..2u64 {
+        let src = tmp.path().join(format!("src{i}"));
+        std::fs::create_dir_all(&src).unwrap();
+        for j in 0..4u64 {
+            std::fs::write(src.join(format!("f{j}")), random_bytes(9 * 1024 * 1024, 100 * i + j)).unwrap();
+        }
+        let opts = BackupOptions {
+            sources: vec![Source::Path { name: format!("data{i}"), path: src.clone() }],
+            host: format!("h{i}"),
+            parent: ParentSelection::None,
+            budget: Some(Arc::clone(&budget)),
+            // Ignored when a shared budget is given.
+            memory_budget: usize::MAX,
+            read_concurrency: 2,
+            ..Default::default()
+        };
+        let repo = Arc::clone(&repo);
+        tasks.push(tokio::spawn(async move {
+            let handle = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || handle.block_on(backup(repo, opts))).await.unwrap().unwrap()
+        }));
+    }
+    for t in tasks {
+        let out = t.await.unwrap();
+        assert_eq!(out.snapshot.summary.bytes_read, 4 * 9 * 1024 * 1024);
+    }
+    assert_eq!(budget.in_use(), 0);
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The test command: starts the real services the tests use (an S3 server and the Azure Blob
+# emulator on loopback, a kube-apiserver built from its Go module), runs the workspace's tests, and stops the services.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source hack/env.sh
+
+eval "$(hack/s3-up.sh)"
+trap 'hack/s3-down.sh "$HOARD_S3_DIR"' EXIT
+eval "$(hack/azure-up.sh)"
+trap 'hack/s3-down.sh "$HOARD_S3_DIR"; hack/azure-down.sh "$HOARD_AZURE_DIR"' EXIT
+
+if [ "${HOARD_SKIP_KUBE:-0}" != 1 ]; then
+  echo "== control plane (hack/kube): build or reuse, start, smoke test"
+  hack/kube/build.sh
+  eval "$(hack/kube/up.sh --with-controller-manager)"
+  trap 'hack/s3-down.sh "$HOARD_S3_DIR"; hack/azure-down.sh "$HOARD_AZURE_DIR"; hack/kube/down.sh --rm' EXIT
+  hack/kube/smoke.sh
+  # Tests that need an API server use this cluster (each in namespaces of its own).
+  export HOARD_TEST_KUBECONFIG="$KUBECONFIG" HOARD_TEST_KUBE_DIR="$HOARD_KUBE_DIR"
+  unset KUBECONFIG
+fi
+
+echo "== cargo test"
+cargo test --workspace --locked "$@"

@@ -1,0 +1,413 @@
+//! End-to-end harness: the test plays the kubelet against a real API server (Node objects with
+//! heartbeats, Pods bound to nodes and marked Running, volume directories laid out where the
+//! kubelet would put them), while `hoard-controller` and one `hoard-agent` per node run as
+//! separate processes over real sockets.
+//!
+//! Every wait is bounded; every process is killed when its handle drops.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+pub use hoard_testkit::kube::TestCluster;
+
+/// A binary of the workspace, built next to this test (`cargo test --workspace` builds them).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built; run `cargo build --workspace --bins` (or `cargo test --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// A child process that is killed when dropped; its stderr goes to `log`.
+#[derive(Debug)]
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `hoard-agent` for `node` on loopback and returns it with its gRPC port.
+pub fn start_agent(node: &str, kubelet_root: &Path, pki: &Path, work: &Path) -> (Proc, u16) {
+    std::fs::create_dir_all(work).unwrap();
+    let log = work.join(format!("agent-{node}.log"));
+    let mut child = Command::new(bin("hoard-agent"))
+        .args(["--node-name", node, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .arg("--kubelet-root")
+        .arg(kubelet_root)
+        .arg("--tls-ca")
+        .arg(pki.join("ca.pem"))
+        .arg("--tls-cert")
+        .arg(pki.join(format!("agent-{node}.pem")))
+        .arg("--tls-key")
+        .arg(pki.join(format!("agent-{node}-key.pem")))
+        .arg("--scratch-dir")
+        .arg(work.join(format!("scratch-{node}")))
+        .args(["--grace-period", "5"])
+        .env("HOARD_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+    let grpc = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("agent {node} did not start: {line:?}\n{}", std::fs::read_to_string(&log).unwrap()));
+    (Proc { child, log }, grpc)
+}
+
+/// Starts `hoard-controller` as a separate process with `kubeconfig` (a ServiceAccount token).
+pub fn start_controller(kubeconfig: &Path, namespace: &str, pki: &Path, work: &Path, metrics_port: u16) -> Proc {
+    std::fs::create_dir_all(work).unwrap();
+    let log = work.join("controller.log");
+    let child = Command::new(bin("hoard-controller"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--namespace", namespace])
+        .arg("--tls-ca")
+        .arg(pki.join("ca.pem"))
+        .arg("--tls-cert")
+        .arg(pki.join("controller.pem"))
+        .arg("--tls-key")
+        .arg(pki.join("controller-key.pem"))
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+        .env("HOARD_LOG", "info,hoard_controller=debug")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(work.join("controller.stdout")).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Proc { child, log }
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `name` until `done` says so; panics with the last object after `timeout`.
+pub async fn wait_for<K>(api: &Api<K>, name: &str, timeout: Duration, mut done: impl FnMut(&K) -> bool) -> K
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Ok(obj) = api.get(name).await {
+            if done(&obj) {
+                return obj;
+            }
+            last = Some(obj);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("timed out after {timeout:?} waiting for {name}; last seen: {last:#?}");
+}
+
+pub fn from_json<T: DeserializeOwned>(v: serde_json::Value) -> T {
+    serde_json::from_value(v).unwrap()
+}
+
+/// The test's kubelet for one node: a Node object kept Ready by a heartbeat task (node status
+/// and the node Lease, as a kubelet renews them), and the node's pod directory.
+#[derive(Debug)]
+pub struct FakeNode {
+    pub name: String,
+    pub kubelet_root: PathBuf,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeNode {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+impl FakeNode {
+    pub async fn register(client: &Client, name: &str, kubelet_root: PathBuf) -> FakeNode {
+        std::fs::create_dir_all(&kubelet_root).unwrap();
+        let nodes = Api::<Node>::all(client.clone());
+        let node: Node = from_json(json!({
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "hoard.dev/e2e": "true"}},
+        }));
+        if nodes.create(&PostParams::default(), &node).await.is_err() {
+            // A node left by an earlier run with the same name: reuse it.
+            nodes.get(name).await.unwrap();
+        }
+        heartbeat_once(client, name).await;
+        let (client, node_name) = (client.clone(), name.to_string());
+        let heartbeat = tokio::spawn(async move {
+            // Bounded by the test's lifetime: the handle is aborted when the FakeNode drops.
+            for _ in 0..10_000 {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                heartbeat_once(&client, &node_name).await;
+            }
+        });
+        FakeNode { name: name.to_string(), kubelet_root, heartbeat }
+    }
+
+    /// The directory the kubelet would mount CSI volume `pv_name` (driver `driver`) of
+    /// `pod_uid` at, with the `vol_data.json` the kubelet writes beside it.
+    pub fn csi_mount(&self, pod_uid: &str, pv_name: &str, driver: &str) -> PathBuf {
+        let volume = self.kubelet_root.join(pod_uid).join("volumes/kubernetes.io~csi").join(pv_name);
+        std::fs::create_dir_all(volume.join("mount")).unwrap();
+        let vol_data = json!({"attachmentID": format!("csi-{pv_name}"), "driverName": driver, "nodeName": self.name,
+                              "specVolID": pv_name, "volumeHandle": format!("handle-{pv_name}"),
+                              "volumeLifecycleMode": "Persistent"});
+        std::fs::write(volume.join("vol_data.json"), vol_data.to_string()).unwrap();
+        volume.join("mount")
+    }
+}
+
+async fn heartbeat_once(client: &Client, name: &str) {
+    let now = now_rfc3339();
+    let status = json!({"status": {
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "e2e test kubelet",
+                        "lastHeartbeatTime": now, "lastTransitionTime": now}],
+        "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": name}],
+        "capacity": {"cpu": "2", "memory": "8Gi", "pods": "110"},
+        "allocatable": {"cpu": "2", "memory": "8Gi", "pods": "110"},
+    }});
+    let _ = Api::<Node>::all(client.clone()).patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await;
+    let leases = Api::<Lease>::namespaced(client.clone(), "kube-node-lease");
+    let lease: Lease = from_json(json!({
+        "metadata": {"name": name},
+        "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()},
+    }));
+    let _ = leases.patch(name, &PatchParams::apply("e2e-kubelet").force(), &Patch::Apply(&lease)).await;
+}
+
+/// Creates `pod` (bound to its `spec.nodeName`) and marks it Running and Ready with pod IP
+/// 127.0.0.1, as the kubelet would. Returns the pod as stored (with its UID).
+pub async fn run_pod(client: &Client, namespace: &str, pod: serde_json::Value) -> Pod {
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    let created = pods.create(&PostParams::default(), &from_json(pod)).await.unwrap();
+    let name = created.metadata.name.clone().unwrap();
+    let now = now_rfc3339();
+    let containers: Vec<serde_json::Value> = created
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers
+        .iter()
+        .map(|c| {
+            json!({"name": c.name, "image": c.image, "imageID": "", "ready": true, "restartCount": 0,
+                         "started": true, "state": {"running": {"startedAt": now}}})
+        })
+        .collect();
+    let status = json!({"status": {
+        "phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "hostIP": "127.0.0.1",
+        "startTime": now,
+        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now},
+                       {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
+                       {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+                       {"type": "PodScheduled", "status": "True", "lastTransitionTime": now}],
+        "containerStatuses": containers,
+    }});
+    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap()
+}
+
+/// A CSI PersistentVolume bound to a new claim `claim` in `namespace`; returns the PV name.
+pub async fn bound_claim(client: &Client, namespace: &str, claim: &str, driver: &str) -> String {
+    let pv_name = format!("pv-{namespace}-{claim}");
+    let pv: PersistentVolume = from_json(json!({
+        "metadata": {"name": pv_name},
+        "spec": {
+            "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "e2e",
+            "csi": {"driver": driver, "volumeHandle": format!("vol-{namespace}-{claim}")},
+            "claimRef": {"namespace": namespace, "name": claim},
+        },
+    }));
+    Api::<PersistentVolume>::all(client.clone()).create(&PostParams::default(), &pv).await.unwrap();
+    let pvc: PersistentVolumeClaim = from_json(json!({
+        "metadata": {"name": claim, "namespace": namespace},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "e2e", "volumeName": pv_name,
+                 "resources": {"requests": {"storage": "1Gi"}}},
+    }));
+    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace);
+    claims.create(&PostParams::default(), &pvc).await.unwrap();
+    let bound = json!({"status": {"phase": "Bound", "accessModes": ["ReadWriteOnce"], "capacity": {"storage": "1Gi"}}});
+    claims.patch_status(claim, &PatchParams::default(), &Patch::Merge(&bound)).await.unwrap();
+    pv_name
+}
+
+pub async fn secret(client: &Client, namespace: &str, name: &str, data: &[(&str, &str)]) {
+    let string_data: serde_json::Map<String, serde_json::Value> =
+        data.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    let s: Secret = from_json(json!({"metadata": {"name": name, "namespace": namespace}, "stringData": string_data}));
+    Api::<Secret>::namespaced(client.clone(), namespace).create(&PostParams::default(), &s).await.unwrap();
+}
+
+/// One RBAC rule of the allow-list.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Rule {
+    pub api_groups: Vec<String>,
+    pub resources: Vec<String>,
+    pub verbs: Vec<String>,
+}
+
+/// `chart/hoard/rbac-allowlist.yaml` (generated from controller/src/rbac.rs): the permissions
+/// the controller's code needs, cluster-wide and in its own namespace. The chart check script
+/// proves the chart grants exactly these.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AllowList {
+    pub cluster_rules: Vec<Rule>,
+    #[serde(default)]
+    pub namespace_rules: Vec<Rule>,
+}
+
+pub fn allowlist() -> AllowList {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../chart/hoard/rbac-allowlist.yaml");
+    serde_yaml::from_str(&std::fs::read_to_string(&path).expect("chart/hoard/rbac-allowlist.yaml")).unwrap()
+}
+
+/// Creates ServiceAccount `sa` in `namespace` with exactly the allow-listed permissions and
+/// returns a kubeconfig that authenticates as it (a token from the TokenRequest API).
+pub async fn service_account_kubeconfig(
+    cluster: &TestCluster,
+    namespace: &str,
+    sa: &str,
+    rules: &AllowList,
+    out: &Path,
+) -> PathBuf {
+    let client = &cluster.client;
+    let account: ServiceAccount = from_json(json!({"metadata": {"name": sa, "namespace": namespace}}));
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &account)
+        .await
+        .unwrap();
+    let subject = json!([{"kind": "ServiceAccount", "name": sa, "namespace": namespace}]);
+    let cr_name = format!("{namespace}-{sa}");
+    let cr: ClusterRole = from_json(json!({"metadata": {"name": cr_name}, "rules": rules.cluster_rules}));
+    Api::<ClusterRole>::all(client.clone()).create(&PostParams::default(), &cr).await.unwrap();
+    let crb: ClusterRoleBinding = from_json(json!({
+        "metadata": {"name": cr_name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cr_name},
+        "subjects": subject,
+    }));
+    Api::<ClusterRoleBinding>::all(client.clone()).create(&PostParams::default(), &crb).await.unwrap();
+    let role: Role =
+        from_json(json!({"metadata": {"name": sa, "namespace": namespace}, "rules": rules.namespace_rules}));
+    Api::<Role>::namespaced(client.clone(), namespace).create(&PostParams::default(), &role).await.unwrap();
+    let rb: RoleBinding = from_json(json!({
+        "metadata": {"name": sa, "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
+        "subjects": subject,
+    }));
+    Api::<RoleBinding>::namespaced(client.clone(), namespace).create(&PostParams::default(), &rb).await.unwrap();
+
+    let request = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                         "spec": {"expirationSeconds": 3600}});
+    let url = format!("/api/v1/namespaces/{namespace}/serviceaccounts/{sa}/token");
+    let req = http_post_json(&url, &request);
+    let resp: serde_json::Value = client.request(req).await.unwrap();
+    let token = resp["status"]["token"].as_str().expect("token in TokenRequest status").to_string();
+
+    // Same server and CA as the admin kubeconfig, the ServiceAccount's token as the user.
+    let admin: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&cluster.kubeconfig).unwrap()).unwrap();
+    let cluster_entry = admin["clusters"][0]["cluster"].clone();
+    let kubeconfig = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "e2e", "cluster": serde_json::to_value(&cluster_entry).unwrap()}],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": sa, "namespace": namespace}}],
+        "current-context": "e2e",
+    });
+    std::fs::write(out, serde_yaml::to_string(&kubeconfig).unwrap()).unwrap();
+    out.to_path_buf()
+}
+
+fn http_post_json(url: &str, body: &serde_json::Value) -> http::Request<Vec<u8>> {
+    http::Request::post(url).header("content-type", "application/json").body(serde_json::to_vec(body).unwrap()).unwrap()
+}
+
+/// What the audit log says a user did: `(verb, group, resource[/subresource], allowed)`.
+pub fn audited_requests(audit_log: &Path, user: &str) -> Vec<(String, String, String, bool)> {
+    let text = std::fs::read_to_string(audit_log).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        // Watches are long-running: they log ResponseStarted when they begin.
+        .filter(|e| {
+            e["user"]["username"] == user && (e["stage"] == "ResponseComplete" || e["stage"] == "ResponseStarted")
+        })
+        .filter_map(|e| {
+            let obj = &e["objectRef"];
+            let resource = obj["resource"].as_str()?;
+            let resource = match obj["subresource"].as_str() {
+                Some(sub) => format!("{resource}/{sub}"),
+                None => resource.to_string(),
+            };
+            let allowed = e["annotations"]["authorization.k8s.io/decision"] != "forbid";
+            Some((
+                e["verb"].as_str().unwrap_or_default().to_string(),
+                obj["apiGroup"].as_str().unwrap_or_default().to_string(),
+                resource,
+                allowed,
+            ))
+        })
+        .collect()
+}
+
+/// Files (relative path → bytes) under `dir`, for comparing a restore with its source.
+pub fn tree_contents(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(path);
+            } else {
+                out.insert(path.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    out
+}
