@@ -8,7 +8,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Messages that carry secrets get a hand-written, redacting Debug (src/lib.rs).
         // Deterministic encoding (order fingerprints hash the encoded order).
         .btree_map(".")
-        .skip_debug(["hoard.agent.v1.Repository", "hoard.agent.v1.S3Credentials"])
+        .skip_debug([
+            "hoard.agent.v1.Repository",
+            "hoard.agent.v1.S3Credentials",
+            "hoard.agent.v1.AzureCredentials",
+            "hoard.agent.v1.GcsCredentials",
+        ])
         .compile_fds(fds)?;
     Ok(())
 }

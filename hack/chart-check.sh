@@ -136,7 +136,7 @@ if [ -n "$BIN" ]; then
     '{"controller":{"extraArgs":["--namespace=$(NAMESPACE)"]}}'; do
     if "${R[@]}" render "$CHART" "$WORK/render-broken.yaml" "$v" >/dev/null &&
       ! "${R[@]}" args-check "$WORK/render-broken.yaml" "$BIN" "$PWD" 2>"$WORK/args.log"; then
-      sed 's/^/  caught: /' "$WORK/args.log" | head -1
+      sed 's/^/  caught: /' "$WORK/args.log" | sed -n 1p
       ok
     else
       bad "args-check accepted broken container args: $v"
@@ -206,7 +206,9 @@ if [ "${HOARD_SKIP_KUBE:-0}" != 1 ]; then
   if hack/kube/build.sh >/dev/null && KUBE_STARTED=$(mktemp -d "${TMPDIR:-/tmp}/hoard-chart-kube.XXXXXX") &&
     eval "$(hack/kube/up.sh --dir "$KUBE_STARTED")"; then
     KUBE_OK=1
-    KC=(timeout 120 kubectl --request-timeout=60s)
+    # 300 s: deleting just-created CRDs waits on the API server's CRD finalizer, which backs
+    # off while the resource's storage initialises; on a loaded machine that took over 120 s.
+    KC=(timeout 300 kubectl --request-timeout=60s)
   else
     bad "could not start the control plane"
   fi

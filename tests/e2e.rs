@@ -93,6 +93,11 @@ async fn chart_crds_apply_and_reject_invalid_specs() {
             mutate(&|v| v["spec"]["sessions"][0]["repositories"][0]["directory"] = json!("../other")),
             "should match",
         ),
+        (
+            "directory in the reserved hoard-meta/",
+            mutate(&|v| v["spec"]["sessions"][0]["repositories"][0]["directory"] = json!("hoard-meta/x")),
+            "hoard-meta/ is reserved",
+        ),
         ("no sessions", mutate(&|v| v["spec"]["sessions"] = json!([])), "should have at least 1 items"),
         ("bad timeout", mutate(&|v| v["spec"]["sessions"][0]["backupTimeout"] = json!("1 day")), "should match"),
     ];

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use hoard_api::agent::v1::{self as pb, Phase};
 use hoard_core::backup::{BackupOptions, Source};
 use hoard_core::restore::{RestoreOptions, RestoreSource};
-use hoard_core::store::{ObjectInfo, ObjectStoreBackend, RetryPolicy, RetryStore, Store, StoreOptions};
+use hoard_core::store::{ObjectInfo, Store};
 use hoard_core::{Password, Repository};
 
 use crate::metrics::Metrics;
@@ -124,6 +124,13 @@ pub fn wipe(repo: &mut Option<pb::Repository>) {
             s.secret_access_key.zeroize();
             s.session_token.zeroize();
         }
+        if let Some(a) = &mut r.azure {
+            a.access_key.zeroize();
+            a.sas_token.zeroize();
+        }
+        if let Some(g) = &mut r.gcs {
+            g.service_account_json.zeroize();
+        }
     }
 }
 
@@ -198,44 +205,10 @@ fn invalid(msg: impl Into<String>) -> JobError {
     JobError::new("invalid", msg)
 }
 
-/// Builds the store an order names, with the order's own credentials when it carries them.
+/// Builds the store an order names, with the order's own credentials when it carries them
+/// (the same conversion the controller uses: `hoard_api::repository`).
 fn open_store(env: &JobEnv, repo: &pb::Repository) -> Result<Arc<dyn Store>, JobError> {
     let loc = repo.location.as_str();
-    let s3 = repo.s3.as_ref().filter(|c| !c.access_key_id.is_empty() || !c.endpoint.is_empty());
-    if let (Some(rest), Some(c)) = (loc.strip_prefix("s3://"), s3) {
-        let mut it = rest.splitn(2, '/');
-        let bucket = it.next().unwrap_or_default();
-        let prefix = it.next().unwrap_or_default();
-        if bucket.is_empty() {
-            return Err(invalid("S3 location names no bucket"));
-        }
-        let client = object_store::ClientOptions::new()
-            .with_timeout(Duration::from_secs(60))
-            .with_connect_timeout(Duration::from_secs(10))
-            .with_allow_http(c.endpoint.starts_with("http://"));
-        let mut b = object_store::aws::AmazonS3Builder::new()
-            .with_bucket_name(bucket)
-            .with_client_options(client)
-            .with_retry(object_store::RetryConfig {
-                max_retries: 2,
-                retry_timeout: Duration::from_secs(20),
-                ..Default::default()
-            })
-            .with_region(if c.region.is_empty() { "us-east-1" } else { &c.region });
-        if !c.endpoint.is_empty() {
-            b = b.with_endpoint(&c.endpoint);
-        }
-        if !c.access_key_id.is_empty() {
-            b = b.with_access_key_id(&c.access_key_id).with_secret_access_key(&c.secret_access_key);
-        }
-        if !c.session_token.is_empty() {
-            b = b.with_token(&c.session_token);
-        }
-        // The builder's error text never includes the secret.
-        let s = b.build().map_err(|e| invalid(format!("S3 repository: {e}")))?;
-        let backend = ObjectStoreBackend::new(Arc::new(s), prefix, loc.to_string());
-        return Ok(Arc::new(RetryStore::new(backend, RetryPolicy::default())));
-    }
     let remote = ["s3://", "gs://", "az://"].iter().any(|p| loc.starts_with(p));
     if !remote {
         if loc == "memory:" || loc.is_empty() {
@@ -248,7 +221,9 @@ fn open_store(env: &JobEnv, repo: &pb::Repository) -> Result<Arc<dyn Store>, Job
             ));
         }
     }
-    hoard_core::store::open_store(loc, &StoreOptions::default()).map_err(JobError::from)
+    let opts = hoard_api::repository::store_options(repo).map_err(|e| invalid(e.to_string()))?;
+    // Error text names the location and the problem, never a secret (hoard-core scrubs it).
+    hoard_core::store::open_store(loc, &opts).map_err(JobError::from)
 }
 
 async fn open_repository(
@@ -377,6 +352,7 @@ pub async fn backup(
         tags: order.tags.clone(),
         labels: labels.into_iter().collect(),
         excludes: order.excludes.clone(),
+        includes: order.includes.clone(),
         budget: Some(Arc::clone(&env.budget)),
         io_uring: env.io_uring,
         read_concurrency: 2,

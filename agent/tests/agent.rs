@@ -168,6 +168,122 @@ async fn backup_to_s3() {
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));
 }
 
+/// Azurite's well-known development account (not a secret).
+const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Against Azurite (`hack/azure-up.sh`; `HOARD_TEST_AZURITE_URL`, container `hoard-test`), with
+/// the order's own Azure credentials: account key and endpoint travel in the order, nothing
+/// comes from the agent's environment. The test repository is created through hoard-core with
+/// the same explicit credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_to_azurite_with_order_credentials() {
+    let Some(url) = hoard_testkit::require_service("HOARD_TEST_AZURITE_URL") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = make_kubelet_tree(&tmp.path().join("kubelet"));
+    let pki = make_test_pki(&tmp.path().join("pki"), NODE);
+    let location = format!("az://hoard-test/agent-{}", std::process::id());
+    let endpoint = format!("{url}/{AZURITE_ACCOUNT}");
+    let creds = hoard_core::store::Credentials::Azure {
+        account: AZURITE_ACCOUNT.into(),
+        access_key: Some(AZURITE_KEY.into()),
+        sas_token: None,
+        endpoint: Some(endpoint.clone()),
+    };
+    let opts = hoard_core::store::StoreOptions { credentials: Some(creds), ..Default::default() };
+    let store = hoard_core::store::open_store(&location, &opts).unwrap();
+    let kdf = hoard_core::crypto::KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
+    let repo = Arc::new(
+        hoard_core::Repository::init(
+            Arc::clone(&store),
+            &hoard_core::Password::new(PASSWORD),
+            hoard_core::repo::InitOptions { kdf, ..Default::default() },
+        )
+        .await
+        .unwrap(),
+    );
+    let agent = Agent::start(&tree.root, &pki, &tmp.path().join("work"), &[]);
+    let mut client = agent.client(&pki).await;
+    let mut msg = repo_msg(tmp.path());
+    msg.location = location.clone();
+    msg.azure = Some(hoard_api::agent::v1::AzureCredentials {
+        account: AZURITE_ACCOUNT.into(),
+        access_key: AZURITE_KEY.into(),
+        sas_token: String::new(),
+        endpoint,
+    });
+    let v = &tree.volumes[0];
+    let order = BackupOrder {
+        order_id: "azure-backup".into(),
+        volume: Some(identity(v)),
+        repository: Some(msg.clone()),
+        ..Default::default()
+    };
+    let done = finish(client.backup(order).await, LONG).await.unwrap();
+    assert_eq!(phase(&done), Phase::Done, "{done:?}");
+    let target = tmp.path().join("restored");
+    core_restore(&repo, &done.result.unwrap().snapshot_id, &target).await;
+    let diffs = compare(&manifest(&v.data_dir), &manifest(&target));
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+
+    // A wrong key is refused by the service, and the failure names no secret.
+    let wrong = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk=";
+    let mut bad = msg;
+    bad.azure.as_mut().unwrap().access_key = wrong.into();
+    let order = BackupOrder {
+        order_id: "azure-wrong-key".into(),
+        volume: Some(identity(v)),
+        repository: Some(bad),
+        ..Default::default()
+    };
+    let failed = finish(client.backup(order).await, LONG).await.unwrap();
+    assert_eq!(phase(&failed), Phase::Failed, "{failed:?}");
+    assert!(!failed.error.contains(wrong) && !failed.error.contains(AZURITE_KEY), "{}", failed.error);
+    let log = agent.log_text();
+    assert!(!log.contains(AZURITE_KEY) && !log.contains(wrong) && !log.contains(PASSWORD), "secret in the agent log");
+}
+
+/// `includes` in a backup order: only the matching paths and the directories leading to them
+/// are in the snapshot; excludes still win.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_order_includes_select_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = make_kubelet_tree(&tmp.path().join("kubelet"));
+    let pki = make_test_pki(&tmp.path().join("pki"), NODE);
+    let repo_dir = tmp.path().join("repo");
+    init_repo(&repo_dir).await;
+    let v = &tree.volumes[0];
+    for (f, body) in
+        [("sel/keep/a.txt", "a"), ("sel/keep/b.log", "b"), ("sel/keep/c.txt", "c"), ("sel/drop/d.txt", "d")]
+    {
+        let p = v.data_dir.join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, body).unwrap();
+    }
+    let agent = Agent::start(&tree.root, &pki, &tmp.path().join("work"), &[]);
+    let mut client = agent.client(&pki).await;
+    let mut order = backup_order("includes", identity(v), &repo_dir);
+    order.includes = vec!["/sel/keep/*.txt".into()];
+    order.excludes = vec!["c.txt".into()];
+    let done = finish(client.backup(order).await, LONG).await.unwrap();
+    assert_eq!(phase(&done), Phase::Done, "{done:?}");
+    let id = hoard_core::Id::from_hex(&done.result.unwrap().snapshot_id).unwrap();
+    let repo = open_repo(&repo_dir).await;
+    repo.load_index().await.unwrap();
+    let snap = repo.load_snapshot(&id).await.unwrap();
+    let mut paths = Vec::new();
+    hoard_core::browse::walk(
+        &repo,
+        snap.components[0].root,
+        String::new(),
+        &mut |p: &str, _: &hoard_core::tree::Node| paths.push(p.to_string()),
+    )
+    .await
+    .unwrap();
+    paths.sort();
+    assert_eq!(paths, ["/sel", "/sel/keep", "/sel/keep/a.txt"]);
+}
+
 /// Tiny deterministic generator for hostile identities.
 struct Gen(u64);
 impl Gen {

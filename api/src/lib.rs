@@ -2,8 +2,9 @@
 //!
 //! [`agent::v1`] is the work-order protocol (`proto/hoard/agent/v1/agent.proto`), compiled at
 //! build time. Messages that carry secrets ([`agent::v1::Repository`],
-//! [`agent::v1::S3Credentials`]) print redacted: `Debug` of any order never shows a password or
-//! a secret key.
+//! [`agent::v1::S3Credentials`], [`agent::v1::AzureCredentials`], [`agent::v1::GcsCredentials`])
+//! print redacted: `Debug` of any order never shows a password or a secret key.
+//! [`repository`] turns an order's repository into hoard-core's store options.
 //!
 //! [`crd`] holds the custom resources the controller, the kubectl plugin and the chart share.
 //!
@@ -11,6 +12,7 @@
 
 pub mod client;
 pub mod crd;
+pub mod repository;
 pub mod tls;
 
 pub mod agent {
@@ -30,6 +32,27 @@ pub mod agent {
                     .field("location", &self.location)
                     .field("password", &redacted(&self.password))
                     .field("s3", &self.s3)
+                    .field("azure", &self.azure)
+                    .field("gcs", &self.gcs)
+                    .finish()
+            }
+        }
+
+        impl fmt::Debug for AzureCredentials {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct("AzureCredentials")
+                    .field("account", &self.account)
+                    .field("access_key", &redacted(&self.access_key))
+                    .field("sas_token", &redacted(&self.sas_token))
+                    .field("endpoint", &self.endpoint)
+                    .finish()
+            }
+        }
+
+        impl fmt::Debug for GcsCredentials {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct("GcsCredentials")
+                    .field("service_account_json", &redacted(&self.service_account_json))
                     .finish()
             }
         }
@@ -73,11 +96,20 @@ mod tests {
                     secret_access_key: "very-secret-key".into(),
                     session_token: "session-token-value".into(),
                 }),
+                azure: Some(AzureCredentials {
+                    account: "devstoreaccount1".into(),
+                    access_key: "azure-access-key".into(),
+                    sas_token: "sv=1&sig=azure-sas".into(),
+                    endpoint: String::new(),
+                }),
+                gcs: Some(GcsCredentials { service_account_json: r#"{"private_key": "gcs-key"}"#.into() }),
             }),
             ..Default::default()
         };
         let shown = format!("{order:?} {order:#?}");
-        for secret in ["hunter2-password", "very-secret-key", "session-token-value"] {
+        for secret in
+            ["hunter2-password", "very-secret-key", "session-token-value", "azure-access-key", "azure-sas", "gcs-key"]
+        {
             assert!(!shown.contains(secret), "{secret} leaked in {shown}");
         }
         assert!(shown.contains("s3://bucket/prefix") && shown.contains("<redacted>"));

@@ -299,6 +299,11 @@ struct BackupArgs {
     /// Read exclude patterns from a file, one per line.
     #[arg(long)]
     exclude_file: Vec<PathBuf>,
+    /// Back up only what matches a glob pattern (repeatable), plus the directories leading to
+    /// it; a matching directory is backed up whole. A pattern without `/` matches names at any
+    /// depth, one with `/` the path below each backed-up directory. Excludes still win.
+    #[arg(short = 'i', long = "include")]
+    includes: Vec<String>,
     /// Do not cross filesystem boundaries.
     #[arg(short = 'x', long)]
     one_file_system: bool,
@@ -548,6 +553,7 @@ async fn cmd_backup(g: &Global, a: BackupArgs) -> anyhow::Result<u8> {
         labels,
         parent,
         excludes,
+        includes: a.includes.clone(),
         one_file_system: a.one_file_system,
         memory_budget: a.memory_budget_mib * 1024 * 1024,
         read_concurrency: a.read_concurrency,

@@ -374,6 +374,30 @@ fn exclude_file_patterns_are_applied() {
     assert!(stderr(&out).contains("read exclude file /nonexistent/excludes"), "{}", stderr(&out));
 }
 
+/// `backup --include` (repeatable): only what the patterns match is stored, with the
+/// directories leading to it (a matching directory whole); `--exclude` still wins; a bad
+/// pattern is refused.
+#[test]
+fn backup_include_keeps_only_matching_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("app");
+    for d in ["conf/sub", "data/db", "logs"] {
+        std::fs::create_dir_all(src.join(d)).unwrap();
+    }
+    for f in ["conf/app.yaml", "conf/app.ini", "conf/sub/deep.yaml", "data/db/rows", "data/db/rows.tmp", "logs/a.log"] {
+        std::fs::write(src.join(f), f).unwrap();
+    }
+    let h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.init();
+    let args = [src.to_str().unwrap(), "--include", "conf/*.yaml", "-i", "/data/db", "--exclude", "*.tmp"];
+    h.backup_json(&args, 0);
+    let ls = stdout(&h.ok(&["ls", "latest"]));
+    let listed: Vec<&str> = ls.lines().filter(|l| l.starts_with('/')).collect();
+    assert_eq!(listed, ["/app/conf", "/app/conf/app.yaml", "/app/data", "/app/data/db", "/app/data/db/rows"], "{ls}");
+    let out = h.expect(&["backup", src.to_str().unwrap(), "--include", "a/[b"], 1);
+    assert!(stderr(&out).contains("include pattern"), "{}", stderr(&out));
+}
+
 /// `restore --exclude`: name patterns at any depth and path patterns (with the component) skip
 /// what they match; everything else is restored.
 #[test]

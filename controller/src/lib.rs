@@ -61,6 +61,8 @@ pub struct Config {
     /// The helper container's args (`--helper-args`; default `--pause`, which makes the
     /// controller image sleep until the pod is deleted).
     pub helper_args: Vec<String>,
+    /// How often each repository's structure is checked (`--check-interval`; zero: never).
+    pub check_interval: std::time::Duration,
 }
 
 /// The controller's clock. Tests move it forward to exercise the scheduler without waiting.
@@ -88,6 +90,9 @@ pub struct Context {
     pub clock: Arc<Clock>,
     /// Consecutive failures per object, for exponential back-off.
     pub failures: error::Failures,
+    /// Serialises read-modify-write of the storages' metadata objects: two repositories of one
+    /// storage reconciled at once must not each write back a list missing the other.
+    pub meta_lock: tokio::sync::Mutex<()>,
     recorder: Recorder,
 }
 
@@ -114,6 +119,7 @@ impl Context {
             metrics,
             clock,
             failures: error::Failures::default(),
+            meta_lock: tokio::sync::Mutex::new(()),
         })
     }
 

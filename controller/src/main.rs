@@ -53,9 +53,17 @@ struct Args {
     /// Arguments of the helper container (space-separated).
     #[arg(long, env = "HOARD_CONTROLLER_HELPER_ARGS", default_value = "--pause")]
     helper_args: String,
+    /// How often each repository's structure is checked (keys, index against packs,
+    /// snapshots, trees; no data is read), e.g. `24h`; `0s` turns the check off.
+    #[arg(long, env = "HOARD_CONTROLLER_CHECK_INTERVAL", default_value = "24h", value_parser = parse_interval)]
+    check_interval: std::time::Duration,
     /// Sleep until SIGTERM/SIGINT, then exit 0 (what the helper pod runs).
     #[arg(long)]
     pause: bool,
+}
+
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    hoard_api::crd::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 30m or 24h"))
 }
 
 fn main() -> std::process::ExitCode {
@@ -141,6 +149,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         namespace: namespace.clone(),
         agent_selector: args.agent_selector.clone(),
         max_orders_per_node: args.max_orders_per_node.max(1),
+        check_interval: args.check_interval,
         allow_file_repositories: args.allow_file_repositories,
         identity: identity.clone(),
         helper_image: args.helper_image.clone(),

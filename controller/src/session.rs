@@ -76,6 +76,17 @@ pub enum Step {
 /// How often a running session is looked at (progress lands in status at this pace).
 pub const POLL: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// Takes one of `node`'s order slots if it has one free (fewer than `cap` in flight); a
+/// re-attached order already holds its slot on the agent, so it always gets one.
+pub fn take_slot(load: &mut BTreeMap<String, usize>, node: &str, cap: usize, reattach: bool) -> bool {
+    let used = load.entry(node.to_string()).or_default();
+    if !reattach && *used >= cap {
+        return false;
+    }
+    *used += 1;
+    true
+}
+
 /// The next step. `load` is this controller's in-flight orders per node; `cap` the per-node
 /// limit.
 pub fn next_step(v: &SessionView, load: &BTreeMap<String, usize>, cap: usize, now: DateTime<Utc>) -> Step {
@@ -179,6 +190,18 @@ pub fn order_id(session_uid: &str, key: &WorkKey, attempt: u32) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn slots_are_capped_per_node_but_reattaching_always_fits() {
+        let mut load = BTreeMap::from([("a".to_string(), 1)]);
+        assert!(take_slot(&mut load, "a", 2, false));
+        assert!(!take_slot(&mut load, "a", 2, false), "a is full");
+        assert!(take_slot(&mut load, "b", 2, false), "b is another node");
+        assert!(take_slot(&mut load, "a", 2, true), "a re-attached order holds its slot already");
+        assert_eq!(load["a"], 3);
+        assert_eq!(load["b"], 1);
+    }
+
     use super::*;
     use crate::schedule::{fmt_time, utc};
 

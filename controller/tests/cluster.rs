@@ -80,6 +80,24 @@ fn start_agent(root: &Path, pki: &hoard_testkit::TestPki, work: &Path) -> (Agent
     (Agent(child), port)
 }
 
+/// The agent's Pod object on [`NODE`], Ready at 127.0.0.1 with the agent's gRPC port (the test
+/// plays the kubelet).
+async fn agent_pod(pods: &Api<Pod>, port: u16) {
+    pods.create(
+        &PostParams::default(),
+        &obj(json!({
+            "metadata": {"name": "hoard-agent-a", "labels": {"app.kubernetes.io/name": "hoard-agent"}},
+            "spec": {"nodeName": NODE, "containers": [{"name": "agent", "image": "hoard-agent",
+                     "ports": [{"name": "grpc", "containerPort": port}]}]}
+        })),
+    )
+    .await
+    .unwrap();
+    let st = json!({"status": {"phase": "Running", "podIP": "127.0.0.1",
+        "conditions": [{"type": "Ready", "status": "True"}]}});
+    pods.patch_status("hoard-agent-a", &PatchParams::default(), &Patch::Merge(&st)).await.unwrap();
+}
+
 fn obj<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
     serde_json::from_value(v).unwrap()
 }
@@ -161,6 +179,7 @@ async fn session_phase(api: &Api<BackupSession>, name: &str) -> Option<SessionPh
 async fn backup_restore_pause_and_schedule_against_a_real_api_server() {
     let Some(cluster) = TestCluster::connect().await else { return };
     let Some(s3) = hoard_testkit::require_service("HOARD_TEST_S3_ENDPOINT") else { return };
+    let _serial = ONE_CONTROLLER.lock().await;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(std::env::var("HOARD_LOG").unwrap_or_else(|_| "hoard_controller=info".into()))
         .with_test_writer()
@@ -191,19 +210,7 @@ async fn backup_restore_pause_and_schedule_against_a_real_api_server() {
     // The agent process, and its Pod object (the test plays the kubelet).
     let (_agent, port) = start_agent(&kubelet, &pki, tmp.path());
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    pods.create(
-        &PostParams::default(),
-        &obj(json!({
-            "metadata": {"name": "hoard-agent-a", "labels": {"app.kubernetes.io/name": "hoard-agent"}},
-            "spec": {"nodeName": NODE, "containers": [{"name": "agent", "image": "hoard-agent",
-                     "ports": [{"name": "grpc", "containerPort": port}]}]}
-        })),
-    )
-    .await
-    .unwrap();
-    let st = json!({"status": {"phase": "Running", "podIP": "127.0.0.1",
-        "conditions": [{"type": "Ready", "status": "True"}]}});
-    pods.patch_status("hoard-agent-a", &PatchParams::default(), &Patch::Merge(&st)).await.unwrap();
+    agent_pod(&pods, port).await;
 
     // Secrets, storage, policy, configuration.
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
@@ -264,6 +271,7 @@ async fn backup_restore_pause_and_schedule_against_a_real_api_server() {
         identity: "controller-test".into(),
         helper_image: "hoard-controller:test".into(),
         helper_args: vec!["--pause".into()],
+        check_interval: std::time::Duration::from_secs(24 * 3600),
     };
     let ctx = Context::new(client.clone(), config, creds, Arc::new(Metrics::new()), Arc::clone(&clock));
     let controller = tokio::spawn(reconcile::run(Arc::clone(&ctx)));
@@ -303,7 +311,7 @@ async fn backup_restore_pause_and_schedule_against_a_real_api_server() {
     };
     let store = hoard_controller::reconcile::repo::open_store(
         &format!("s3://hoard-test/controller/{ns}/{ns}/app-repo"),
-        Some(&creds),
+        Some(&hoard_controller::storage::StorageCredentials::S3(creds)),
     )
     .unwrap();
     let repo =
@@ -446,6 +454,7 @@ async fn cleanup(client: &Client, ns: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_storage_backs_off_instead_of_looping() {
     let Some(cluster) = TestCluster::connect().await else { return };
+    let _serial = ONE_CONTROLLER.lock().await;
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     cluster.apply_crds(&hoard_api::crd::definitions()).await;
     let client = cluster.client.clone();
@@ -479,6 +488,7 @@ async fn an_unreachable_storage_backs_off_instead_of_looping() {
         identity: "controller-loop-test".into(),
         helper_image: String::new(),
         helper_args: vec![],
+        check_interval: std::time::Duration::from_secs(24 * 3600),
     };
     let ctx = Context::new(client.clone(), config, creds, Arc::new(Metrics::new()), Arc::new(Clock::default()));
     let controller = tokio::spawn(reconcile::run(Arc::clone(&ctx)));
@@ -516,4 +526,299 @@ fn kind_owned(body: &serde_json::Value) -> String {
 
 fn name_of(body: &serde_json::Value) -> String {
     body["metadata"]["name"].as_str().unwrap().to_string()
+}
+
+/// Tests in this file each run a whole controller that watches every namespace: run one at a
+/// time so no controller acts on another test's objects.
+static ONE_CONTROLLER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Server-side apply of a hoard object in `ns`.
+async fn apply_in(client: &Client, ns: &str, kind: &str, name: &str, spec: serde_json::Value) {
+    let body = json!({"apiVersion": "hoard.dev/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec});
+    let ar = kube::api::ApiResource {
+        group: "hoard.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "hoard.dev/v1alpha1".into(),
+        kind: kind.into(),
+        plural: format!("{}s", kind.to_lowercase()).replace("policys", "policies"),
+    };
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+    api.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&body)).await.unwrap();
+}
+
+fn controller_config(ns: &str, identity: &str) -> Config {
+    Config {
+        namespace: ns.into(),
+        agent_selector: "app.kubernetes.io/name=hoard-agent".into(),
+        max_orders_per_node: 2,
+        allow_file_repositories: false,
+        identity: identity.into(),
+        helper_image: String::new(),
+        helper_args: vec![],
+        check_interval: std::time::Duration::from_secs(24 * 3600),
+    }
+}
+
+/// The phase and message a configuration's status settles on.
+async fn config_verdict(client: &Client, ns: &str, name: &str) -> (String, String) {
+    let configs: Api<BackupConfiguration> = Api::namespaced(client.clone(), ns);
+    wait_for(&format!("a verdict on {ns}/{name}"), Duration::from_secs(60), || async {
+        let st = configs.get(name).await.ok()?.status?;
+        let phase = format!("{:?}", st.phase?);
+        let message = st.conditions.first().map(|c| c.message.clone()).unwrap_or_default();
+        Some((phase, message))
+    })
+    .await
+}
+
+/// Opens a repository of the shared storage with hoard-core, as a user with the bucket's keys.
+async fn open_repo(s3: &str, prefix: &str, path: &str) -> hoard_core::Repository {
+    let creds = hoard_api::agent::v1::S3Credentials {
+        endpoint: s3.into(),
+        access_key_id: "testing".into(),
+        secret_access_key: "testing".into(),
+        ..Default::default()
+    };
+    let store = hoard_controller::reconcile::repo::open_store(
+        &format!("s3://hoard-test/{prefix}/{path}"),
+        Some(&hoard_controller::storage::StorageCredentials::S3(creds)),
+    )
+    .unwrap();
+    hoard_core::Repository::open(store, &hoard_core::Password::new("tenant-password")).await.unwrap()
+}
+
+/// Multi-tenancy, retention, Snapshot WipeOut, repository status and repository sync, against
+/// the real API server, a real agent and S3 on loopback. A storage in namespace `owner` admits
+/// namespaces labelled `hoard.dev/test=tenant`; a namespace it does not admit, a path outside
+/// the tenant's directory and a Secret of another namespace are all refused; a tenant's
+/// repository is not readable from elsewhere. Two sessions with `last: 1` leave one snapshot;
+/// deleting a WipeOut Snapshot object forgets its data; a fresh controller, after the tenant's
+/// Repository and Snapshot objects are gone, re-creates them from the bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenancy_retention_wipeout_and_repository_sync_against_a_real_api_server() {
+    let Some(cluster) = TestCluster::connect().await else { return };
+    let Some(s3) = hoard_testkit::require_service("HOARD_TEST_S3_ENDPOINT") else { return };
+    let _serial = ONE_CONTROLLER.lock().await;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    cluster.apply_crds(&hoard_api::crd::definitions()).await;
+    let client = cluster.client.clone();
+    let owner = cluster.namespace("owner").await;
+    let tenant = cluster.namespace("tenant").await;
+    let intruder = cluster.namespace("intruder").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = hoard_testkit::make_test_pki(&tmp.path().join("pki"), NODE);
+    let kubelet = tmp.path().join("kubelet/pods");
+    std::fs::create_dir_all(&kubelet).unwrap();
+
+    // The tenant's workload and the agent (in the owner namespace, where the controller looks).
+    let (uid, pv) = workload(&client, &tenant, "app", "data").await;
+    let data = kubelet_volume(&kubelet, &uid, &pv);
+    std::fs::write(data.join("ledger.txt"), b"tenant data\n").unwrap();
+    std::fs::write(data.join("blob.bin"), hoard_testkit::random_bytes(150_000, 11)).unwrap();
+    let (_agent, port) = start_agent(&kubelet, &pki, tmp.path());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &owner);
+    agent_pod(&pods, port).await;
+
+    // The bucket's keys live with the storage's owner; each tenant holds its own password.
+    let secret = |ns: &str, name: &str, data: serde_json::Value| {
+        let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+        let body = obj::<Secret>(json!({"metadata": {"name": name}, "stringData": data}));
+        async move { api.create(&PostParams::default(), &body).await.unwrap() }
+    };
+    secret(&owner, "s3-creds", json!({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})).await;
+    secret(&owner, "owner-pass", json!({"RESTIC_PASSWORD": "the owner's password"})).await;
+    secret(&tenant, "repo-pass", json!({"RESTIC_PASSWORD": "tenant-password"})).await;
+    secret(&intruder, "repo-pass", json!({"RESTIC_PASSWORD": "intruder-password"})).await;
+    let prefix = format!("controller/{owner}");
+    apply_in(
+        &client,
+        &owner,
+        "BackupStorage",
+        "shared",
+        json!({"storage": {"provider": "s3", "s3": {"endpoint": s3, "bucket": "hoard-test", "prefix": prefix,
+               "secretName": "s3-creds"}},
+               "usagePolicy": {"allowedNamespaces": {"from": "Selector",
+                               "selector": {"matchLabels": {"hoard.dev/test": "tenant"}}}}}),
+    )
+    .await;
+    apply_in(&client, &tenant, "RetentionPolicy", "keep-one", json!({"successfulSnapshots": {"last": 1}})).await;
+    let config = |repos: serde_json::Value| {
+        json!({"target": {"kind": "Pod", "name": "app"},
+               "backends": [{"name": "shared", "storageRef": {"name": "shared", "namespace": owner},
+                             "retentionPolicy": {"name": "keep-one"}}],
+               "sessions": [{"name": "nightly", "scheduler": {"schedule": "0 0 1 1 *"}, "repositories": repos}]})
+    };
+
+    let ctx = Context::new(
+        client.clone(),
+        controller_config(&owner, "controller-tenancy"),
+        Credentials { ca: pki.read("ca"), cert: pki.read("controller"), key: pki.read_key("controller") },
+        Arc::new(Metrics::new()),
+        Arc::new(Clock::default()),
+    );
+    let controller = tokio::spawn(reconcile::run(Arc::clone(&ctx)));
+
+    // Refused: a namespace the storage does not admit, a directory outside the tenant's own, a
+    // Secret of another namespace.
+    let repo = |name: &str, extra: serde_json::Value| {
+        let mut r = json!({"name": name, "backend": "shared", "encryptionSecret": {"name": "repo-pass"}});
+        r.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        r
+    };
+    apply_in(&client, &intruder, "BackupConfiguration", "grab", config(json!([repo("grab", json!({}))]))).await;
+    let (phase, message) = config_verdict(&client, &intruder, "grab").await;
+    assert_eq!(phase, "Invalid", "{message}");
+    assert!(message.contains("does not admit namespace"), "{message}");
+    apply_in(
+        &client,
+        &tenant,
+        "BackupConfiguration",
+        "escape",
+        config(json!([repo("escape", json!({"directory": format!("{owner}/escape")}))])),
+    )
+    .await;
+    let (phase, message) = config_verdict(&client, &tenant, "escape").await;
+    assert_eq!(phase, "Invalid", "{message}");
+    assert!(message.contains(&format!("must lie under {tenant}/")), "{message}");
+    apply_in(
+        &client,
+        &tenant,
+        "BackupConfiguration",
+        "borrow",
+        config(json!([repo("borrow", json!({"encryptionSecret": {"name": "owner-pass", "namespace": owner}}))])),
+    )
+    .await;
+    let (phase, message) = config_verdict(&client, &tenant, "borrow").await;
+    assert_eq!(phase, "Invalid", "{message}");
+    assert!(message.contains("must be in the namespace"), "{message}");
+    for (ns, name) in [(&intruder, "grab"), (&tenant, "escape"), (&tenant, "borrow")] {
+        let api: Api<hoard_api::crd::Repository> = Api::namespaced(client.clone(), ns);
+        assert!(api.get_opt(name).await.unwrap().is_none(), "no Repository {ns}/{name} for a refused configuration");
+    }
+
+    // Two repositories: `kept` (data stays when objects go) and `wiped` (WipeOut).
+    apply_in(
+        &client,
+        &tenant,
+        "BackupConfiguration",
+        "app",
+        config(json!([repo("kept", json!({})), repo("wiped", json!({"deletionPolicy": "WipeOut"}))])),
+    )
+    .await;
+    let sessions: Api<BackupSession> = Api::namespaced(client.clone(), &tenant);
+    for name in ["first", "second"] {
+        let s = obj::<BackupSession>(json!({"apiVersion": "hoard.dev/v1alpha1", "kind": "BackupSession",
+            "metadata": {"name": name}, "spec": {"invoker": {"name": "app"}, "session": "nightly"}}));
+        sessions.create(&PostParams::default(), &s).await.unwrap();
+        let phase = wait_for(&format!("session {name}"), Duration::from_secs(180), || async {
+            session_phase(&sessions, name).await.filter(|p| p.is_finished())
+        })
+        .await;
+        assert_eq!(phase, SessionPhase::Succeeded, "{:?}", sessions.get(name).await.unwrap().status);
+    }
+
+    // Retention (`last: 1`) ran for both repositories: one repository snapshot each, and the
+    // first session's Snapshot objects are gone (the WipeOut one through its finalizer).
+    let second = sessions.get("second").await.unwrap().status.unwrap();
+    assert_eq!(second.retention_policy.len(), 2, "{second:?}");
+    assert!(second.retention_policy.iter().all(|r| r.removed == 1 && r.error.is_none()), "{second:?}");
+    let snaps: Api<Snapshot> = Api::namespaced(client.clone(), &tenant);
+    for gone in ["kept-first", "wiped-first"] {
+        wait_for(&format!("{gone} deleted"), Duration::from_secs(30), || async {
+            snaps.get_opt(gone).await.unwrap().is_none().then_some(())
+        })
+        .await;
+    }
+    for repo_name in ["kept", "wiped"] {
+        let r = open_repo(&s3, &prefix, &format!("{tenant}/{repo_name}")).await;
+        assert_eq!(r.list_snapshots().await.unwrap().len(), 1, "{repo_name}");
+    }
+    let wiped_second = snaps.get("wiped-second").await.unwrap();
+    assert!(wiped_second.finalizers().iter().any(|f| f == "hoard.dev/wipe-out-snapshot"), "{wiped_second:?}");
+    assert!(snaps.get("kept-second").await.unwrap().finalizers().is_empty(), "Delete snapshots carry no finalizer");
+
+    // Repository status: stored bytes and a clean structural check.
+    let repos: Api<hoard_api::crd::Repository> = Api::namespaced(client.clone(), &tenant);
+    let kept_status = wait_for("kept repository status", Duration::from_secs(60), || async {
+        let st = repos.get("kept").await.ok()?.status?;
+        (st.total_size.unwrap_or(0) > 100_000 && st.snapshot_count == Some(1)).then_some(st)
+    })
+    .await;
+    assert_eq!(kept_status.integrity, Some(true), "{kept_status:?}");
+    assert!(kept_status.last_check_time.is_some() && kept_status.integrity_problems.is_empty(), "{kept_status:?}");
+
+    // Another namespace cannot restore from the tenant's repository (its usage policy is unset).
+    let restores: Api<RestoreSession> = Api::namespaced(client.clone(), &intruder);
+    restores
+        .create(
+            &PostParams::default(),
+            &obj(json!({"apiVersion": "hoard.dev/v1alpha1", "kind": "RestoreSession", "metadata": {"name": "peek"},
+                "spec": {"target": {"kind": "Pod", "name": "app"},
+                         "dataSource": {"repository": "kept", "namespace": tenant, "snapshot": "latest"}}})),
+        )
+        .await
+        .unwrap();
+    let refused = wait_for("the cross-namespace restore refused", Duration::from_secs(60), || async {
+        let st = restores.get("peek").await.ok()?.status?;
+        (st.phase? == hoard_api::crd::RestorePhase::Invalid).then_some(st.message.unwrap_or_default())
+    })
+    .await;
+    assert!(refused.contains(&format!("Repository {tenant}/kept does not admit namespace {intruder}")), "{refused}");
+
+    // Deleting a WipeOut Snapshot object forgets its repository snapshot.
+    snaps.delete("wiped-second", &Default::default()).await.unwrap();
+    wait_for("wiped-second deleted", Duration::from_secs(60), || async {
+        snaps.get_opt("wiped-second").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let wiped = open_repo(&s3, &prefix, &format!("{tenant}/wiped")).await;
+    assert!(wiped.list_snapshots().await.unwrap().is_empty(), "the WipeOut snapshot's data was forgotten");
+
+    // Disaster recovery: the tenant's objects are gone (and no controller ran meanwhile); a
+    // fresh controller re-creates them from the bucket's metadata object.
+    controller.abort();
+    let _ = controller.await;
+    let configs: Api<BackupConfiguration> = Api::namespaced(client.clone(), &tenant);
+    configs.delete("app", &Default::default()).await.unwrap();
+    let strip = json!({"metadata": {"finalizers": null}});
+    repos.patch("kept", &PatchParams::default(), &Patch::Merge(&strip)).await.unwrap();
+    repos.delete("kept", &Default::default()).await.unwrap();
+    snaps.patch("kept-second", &PatchParams::default(), &Patch::Merge(&strip)).await.unwrap();
+    snaps.delete("kept-second", &Default::default()).await.unwrap();
+    wait_for("the tenant's objects deleted", Duration::from_secs(30), || async {
+        (repos.get_opt("kept").await.unwrap().is_none() && snaps.get_opt("kept-second").await.unwrap().is_none())
+            .then_some(())
+    })
+    .await;
+    let ctx = Context::new(
+        client.clone(),
+        controller_config(&owner, "controller-recovered"),
+        Credentials { ca: pki.read("ca"), cert: pki.read("controller"), key: pki.read_key("controller") },
+        Arc::new(Metrics::new()),
+        Arc::new(Clock::default()),
+    );
+    let controller = tokio::spawn(reconcile::run(Arc::clone(&ctx)));
+    let synced = wait_for("kept re-created by repository sync", Duration::from_secs(90), || async {
+        repos.get_opt("kept").await.ok()?
+    })
+    .await;
+    assert_eq!(synced.spec.path, format!("{tenant}/kept"));
+    assert_eq!(synced.spec.storage_ref.namespace.as_deref(), Some(owner.as_str()));
+    let snap = wait_for("kept-second re-created by repository sync", Duration::from_secs(90), || async {
+        snaps.get_opt("kept-second").await.ok()?.filter(|s| s.status.is_some())
+    })
+    .await;
+    let st = snap.status.unwrap();
+    assert_eq!(st.phase, Some(SnapshotPhase::Succeeded));
+    let kept = open_repo(&s3, &prefix, &format!("{tenant}/kept")).await;
+    let (id, _) = kept.list_snapshots().await.unwrap().pop().unwrap();
+    assert_eq!(st.components["data"].snapshot_id.as_deref(), Some(id.to_hex().as_str()));
+    let storage: Api<hoard_api::crd::BackupStorage> = Api::namespaced(client.clone(), &owner);
+    let listed = storage.get("shared").await.unwrap().status.unwrap().repositories;
+    assert!(listed.iter().any(|r| r.name == "kept" && r.namespace == tenant && r.synced), "{listed:?}");
+
+    controller.abort();
+    for ns in [&tenant, &intruder, &owner] {
+        cleanup(&client, ns).await;
+    }
 }

@@ -92,6 +92,9 @@ pub struct BackupOptions {
     pub labels: BTreeMap<String, String>,
     pub parent: ParentSelection,
     pub excludes: Vec<String>,
+    /// When not empty, only what these patterns match (and the directories leading to it) is
+    /// backed up; see [`Includes`]. Excludes still win.
+    pub includes: Vec<String>,
     pub one_file_system: bool,
     /// Bytes of file data allowed in flight (read but not yet uploaded in a pack); at least one
     /// read segment (16 MiB, or twice the largest chunk).
@@ -145,6 +148,7 @@ impl Default for BackupOptions {
             labels: BTreeMap::new(),
             parent: ParentSelection::Auto,
             excludes: Vec::new(),
+            includes: Vec::new(),
             one_file_system: false,
             memory_budget: 512 * 1024 * 1024,
             budget: None,
@@ -211,6 +215,122 @@ impl Excludes {
     }
 }
 
+/// Include patterns, relative to the component root like [`Excludes`]: a pattern with a `/`
+/// matches the path below the root (a leading `/` is optional), any other pattern an entry's
+/// name at any depth. An entry they match is backed up, a directory with everything below it.
+/// Any other directory is walked only if it could hold a match (every directory for a name
+/// pattern; for a path pattern, one whose path matches the pattern's leading components) and
+/// kept only if it then holds something; any other non-directory is left out.
+#[derive(Debug, Clone, Default)]
+pub struct Includes {
+    by_name: GlobSet,
+    by_path: GlobSet,
+    /// The path patterns split at `/`, to tell whether a directory could hold a match.
+    path_components: Vec<Vec<Segment>>,
+    names: bool,
+}
+
+/// One `/`-separated component of a path pattern.
+#[derive(Debug, Clone)]
+enum Segment {
+    /// `**`: any number of components.
+    Any,
+    Glob(globset::GlobMatcher),
+}
+
+impl Includes {
+    pub fn new(patterns: &[String]) -> Result<Includes> {
+        let mut by_name = GlobSetBuilder::new();
+        let mut by_path = GlobSetBuilder::new();
+        let mut path_components = Vec::new();
+        let mut names = false;
+        for p in patterns {
+            let p = p.trim().trim_start_matches('/').trim_end_matches('/');
+            if p.is_empty() {
+                continue;
+            }
+            let glob = |g: &str| {
+                GlobBuilder::new(g)
+                    .literal_separator(true)
+                    .build()
+                    .map_err(|e| Error::InvalidArgument(format!("include pattern {p:?}: {e}")))
+            };
+            if p.contains('/') {
+                by_path.add(glob(p)?);
+                by_path.add(glob(&format!("{p}/**"))?);
+                let segments = p
+                    .split('/')
+                    .map(|seg| {
+                        if seg == "**" {
+                            Ok(Segment::Any)
+                        } else {
+                            glob(seg).map(|g| Segment::Glob(g.compile_matcher()))
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                path_components.push(segments);
+            } else {
+                by_name.add(glob(p)?);
+                names = true;
+            }
+        }
+        let build = |b: GlobSetBuilder| b.build().map_err(|e| Error::InvalidArgument(e.to_string()));
+        Ok(Includes { by_name: build(by_name)?, by_path: build(by_path)?, path_components, names })
+    }
+
+    /// No patterns: everything is included.
+    pub fn is_empty(&self) -> bool {
+        !self.names && self.path_components.is_empty()
+    }
+
+    /// Whether the entry is included, with everything below it. `rel` is the path below the
+    /// component root, without a leading `/`.
+    pub fn matches(&self, rel: &str, name: &str) -> bool {
+        self.by_name.is_match(name) || self.by_path.is_match(rel)
+    }
+
+    /// Whether the directory `rel` (not itself matched) could hold an entry that matches.
+    pub fn may_contain(&self, rel: &str) -> bool {
+        if self.names {
+            return true;
+        }
+        let dir: Vec<&str> = rel.split('/').collect();
+        self.path_components.iter().any(|pattern| {
+            for (i, part) in dir.iter().enumerate() {
+                match pattern.get(i) {
+                    None => return false,
+                    Some(Segment::Any) => return true,
+                    Some(Segment::Glob(g)) if !g.is_match(part) => return false,
+                    Some(Segment::Glob(_)) => {}
+                }
+            }
+            dir.len() < pattern.len()
+        })
+    }
+}
+
+/// Which entries of a directory the walk takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Selection {
+    /// Everything (no include patterns, or an ancestor matched one).
+    All,
+    /// What the include patterns match or may hold a match.
+    Matching,
+}
+
+impl Selection {
+    /// `None`: leave the entry out; otherwise how to walk it if it is a directory.
+    fn of(self, includes: Option<&Includes>, rel: &str, name: &str, is_dir: bool) -> Option<Selection> {
+        match includes {
+            _ if self == Selection::All => Some(Selection::All),
+            None => Some(Selection::All),
+            Some(inc) if inc.matches(rel, name) => Some(Selection::All),
+            Some(inc) if is_dir && inc.may_contain(rel) => Some(Selection::Matching),
+            Some(_) => None,
+        }
+    }
+}
+
 /// (device, inode) of a file.
 type InodeKey = (u64, u64);
 
@@ -259,6 +379,8 @@ struct Ctx {
     warnings: Mutex<Vec<String>>,
     warning_count: AtomicU64,
     excludes: Excludes,
+    /// `None` when there are no include patterns.
+    includes: Option<Includes>,
     one_file_system: bool,
     stats: SummaryCounters,
     /// Content of multiply-linked files already read in this run, by (device, inode).
@@ -519,7 +641,9 @@ impl Walker<'_> {
         Ok(seq)
     }
 
-    fn walk(&mut self, dir: Arc<OwnedFd>, rel: &str, parent: Option<&Tree>) -> Result<u64> {
+    /// Emits the directory's plan and returns its sequence number; `None` (nothing emitted) for a
+    /// directory walked only for include patterns that turned out to hold no match.
+    fn walk(&mut self, dir: Arc<OwnedFd>, rel: &str, parent: Option<&Tree>, sel: Selection) -> Result<Option<u64>> {
         let ctx = self.ctx;
         if ctx.sink.has_failed() {
             return Err(Error::Internal("backup aborted".into()));
@@ -567,11 +691,20 @@ impl Walker<'_> {
                 }
             };
             let mut node = fsmeta::node_from_stat(cname.as_bytes().to_vec(), &st);
+            let Some(child_sel) = sel.of(ctx.includes.as_ref(), &child_rel, &name_str, node.kind == NodeKind::Dir)
+            else {
+                continue;
+            };
             let old = parent.and_then(|t| t.find(&node.name));
             match node.kind {
                 NodeKind::Dir => {
                     ctx.stats.dirs.fetch_add(1, Ordering::Relaxed);
                     if ctx.one_file_system && (st.st_dev != self.root_dev || self.other_mount(&dir, &cname)) {
+                        if child_sel != Selection::All {
+                            // Nothing below another mount is walked, so nothing in it can match.
+                            ctx.stats.dirs.fetch_sub(1, Ordering::Relaxed);
+                            continue;
+                        }
                         node.subtree = Some(ctx.save_tree(&Tree::default())?);
                         nodes.push((node, Pending::Ready));
                         continue;
@@ -588,7 +721,10 @@ impl Walker<'_> {
                         .filter(|o| o.kind == NodeKind::Dir)
                         .and_then(|o| o.subtree)
                         .and_then(|id| if prefetched { old_trees.get(&id).cloned() } else { ctx.load_tree(&id) });
-                    let seq = self.walk(Arc::new(sub), &child_rel, old_tree.as_ref())?;
+                    let Some(seq) = self.walk(Arc::new(sub), &child_rel, old_tree.as_ref(), child_sel)? else {
+                        ctx.stats.dirs.fetch_sub(1, Ordering::Relaxed);
+                        continue;
+                    };
                     nodes.push((node, Pending::Dir(seq)));
                 }
                 NodeKind::File => {
@@ -641,7 +777,10 @@ impl Walker<'_> {
                 }
             }
         }
-        self.emit(nodes)
+        if nodes.is_empty() && sel == Selection::Matching && !rel.is_empty() {
+            return Ok(None);
+        }
+        self.emit(nodes).map(Some)
     }
 }
 
@@ -748,7 +887,11 @@ fn backup_root(
                 let mut w = Walker { ctx, jobs: job_tx, plans: plan_tx, next_seq: 0, root_dev, root_mount };
                 let root_fd = Arc::new(root);
                 match only {
-                    None => w.walk(root_fd, "", parent_tree.as_ref()),
+                    None => {
+                        let sel = if ctx.includes.is_some() { Selection::Matching } else { Selection::All };
+                        w.walk(root_fd, "", parent_tree.as_ref(), sel)?
+                            .ok_or_else(|| Error::Internal("root tree not emitted".into()))
+                    }
                     Some(name) => {
                         // A single file: a root tree holding just that entry.
                         let cname =
@@ -778,18 +921,19 @@ fn backup_root(
 }
 
 /// Counts files and bytes below `path` for progress totals. Best effort, bounded by the tree.
-fn scan(path: &Path, excludes: &Excludes, progress: &Progress) {
-    fn rec(dir: &Path, rel: &str, ex: &Excludes, p: &Progress) {
+fn scan(path: &Path, excludes: &Excludes, includes: Option<&Includes>, progress: &Progress) {
+    fn rec(dir: &Path, rel: &str, sel: Selection, pat: (&Excludes, Option<&Includes>), p: &Progress) {
         let Ok(rd) = std::fs::read_dir(dir) else { return };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let child_rel = join_rel(rel, &name);
-            if ex.is_excluded(&child_rel, &name) {
+            if pat.0.is_excluded(&child_rel, &name) {
                 continue;
             }
             let Ok(m) = e.metadata() else { continue };
+            let Some(child_sel) = sel.of(pat.1, &child_rel, &name, m.is_dir()) else { continue };
             if m.is_dir() {
-                rec(&e.path(), &child_rel, ex, p);
+                rec(&e.path(), &child_rel, child_sel, pat, p);
             } else if m.is_file() {
                 p.files_total.fetch_add(1, Ordering::Relaxed);
                 p.bytes_total.fetch_add(m.len(), Ordering::Relaxed);
@@ -797,7 +941,10 @@ fn scan(path: &Path, excludes: &Excludes, progress: &Progress) {
         }
     }
     match std::fs::metadata(path) {
-        Ok(m) if m.is_dir() => rec(path, "", excludes, progress),
+        Ok(m) if m.is_dir() => {
+            let sel = if includes.is_some() { Selection::Matching } else { Selection::All };
+            rec(path, "", sel, (excludes, includes), progress)
+        }
         Ok(m) => {
             progress.files_total.fetch_add(1, Ordering::Relaxed);
             progress.bytes_total.fetch_add(m.len(), Ordering::Relaxed);
@@ -908,6 +1055,7 @@ async fn backup_locked(
     }
     let parent = find_parent(repo, &opts).await?;
     let excludes = Excludes::new(&opts.excludes)?;
+    let includes = Some(Includes::new(&opts.includes)?).filter(|i| !i.is_empty());
     let chunker = repo.chunker()?;
     let large_chunker = repo.large_file_chunker()?;
     let max_chunk = large_chunker.as_ref().map_or(0, |(_, c)| c.max_size()).max(chunker.max_size());
@@ -950,6 +1098,7 @@ async fn backup_locked(
         warnings: Mutex::new(Vec::new()),
         warning_count: AtomicU64::new(0),
         excludes: excludes.clone(),
+        includes: includes.clone(),
         one_file_system: opts.one_file_system,
         stats: SummaryCounters::default(),
         hardlinks: Mutex::new(HashMap::new()),
@@ -973,7 +1122,7 @@ async fn backup_locked(
         let ex = excludes;
         std::thread::spawn(move || {
             for p in &scan_paths {
-                scan(p, &ex, &progress);
+                scan(p, &ex, includes.as_ref(), &progress);
             }
             progress.scan_finished.store(true, Ordering::Relaxed);
         });
@@ -1079,5 +1228,52 @@ async fn test_pause(var: &str) {
     let deadline = Instant::now() + std::time::Duration::from_secs(120);
     while path.exists() && Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn includes(p: &[&str]) -> Includes {
+        Includes::new(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("patterns")
+    }
+
+    #[test]
+    fn include_patterns_match_paths_and_names() {
+        let inc = includes(&["/conf/*.yaml", "data/db", "*.sql", ""]);
+        assert!(!inc.is_empty() && includes(&["", "  "]).is_empty());
+        assert!(inc.matches("conf/app.yaml", "app.yaml"));
+        assert!(!inc.matches("conf/sub/app.yaml", "app.yaml"), "* stays within a component");
+        assert!(inc.matches("data/db", "db") && inc.matches("data/db/x/y", "y"), "a directory with all below");
+        assert!(!inc.matches("data/dbx", "dbx") && !inc.matches("data", "data"));
+        assert!(inc.matches("deep/in/dump.sql", "dump.sql"));
+        assert!(Includes::new(&["a/[".to_string()]).is_err());
+    }
+
+    #[test]
+    fn directories_that_could_hold_a_match_are_walked() {
+        let inc = includes(&["conf/*.yaml", "srv/*/logs/**/*.log", "a/b/c"]);
+        for dir in ["conf", "srv", "srv/web", "srv/web/logs", "srv/web/logs/2024/01", "a", "a/b"] {
+            assert!(inc.may_contain(dir), "{dir}");
+        }
+        for dir in ["conf/sub", "other", "srv/web/cache", "a/x", "a/b/c/d"] {
+            assert!(!inc.may_contain(dir), "{dir}");
+        }
+        // A name pattern can match at any depth: every directory is walked.
+        assert!(includes(&["*.yaml"]).may_contain("any/where"));
+        assert!(includes(&["**/x"]).may_contain("any/where"));
+    }
+
+    #[test]
+    fn selection_keeps_matches_whole_and_walks_towards_them() {
+        let inc = includes(&["conf/*.yaml"]);
+        let m = Selection::Matching;
+        assert_eq!(m.of(Some(&inc), "conf", "conf", true), Some(Selection::Matching));
+        assert_eq!(m.of(Some(&inc), "conf/a.yaml", "a.yaml", false), Some(Selection::All));
+        assert_eq!(m.of(Some(&inc), "conf/a.ini", "a.ini", false), None);
+        assert_eq!(m.of(Some(&inc), "logs", "logs", true), None);
+        assert_eq!(Selection::All.of(Some(&inc), "logs/x", "x", false), Some(Selection::All));
+        assert_eq!(m.of(None, "logs/x", "x", false), Some(Selection::All));
     }
 }

@@ -5,7 +5,8 @@
 //! * a budget smaller than one pack does not deadlock (the packer uploads a partial pack when
 //!   readers wait for budget it holds);
 //! * a file that changes while it is read, or vanishes between the walk and the open, is a
-//!   warning and the rest of the snapshot is intact (made deterministic with [`RaceHooks`]).
+//!   warning and the rest of the snapshot is intact (made deterministic with [`RaceHooks`]);
+//! * include patterns keep what they match and the directories leading to it; excludes win.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -196,4 +197,50 @@ async fn file_vanishing_before_open_is_a_warning() {
     restore(Arc::clone(&repo), RestoreSource::Tree(root), RestoreOptions::new(&target)).await.unwrap();
     assert!(!target.join("d/ephemeral.tmp").exists());
     assert_eq!(std::fs::read(target.join("d/kept")).unwrap(), b"kept");
+}
+
+/// Include patterns: matches are kept (a matching directory whole), the directories leading to
+/// them too, nothing else; directories walked for a name pattern that hold no match are not
+/// stored; excludes win over includes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn includes_keep_matches_and_the_way_to_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    for d in ["conf/sub", "data/db/sub", "logs", "dump", "empty"] {
+        std::fs::create_dir_all(src.join(d)).unwrap();
+    }
+    for f in [
+        "conf/app.yaml",
+        "conf/app.ini",
+        "conf/sub/deep.yaml",
+        "data/db/file1",
+        "data/db/sub/file2",
+        "data/other",
+        "logs/a.log",
+        "top.sql",
+        "dump/x.sql",
+        "dump/skip.tmp",
+    ] {
+        std::fs::write(src.join(f), f.as_bytes()).unwrap();
+    }
+    let repo = init(store(&tmp.path().join("repo"), None), 4 * MIB as u32).await;
+    let mut opts = options(&src, SEGMENT, 2);
+    opts.includes = ["/conf/*.yaml", "data/db/", "*.sql"].map(String::from).to_vec();
+    opts.excludes = vec!["data/db/sub".into()];
+    opts.scan_totals = true;
+    let out = backup_within(&repo, opts, 60).await;
+    let root = out.snapshot.component("data").unwrap().root;
+    let mut paths = Vec::new();
+    hoard_core::browse::walk(&repo, root, String::new(), &mut |p: &str, _: &hoard_core::tree::Node| {
+        paths.push(p.to_string())
+    })
+    .await
+    .unwrap();
+    paths.sort();
+    assert_eq!(
+        paths,
+        ["/conf", "/conf/app.yaml", "/data", "/data/db", "/data/db/file1", "/dump", "/dump/x.sql", "/top.sql"],
+    );
+    let s = &out.snapshot.summary;
+    assert_eq!((s.files_new, s.dirs), (4, 4), "{s:?}");
 }

@@ -157,7 +157,10 @@ if [[ ${HOARD_KUBE_FORCE:-0} == 1 || ! -x ${BIN}/kube-apiserver || ! -x ${BIN}/k
 fi
 echo "${STAMP}" >"${BIN}/.versions"
 
-"${BIN}/etcd" --version | head -1 >&2
+# Not `| head -1`: under pipefail, head closing the pipe early kills etcd with SIGPIPE and
+# fails the build at random.
+etcd_version=$("${BIN}/etcd" --version)
+echo "${etcd_version%%$'\n'*}" >&2
 "${BIN}/kube-apiserver" --version >&2
 log "built in ${BIN}"
 print_paths

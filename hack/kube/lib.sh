@@ -11,7 +11,7 @@ running_pid() {
   pid=$(<"${dir}/pids/${name}.pid")
   bin=$(<"${dir}/pids/${name}.bin")
   [[ ${pid} =~ ^[0-9]+$ && -r /proc/${pid}/cmdline ]] || return 1
-  arg0=$({ tr '\0' '\n' <"/proc/${pid}/cmdline"; } 2>/dev/null | head -n 1) || return 1
+  arg0=$({ tr '\0' '\n' <"/proc/${pid}/cmdline"; } 2>/dev/null | sed -n 1p) || return 1
   [[ ${arg0} == "${bin}" ]] || return 1
   echo "${pid}"
 }

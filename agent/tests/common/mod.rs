@@ -179,7 +179,7 @@ pub async fn open_repo(dir: &Path) -> Arc<Repository> {
 }
 
 pub fn repo_msg(dir: &Path) -> RepoMsg {
-    RepoMsg { location: dir.to_str().unwrap().into(), password: PASSWORD.into(), s3: None }
+    RepoMsg { location: dir.to_str().unwrap().into(), password: PASSWORD.into(), ..Default::default() }
 }
 
 /// Reads a progress stream to its terminal event (bounded by `limit`).

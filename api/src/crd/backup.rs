@@ -66,7 +66,13 @@ pub struct SessionConfig {
     /// Pod volume names to back up; empty = every PVC-backed volume of the target.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<String>,
-    /// Restic-style patterns, relative to the volume root, to leave out.
+    /// Restic-style patterns, relative to the volume root, to back up; empty = everything. When
+    /// set, only matching paths (a matching directory with everything below it) and the
+    /// directories leading to them are backed up. A pattern with a `/` matches the path below
+    /// the volume root, any other an entry's name at any depth.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<String>,
+    /// Restic-style patterns, relative to the volume root, to leave out. They win over `include`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude: Vec<String>,
     #[serde(default)]
@@ -114,8 +120,9 @@ pub enum MissedRuns {
     Skip,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.directory) || (self.directory != 'hoard-meta' && !self.directory.startsWith('hoard-meta/'))").message("directory: hoard-meta/ is reserved for hoard's own objects"))]
 pub struct RepositoryConfig {
     /// Name of the Repository object the controller creates (same namespace).
     #[schemars(regex(pattern = r"^[a-z0-9]([a-z0-9\-.]{0,251}[a-z0-9])?$"), length(max = 253))]

@@ -246,11 +246,13 @@ fn one() -> u32 {
     printcolumn = r#"{"name":"Storage","type":"string","jsonPath":".spec.storageRef.name"}"#,
     printcolumn = r#"{"name":"Path","type":"string","jsonPath":".spec.path"}"#,
     printcolumn = r#"{"name":"Snapshots","type":"integer","jsonPath":".status.snapshotCount"}"#,
-    printcolumn = r#"{"name":"Size","type":"integer","jsonPath":".status.size"}"#,
+    printcolumn = r#"{"name":"Stored","type":"integer","jsonPath":".status.totalSize"}"#,
+    printcolumn = r#"{"name":"Integrity","type":"boolean","jsonPath":".status.integrity"}"#,
     printcolumn = r#"{"name":"Last-Backup","type":"date","jsonPath":".status.lastBackupTime"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.path != 'hoard-meta' && !self.path.startsWith('hoard-meta/')").message("path: hoard-meta/ is reserved for hoard's own objects"))]
 pub struct RepositorySpec {
     /// The workload or claim whose data this repository holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -269,6 +271,11 @@ pub struct RepositorySpec {
     pub deletion_policy: DeletionPolicy,
     #[serde(default)]
     pub paused: bool,
+    /// Which other namespaces may restore from this repository (default: none). A restore
+    /// from another namespace needs this and the storage's usage policy to admit it. Left to
+    /// the user: the controller never writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_policy: Option<UsagePolicy>,
 }
 
 /// The application a repository or snapshot belongs to (namespace included, unlike TargetRef).
@@ -287,14 +294,24 @@ pub struct RepositoryStatus {
     pub phase: Option<RepositoryPhase>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_count: Option<u64>,
-    /// Bytes stored (packs), as of the last backup or check.
+    /// Bytes of data the Succeeded snapshots hold (what restoring each of them would write).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// Bytes the repository occupies in its storage (every object under its path, after
+    /// deduplication and compression), as of the last pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_size: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_backup_time: Option<String>,
-    /// Result of the last `check`: true when every structure verified.
+    /// Result of the last structural check (keys, index against packs, snapshots, trees): true
+    /// when nothing was damaged. Run by the controller every `--check-interval`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub integrity: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check_time: Option<String>,
+    /// The damaged objects the last check found (at most 10).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub integrity_problems: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recent_snapshots: Vec<SnapshotInfo>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -28,9 +28,6 @@ use crate::{
     apply_status,
 };
 
-/// Bound on one prune run after retention.
-pub const PRUNE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
-
 pub fn snapshot_name(repository: &str, session: &str) -> String {
     format!("{repository}-{session}")
 }
@@ -80,6 +77,7 @@ pub async fn reconcile(bs: Arc<BackupSession>, ctx: Arc<Context>) -> Result<Acti
 
     // 1. Fold order results into the Snapshot objects.
     let snaps_api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut transitions = Vec::new();
     for (repo_name, snap) in l.snapshots.iter_mut() {
         let mut st = snap.status.clone().unwrap_or_default();
         let before = serde_json::to_value(&st)?;
@@ -92,6 +90,7 @@ pub async fn reconcile(bs: Arc<BackupSession>, ctx: Arc<Context>) -> Result<Acti
             let Some(state) = ctx.orders.state(&oid) else { continue };
             if let Some(p) = state.terminal() {
                 fold_terminal(c, p, retry.max_retry, delay, now, &ctx);
+                transitions.push(component_event(repo_name, comp, c));
                 ctx.orders.forget(&oid);
             } else if let Some(p) = &state.last {
                 c.progress = Some(progress_of(p));
@@ -104,6 +103,9 @@ pub async fn reconcile(bs: Arc<BackupSession>, ctx: Arc<Context>) -> Result<Acti
             apply_status(&snaps_api, snap, serde_json::to_value(&st)?).await?;
             snap.status = Some(st);
         }
+    }
+    for (warning, reason, note) in transitions {
+        ctx.event(&*bs, warning, reason, note).await;
     }
     ctx.metrics.orders_in_flight.set(ctx.orders.count() as i64);
 
@@ -215,6 +217,33 @@ fn fold_terminal(
     }
 }
 
+fn succeeded_count(st: &SnapshotStatus) -> usize {
+    st.components.values().filter(|c| c.phase == Some(ComponentPhase::Succeeded)).count()
+}
+
+/// The Event for a component that just finished one attempt: (warning, reason, note).
+fn component_event(repository: &str, component: &str, c: &ComponentStatus) -> (bool, &'static str, String) {
+    match c.phase {
+        Some(ComponentPhase::Succeeded) => (
+            false,
+            "ComponentSucceeded",
+            format!(
+                "{repository}/{component}: snapshot {} ({} bytes)",
+                c.snapshot_id.as_deref().map(|id| id.get(..8).unwrap_or(id)).unwrap_or("?"),
+                c.size.unwrap_or(0)
+            ),
+        ),
+        _ => {
+            let error = c.error.as_deref().unwrap_or("failed");
+            let next = match &c.retry_after {
+                Some(at) => format!("retrying after {at}"),
+                None => "no retry left".to_string(),
+            };
+            (true, "ComponentFailed", format!("{repository}/{component} attempt {}: {error}; {next}", c.attempts))
+        }
+    }
+}
+
 fn summarise(st: &mut SnapshotStatus) {
     st.total_components = Some(st.components.len() as u32);
     st.size = Some(st.components.values().filter_map(|c| c.size).sum());
@@ -265,6 +294,10 @@ async fn start(ctx: &Context, bs: &BackupSession, l: &Loaded, now: DateTime<Utc>
         // Owned by the Repository: snapshots outlive the session (history limit) but not the
         // repository they describe.
         obj.metadata.owner_references = repo.controller_owner_ref(&()).map(|o| vec![o]);
+        if repo.spec.deletion_policy == hoard_api::crd::DeletionPolicy::WipeOut {
+            // Present from the start, so no deletion can slip past it.
+            obj.metadata.finalizers = Some(vec![repo::SNAPSHOT_FINALIZER.to_string()]);
+        }
         let created = snaps.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&obj)).await?;
         let components: BTreeMap<String, ComponentStatus> = volumes
             .iter()
@@ -382,6 +415,7 @@ async fn send(
                 tags: vec![],
                 labels: labels.into_iter().collect(),
                 excludes: scfg.exclude.clone(),
+                includes: scfg.include.clone(),
             };
             ctx.orders.start(vol.node(), &addr, Order::Backup(order));
             c.phase = Some(ComponentPhase::Running);
@@ -480,16 +514,7 @@ async fn apply_retention(
     }
     if !remove.is_empty() {
         // Prune is its own bounded operation: the session does not wait for it.
-        let core = Arc::new(core);
-        let name = repo_name.to_string();
-        tokio::spawn(async move {
-            let opts = hoard_core::prune::PruneOptions { max_unused: 0.05, dry_run: false };
-            match tokio::time::timeout(PRUNE_TIMEOUT, hoard_core::prune::prune(core, opts)).await {
-                Ok(Ok(o)) => tracing::info!(repository = name, packs_removed = o.packs_removed, "pruned"),
-                Ok(Err(e)) => tracing::warn!(repository = name, "prune failed: {e}"),
-                Err(_) => tracing::warn!(repository = name, "prune did not finish in {PRUNE_TIMEOUT:?}; stopped"),
-            }
-        });
+        repo::spawn_prune(Arc::new(core), repo_name.to_string());
     }
     Ok(remove.len() as u32)
 }
@@ -523,9 +548,14 @@ async fn finish(
                 }
             }
         }
+        let was = snap.status.as_ref().and_then(|s| s.phase);
         st.phase = Some(if ok { SnapshotPhase::Succeeded } else { SnapshotPhase::Failed });
         st.last_update_time = Some(fmt_time(now));
         apply_status(&snaps, snap, serde_json::to_value(&st)?).await?;
+        if was != st.phase {
+            let note = format!("{} of {} component(s) backed up", succeeded_count(&st), st.components.len());
+            ctx.event(snap, !ok, if ok { "Succeeded" } else { "Failed" }, note).await;
+        }
         listed.push(SessionSnapshot { name: snap.name_any(), repository: repo_name.clone(), phase: st.phase });
     }
     let mut s = bs.status.clone().unwrap_or_default();

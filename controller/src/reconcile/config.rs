@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use hoard_api::crd::{
-    AppRef, BackupConfiguration, BackupSession, BackupSessionSpec, ConfigurationPhase, Invoker, Repository,
-    RepositorySpec, RetentionPolicy, SessionPhase, SessionScheduleStatus, Trigger,
+    AppRef, Backend, BackupConfiguration, BackupSession, BackupSessionSpec, ConfigurationPhase, Invoker, Repository,
+    RepositoryConfig, RepositorySpec, RetentionPolicy, SessionPhase, SessionScheduleStatus, Trigger,
 };
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -17,7 +17,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::error::{Error, Result, is_conflict, is_not_found};
-use crate::reconcile::repo::{admits, storage_access};
+use crate::reconcile::repo::{admits, same_namespace_secret, storage_access};
 use crate::schedule::{Schedule, fmt_time, parse_time, session_name};
 use crate::{CONFIG_LABEL, Context, FIELD_MANAGER, SESSION_LABEL, apply_status};
 
@@ -117,6 +117,12 @@ async fn validate(bc: &BackupConfiguration, ctx: &Context) -> Result<()> {
     let ns = bc.namespace().unwrap_or_default();
     for s in &bc.spec.sessions {
         Schedule::parse(&s.scheduler).map_err(|e| Error::invalid(format!("session {}", s.name), e.to_string()))?;
+        for r in &s.repositories {
+            let backend = backend_of(bc, r)?;
+            let storage_ns = backend.storage_ref.namespace_or(&ns);
+            crate::storage::confine_path(&repository_path(&ns, r), &ns, storage_ns)?;
+            same_namespace_secret(&r.encryption_secret, &ns, &format!("repository {} encryptionSecret", r.name))?;
+        }
     }
     for b in &bc.spec.backends {
         let sns = b.storage_ref.namespace_or(&ns).to_string();
@@ -137,25 +143,37 @@ async fn validate(bc: &BackupConfiguration, ctx: &Context) -> Result<()> {
     Ok(())
 }
 
+fn backend_of<'a>(bc: &'a BackupConfiguration, r: &RepositoryConfig) -> Result<&'a Backend> {
+    bc.spec
+        .backends
+        .iter()
+        .find(|b| b.name == r.backend)
+        .ok_or_else(|| Error::invalid("repository", format!("{} names unknown backend {}", r.name, r.backend)))
+}
+
+/// The repository's directory in its storage: `directory`, else `<namespace>/<name>`.
+fn repository_path(ns: &str, r: &RepositoryConfig) -> String {
+    r.directory.clone().unwrap_or_else(|| format!("{ns}/{}", r.name))
+}
+
 /// Creates (or updates) the Repository objects of every session.
 async fn ensure_repositories(bc: &BackupConfiguration, ctx: &Context) -> Result<()> {
     let ns = bc.namespace().unwrap_or_default();
     let api: Api<Repository> = Api::namespaced(ctx.client.clone(), &ns);
     for s in &bc.spec.sessions {
         for r in &s.repositories {
-            let backend = bc.spec.backends.iter().find(|b| b.name == r.backend).ok_or_else(|| {
-                Error::invalid("repository", format!("{} names unknown backend {}", r.name, r.backend))
-            })?;
+            let backend = backend_of(bc, r)?;
             let spec = RepositorySpec {
                 app_ref: Some(AppRef { target: bc.spec.target.clone(), namespace: ns.clone() }),
                 storage_ref: hoard_api::crd::ObjectRef {
                     name: backend.storage_ref.name.clone(),
                     namespace: Some(backend.storage_ref.namespace_or(&ns).to_string()),
                 },
-                path: r.directory.clone().unwrap_or_else(|| format!("{ns}/{}", r.name)),
+                path: repository_path(&ns, r),
                 encryption_secret: r.encryption_secret.clone(),
                 deletion_policy: r.deletion_policy,
                 paused: false,
+                usage_policy: None,
             };
             let mut obj = Repository::new(&r.name, spec);
             obj.metadata.labels = Some([(CONFIG_LABEL.to_string(), bc.name_any())].into());

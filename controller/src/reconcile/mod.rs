@@ -284,7 +284,17 @@ pub async fn run(ctx: Arc<Context>) {
                 tracing::debug!(controller = "backupstorage", "{e}");
             }
         });
-    tokio::join!(configs, sessions, restores, repositories, storages);
+    let (store, stream) = spec_stream(Api::<Snapshot>::all(c.clone()));
+    let snapshot_objects = Controller::for_stream(stream, store)
+        .with_config(ControllerConfig::default().concurrency(2))
+        .shutdown_on_signal()
+        .run(counted("snapshot", repo::reconcile_snapshot), error_policy("snapshot"), Arc::clone(&ctx))
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(controller = "snapshot", "{e}");
+            }
+        });
+    tokio::join!(configs, sessions, restores, repositories, storages, snapshot_objects);
 }
 
 #[cfg(test)]

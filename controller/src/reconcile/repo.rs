@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hoard_api::agent::v1::{Repository as RepoMsg, S3Credentials};
+use hoard_api::agent::v1::Repository as RepoMsg;
 use hoard_api::crd::{
     BackupStorage, ComponentPhase, ComponentStatus, DeletionPolicy, Repository, RepositoryPhase, RepositorySpec,
     Snapshot, SnapshotInfo, SnapshotPhase, StoragePhase, StoredRepository,
 };
-use hoard_core::store::{ObjectStoreBackend, RetryPolicy, RetryStore, Store, StoreOptions};
+use hoard_core::store::Store;
 use hoard_core::{Password, Repository as CoreRepo};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -23,8 +23,8 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::error::{Error, Result, is_not_found};
-use crate::schedule::fmt_time;
-use crate::storage::{self, Meta, MetaRepository};
+use crate::schedule::{fmt_time, parse_time};
+use crate::storage::{self, Meta, MetaRepository, StorageCredentials};
 use crate::{Context, FIELD_MANAGER, REPOSITORY_LABEL, SNAPSHOT_LABEL, apply_status};
 
 pub const FINALIZER: &str = "hoard.dev/wipe-out";
@@ -34,7 +34,8 @@ pub const FINALIZER: &str = "hoard.dev/wipe-out";
 pub struct Access {
     pub location: String,
     pub password: String,
-    pub s3: Option<S3Credentials>,
+    /// The storage's object-store credentials (`None`: ambient, or a filesystem storage).
+    pub credentials: Option<StorageCredentials>,
 }
 
 impl std::fmt::Debug for Access {
@@ -45,7 +46,12 @@ impl std::fmt::Debug for Access {
 
 impl Access {
     pub fn message(&self) -> RepoMsg {
-        RepoMsg { location: self.location.clone(), password: self.password.clone(), s3: self.s3.clone() }
+        let mut msg =
+            RepoMsg { location: self.location.clone(), password: self.password.clone(), ..Default::default() };
+        if let Some(c) = &self.credentials {
+            c.apply(&mut msg);
+        }
+        msg
     }
 }
 
@@ -57,7 +63,7 @@ pub async fn storage_access(
     storage_name: &str,
     user_ns: &str,
     dir: &str,
-) -> Result<(BackupStorage, String, Option<S3Credentials>)> {
+) -> Result<(BackupStorage, String, Option<StorageCredentials>)> {
     let api: Api<BackupStorage> = Api::namespaced(ctx.client.clone(), storage_ns);
     let bs = match api.get(storage_name).await {
         Ok(b) => b,
@@ -69,11 +75,23 @@ pub async fn storage_access(
     admits(ctx, &bs.spec.usage_policy, storage_ns, user_ns, &format!("BackupStorage {storage_ns}/{storage_name}"))
         .await?;
     let location = storage::location(&bs.spec, dir, ctx.config.allow_file_repositories)?;
-    let s3 = match storage::credentials_secret(&bs.spec) {
-        Some(secret) => storage::s3_credentials(&bs.spec, &ctx.secret_data(storage_ns, secret).await?),
-        None => storage::s3_credentials(&bs.spec, &BTreeMap::new()),
-    };
-    Ok((bs, location, s3))
+    let credentials = storage_credentials(ctx, storage_ns, &bs).await?;
+    Ok((bs, location, credentials))
+}
+
+/// The storage's credentials, from its Secret (in the storage's namespace) when it names one.
+async fn storage_credentials(
+    ctx: &Context,
+    storage_ns: &str,
+    bs: &BackupStorage,
+) -> Result<Option<StorageCredentials>> {
+    match storage::credentials_secret(&bs.spec) {
+        Some(secret) => {
+            let data = ctx.secret_data(storage_ns, secret).await?;
+            storage::credentials(&bs.spec, Some((secret, &data)))
+        }
+        None => storage::credentials(&bs.spec, None),
+    }
 }
 
 /// Multi-tenancy: `user_ns` may use an object of `owner_ns` only if its usage policy admits it.
@@ -97,57 +115,51 @@ pub async fn admits(
     }
 }
 
+/// Multi-tenancy: a Secret an object names must live in that object's namespace. The controller
+/// reads Secrets with its own rights, so honouring another namespace here would let any tenant
+/// borrow a neighbour's password.
+pub fn same_namespace_secret<'a>(secret: &'a hoard_api::crd::SecretRef, ns: &'a str, field: &str) -> Result<&'a str> {
+    match secret.namespace.as_deref().filter(|n| !n.is_empty()) {
+        Some(other) if other != ns => Err(Error::Forbidden(format!(
+            "{field} names Secret {other}/{}: a Secret must be in the namespace {ns} of the object that uses it",
+            secret.name
+        ))),
+        _ => Ok(ns),
+    }
+}
+
 /// How to open `repo` (its storage must admit the repository's namespace).
 pub async fn access(ctx: &Context, repo: &Repository) -> Result<Access> {
     let ns = repo.namespace().unwrap_or_default();
     let storage_ns = repo.spec.storage_ref.namespace_or(&ns).to_string();
-    let (_, location, s3) = storage_access(ctx, &storage_ns, &repo.spec.storage_ref.name, &ns, &repo.spec.path).await?;
-    let secret_ns = repo.spec.encryption_secret.namespace_or(&ns).to_string();
-    let data = ctx.secret_data(&secret_ns, &repo.spec.encryption_secret.name).await?;
+    storage::confine_path(&repo.spec.path, &ns, &storage_ns)?;
+    let (_, location, credentials) =
+        storage_access(ctx, &storage_ns, &repo.spec.storage_ref.name, &ns, &repo.spec.path).await?;
+    let secret_ns = same_namespace_secret(&repo.spec.encryption_secret, &ns, "encryptionSecret")?;
+    let data = ctx.secret_data(secret_ns, &repo.spec.encryption_secret.name).await?;
     let password = storage::password(&data, &repo.spec.encryption_secret.name)?;
-    Ok(Access { location, password, s3 })
+    Ok(Access { location, password, credentials })
 }
 
-/// Opens the object store behind a location, with explicit S3 credentials when given.
-pub fn open_store(location: &str, s3: Option<&S3Credentials>) -> Result<Arc<dyn Store>> {
-    let creds = s3.filter(|c| !c.access_key_id.is_empty() || !c.endpoint.is_empty());
-    if let (Some(rest), Some(c)) = (location.strip_prefix("s3://"), creds) {
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        let client = object_store::ClientOptions::new()
-            .with_timeout(Duration::from_secs(60))
-            .with_connect_timeout(Duration::from_secs(10))
-            .with_allow_http(c.endpoint.starts_with("http://"));
-        let mut b = object_store::aws::AmazonS3Builder::new()
-            .with_bucket_name(bucket)
-            .with_client_options(client)
-            .with_retry(object_store::RetryConfig {
-                max_retries: 2,
-                retry_timeout: Duration::from_secs(20),
-                ..Default::default()
-            })
-            .with_region(if c.region.is_empty() { "us-east-1" } else { &c.region });
-        if !c.endpoint.is_empty() {
-            b = b.with_endpoint(&c.endpoint);
-        }
-        if !c.access_key_id.is_empty() {
-            b = b.with_access_key_id(&c.access_key_id).with_secret_access_key(&c.secret_access_key);
-        }
-        if !c.session_token.is_empty() {
-            b = b.with_token(&c.session_token);
-        }
-        // The builder's error text never includes the secret.
-        let s = b.build().map_err(|e| Error::invalid("S3 storage", e.to_string()))?;
-        let backend = ObjectStoreBackend::new(Arc::new(s), prefix, location.to_string());
-        return Ok(Arc::new(RetryStore::new(backend, RetryPolicy::default())));
+/// Opens the object store behind a location with the storage's credentials, exactly as an agent
+/// opens it from an order (`hoard_api::repository`, then hoard-core). A filesystem location's
+/// directory is created when missing.
+pub fn open_store(location: &str, credentials: Option<&StorageCredentials>) -> Result<Arc<dyn Store>> {
+    let mut msg = RepoMsg { location: location.to_string(), ..Default::default() };
+    if let Some(c) = credentials {
+        c.apply(&mut msg);
     }
-    Ok(hoard_core::store::open_store(location, &StoreOptions { create_dir: true, ..Default::default() })?)
+    let mut opts =
+        hoard_api::repository::store_options(&msg).map_err(|e| Error::invalid("storage credentials", e.to_string()))?;
+    opts.create_dir = true;
+    Ok(hoard_core::store::open_store(location, &opts)?)
 }
 
 /// Opens the repository, creating it when the location holds none. Two initialisations racing
 /// (the Repository reconciler and a session starting) are fine: the loser finds the config the
 /// winner wrote (create-only put) and opens the repository instead.
 pub async fn open_or_init(a: &Access) -> Result<(CoreRepo, bool)> {
-    let store = open_store(&a.location, a.s3.as_ref())?;
+    let store = open_store(&a.location, a.credentials.as_ref())?;
     let pw = Password::new(a.password.as_bytes().to_vec());
     match CoreRepo::open(Arc::clone(&store), &pw).await {
         Ok(r) => Ok((r, false)),
@@ -187,31 +199,48 @@ pub async fn write_meta(store: &dyn Store, meta: &Meta) -> Result<()> {
 async fn storage_root(ctx: &Context, repo: &Repository) -> Result<Arc<dyn Store>> {
     let ns = repo.namespace().unwrap_or_default();
     let storage_ns = repo.spec.storage_ref.namespace_or(&ns).to_string();
-    let (_, root, s3) = storage_access(ctx, &storage_ns, &repo.spec.storage_ref.name, &ns, "").await?;
-    open_store(&root, s3.as_ref())
+    let (_, root, credentials) = storage_access(ctx, &storage_ns, &repo.spec.storage_ref.name, &ns, "").await?;
+    open_store(&root, credentials.as_ref())
 }
 
-/// Makes sure the repository exists in the bucket and is listed in the metadata object.
+/// Makes sure the repository exists in the bucket and is listed in the metadata object. A
+/// repository whose directory overlaps another one's listed there is refused before anything
+/// is written.
 pub async fn ensure_initialised(ctx: &Context, repo: &Repository) -> Result<CoreRepo> {
     let a = access(ctx, repo).await?;
+    let root = storage_root(ctx, repo).await?;
+    let ns = repo.namespace().unwrap_or_default();
+    let name = repo.name_any();
+    refuse_overlap(&read_meta(&*root).await?, &ns, &name, &repo.spec.path)?;
     let (core, created) = open_or_init(&a).await?;
     if created {
         ctx.event(repo, false, "Initialised", format!("created repository at {}", a.location)).await;
     }
-    let root = storage_root(ctx, repo).await?;
-    let mut meta = read_meta(&*root).await?;
     let entry = MetaRepository {
-        name: repo.name_any(),
-        namespace: repo.namespace().unwrap_or_default(),
+        name,
+        namespace: ns,
         path: repo.spec.path.clone(),
         encryption_secret: repo.spec.encryption_secret.clone(),
         app_ref: repo.spec.app_ref.clone(),
         deletion_policy: repo.spec.deletion_policy,
     };
+    let _meta_guard = ctx.meta_lock.lock().await;
+    let mut meta = read_meta(&*root).await?;
+    refuse_overlap(&meta, &entry.namespace, &entry.name, &entry.path)?;
     if meta.upsert(entry) {
         write_meta(&*root, &meta).await?;
     }
     Ok(core)
+}
+
+fn refuse_overlap(meta: &Meta, ns: &str, name: &str, path: &str) -> Result<()> {
+    match meta.overlapping(ns, name, path) {
+        Some(other) => Err(Error::Forbidden(format!(
+            "repository path {path:?} overlaps repository {}/{} at {:?} in the same storage",
+            other.namespace, other.name, other.path
+        ))),
+        None => Ok(()),
+    }
 }
 
 pub async fn reconcile_repository(repo: Arc<Repository>, ctx: Arc<Context>) -> Result<Action> {
@@ -233,11 +262,13 @@ pub async fn reconcile_repository(repo: Arc<Repository>, ctx: Arc<Context>) -> R
 async fn apply_repository(repo: &Repository, ctx: &Context) -> Result<Action> {
     let ns = repo.namespace().unwrap_or_default();
     let api: Api<Repository> = Api::namespaced(ctx.client.clone(), &ns);
-    let (phase, condition) = match ensure_initialised(ctx, repo).await {
-        Ok(_) => (RepositoryPhase::Ready, None),
+    let now = ctx.now();
+    let old = repo.status.clone().unwrap_or_default();
+    let (phase, condition, core) = match ensure_initialised(ctx, repo).await {
+        Ok(core) => (RepositoryPhase::Ready, None, Some(Arc::new(core))),
         Err(e) => {
             tracing::warn!(repository = repo.name_any(), namespace = ns, "repository not ready: {e}");
-            (RepositoryPhase::NotReady, Some(e))
+            (RepositoryPhase::NotReady, Some(e), None)
         }
     };
     // Status from the Snapshot objects (cheap; the bucket is not listed on every pass).
@@ -258,14 +289,49 @@ async fn apply_repository(repo: &Repository, ctx: &Context) -> Result<Action> {
             snapshot_time: s.status.as_ref().and_then(|s| s.snapshot_time.clone()),
         })
         .collect();
+    let last_backup = ok.first().and_then(|s| s.status.as_ref().and_then(|s| s.snapshot_time.clone()));
+
+    // The structural check and the stored size, each only when due.
+    let mut checked = Integrity {
+        integrity: old.integrity,
+        last_check_time: old.last_check_time.clone(),
+        problems: old.integrity_problems.clone(),
+    };
+    let mut total_size = old.total_size;
+    if let Some(core) = &core {
+        let last_check = old.last_check_time.as_deref().and_then(parse_time);
+        let check_ran = check_due(last_check, now, ctx.config.check_interval);
+        if check_ran {
+            match verify(Arc::clone(core)).await {
+                Ok(report) => checked = Integrity::from_report(&report, now),
+                Err(e) => tracing::warn!(repository = repo.name_any(), namespace = ns, "check did not finish: {e}"),
+            }
+        }
+        if check_ran || total_size.is_none() || last_backup != old.last_backup_time {
+            match core.store().list("").await {
+                Ok(objects) => total_size = Some(objects.iter().map(|o| o.size).sum()),
+                Err(e) => tracing::warn!(repository = repo.name_any(), namespace = ns, "size not measured: {e}"),
+            }
+        }
+    }
     let mut status = json!({
         "phase": phase,
         "snapshotCount": ok.len(),
         "size": ok.iter().filter_map(|s| s.status.as_ref().and_then(|s| s.size)).sum::<u64>(),
         "recentSnapshots": recent,
+        "integrityProblems": checked.problems,
     });
-    if let Some(t) = ok.first().and_then(|s| s.status.as_ref().and_then(|s| s.snapshot_time.clone())) {
+    if let Some(t) = &last_backup {
         status["lastBackupTime"] = json!(t);
+    }
+    if let Some(n) = total_size {
+        status["totalSize"] = json!(n);
+    }
+    if let Some(i) = checked.integrity {
+        status["integrity"] = json!(i);
+    }
+    if let Some(t) = &checked.last_check_time {
+        status["lastCheckTime"] = json!(t);
     }
     let (cstatus, reason, message) = match &condition {
         None => ("True", "Initialised", "the repository exists in its storage".to_string()),
@@ -273,13 +339,79 @@ async fn apply_repository(repo: &Repository, ctx: &Context) -> Result<Action> {
     };
     status["conditions"] = json!([{
         "type": "Ready", "status": cstatus, "reason": reason, "message": message,
-        "lastTransitionTime": fmt_time(ctx.now()),
+        "lastTransitionTime": fmt_time(now),
     }]);
     apply_status(&api, repo, status).await?;
+    if old.phase != Some(phase) {
+        ctx.event(repo, phase != RepositoryPhase::Ready, &format!("{phase:?}"), message).await;
+    }
+    match (old.integrity, checked.integrity) {
+        (prev, Some(false)) if prev != Some(false) => {
+            let note = format!(
+                "the check found {} damaged object(s), e.g. {}; run `kubectl hoard repo check` (see docs/cli.md)",
+                checked.problems.len(),
+                checked.problems.first().map(String::as_str).unwrap_or("?")
+            );
+            ctx.event(repo, true, "IntegrityCheckFailed", note).await;
+        }
+        (Some(false), Some(true)) => ctx.event(repo, false, "IntegrityRestored", "the check found no damage").await,
+        _ => {}
+    }
     match condition {
         // Recorded in status; the error policy backs off (exponentially, bounded).
         Some(e) => Err(e),
-        None => Ok(Action::requeue(Duration::from_secs(600))),
+        None => {
+            let interval = ctx.config.check_interval;
+            let wake = if interval.is_zero() { REPOSITORY_PASS } else { REPOSITORY_PASS.min(interval) };
+            Ok(Action::requeue(wake.max(Duration::from_secs(1))))
+        }
+    }
+}
+
+/// A Ready repository's periodic pass.
+pub const REPOSITORY_PASS: Duration = Duration::from_secs(600);
+/// Bound on one structural check.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Whether the structural check is due: never with a zero interval, at once when it never ran.
+pub fn check_due(
+    last: Option<chrono::DateTime<chrono::Utc>>,
+    now: chrono::DateTime<chrono::Utc>,
+    interval: Duration,
+) -> bool {
+    if interval.is_zero() {
+        return false;
+    }
+    match last {
+        None => true,
+        Some(t) => (now - t).to_std().is_ok_and(|age| age >= interval),
+    }
+}
+
+/// What status records of the last structural check.
+#[derive(Debug, Clone, PartialEq)]
+struct Integrity {
+    integrity: Option<bool>,
+    last_check_time: Option<String>,
+    problems: Vec<String>,
+}
+
+impl Integrity {
+    fn from_report(r: &hoard_core::check::CheckReport, now: chrono::DateTime<chrono::Utc>) -> Self {
+        Integrity {
+            integrity: Some(r.errors.is_empty()),
+            last_check_time: Some(fmt_time(now)),
+            problems: r.errors.iter().take(10).map(|p| format!("{}: {}", p.object, p.message)).collect(),
+        }
+    }
+}
+
+/// The structural check (no data read), bounded by [`CHECK_TIMEOUT`].
+async fn verify(core: Arc<CoreRepo>) -> Result<hoard_core::check::CheckReport> {
+    let opts = hoard_core::check::CheckOptions { read_data_fraction: 0.0, concurrency: 4 };
+    match tokio::time::timeout(CHECK_TIMEOUT, hoard_core::check::check(core, opts)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(Error::Transient(format!("the check did not finish within {CHECK_TIMEOUT:?}"))),
     }
 }
 
@@ -290,7 +422,7 @@ async fn cleanup_repository(repo: &Repository, ctx: &Context) -> Result<Action> 
         Ok(root) => {
             if repo.spec.deletion_policy == DeletionPolicy::WipeOut {
                 let a = access(ctx, repo).await?;
-                let store = open_store(&a.location, a.s3.as_ref())?;
+                let store = open_store(&a.location, a.credentials.as_ref())?;
                 let objects = store.list("").await?;
                 for o in &objects {
                     match store.delete(&o.key).await {
@@ -301,6 +433,7 @@ async fn cleanup_repository(repo: &Repository, ctx: &Context) -> Result<Action> 
                 ctx.event(repo, false, "WipedOut", format!("removed {} objects from {}", objects.len(), a.location))
                     .await;
             }
+            let _meta_guard = ctx.meta_lock.lock().await;
             let mut meta = read_meta(&*root).await?;
             if meta.remove(&ns, &repo.name_any()) {
                 write_meta(&*root, &meta).await?;
@@ -313,11 +446,98 @@ async fn cleanup_repository(repo: &Repository, ctx: &Context) -> Result<Action> 
     Ok(Action::await_change())
 }
 
+/// Finalizer on Snapshot objects whose deletion policy is WipeOut.
+pub const SNAPSHOT_FINALIZER: &str = "hoard.dev/wipe-out-snapshot";
+
+/// Snapshot objects with `deletionPolicy: WipeOut` carry [`SNAPSHOT_FINALIZER`]; deleting one
+/// forgets its repository snapshots (every component) and starts a prune. With `Delete` only
+/// the object goes and the data stays, to be found again by repository sync.
+pub async fn reconcile_snapshot(snap: Arc<Snapshot>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = snap.namespace().unwrap_or_default();
+    let has_finalizer = snap.finalizers().iter().any(|f| f == SNAPSHOT_FINALIZER);
+    if snap.spec.deletion_policy != DeletionPolicy::WipeOut && !has_finalizer {
+        return Ok(Action::await_change());
+    }
+    let api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, SNAPSHOT_FINALIZER, snap, |event| async {
+        match event {
+            Finalizer::Apply(_) => Ok(Action::await_change()),
+            Finalizer::Cleanup(s) => wipe_snapshot(&s, &ctx).await.map(|()| Action::await_change()),
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Transient(other.to_string()),
+    })
+}
+
+async fn wipe_snapshot(snap: &Snapshot, ctx: &Context) -> Result<()> {
+    let ns = snap.namespace().unwrap_or_default();
+    if snap.spec.deletion_policy != DeletionPolicy::WipeOut {
+        return Ok(());
+    }
+    let repos: Api<Repository> = Api::namespaced(ctx.client.clone(), &ns);
+    // A repository that is gone, or going, settles its data by its own deletion policy.
+    let Some(repo) = repos.get_opt(&snap.spec.repository).await?.filter(|r| r.metadata.deletion_timestamp.is_none())
+    else {
+        return Ok(());
+    };
+    let ids: Vec<hoard_core::Id> = snap
+        .status
+        .iter()
+        .flat_map(|s| s.components.values())
+        .filter_map(|c| c.snapshot_id.as_deref())
+        .filter_map(|id| hoard_core::Id::from_hex(id).ok())
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let a = access(ctx, &repo).await?;
+    let core = CoreRepo::open(
+        open_store(&a.location, a.credentials.as_ref())?,
+        &Password::new(a.password.as_bytes().to_vec()),
+    )
+    .await?;
+    // Ones already forgotten (by retention, which prunes on its own) are not counted again.
+    let present: std::collections::BTreeSet<String> =
+        core.store().list("snapshots/").await?.into_iter().map(|o| o.key).collect();
+    let mut forgotten = 0;
+    for id in ids.iter().filter(|id| present.contains(&format!("snapshots/{}", id.to_hex()))) {
+        core.delete_snapshot(id).await?;
+        forgotten += 1;
+    }
+    if forgotten > 0 {
+        let note =
+            format!("Snapshot {} deleted: forgot {forgotten} repository snapshot(s); prune follows", snap.name_any());
+        ctx.event(&repo, false, "SnapshotWipedOut", note).await;
+        spawn_prune(Arc::new(core), repo.name_any());
+    }
+    Ok(())
+}
+
+/// Bound on one prune run.
+pub const PRUNE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// Prune as its own bounded task, after snapshots were forgotten: nobody waits for it, and a
+/// failure is logged (the next prune picks up what this one left).
+pub fn spawn_prune(core: Arc<CoreRepo>, name: String) {
+    tokio::spawn(async move {
+        let opts = hoard_core::prune::PruneOptions { max_unused: 0.05, dry_run: false };
+        match tokio::time::timeout(PRUNE_TIMEOUT, hoard_core::prune::prune(core, opts)).await {
+            Ok(Ok(o)) => tracing::info!(repository = name, packs_removed = o.packs_removed, "pruned"),
+            Ok(Err(e)) => tracing::warn!(repository = name, "prune failed: {e}"),
+            Err(_) => tracing::warn!(repository = name, "prune did not finish in {PRUNE_TIMEOUT:?}; stopped"),
+        }
+    });
+}
+
 /// BackupStorage: reachable? which repositories does its metadata list, and do objects exist
 /// for them here? Missing Repository objects (and their Snapshot objects) are re-created.
 pub async fn reconcile_storage(bs: Arc<BackupStorage>, ctx: Arc<Context>) -> Result<Action> {
     let ns = bs.namespace().unwrap_or_default();
     let api: Api<BackupStorage> = Api::namespaced(ctx.client.clone(), &ns);
+    let was = bs.status.as_ref().and_then(|s| s.phase);
     let result = sync_storage(&bs, &ctx).await;
     let (phase, repos, message) = match &result {
         Ok(r) => (StoragePhase::Ready, r.clone(), "the storage is reachable".to_string()),
@@ -333,6 +553,9 @@ pub async fn reconcile_storage(bs: Arc<BackupStorage>, ctx: Arc<Context>) -> Res
         }],
     });
     apply_status(&api, &*bs, status).await?;
+    if was != Some(phase) {
+        ctx.event(&*bs, phase != StoragePhase::Ready, &format!("{phase:?}"), message).await;
+    }
     match result {
         Ok(_) => Ok(Action::requeue(Duration::from_secs(300))),
         // Recorded in status; the error policy backs off (exponentially, bounded).
@@ -343,11 +566,8 @@ pub async fn reconcile_storage(bs: Arc<BackupStorage>, ctx: Arc<Context>) -> Res
 async fn sync_storage(bs: &BackupStorage, ctx: &Context) -> Result<Vec<StoredRepository>> {
     let ns = bs.namespace().unwrap_or_default();
     let root = storage::root_location(&bs.spec, ctx.config.allow_file_repositories)?;
-    let s3 = match storage::credentials_secret(&bs.spec) {
-        Some(secret) => storage::s3_credentials(&bs.spec, &ctx.secret_data(&ns, secret).await?),
-        None => storage::s3_credentials(&bs.spec, &BTreeMap::new()),
-    };
-    let store = open_store(&root, s3.as_ref())?;
+    let credentials = storage_credentials(ctx, &ns, bs).await?;
+    let store = open_store(&root, credentials.as_ref())?;
     let meta = read_meta(&*store).await?;
     let mut out = Vec::new();
     for entry in &meta.repositories {
@@ -374,11 +594,17 @@ async fn sync_repository(ctx: &Context, bs: &BackupStorage, entry: &MetaReposito
     if ns.get_opt(&entry.namespace).await?.is_none() {
         return Err(Error::NotFound(format!("namespace {}", entry.namespace)));
     }
+    // The bucket is not trusted to place repositories: the same tenancy rules as for a
+    // Repository a user writes.
+    let storage_ns = bs.namespace().unwrap_or_default();
+    storage::confine_path(&entry.path, &entry.namespace, &storage_ns)?;
+    same_namespace_secret(&entry.encryption_secret, &entry.namespace, "encryptionSecret")?;
+    let what = format!("BackupStorage {storage_ns}/{}", bs.name_any());
+    admits(ctx, &bs.spec.usage_policy, &storage_ns, &entry.namespace, &what).await?;
     let repos: Api<Repository> = Api::namespaced(ctx.client.clone(), &entry.namespace);
     let repo = match repos.get_opt(&entry.name).await? {
         Some(r) => r,
         None => {
-            let storage_ns = bs.namespace().unwrap_or_default();
             let spec = RepositorySpec {
                 app_ref: entry.app_ref.clone(),
                 storage_ref: hoard_api::crd::ObjectRef { name: bs.name_any(), namespace: Some(storage_ns) },
@@ -386,6 +612,7 @@ async fn sync_repository(ctx: &Context, bs: &BackupStorage, entry: &MetaReposito
                 encryption_secret: entry.encryption_secret.clone(),
                 deletion_policy: entry.deletion_policy,
                 paused: false,
+                usage_policy: None,
             };
             let obj = Repository::new(&entry.name, spec);
             let r = repos.patch(&entry.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&obj)).await?;
@@ -399,7 +626,7 @@ async fn sync_repository(ctx: &Context, bs: &BackupStorage, entry: &MetaReposito
 async fn sync_snapshots(ctx: &Context, repo: &Repository) -> Result<()> {
     let ns = repo.namespace().unwrap_or_default();
     let a = access(ctx, repo).await?;
-    let store = open_store(&a.location, a.s3.as_ref())?;
+    let store = open_store(&a.location, a.credentials.as_ref())?;
     let core = CoreRepo::open(store, &Password::new(a.password.as_bytes().to_vec())).await?;
     let snaps = core.list_snapshots().await?;
     // Group the repository snapshots by the Snapshot object they were made for.
@@ -456,4 +683,48 @@ async fn sync_snapshots(ctx: &Context, repo: &Repository) -> Result<()> {
         apply_status(&api, &created, status).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn the_check_runs_when_due_and_never_when_off() {
+        let now = chrono::Utc.with_ymd_and_hms(2026, 12, 2, 12, 0, 0).single().expect("time");
+        let day = Duration::from_secs(86_400);
+        assert!(check_due(None, now, day), "never checked");
+        assert!(!check_due(Some(now - chrono::Duration::hours(23)), now, day));
+        assert!(check_due(Some(now - chrono::Duration::hours(24)), now, day));
+        assert!(!check_due(None, now, Duration::ZERO), "0s turns it off");
+        assert!(!check_due(Some(now + chrono::Duration::hours(1)), now, day), "a future time is not due");
+    }
+
+    #[test]
+    fn secrets_of_other_namespaces_are_refused() {
+        let mut r = hoard_api::crd::SecretRef::new("pw");
+        assert_eq!(same_namespace_secret(&r, "demo", "encryptionSecret").expect("own"), "demo");
+        r.namespace = Some("demo".into());
+        assert_eq!(same_namespace_secret(&r, "demo", "encryptionSecret").expect("named own"), "demo");
+        r.namespace = Some(String::new());
+        assert_eq!(same_namespace_secret(&r, "demo", "encryptionSecret").expect("empty = own"), "demo");
+        r.namespace = Some("bank".into());
+        let e = same_namespace_secret(&r, "demo", "encryptionSecret").expect_err("foreign");
+        assert!(matches!(e, Error::Forbidden(_)), "{e}");
+        assert!(e.to_string().contains("bank/pw"), "{e}");
+    }
+
+    #[test]
+    fn integrity_lists_at_most_ten_problems() {
+        let now = chrono::Utc.with_ymd_and_hms(2026, 12, 2, 12, 0, 0).single().expect("time");
+        let mut report = hoard_core::check::CheckReport::default();
+        assert_eq!(Integrity::from_report(&report, now).integrity, Some(true));
+        report.errors = (0..12)
+            .map(|i| hoard_core::check::Problem { object: format!("packs/{i}"), message: "damaged".into() })
+            .collect();
+        let i = Integrity::from_report(&report, now);
+        assert_eq!((i.integrity, i.problems.len()), (Some(false), 10));
+        assert_eq!(i.problems[0], "packs/0: damaged");
+    }
 }

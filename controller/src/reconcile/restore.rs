@@ -73,6 +73,7 @@ pub async fn reconcile(rs: Arc<RestoreSession>, ctx: Arc<Context>) -> Result<Act
     }
     let uid = rs.uid().unwrap_or_default();
     // Fold results.
+    let mut transitions = Vec::new();
     for (comp, c) in st.components.iter_mut() {
         let oid = order_id(&uid, comp);
         let Some(state) = ctx.orders.state(&oid) else { continue };
@@ -88,6 +89,12 @@ pub async fn reconcile(rs: Arc<RestoreSession>, ctx: Arc<Context>) -> Result<Act
                 c.error = Some(if p.error.is_empty() { "the order failed".into() } else { p.error.clone() });
             }
             c.progress = None;
+            transitions.push(match c.phase {
+                Some(ComponentPhase::Succeeded) => {
+                    (false, "ComponentRestored", format!("{comp}: {} bytes", c.size.unwrap_or(0)))
+                }
+                _ => (true, "ComponentFailed", format!("{comp}: {}", c.error.as_deref().unwrap_or("failed"))),
+            });
             ctx.orders.forget(&oid);
         } else if let Some(p) = &state.last {
             c.progress = Some(hoard_api::crd::ComponentProgress {
@@ -100,6 +107,9 @@ pub async fn reconcile(rs: Arc<RestoreSession>, ctx: Arc<Context>) -> Result<Act
                 eta_seconds: (p.eta_seconds >= 0.0).then_some(p.eta_seconds as u64),
             });
         }
+    }
+    for (warning, reason, note) in transitions {
+        ctx.event(&*rs, warning, reason, note).await;
     }
     let timed_out = st.restore_deadline.as_deref().and_then(parse_time).is_some_and(|d| now > d);
     // Dispatch pending components (and re-attach orphans after a restart).
@@ -160,7 +170,10 @@ async fn source(ctx: &Context, rs: &RestoreSession) -> Result<(Repository, Snaps
         .await?
         .ok_or_else(|| Error::NotFound(format!("Repository {src_ns}/{}", ds.repository)))?;
     if src_ns != ns {
-        // Reading another namespace's repository needs its storage to admit this namespace.
+        // Reading another namespace's repository needs the repository's own consent (its
+        // usage policy; none by default) and its storage's.
+        let policy = repo.spec.usage_policy.clone().unwrap_or_default();
+        repo::admits(ctx, &policy, &src_ns, &ns, &format!("Repository {src_ns}/{}", ds.repository)).await?;
         let sns = repo.spec.storage_ref.namespace_or(&src_ns).to_string();
         repo::storage_access(ctx, &sns, &repo.spec.storage_ref.name, &ns, "").await?;
     }
@@ -321,8 +334,14 @@ async fn dispatch(ctx: &Context, rs: &RestoreSession, st: &mut RestoreSessionSta
     let volumes = resolve_target(ctx, &ns, &rs.spec.target, &wanted).await?;
     let agents = agent_endpoints(ctx).await?;
     let ds = &rs.spec.data_source;
+    // Restores share the per-node cap with backups: a node's agent is never sent more than
+    // `--max-orders-per-node` orders by this controller, whatever their kind.
+    let mut load = ctx.orders.load();
     for comp in pending {
         let Some(c) = st.components.get_mut(comp) else { continue };
+        // Running here means re-attaching after a controller restart: the agent already holds
+        // that order's slot, so it takes none.
+        let reattach = c.phase == Some(ComponentPhase::Running);
         let want = c.volume.clone().unwrap_or_default();
         let Some(vol) = volumes.iter().find(|v| v.identity.volume_name == want) else {
             c.phase = Some(ComponentPhase::Failed);
@@ -334,6 +353,12 @@ async fn dispatch(ctx: &Context, rs: &RestoreSession, st: &mut RestoreSessionSta
             c.error = Some(format!("no Ready hoard agent on node {}", vol.node()));
             continue;
         };
+        if !crate::session::take_slot(&mut load, vol.node(), ctx.config.max_orders_per_node, reattach) {
+            let cap = ctx.config.max_orders_per_node;
+            c.error =
+                Some(format!("waiting: node {} has {cap} order(s) in flight (--max-orders-per-node)", vol.node()));
+            continue;
+        }
         let order = RestoreOrder {
             order_id: order_id(&uid, comp),
             volume: Some(vol.identity.clone()),
