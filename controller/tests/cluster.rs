@@ -499,8 +499,12 @@ async fn an_unreachable_storage_backs_off_instead_of_looping() {
     })
     .await;
     assert!(!status.conditions.is_empty());
-    let first = ctx.failures.get(&key);
-    assert!(first >= 1, "the failure is counted");
+    // The status is written before the error policy counts the failure: wait for the count.
+    let first = wait_for("the failure counted", Duration::from_secs(10), || async {
+        let n = ctx.failures.get(&key);
+        (n >= 1).then_some(n)
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(9)).await;
     let passes = ctx.failures.get(&key) - first;
     // Back-off 2 s, 4 s, 8 s: at most 3 more passes in 9 s (the hot loop made ~50).
@@ -736,6 +740,26 @@ async fn tenancy_retention_wipeout_and_repository_sync_against_a_real_api_server
     let wiped_second = snaps.get("wiped-second").await.unwrap();
     assert!(wiped_second.finalizers().iter().any(|f| f == "hoard.dev/wipe-out-snapshot"), "{wiped_second:?}");
     assert!(snaps.get("kept-second").await.unwrap().finalizers().is_empty(), "Delete snapshots carry no finalizer");
+
+    // Every transition is an Event on the object it concerns.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &tenant);
+    for (kind, name, reason) in [
+        ("BackupSession", "second", "ComponentSucceeded"),
+        ("BackupSession", "second", "Succeeded"),
+        ("Snapshot", "kept-second", "Succeeded"),
+        ("Repository", "kept", "Initialised"),
+        ("BackupConfiguration", "escape", "Invalid"),
+    ] {
+        wait_for(&format!("Event {reason} on {kind} {name}"), Duration::from_secs(30), || async {
+            events.list(&Default::default()).await.ok()?.items.into_iter().find(|e| {
+                let regarding = e.regarding.as_ref();
+                e.reason.as_deref() == Some(reason)
+                    && regarding.and_then(|r| r.kind.as_deref()) == Some(kind)
+                    && regarding.and_then(|r| r.name.as_deref()) == Some(name)
+            })
+        })
+        .await;
+    }
 
     // Repository status: stored bytes and a clean structural check.
     let repos: Api<hoard_api::crd::Repository> = Api::namespaced(client.clone(), &tenant);
