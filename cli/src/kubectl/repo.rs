@@ -9,10 +9,9 @@
 //! derivation only; no message ever contains one.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use hoard_api::crd::{BackupStorage, Provider, Repository as RepositoryObject, StorageBackend};
-use hoard_core::store::{ObjectStoreBackend, RetryPolicy, RetryStore, Store, StoreOptions};
+use hoard_core::store::{Credentials, Store, StoreOptions};
 use hoard_core::{Password, Repository};
 use k8s_openapi::api::core::v1::Secret;
 
@@ -103,18 +102,6 @@ fn join_path(parts: &[Option<&str>]) -> String {
     parts.iter().flatten().map(|p| p.trim_matches('/')).filter(|p| !p.is_empty()).collect::<Vec<_>>().join("/")
 }
 
-fn client_options(endpoint: Option<&str>) -> object_store::ClientOptions {
-    object_store::ClientOptions::new()
-        .with_timeout(Duration::from_secs(60))
-        .with_connect_timeout(Duration::from_secs(10))
-        .with_allow_http(endpoint.is_some_and(|e| e.starts_with("http://")))
-}
-
-fn client_retry() -> object_store::RetryConfig {
-    // RetryStore does the patient retrying; keep the client's own loop short.
-    object_store::RetryConfig { max_retries: 2, retry_timeout: Duration::from_secs(20), ..Default::default() }
-}
-
 /// Reads the Repository, its BackupStorage and both Secrets, and builds the store.
 pub async fn resolve(ctx: &Ctx, name: &str) -> Result<Resolved, PluginError> {
     let ns = ctx.namespace.as_str();
@@ -129,78 +116,57 @@ pub async fn resolve(ctx: &Ctx, name: &str) -> Result<Resolved, PluginError> {
         ))
     };
     let StorageBackend { provider, s3, gcs, azure, local } = storage.spec.storage;
-    let (location, store): (String, Arc<dyn Store>) = match provider {
+    // The same credentials the controller hands the agents (hoard-core builds every client);
+    // without a Secret, this machine's own (environment, profile, instance role).
+    let (location, credentials) = match provider {
         Provider::S3 => {
             let s3 = s3.ok_or_else(|| bad("provider s3 without spec.storage.s3"))?;
-            let prefix = join_path(&[s3.prefix.as_deref(), Some(&repo.spec.path)]);
-            // No Secret: this machine's own AWS credentials (environment, profile, instance role).
-            let base = match &s3.secret_name {
-                Some(_) => object_store::aws::AmazonS3Builder::new(),
-                None => object_store::aws::AmazonS3Builder::from_env(),
-            };
-            let mut b = base
-                .with_bucket_name(&s3.bucket)
-                .with_client_options(client_options(s3.endpoint.as_deref()))
-                .with_retry(client_retry())
-                .with_region(s3.region.clone().unwrap_or_else(|| "us-east-1".into()));
-            if let Some(ep) = &s3.endpoint {
-                b = b.with_endpoint(ep);
-            }
+            let (mut id, mut key, mut token) = (None, None, None);
             if let Some(secret) = &s3.secret_name {
-                let id = required(ctx, &storage_ns, secret, &["AWS_ACCESS_KEY_ID"], &referrer).await?;
-                let key = required(ctx, &storage_ns, secret, &["AWS_SECRET_ACCESS_KEY"], &referrer).await?;
-                b = b.with_access_key_id(id).with_secret_access_key(key);
-                if let Some(t) = secret_value(ctx, &storage_ns, secret, &["AWS_SESSION_TOKEN"], &referrer).await? {
-                    b = b.with_token(t);
-                }
+                id = Some(required(ctx, &storage_ns, secret, &["AWS_ACCESS_KEY_ID"], &referrer).await?);
+                key = Some(required(ctx, &storage_ns, secret, &["AWS_SECRET_ACCESS_KEY"], &referrer).await?);
+                token = secret_value(ctx, &storage_ns, secret, &["AWS_SESSION_TOKEN"], &referrer).await?;
             }
-            // The builder's errors never include a secret.
-            let s = b.build().map_err(|e| bad(&format!("cannot use the S3 bucket: {e}")))?;
-            let location = format!("s3://{}/{prefix}", s3.bucket);
-            let backend = ObjectStoreBackend::new(Arc::new(s), &prefix, location.clone());
-            (location, Arc::new(RetryStore::new(backend, RetryPolicy::default())))
+            let location = format!("s3://{}/{}", s3.bucket, join_path(&[s3.prefix.as_deref(), Some(&repo.spec.path)]));
+            let creds = Credentials::S3 {
+                endpoint: s3.endpoint,
+                region: s3.region,
+                access_key_id: id,
+                secret_access_key: key,
+                session_token: token,
+            };
+            (location, Some(creds))
         }
         Provider::Gcs => {
             let g = gcs.ok_or_else(|| bad("provider gcs without spec.storage.gcs"))?;
-            let prefix = join_path(&[g.prefix.as_deref(), Some(&repo.spec.path)]);
-            let base = match &g.secret_name {
-                Some(_) => object_store::gcp::GoogleCloudStorageBuilder::new(),
-                None => object_store::gcp::GoogleCloudStorageBuilder::from_env(),
+            let creds = match &g.secret_name {
+                Some(secret) => {
+                    let json = required(ctx, &storage_ns, secret, &["GOOGLE_SERVICE_ACCOUNT_JSON"], &referrer).await?;
+                    Some(Credentials::Gcs { service_account_json: json })
+                }
+                None => None,
             };
-            let mut b =
-                base.with_bucket_name(&g.bucket).with_client_options(client_options(None)).with_retry(client_retry());
-            if let Some(secret) = &g.secret_name {
-                let json = required(ctx, &storage_ns, secret, &["GOOGLE_SERVICE_ACCOUNT_JSON"], &referrer).await?;
-                b = b.with_service_account_key(json);
-            }
-            let s = b.build().map_err(|e| bad(&format!("cannot use the GCS bucket: {e}")))?;
-            let location = format!("gs://{}/{prefix}", g.bucket);
-            let backend = ObjectStoreBackend::new(Arc::new(s), &prefix, location.clone());
-            (location, Arc::new(RetryStore::new(backend, RetryPolicy::default())))
+            (format!("gs://{}/{}", g.bucket, join_path(&[g.prefix.as_deref(), Some(&repo.spec.path)])), creds)
         }
         Provider::Azure => {
             let az = azure.ok_or_else(|| bad("provider azure without spec.storage.azure"))?;
-            let prefix = join_path(&[az.prefix.as_deref(), Some(&repo.spec.path)]);
-            let base = match &az.secret_name {
-                Some(_) => object_store::azure::MicrosoftAzureBuilder::new(),
-                None => object_store::azure::MicrosoftAzureBuilder::from_env(),
-            };
-            let mut b = base
-                .with_account(&az.storage_account)
-                .with_container_name(&az.container)
-                .with_client_options(client_options(az.endpoint.as_deref()))
-                .with_retry(client_retry());
-            if let Some(ep) = &az.endpoint {
-                b = b.with_endpoint(ep.clone()).with_allow_http(ep.starts_with("http://"));
-            }
+            let (mut key, mut sas) = (None, None);
             if let Some(secret) = &az.secret_name {
-                let key = required(ctx, &storage_ns, secret, &["AZURE_ACCOUNT_KEY"], &referrer).await?;
-                b = b.with_access_key(key);
+                key = secret_value(ctx, &storage_ns, secret, &["AZURE_ACCOUNT_KEY"], &referrer).await?;
+                sas = secret_value(ctx, &storage_ns, secret, &["AZURE_SAS_TOKEN"], &referrer).await?;
+                if key.is_none() && sas.is_none() {
+                    required(ctx, &storage_ns, secret, &["AZURE_ACCOUNT_KEY", "AZURE_SAS_TOKEN"], &referrer).await?;
+                }
             }
-            let s = b.build().map_err(|e| bad(&format!("cannot use the Azure container: {e}")))?;
-            let location = format!("az://{}/{prefix}", az.container);
-            let backend = ObjectStoreBackend::new(Arc::new(s), &prefix, location.clone());
-            (location, Arc::new(RetryStore::new(backend, RetryPolicy::default())))
+            let location =
+                format!("az://{}/{}", az.container, join_path(&[az.prefix.as_deref(), Some(&repo.spec.path)]));
+            let creds = Credentials::Azure {
+                account: az.storage_account,
+                access_key: key,
+                sas_token: sas,
+                endpoint: az.endpoint,
+            };
+            (location, Some(creds))
         }
         Provider::Local => {
             let l = local.ok_or_else(|| bad("provider local without spec.storage.local"))?;
@@ -211,11 +177,13 @@ pub async fn resolve(ctx: &Ctx, name: &str) -> Result<Resolved, PluginError> {
                     l.mount_path
                 )));
             }
-            let store = hoard_core::store::open_store(&path, &StoreOptions::default())
-                .map_err(|e| bad(&format!("cannot open {path}: {e}")))?;
-            (path.clone(), store)
+            (path, None)
         }
     };
+    let opts = StoreOptions { credentials, ..Default::default() };
+    // hoard-core's errors name no secret.
+    let store =
+        hoard_core::store::open_store(&location, &opts).map_err(|e| bad(&format!("cannot open {location}: {e}")))?;
     let enc_ns = repo.spec.encryption_secret.namespace_or(ns).to_string();
     let enc = &repo.spec.encryption_secret.name;
     let password = required(

@@ -96,11 +96,16 @@ pub async fn reconcile(bs: Arc<BackupSession>, ctx: Arc<Context>) -> Result<Acti
                 c.progress = Some(progress_of(p));
             }
         }
+        let was = st.phase;
         summarise(&mut st);
         // Written only when something changed (then with the time of the change).
         if serde_json::to_value(&st)? != before {
             st.last_update_time = Some(fmt_time(now));
             apply_status(&snaps_api, snap, serde_json::to_value(&st)?).await?;
+            if was != st.phase && st.phase == Some(SnapshotPhase::Succeeded) {
+                let note = format!("{} of {} component(s) backed up", succeeded_count(&st), st.components.len());
+                ctx.event(&*snap, false, "Succeeded", note).await;
+            }
             snap.status = Some(st);
         }
     }
