@@ -132,16 +132,7 @@ async fn backup_to_s3() {
         let prefix = location.strip_prefix("s3://hoard-test/").unwrap();
         Arc::new(hoard_core::store::ObjectStoreBackend::new(Arc::new(s), prefix, location.clone()))
     };
-    let kdf = hoard_core::crypto::KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
-    let repo = Arc::new(
-        hoard_core::Repository::init(
-            Arc::clone(&store),
-            &hoard_core::Password::new(PASSWORD),
-            hoard_core::repo::InitOptions { kdf, ..Default::default() },
-        )
-        .await
-        .unwrap(),
-    );
+    let repo = init_in(Arc::clone(&store)).await;
     let agent = Agent::start(&tree.root, &pki, &tmp.path().join("work"), &[]);
     let mut client = agent.client(&pki).await;
     let mut msg = repo_msg(tmp.path());
@@ -168,6 +159,13 @@ async fn backup_to_s3() {
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));
 }
 
+/// A new repository in `store` (cheap key derivation: a test, not a secret).
+async fn init_in(store: Arc<dyn hoard_core::store::Store>) -> Arc<hoard_core::Repository> {
+    let kdf = hoard_core::crypto::KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
+    let opts = hoard_core::repo::InitOptions { kdf, ..Default::default() };
+    Arc::new(hoard_core::Repository::init(store, &hoard_core::Password::new(PASSWORD), opts).await.unwrap())
+}
+
 /// Azurite's well-known development account (not a secret).
 const AZURITE_ACCOUNT: &str = "devstoreaccount1";
 const AZURITE_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
@@ -192,16 +190,7 @@ async fn backup_to_azurite_with_order_credentials() {
     };
     let opts = hoard_core::store::StoreOptions { credentials: Some(creds), ..Default::default() };
     let store = hoard_core::store::open_store(&location, &opts).unwrap();
-    let kdf = hoard_core::crypto::KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
-    let repo = Arc::new(
-        hoard_core::Repository::init(
-            Arc::clone(&store),
-            &hoard_core::Password::new(PASSWORD),
-            hoard_core::repo::InitOptions { kdf, ..Default::default() },
-        )
-        .await
-        .unwrap(),
-    );
+    let repo = init_in(Arc::clone(&store)).await;
     let agent = Agent::start(&tree.root, &pki, &tmp.path().join("work"), &[]);
     let mut client = agent.client(&pki).await;
     let mut msg = repo_msg(tmp.path());
