@@ -499,18 +499,13 @@ fn s3_builder(
     b
 }
 
-/// The object store of `provider` with explicit credentials (already checked to be of that
-/// provider). Errors may quote what the builder says: the caller scrubs the secrets.
-fn object_store_with(
-    provider: Provider,
-    bucket: &str,
-    creds: &Credentials,
-    opts: &StoreOptions,
-) -> Result<Arc<dyn ObjectStore>> {
+/// The object store for explicit credentials (the caller checked that they fit the location's
+/// scheme). Errors may quote what the builder says: the caller scrubs the secrets.
+fn object_store_with(bucket: &str, creds: &Credentials, opts: &StoreOptions) -> Result<Arc<dyn ObjectStore>> {
     let bad = |e: object_store::Error| Error::InvalidArgument(e.to_string());
     let invalid = |m: &str| Error::InvalidArgument(m.to_string());
-    match (provider, creds) {
-        (Provider::S3, Credentials::S3 { endpoint, region, access_key_id, secret_access_key, session_token }) => {
+    match creds {
+        Credentials::S3 { endpoint, region, access_key_id, secret_access_key, session_token } => {
             let (base, ambient) = match (given(access_key_id), given(secret_access_key)) {
                 (Some(id), Some(secret)) => {
                     let mut b =
@@ -532,7 +527,7 @@ fn object_store_with(
             let b = s3_builder(base, bucket, endpoint, region, ambient);
             Ok(Arc::new(b.build().map_err(bad)?))
         }
-        (Provider::Azure, Credentials::Azure { account, access_key, sas_token, endpoint }) => {
+        Credentials::Azure { account, access_key, sas_token, endpoint } => {
             if account.is_empty() {
                 return Err(invalid("Azure credentials name no storage account"));
             }
@@ -560,7 +555,7 @@ fn object_store_with(
             }
             Ok(Arc::new(b.build().map_err(bad)?))
         }
-        (Provider::Gcs, Credentials::Gcs { service_account_json }) => {
+        Credentials::Gcs { service_account_json } => {
             if service_account_json.trim().is_empty() {
                 return Err(invalid("the GCS service account key is empty"));
             }
@@ -581,7 +576,6 @@ fn object_store_with(
                 })?;
             Ok(Arc::new(s))
         }
-        _ => Err(Error::Internal(format!("{} credentials for a {provider:?} location", creds.provider()))),
     }
 }
 
@@ -607,7 +601,7 @@ fn open_backend(location: &str, opts: &StoreOptions) -> Result<ObjectStoreBacken
     if let Some((provider, rest)) = remote {
         let (bucket, prefix) = split_bucket(rest);
         let inner = match opts.credentials.as_ref() {
-            Some(c) => object_store_with(provider, &bucket, c, opts).map_err(|e| {
+            Some(c) => object_store_with(&bucket, c, opts).map_err(|e| {
                 let message = match e {
                     Error::InvalidArgument(m) => m,
                     other => other.to_string(),

@@ -33,6 +33,8 @@ pub const FINALIZER: &str = "hoard.dev/wipe-out";
 #[derive(Clone)]
 pub struct Access {
     pub location: String,
+    /// The storage's root (where its metadata object lives).
+    pub root: String,
     pub password: String,
     /// The storage's object-store credentials (`None`: ambient, or a filesystem storage).
     pub credentials: Option<StorageCredentials>,
@@ -52,6 +54,25 @@ impl Access {
             c.apply(&mut msg);
         }
         msg
+    }
+
+    /// The repository's object store.
+    pub fn store(&self) -> Result<Arc<dyn Store>> {
+        open_store(&self.location, self.credentials.as_ref())
+    }
+
+    /// The storage root's object store.
+    pub fn root_store(&self) -> Result<Arc<dyn Store>> {
+        open_store(&self.root, self.credentials.as_ref())
+    }
+
+    pub fn password(&self) -> Password {
+        Password::new(self.password.as_bytes().to_vec())
+    }
+
+    /// Opens the (existing) repository.
+    pub async fn open(&self) -> Result<CoreRepo> {
+        Ok(CoreRepo::open(self.store()?, &self.password()).await?)
     }
 }
 
@@ -133,12 +154,13 @@ pub async fn access(ctx: &Context, repo: &Repository) -> Result<Access> {
     let ns = repo.namespace().unwrap_or_default();
     let storage_ns = repo.spec.storage_ref.namespace_or(&ns).to_string();
     storage::confine_path(&repo.spec.path, &ns, &storage_ns)?;
-    let (_, location, credentials) =
+    let (storage, location, credentials) =
         storage_access(ctx, &storage_ns, &repo.spec.storage_ref.name, &ns, &repo.spec.path).await?;
+    let root = storage::root_location(&storage.spec, ctx.config.allow_file_repositories)?;
     let secret_ns = same_namespace_secret(&repo.spec.encryption_secret, &ns, "encryptionSecret")?;
     let data = ctx.secret_data(secret_ns, &repo.spec.encryption_secret.name).await?;
     let password = storage::password(&data, &repo.spec.encryption_secret.name)?;
-    Ok(Access { location, password, credentials })
+    Ok(Access { location, root, password, credentials })
 }
 
 /// Opens the object store behind a location with the storage's credentials, exactly as an agent
@@ -159,8 +181,8 @@ pub fn open_store(location: &str, credentials: Option<&StorageCredentials>) -> R
 /// (the Repository reconciler and a session starting) are fine: the loser finds the config the
 /// winner wrote (create-only put) and opens the repository instead.
 pub async fn open_or_init(a: &Access) -> Result<(CoreRepo, bool)> {
-    let store = open_store(&a.location, a.credentials.as_ref())?;
-    let pw = Password::new(a.password.as_bytes().to_vec());
+    let store = a.store()?;
+    let pw = a.password();
     match CoreRepo::open(Arc::clone(&store), &pw).await {
         Ok(r) => Ok((r, false)),
         Err(hoard_core::Error::RepositoryNotFound(_)) => {
@@ -208,7 +230,7 @@ async fn storage_root(ctx: &Context, repo: &Repository) -> Result<Arc<dyn Store>
 /// is written.
 pub async fn ensure_initialised(ctx: &Context, repo: &Repository) -> Result<CoreRepo> {
     let a = access(ctx, repo).await?;
-    let root = storage_root(ctx, repo).await?;
+    let root = a.root_store()?;
     let ns = repo.namespace().unwrap_or_default();
     let name = repo.name_any();
     refuse_overlap(&read_meta(&*root).await?, &ns, &name, &repo.spec.path)?;
@@ -422,7 +444,7 @@ async fn cleanup_repository(repo: &Repository, ctx: &Context) -> Result<Action> 
         Ok(root) => {
             if repo.spec.deletion_policy == DeletionPolicy::WipeOut {
                 let a = access(ctx, repo).await?;
-                let store = open_store(&a.location, a.credentials.as_ref())?;
+                let store = a.store()?;
                 let objects = store.list("").await?;
                 for o in &objects {
                     match store.delete(&o.key).await {
@@ -494,11 +516,7 @@ async fn wipe_snapshot(snap: &Snapshot, ctx: &Context) -> Result<()> {
         return Ok(());
     }
     let a = access(ctx, &repo).await?;
-    let core = CoreRepo::open(
-        open_store(&a.location, a.credentials.as_ref())?,
-        &Password::new(a.password.as_bytes().to_vec()),
-    )
-    .await?;
+    let core = a.open().await?;
     // Ones already forgotten (by retention, which prunes on its own) are not counted again.
     let present: std::collections::BTreeSet<String> =
         core.store().list("snapshots/").await?.into_iter().map(|o| o.key).collect();
@@ -625,9 +643,7 @@ async fn sync_repository(ctx: &Context, bs: &BackupStorage, entry: &MetaReposito
 
 async fn sync_snapshots(ctx: &Context, repo: &Repository) -> Result<()> {
     let ns = repo.namespace().unwrap_or_default();
-    let a = access(ctx, repo).await?;
-    let store = open_store(&a.location, a.credentials.as_ref())?;
-    let core = CoreRepo::open(store, &Password::new(a.password.as_bytes().to_vec())).await?;
+    let core = access(ctx, repo).await?.open().await?;
     let snaps = core.list_snapshots().await?;
     // Group the repository snapshots by the Snapshot object they were made for.
     let mut by_object: BTreeMap<String, Vec<(hoard_core::Id, hoard_core::snapshot::Snapshot)>> = BTreeMap::new();
