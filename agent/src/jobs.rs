@@ -93,6 +93,17 @@ impl Store for CancelStore {
         }
         self.inner.put(key, data).await
     }
+    async fn put_parts(&self, key: &str, parts: Vec<Bytes>) -> hoard_core::Result<()> {
+        self.check()?;
+        if let Some(l) = &self.limit {
+            let len = parts.iter().map(|p| p.len() as u64).sum();
+            tokio::select! {
+                _ = l.take(len) => {}
+                _ = self.cancel.cancelled() => return Err(hoard_core::Error::Cancelled),
+            }
+        }
+        self.inner.put_parts(key, parts).await
+    }
     async fn get(&self, key: &str) -> hoard_core::Result<Bytes> {
         self.check()?;
         self.inner.get(key).await

@@ -36,6 +36,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use crate::budget::Budget;
+use crate::bufpool::BufPool;
 use crate::chunker::Chunker;
 use crate::error::{Error, IoContext, Result};
 use crate::fsmeta;
@@ -53,6 +54,15 @@ const MAX_RECORDED_WARNINGS: usize = 1000;
 /// Files smaller than this are read with plain reads even when io_uring is on: their one or two
 /// reads cost less than the hand-off to the ring thread.
 pub const URING_MIN_FILE: u64 = 256 * 1024;
+
+/// Smallest read segment: reads this large already run at the disk's pace, and a smaller
+/// segment keeps the budget's granularity fine.
+pub const MIN_SEGMENT: usize = 4 * 1024 * 1024;
+
+/// The read segment for a chunker: room for two of its largest chunks.
+fn segment_for(chunker: &Chunker) -> usize {
+    (chunker.max_size() * 2).max(MIN_SEGMENT)
+}
 
 /// What to back up.
 pub enum Source {
@@ -97,7 +107,7 @@ pub struct BackupOptions {
     pub includes: Vec<String>,
     pub one_file_system: bool,
     /// Bytes of file data allowed in flight (read but not yet uploaded in a pack); at least one
-    /// read segment (16 MiB, or twice the largest chunk).
+    /// read segment (twice the largest chunk, at least [`MIN_SEGMENT`]).
     pub memory_budget: usize,
     /// A budget shared with other backups (e.g. every order of a node agent); when set, it is
     /// used instead of a budget of `memory_budget` bytes for this backup alone.
@@ -371,7 +381,12 @@ struct Ctx {
     /// Chunker for files of at least the given size ([`crate::chunker::LargeFileChunking`]).
     large_chunker: Option<(u64, Chunker)>,
     budget: Arc<Budget>,
+    /// Read segment for files cut by `chunker` (twice its largest chunk, at least
+    /// [`MIN_SEGMENT`]); `large_chunker`'s segment is `large_segment`.
     segment: usize,
+    large_segment: usize,
+    /// Segment buffers come from and go back to this pool (shared with the writer's packs).
+    pool: Arc<BufPool>,
     progress: Arc<Progress>,
     /// The io_uring reader of this backup, when in use.
     uring: Option<crate::uring::UringReader>,
@@ -460,11 +475,13 @@ impl Ctx {
     /// Reads a source into content extents: segments under the budget, FastCDC, hash, add.
     /// `size_hint`: the expected length; a small file then gets a small first buffer (and budget
     /// share) instead of a whole segment.
+    /// `read(buf, max)` appends at most `max` bytes to `buf` and returns how many (0 at the end).
     fn chunk_stream(
         &self,
         chunker: &Chunker,
+        segment: usize,
         size_hint: Option<u64>,
-        mut read: impl FnMut(&mut Vec<u8>) -> std::io::Result<usize>,
+        mut read: impl FnMut(&mut Vec<u8>, usize) -> std::io::Result<usize>,
     ) -> Result<(Vec<Extent>, u64)> {
         let keys = Arc::clone(self.repo.keys());
         let mut extents: Vec<Extent> = Vec::new();
@@ -473,14 +490,14 @@ impl Ctx {
         let mut first = size_hint;
         loop {
             // One byte of room past the hint, so the end of the file is seen in the same pass.
-            let cap = first.take().map_or(self.segment, |h| (h as usize).saturating_add(4096).min(self.segment));
+            let cap = first.take().map_or(segment, |h| (h as usize).saturating_add(4096).min(segment));
             let guard = Arc::new(self.budget.acquire(cap));
-            let mut buf = Vec::with_capacity(cap);
+            let mut buf = self.pool.take(cap);
             buf.extend_from_slice(&carry);
             let mut eof = false;
             while buf.len() < cap {
                 let before = buf.len();
-                let n = read(&mut buf).map_err(|e| Error::io("read", e))?;
+                let n = read(&mut buf, cap - before).map_err(|e| Error::io("read", e))?;
                 debug_assert_eq!(buf.len(), before + n);
                 if n == 0 {
                     eof = true;
@@ -491,7 +508,7 @@ impl Ctx {
                 self.progress.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
                 self.stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
             }
-            let data = Bytes::from(buf);
+            let data = self.pool.freeze(buf);
             let mut pos = 0;
             while let Some(n) = chunker.next_chunk_len(&data[pos..], eof) {
                 let chunk = data.slice(pos..pos + n);
@@ -554,9 +571,9 @@ impl Ctx {
         let fd = Arc::new(fd);
         let uring = self.uring.as_ref().filter(|_| st.st_size >= URING_MIN_FILE as i64);
         let mut offset = 0u64;
-        let read = |buf: &mut Vec<u8>| -> std::io::Result<usize> {
+        let read = |buf: &mut Vec<u8>, max: usize| -> std::io::Result<usize> {
             let via_ring = match uring {
-                Some(u) => match u.read_at(&fd, offset, buf) {
+                Some(u) => match u.read_at(&fd, offset, buf, max) {
                     // The ring thread failed (logged there): this and later reads use pread.
                     Err(e) if crate::uring::is_stopped(&e) => None,
                     r => Some(r),
@@ -569,23 +586,18 @@ impl Ctx {
                     self.progress.bytes_read_io_uring.fetch_add(n as u64, Ordering::Relaxed);
                     n
                 }
-                None => loop {
-                    match rustix::io::pread(&*fd, rustix::buffer::spare_capacity(buf), offset) {
-                        Err(rustix::io::Errno::INTR) => continue,
-                        other => break other.map_err(std::io::Error::from)?,
-                    }
-                },
+                None => crate::uring::pread_append(&fd, buf, offset, max)?,
             };
             offset += n as u64;
             Ok(n)
         };
         // Chunk parameters depend on the size at open only, so re-backups cut the same chunks.
         let size = st.st_size.max(0) as u64;
-        let chunker = match &self.large_chunker {
-            Some((min, c)) if size >= *min => c,
-            _ => &self.chunker,
+        let (chunker, segment) = match &self.large_chunker {
+            Some((min, c)) if size >= *min => (c, self.large_segment),
+            _ => (&self.chunker, self.segment),
         };
-        match self.chunk_stream(chunker, Some(size), read) {
+        match self.chunk_stream(chunker, segment, Some(size), read) {
             Ok((content, size)) => {
                 if let Some(h) = &self.hooks.after_read {
                     h(&job.rel);
@@ -954,9 +966,9 @@ fn scan(path: &Path, excludes: &Excludes, includes: Option<&Includes>, progress:
 }
 
 fn stream_tree(ctx: &Ctx, name: &str, mut reader: Box<dyn Read + Send>) -> Result<Id> {
-    let read = |buf: &mut Vec<u8>| -> std::io::Result<usize> {
+    let read = |buf: &mut Vec<u8>, max: usize| -> std::io::Result<usize> {
         let start = buf.len();
-        let want = buf.capacity() - start;
+        let want = (buf.capacity() - start).min(max);
         buf.resize(start + want, 0);
         let r = loop {
             match reader.read(&mut buf[start..]) {
@@ -968,7 +980,7 @@ fn stream_tree(ctx: &Ctx, name: &str, mut reader: Box<dyn Read + Send>) -> Resul
         buf.truncate(start + n);
         r
     };
-    let (content, size) = ctx.chunk_stream(&ctx.chunker, None, read)?;
+    let (content, size) = ctx.chunk_stream(&ctx.chunker, ctx.segment, None, read)?;
     let now = Utc::now();
     let mut node = Node::new(name.as_bytes().to_vec(), NodeKind::File);
     node.mode = 0o600;
@@ -1058,8 +1070,8 @@ async fn backup_locked(
     let includes = Some(Includes::new(&opts.includes)?).filter(|i| !i.is_empty());
     let chunker = repo.chunker()?;
     let large_chunker = repo.large_file_chunker()?;
-    let max_chunk = large_chunker.as_ref().map_or(0, |(_, c)| c.max_size()).max(chunker.max_size());
-    let segment = (max_chunk * 2).max(16 * 1024 * 1024);
+    let segment = segment_for(&chunker);
+    let large_segment = large_chunker.as_ref().map_or(segment, |(_, c)| segment_for(c));
     let mut writer_cfg = opts.writer.clone();
     writer_cfg.lease = Some(lock.lease());
     writer_cfg.progress = Some(Arc::clone(&opts.progress));
@@ -1083,6 +1095,8 @@ async fn backup_locked(
         Some(b) => Arc::clone(b),
         None => Budget::new(opts.memory_budget.max(segment)),
     };
+    // Free segment buffers kept: no more than the budget lets readers fill at once.
+    let pool = BufPool::new(opts.memory_budget.max(segment));
     let writer = BlobWriter::start(Arc::clone(repo), writer_cfg);
     let wstats = writer.stats();
     let ctx = Arc::new(Ctx {
@@ -1092,6 +1106,8 @@ async fn backup_locked(
         large_chunker,
         budget,
         segment,
+        large_segment,
+        pool,
         progress: Arc::clone(&opts.progress),
         uring,
         handle: tokio::runtime::Handle::current(),

@@ -364,6 +364,10 @@ impl<S: Store> Store for FaultyStore<S> {
         self.call(Op::Put, key, || self.inner.put(key, data)).await
     }
 
+    async fn put_parts(&self, key: &str, parts: Vec<Bytes>) -> Result<()> {
+        self.call(Op::Put, key, || self.inner.put_parts(key, parts)).await
+    }
+
     async fn get(&self, key: &str) -> Result<Bytes> {
         self.call(Op::Get, key, || self.inner.get(key)).await
     }

@@ -18,6 +18,15 @@ impl Id {
         Id(*blake3::hash(data).as_bytes())
     }
 
+    /// The id of the concatenation of `parts` (equal to [`Id::of_bytes`] of the joined bytes).
+    pub fn of_parts<P: AsRef<[u8]>>(parts: &[P]) -> Id {
+        let mut h = blake3::Hasher::new();
+        for p in parts {
+            h.update(p.as_ref());
+        }
+        Id(*h.finalize().as_bytes())
+    }
+
     pub fn random() -> Id {
         let mut b = [0u8; 32];
         crate::crypto::fill_random(&mut b);

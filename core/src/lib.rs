@@ -12,6 +12,7 @@
 pub mod backup;
 pub mod browse;
 pub mod budget;
+pub mod bufpool;
 pub mod check;
 pub mod chunker;
 pub mod copy;

@@ -5,8 +5,11 @@
 //! `type (u8) ‖ compression (u8) ‖ id (32) ‖ stored_len (u32 LE) ‖ raw_len (u32 LE)`; blob offsets
 //! follow from the order. A pack's name is the BLAKE3 of all its bytes.
 //!
-//! [`PackBuilder`] is sans-IO: it accumulates sealed blobs and returns finished pack bytes.
+//! [`PackBuilder`] is sans-IO: it collects sealed blobs and returns a finished pack as the list
+//! of its parts (the blobs' own buffers, never copied into one) for a multi-part `put`.
 //! Decoding checks every length against the pack size before allocating.
+
+use bytes::Bytes;
 
 use crate::crypto::{Keys, SEAL_OVERHEAD, SealType};
 use crate::error::{Error, ObjectKind, Result};
@@ -81,28 +84,34 @@ pub struct SealedBlob {
     pub bytes: Vec<u8>,
 }
 
-/// A finished pack: its bytes, name and directory.
+/// A finished pack: its name, its bytes as consecutive parts, and its directory.
 #[derive(Debug)]
 pub struct FinishedPack {
     pub id: Id,
-    pub bytes: Vec<u8>,
+    pub parts: Vec<Bytes>,
+    pub len: u64,
     pub entries: Vec<PackEntry>,
 }
 
-/// Accumulates sealed blobs into one pack.
+impl FinishedPack {
+    /// The pack's bytes in one buffer (a copy).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.parts.concat()
+    }
+}
+
+/// Collects sealed blobs into one pack.
 #[derive(Debug, Default)]
 pub struct PackBuilder {
-    buf: Vec<u8>,
+    parts: Vec<Bytes>,
+    len: usize,
     entries: Vec<PackEntry>,
 }
 
 impl PackBuilder {
-    pub fn with_capacity(bytes: usize) -> Self {
-        PackBuilder { buf: Vec::with_capacity(bytes), entries: Vec::new() }
-    }
-
+    /// Bytes of the blobs added so far.
     pub fn len(&self) -> usize {
-        self.buf.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -113,16 +122,17 @@ impl PackBuilder {
         self.entries.len()
     }
 
-    pub fn add(&mut self, blob: &SealedBlob) {
+    pub fn add(&mut self, blob: SealedBlob) {
         self.entries.push(PackEntry {
             ty: blob.ty,
             compression: blob.compression,
             id: blob.id,
-            offset: self.buf.len() as u32,
+            offset: self.len as u32,
             stored_len: blob.bytes.len() as u32,
             raw_len: blob.raw_len,
         });
-        self.buf.extend_from_slice(&blob.bytes);
+        self.len += blob.bytes.len();
+        self.parts.push(Bytes::from(blob.bytes));
     }
 
     /// Seals the header, appends it and returns the pack; the builder is empty afterwards.
@@ -137,12 +147,14 @@ impl PackBuilder {
             header.extend_from_slice(&e.stored_len.to_le_bytes());
             header.extend_from_slice(&e.raw_len.to_le_bytes());
         }
-        let sealed = keys.seal_meta(SealType::PackHeader, &header)?;
-        let mut bytes = std::mem::take(&mut self.buf);
-        bytes.extend_from_slice(&sealed);
-        bytes.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+        let mut sealed = keys.seal_meta(SealType::PackHeader, &header)?;
+        let header_len = sealed.len() as u32;
+        sealed.extend_from_slice(&header_len.to_le_bytes());
+        let mut parts = std::mem::take(&mut self.parts);
+        parts.push(Bytes::from(sealed));
+        let len = std::mem::take(&mut self.len) as u64 + header_len as u64 + 4;
         let entries = std::mem::take(&mut self.entries);
-        Ok(FinishedPack { id: Id::of_bytes(&bytes), bytes, entries })
+        Ok(FinishedPack { id: Id::of_parts(&parts), parts, len, entries })
     }
 }
 
@@ -214,15 +226,20 @@ mod tests {
         let k = keys();
         let mut b = PackBuilder::default();
         for i in 0..10u8 {
-            b.add(&sealed(&k, &vec![i; 100 + i as usize]));
+            b.add(sealed(&k, &vec![i; 100 + i as usize]));
         }
         let p = b.finish(&k).unwrap();
-        let len = p.bytes.len() as u64;
-        let r = header_range(len, &p.bytes[p.bytes.len() - 4..]).unwrap();
-        let entries = decode_header(&k, "p", &p.bytes[r.start as usize..r.end as usize], len).unwrap();
+        let bytes = p.to_vec();
+        assert_eq!(p.id, Id::of_bytes(&bytes), "the name is the hash of the whole pack");
+        let len = bytes.len() as u64;
+        assert_eq!(p.len, len);
+        let r = header_range(len, &bytes[bytes.len() - 4..]).unwrap();
+        let entries = decode_header(&k, "p", &bytes[r.start as usize..r.end as usize], len).unwrap();
         assert_eq!(entries, p.entries);
+        assert!(b.is_empty(), "finish empties the builder");
+        assert_eq!(b.len(), 0, "finish resets the byte count");
         for e in &entries {
-            let s = &p.bytes[e.offset as usize..(e.offset + e.stored_len) as usize];
+            let s = &bytes[e.offset as usize..(e.offset + e.stored_len) as usize];
             assert_eq!(k.open_blob(SealType::DataBlob, &e.id, s).unwrap().len(), e.raw_len as usize);
         }
     }
@@ -238,11 +255,12 @@ mod tests {
         fn headers_round_trip(lens in proptest::collection::vec(1usize..300, 0..20)) {
             let k = keys();
             let mut b = PackBuilder::default();
-            for (i, l) in lens.iter().enumerate() { b.add(&sealed(&k, &vec![i as u8; *l])); }
+            for (i, l) in lens.iter().enumerate() { b.add(sealed(&k, &vec![i as u8; *l])); }
             let p = b.finish(&k).unwrap();
-            let len = p.bytes.len() as u64;
-            let r = header_range(len, &p.bytes[p.bytes.len() - 4..]).unwrap();
-            let e = decode_header(&k, "p", &p.bytes[r.start as usize..r.end as usize], len).unwrap();
+            let bytes = p.to_vec();
+            let len = bytes.len() as u64;
+            let r = header_range(len, &bytes[bytes.len() - 4..]).unwrap();
+            let e = decode_header(&k, "p", &bytes[r.start as usize..r.end as usize], len).unwrap();
             prop_assert_eq!(e, p.entries);
         }
     }

@@ -60,6 +60,23 @@ fn probe() -> Result<(), String> {
     Ok(())
 }
 
+/// `pread(2)` of at most `max` bytes at `offset`, appended to `buf` within its capacity (never
+/// reallocating); retries on `EINTR`. Returns the number of bytes read, 0 at end of file.
+pub fn pread_append(fd: &OwnedFd, buf: &mut Vec<u8>, offset: u64, max: usize) -> io::Result<usize> {
+    let room = (buf.capacity() - buf.len()).min(max);
+    let spare = &mut buf.spare_capacity_mut()[..room];
+    let n = loop {
+        match rustix::io::pread(fd, &mut *spare, offset) {
+            Err(rustix::io::Errno::INTR) => continue,
+            Ok((read, _)) => break read.len(),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    // SAFETY: pread initialised the first `n` bytes of the spare capacity (n <= room).
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 /// Whether `e` means the ring thread is gone (the caller should read by other means).
 pub fn is_stopped(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::BrokenPipe && e.to_string().contains(STOPPED)
@@ -77,6 +94,8 @@ struct Request {
     fd: Arc<OwnedFd>,
     offset: u64,
     buf: Vec<u8>,
+    /// Most bytes to read (the buffer's spare capacity may be larger).
+    max: usize,
     reply: Sender<Reply>,
 }
 
@@ -111,12 +130,12 @@ impl UringReader {
         Ok(UringReader { tx: Some(tx), wake, thread: Some(thread) })
     }
 
-    /// Reads at `offset` into the free room of `buf` (appending, like `pread` into spare
-    /// capacity); returns the number of bytes read, 0 at end of file. Blocks the caller.
-    pub fn read_at(&self, fd: &Arc<OwnedFd>, offset: u64, buf: &mut Vec<u8>) -> io::Result<usize> {
+    /// Reads at most `max` bytes at `offset` into the free room of `buf` (appending, like
+    /// [`pread_append`]); returns the number of bytes read, 0 at end of file. Blocks the caller.
+    pub fn read_at(&self, fd: &Arc<OwnedFd>, offset: u64, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
         let tx = self.tx.as_ref().ok_or_else(stopped)?;
         let (reply, rx) = bounded::<Reply>(1);
-        let req = Request { fd: Arc::clone(fd), offset, buf: std::mem::take(buf), reply };
+        let req = Request { fd: Arc::clone(fd), offset, buf: std::mem::take(buf), max, reply };
         if let Err(e) = tx.send(req) {
             *buf = e.0.buf;
             return Err(stopped());
@@ -165,7 +184,7 @@ fn ring_thread(mut ring: IoUring, rx: &Receiver<Request>, wake: &Arc<OwnedFd>, d
                     break;
                 }
             };
-            let room = (req.buf.capacity() - req.buf.len()).min(MAX_READ);
+            let room = (req.buf.capacity() - req.buf.len()).min(req.max).min(MAX_READ);
             if room == 0 {
                 let _ = req.reply.send((req.buf, Ok(0)));
                 continue;
@@ -279,7 +298,7 @@ mod tests {
                     loop {
                         let mut buf = Vec::with_capacity(64 * 1024 + t as usize);
                         buf.extend_from_slice(b"x");
-                        let n = r.read_at(fd, off, &mut buf).unwrap();
+                        let n = r.read_at(fd, off, &mut buf, usize::MAX).unwrap();
                         assert_eq!(buf.len(), 1 + n);
                         if n == 0 {
                             break;
@@ -294,7 +313,7 @@ mod tests {
         // Errors come back as errors: a directory cannot be read.
         let dir: Arc<OwnedFd> = Arc::new(std::fs::File::open(std::env::temp_dir()).unwrap().into());
         let mut buf = Vec::with_capacity(16);
-        assert!(r.read_at(&dir, 0, &mut buf).is_err());
+        assert!(r.read_at(&dir, 0, &mut buf, usize::MAX).is_err());
         assert_eq!(buf.capacity(), 16);
         drop(r);
     }

@@ -336,21 +336,23 @@ fn seal_worker(shared: &Shared, level: i32, jobs: &Receiver<Job>, out: &Sender<S
     let keys = Arc::clone(shared.repo.keys());
     let mut compressor = if level > 0 { zstd::bulk::Compressor::new(level).ok() } else { None };
     let mut sample_compressor = zstd::bulk::Compressor::new(1).ok();
+    // One output buffer per worker, reused: no allocation (and no page faults) per blob.
+    let mut scratch: Vec<u8> = Vec::new();
     for job in jobs.iter() {
         if shared.failed.load(Ordering::Relaxed) {
             continue; // drain so senders never block forever
         }
         let mut compression = Compression::None;
-        let mut compressed = None;
         if let (Some(c), Some(s)) = (compressor.as_mut(), sample_compressor.as_mut())
             && (job.ty == BlobType::Tree || looks_compressible(&job.data, s))
-            && let Ok(out) = c.compress(&job.data)
-            && out.len() < job.data.len()
         {
-            compression = Compression::Zstd;
-            compressed = Some(out);
+            scratch.clear();
+            scratch.reserve(zstd::zstd_safe::compress_bound(job.data.len()));
+            if c.compress_to_buffer(&job.data, &mut scratch).is_ok() && scratch.len() < job.data.len() {
+                compression = Compression::Zstd;
+            }
         }
-        let payload: &[u8] = compressed.as_deref().unwrap_or(&job.data);
+        let payload: &[u8] = if compression == Compression::Zstd { &scratch } else { &job.data };
         let mut bytes = Vec::with_capacity(payload.len() + crate::crypto::SEAL_OVERHEAD);
         keys.seal_blob(job.ty.seal_type(), &job.id, payload, &mut bytes);
         let blob = SealedBlob { ty: job.ty, compression, id: job.id, raw_len: job.data.len() as u32, bytes };
@@ -371,9 +373,10 @@ struct OpenPack {
 
 impl OpenPack {
     fn add(&mut self, s: Sealed) {
-        self.builder.add(&s.blob);
+        let raw_len = s.blob.raw_len as u64;
+        self.builder.add(s.blob);
         if let Some(g) = s.guard {
-            self.budgeted += s.blob.raw_len as u64;
+            self.budgeted += raw_len;
             // Consecutive blobs usually share their reader's segment guard: keep one clone.
             if !self.guards.last().is_some_and(|l| Arc::ptr_eq(l, &g)) {
                 self.guards.push(g);
@@ -389,8 +392,7 @@ impl OpenPack {
 
 fn packer(shared: &Shared, pack_size: usize, blobs: &Receiver<Sealed>, packs: &mpsc::Sender<OutPack>) {
     let keys = Arc::clone(shared.repo.keys());
-    let mut open =
-        OpenPack { builder: PackBuilder::with_capacity(pack_size + pack_size / 8), guards: Vec::new(), budgeted: 0 };
+    let mut open = OpenPack { builder: PackBuilder::default(), guards: Vec::new(), budgeted: 0 };
     let flush = |open: &mut OpenPack| -> bool {
         match open.builder.finish(&keys) {
             Ok(pack) => {
@@ -453,8 +455,8 @@ async fn uploader(shared: Arc<Shared>, mut packs: mpsc::Receiver<OutPack>, concu
                 uploads.spawn(async move {
                     let entries: Vec<PackEntry> = pack.entries;
                     let key = pack_key(&pack.id);
-                    let len = pack.bytes.len() as u64;
-                    match shared.repo.store().put(&key, Bytes::from(pack.bytes)).await {
+                    let len = pack.len;
+                    match shared.repo.store().put_parts(&key, pack.parts).await {
                         Ok(()) | Err(Error::AlreadyExists(_)) => {}
                         Err(e) => return Err(e),
                     }
