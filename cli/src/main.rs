@@ -313,9 +313,10 @@ struct BackupArgs {
     /// Files read at the same time (default: the number of cores, at least 4).
     #[arg(long, default_value_t = hoard_core::backup::default_read_concurrency())]
     read_concurrency: usize,
-    /// Packs uploaded at the same time (default: the number of cores, at least 4).
-    #[arg(long, default_value_t = hoard_core::writer::default_upload_concurrency())]
-    upload_concurrency: usize,
+    /// Packs uploaded at the same time (default: 2 for a repository on a filesystem, else the
+    /// number of cores, at least 4).
+    #[arg(long)]
+    upload_concurrency: Option<usize>,
     /// Read files with plain reads, never io_uring (io_uring is used where the kernel allows).
     #[arg(long)]
     no_io_uring: bool,
@@ -561,7 +562,8 @@ async fn cmd_backup(g: &Global, a: BackupArgs) -> anyhow::Result<u8> {
         progress: Arc::clone(&progress),
         ..BackupOptions::default()
     };
-    opts.writer.upload_concurrency = a.upload_concurrency;
+    opts.writer.upload_concurrency =
+        a.upload_concurrency.unwrap_or_else(|| hoard_core::writer::upload_concurrency_for(&repo.store().location()));
     opts.time = a.time;
     if let Some(h) = &a.host {
         opts.host = h.clone();

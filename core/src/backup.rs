@@ -385,8 +385,12 @@ struct Ctx {
     /// [`MIN_SEGMENT`]); `large_chunker`'s segment is `large_segment`.
     segment: usize,
     large_segment: usize,
-    /// Segment buffers come from and go back to this pool (shared with the writer's packs).
+    /// Segment buffers come from and go back to this pool.
     pool: Arc<BufPool>,
+    /// Bytes of pooled segments alive at once (read, or with chunks not yet sealed): a few
+    /// segments per sealing thread, so readers of large files do not run far ahead of sealing
+    /// with megabytes each. Unlike the budget, released when the segment buffer is freed.
+    segment_room: Arc<Budget>,
     progress: Arc<Progress>,
     /// The io_uring reader of this backup, when in use.
     uring: Option<crate::uring::UringReader>,
@@ -492,6 +496,7 @@ impl Ctx {
             // One byte of room past the hint, so the end of the file is seen in the same pass.
             let cap = first.take().map_or(segment, |h| (h as usize).saturating_add(4096).min(segment));
             let guard = Arc::new(self.budget.acquire(cap));
+            let room = (cap >= crate::bufpool::MIN_POOLED).then(|| self.segment_room.acquire(cap));
             let mut buf = self.pool.take(cap);
             buf.extend_from_slice(&carry);
             let mut eof = false;
@@ -508,7 +513,7 @@ impl Ctx {
                 self.progress.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
                 self.stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
             }
-            let data = self.pool.freeze(buf);
+            let data = self.pool.freeze_holding(buf, room);
             let mut pos = 0;
             while let Some(n) = chunker.next_chunk_len(&data[pos..], eof) {
                 let chunk = data.slice(pos..pos + n);
@@ -1097,6 +1102,8 @@ async fn backup_locked(
     };
     // Free segment buffers kept: no more than the budget lets readers fill at once.
     let pool = BufPool::new(opts.memory_budget.max(segment));
+    let sealing_threads = writer_cfg.workers.max(1);
+    let segment_room = Budget::new((sealing_threads + 1) * segment);
     let writer = BlobWriter::start(Arc::clone(repo), writer_cfg);
     let wstats = writer.stats();
     let ctx = Arc::new(Ctx {
@@ -1108,6 +1115,7 @@ async fn backup_locked(
         segment,
         large_segment,
         pool,
+        segment_room,
         progress: Arc::clone(&opts.progress),
         uring,
         handle: tokio::runtime::Handle::current(),

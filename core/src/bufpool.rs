@@ -10,7 +10,8 @@
 //! * Bounded: at most `retain` bytes of free buffers are kept; a buffer given back beyond that
 //!   is freed. Buffers in use are bounded by their callers (the backup's byte budget).
 //! * [`BufPool::freeze`] turns a buffer into [`Bytes`] that go back to the pool when the last
-//!   clone or slice of them is dropped.
+//!   clone or slice of them is dropped; [`BufPool::freeze_holding`] also keeps a value (e.g. a
+//!   budget guard) alive until then.
 
 use std::sync::{Arc, Mutex};
 
@@ -74,10 +75,15 @@ impl BufPool {
 
     /// The buffer as shared bytes; it returns to the pool when the last reference is dropped.
     pub fn freeze(self: &Arc<Self>, buf: Vec<u8>) -> Bytes {
+        self.freeze_holding(buf, ())
+    }
+
+    /// Like [`BufPool::freeze`]; `hold` is dropped when the buffer is.
+    pub fn freeze_holding<H: Send + 'static>(self: &Arc<Self>, buf: Vec<u8>, hold: H) -> Bytes {
         if buf.capacity() < MIN_POOLED {
-            return Bytes::from(buf);
+            return Bytes::from_owner(Held { buf, _hold: hold });
         }
-        Bytes::from_owner(Pooled { buf, pool: Arc::clone(self) })
+        Bytes::from_owner(Pooled { buf, pool: Arc::clone(self), _hold: hold })
     }
 
     /// Bytes of free buffers held.
@@ -86,18 +92,31 @@ impl BufPool {
     }
 }
 
-struct Pooled {
+struct Pooled<H> {
     buf: Vec<u8>,
     pool: Arc<BufPool>,
+    _hold: H,
 }
 
-impl AsRef<[u8]> for Pooled {
+impl<H> AsRef<[u8]> for Pooled<H> {
     fn as_ref(&self) -> &[u8] {
         &self.buf
     }
 }
 
-impl Drop for Pooled {
+/// An unpooled buffer and what it holds.
+struct Held<H> {
+    buf: Vec<u8>,
+    _hold: H,
+}
+
+impl<H> AsRef<[u8]> for Held<H> {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl<H> Drop for Pooled<H> {
     fn drop(&mut self) {
         self.pool.give(std::mem::take(&mut self.buf));
     }
@@ -142,5 +161,21 @@ mod tests {
         assert_eq!(pool.take(100).capacity(), 100);
         let small = pool.freeze(vec![1, 2, 3]);
         assert_eq!(&small[..], &[1, 2, 3]);
+    }
+
+    #[test]
+    fn held_values_live_as_long_as_the_bytes() {
+        let pool = BufPool::new(4 * MIN_POOLED);
+        for cap in [10, MIN_POOLED] {
+            let held = Arc::new(());
+            let mut buf = pool.take(cap);
+            buf.push(1);
+            let bytes = pool.freeze_holding(buf, Arc::clone(&held));
+            let slice = bytes.slice(0..1);
+            drop(bytes);
+            assert_eq!(Arc::strong_count(&held), 2);
+            drop(slice);
+            assert_eq!(Arc::strong_count(&held), 1);
+        }
     }
 }

@@ -600,6 +600,11 @@ fn object_store_with(bucket: &str, creds: &Credentials, opts: &StoreOptions) -> 
     }
 }
 
+/// Whether a repository location names a directory (a path or `file://`), not an object store.
+pub fn is_filesystem_location(location: &str) -> bool {
+    location.strip_prefix("file://").unwrap_or(location).starts_with('/') || !location.contains(':')
+}
+
 fn store_retry() -> object_store::RetryConfig {
     // Our RetryStore does the patient retrying; keep the client's own loop short.
     object_store::RetryConfig { max_retries: 2, retry_timeout: Duration::from_secs(20), ..Default::default() }
@@ -671,6 +676,16 @@ mod tests {
         assert!(matches!(s.get("nope").await, Err(Error::ObjectNotFound(_))));
         s.delete("packs/ab/abc").await.unwrap();
         assert!(s.list("packs/").await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn filesystem_locations_are_told_apart() {
+        for l in ["/srv/repo", "file:///srv/repo", "repo", "./repo"] {
+            assert!(is_filesystem_location(l), "{l}");
+        }
+        for l in ["s3://b/p", "gs://b", "az://c/p", "memory:"] {
+            assert!(!is_filesystem_location(l), "{l}");
+        }
     }
 
     #[tokio::test]

@@ -73,6 +73,22 @@ pub fn default_upload_concurrency() -> usize {
     default_workers().max(4)
 }
 
+/// Packs written at once to a repository on a filesystem: a local write is bounded by the disk,
+/// not by round trips, and every pack in flight is memory (measured on the bench dataset: 2 kept
+/// the pace of 4 with ~30 MiB less peak RSS).
+pub const FILESYSTEM_UPLOAD_CONCURRENCY: usize = 2;
+
+/// Default packs in flight for a repository at `location` (as [`crate::store::Store::location`]
+/// gives it): [`FILESYSTEM_UPLOAD_CONCURRENCY`] on a filesystem, else
+/// [`default_upload_concurrency`].
+pub fn upload_concurrency_for(location: &str) -> usize {
+    if crate::store::is_filesystem_location(location) {
+        FILESYSTEM_UPLOAD_CONCURRENCY
+    } else {
+        default_upload_concurrency()
+    }
+}
+
 /// Counters the writer keeps; read them for progress and summaries.
 #[derive(Debug, Default)]
 pub struct WriterStats {
@@ -318,10 +334,16 @@ impl Drop for BlobWriter {
     }
 }
 
+/// Chunks smaller than this are compressed without a sample first: zstd gives up on random
+/// input by itself at several GiB/s, while a 16 KiB sample costs 12 % more work on a 128 KiB
+/// chunk that does compress (measured: the sample was net loss once large files got 128 KiB
+/// chunks).
+const SAMPLE_FROM: usize = 1024 * 1024;
+
 /// Whether zstd is worth trying: a sample from the middle must shrink noticeably.
 fn looks_compressible(data: &[u8], compressor: &mut zstd::bulk::Compressor<'_>) -> bool {
     const SAMPLE: usize = 16 * 1024;
-    if data.len() <= 4 * SAMPLE {
+    if data.len() < SAMPLE_FROM {
         return true;
     }
     let mid = data.len() / 2;
