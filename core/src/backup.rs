@@ -15,6 +15,8 @@
 //!   at least [`URING_MIN_FILE`] bytes is read through one io_uring thread per backup
 //!   ([`crate::uring`]: large reads, one per reader thread in flight); otherwise, and for small
 //!   files, with `pread`. Both give the same bytes, hence the same snapshot.
+//! * Sparse files: holes the file's map shows ([`fsmeta::data_regions`]) are recorded as holes
+//!   without being read; each data region is chunked on its own.
 //! * Incremental: a file whose size, mtime, ctime and inode match the parent snapshot's node,
 //!   and whose blobs are all indexed, is not read again.
 //! * A file that cannot be read, vanishes, or changes while read is a warning, not a failure.
@@ -575,10 +577,17 @@ impl Ctx {
         }
         let fd = Arc::new(fd);
         let uring = self.uring.as_ref().filter(|_| st.st_size >= URING_MIN_FILE as i64);
-        let mut offset = 0u64;
-        let read = |buf: &mut Vec<u8>, max: usize| -> std::io::Result<usize> {
+        // Reads go from `offset` up to `region_end` (the end of the data region being read).
+        let offset = std::cell::Cell::new(0u64);
+        let region_end = std::cell::Cell::new(u64::MAX);
+        let mut read = |buf: &mut Vec<u8>, max: usize| -> std::io::Result<usize> {
+            let max = max.min(usize::try_from(region_end.get() - offset.get()).unwrap_or(usize::MAX));
+            if max == 0 {
+                return Ok(0);
+            }
+            let offset_now = offset.get();
             let via_ring = match uring {
-                Some(u) => match u.read_at(&fd, offset, buf, max) {
+                Some(u) => match u.read_at(&fd, offset_now, buf, max) {
                     // The ring thread failed (logged there): this and later reads use pread.
                     Err(e) if crate::uring::is_stopped(&e) => None,
                     r => Some(r),
@@ -591,9 +600,9 @@ impl Ctx {
                     self.progress.bytes_read_io_uring.fetch_add(n as u64, Ordering::Relaxed);
                     n
                 }
-                None => crate::uring::pread_append(&fd, buf, offset, max)?,
+                None => crate::uring::pread_append(&fd, buf, offset_now, max)?,
             };
-            offset += n as u64;
+            offset.set(offset_now + n as u64);
             Ok(n)
         };
         // Chunk parameters depend on the size at open only, so re-backups cut the same chunks.
@@ -602,8 +611,38 @@ impl Ctx {
             Some((min, c)) if size >= *min => (c, self.large_segment),
             _ => (&self.chunker, self.segment),
         };
-        match self.chunk_stream(chunker, segment, Some(size), read) {
-            Ok((content, size)) => {
+        // Holes of sparse files are recorded without reading them (the kernel would make and
+        // copy zero pages); a region is chunked on its own, so its cuts do not depend on data
+        // before it.
+        let mapped = fsmeta::data_regions(&fd, &st);
+        let sparse = mapped.is_some();
+        #[allow(clippy::single_range_in_vec_init)]
+        let regions = mapped.unwrap_or_else(|| vec![0..u64::MAX]);
+        let mut content: Vec<Extent> = Vec::new();
+        let read_all = || -> Result<u64> {
+            let mut pos = 0u64;
+            for r in regions {
+                if r.start > pos {
+                    push_extents(&mut content, vec![Extent::Hole { len: r.start - pos }]);
+                    self.progress.add_bytes(r.start - pos);
+                }
+                offset.set(r.start);
+                region_end.set(r.end);
+                let hint = r.end.min(size).saturating_sub(r.start);
+                let (extents, n) = self.chunk_stream(chunker, segment, Some(hint), &mut read)?;
+                push_extents(&mut content, extents);
+                pos = r.start + n;
+            }
+            if sparse && pos < size {
+                // A trailing hole (the last data region ended before the size).
+                push_extents(&mut content, vec![Extent::Hole { len: size - pos }]);
+                self.progress.add_bytes(size - pos);
+                pos = size;
+            }
+            Ok(pos)
+        };
+        match read_all() {
+            Ok(size) => {
                 if let Some(h) = &self.hooks.after_read {
                     h(&job.rel);
                 }
@@ -625,6 +664,16 @@ impl Ctx {
                 self.warn(format!("{}: read failed: {e}", job.rel));
                 FileOutcome { skip: true, ..Default::default() }
             }
+        }
+    }
+}
+
+/// Appends `more` to `content`, merging a hole that meets a hole.
+fn push_extents(content: &mut Vec<Extent>, more: Vec<Extent>) {
+    for e in more {
+        match (content.last_mut(), &e) {
+            (Some(Extent::Hole { len }), Extent::Hole { len: more }) => *len += more,
+            _ => content.push(e),
         }
     }
 }

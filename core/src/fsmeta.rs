@@ -102,6 +102,66 @@ pub fn read_xattrs_at(dir: BorrowedFd<'_>, name: &CStr) -> Vec<Xattr> {
     )
 }
 
+/// Holes shorter than this are read like data: a seek pair costs more than reading them.
+pub const MIN_HOLE: u64 = 256 * 1024;
+/// Data regions beyond which a file's map is not used (it is read whole instead).
+const MAX_REGIONS: usize = 1 << 16;
+
+/// Whether a file has fewer allocated blocks than bytes (it has holes, or is compressed).
+pub fn is_sparse(st: &Stat) -> bool {
+    (st.st_blocks.max(0) as u64).saturating_mul(512) < st.st_size.max(0) as u64
+}
+
+/// The data regions of a sparse file in offset order, found with `SEEK_DATA`/`SEEK_HOLE`, with
+/// holes under [`MIN_HOLE`] merged into the data around them. `None`: read the whole file (it
+/// is not sparse, the filesystem cannot tell, or the map is too fragmented).
+pub fn data_regions(fd: &OwnedFd, st: &Stat) -> Option<Vec<std::ops::Range<u64>>> {
+    use rustix::fs::{SeekFrom, seek};
+    if !is_sparse(st) {
+        return None;
+    }
+    let size = st.st_size.max(0) as u64;
+    let mut regions = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let start = match seek(fd, SeekFrom::Data(pos)) {
+            Ok(s) => s,
+            // No data after `pos`: the rest is a hole.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(_) => return None,
+        };
+        if start >= size {
+            break;
+        }
+        let end = seek(fd, SeekFrom::Hole(start)).ok()?.clamp(start + 1, size);
+        regions.push(start..end);
+        if regions.len() > MAX_REGIONS {
+            return None;
+        }
+        pos = end;
+    }
+    Some(merge_small_holes(regions, size, MIN_HOLE))
+}
+
+/// Merges data regions (sorted, disjoint, within `0..size`) whose gap is under `min_hole`; a
+/// leading or trailing hole under `min_hole` joins its neighbour too.
+pub fn merge_small_holes(regions: Vec<std::ops::Range<u64>>, size: u64, min_hole: u64) -> Vec<std::ops::Range<u64>> {
+    let mut out: Vec<std::ops::Range<u64>> = Vec::with_capacity(regions.len());
+    for r in regions {
+        match out.last_mut() {
+            Some(last) if r.start - last.end < min_hole => last.end = r.end,
+            None if r.start < min_hole => out.push(0..r.end),
+            _ => out.push(r),
+        }
+    }
+    if let Some(last) = out.last_mut()
+        && size - last.end < min_hole
+    {
+        last.end = size;
+    }
+    out
+}
+
 /// Opens a directory entry for reading without following symlinks or blocking on FIFOs.
 pub fn open_file_at(dir: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<OwnedFd> {
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
@@ -201,4 +261,41 @@ pub fn apply_at(dir: BorrowedFd<'_>, name: &CStr, n: &Node, as_root: bool) -> Ve
         errs.push(format!("utimes: {e}"));
     }
     errs
+}
+
+#[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)]
+mod region_tests {
+    use super::*;
+
+    #[test]
+    fn small_holes_merge_and_large_ones_stay() {
+        const K: u64 = 1024;
+        let m = |r: Vec<std::ops::Range<u64>>, size| merge_small_holes(r, size, 256 * K);
+        assert_eq!(m(vec![], 10 * K), Vec::<std::ops::Range<u64>>::new());
+        assert_eq!(m(vec![4 * K..8 * K], 1024 * K), vec![0..8 * K]);
+        assert_eq!(m(vec![512 * K..600 * K, 700 * K..800 * K], 1024 * K), vec![512 * K..1024 * K]);
+        assert_eq!(
+            m(vec![0..4 * K, 1024 * K..1028 * K, 4096 * K..4100 * K], 8192 * K),
+            vec![0..4 * K, 1024 * K..1028 * K, 4096 * K..4100 * K]
+        );
+    }
+
+    #[test]
+    fn holes_of_a_sparse_file_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse");
+        let f = std::fs::File::create(&path).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[1u8; 4096], 4 << 20).unwrap();
+        f.set_len(16 << 20).unwrap();
+        f.sync_all().unwrap();
+        let fd = OwnedFd::from(std::fs::File::open(&path).unwrap());
+        let st = rustix::fs::fstat(&fd).unwrap();
+        assert!(is_sparse(&st), "the test directory's filesystem keeps holes (ext4, xfs, tmpfs)");
+        let regions = data_regions(&fd, &st).expect("a sparse file on a filesystem with SEEK_DATA");
+        assert_eq!(regions.len(), 1, "{regions:?}");
+        assert!(regions[0].start <= 4 << 20 && regions[0].end >= (4 << 20) + 4096, "{regions:?}");
+        assert!(regions[0].end < 16 << 20, "the trailing hole is not data: {regions:?}");
+    }
 }
