@@ -74,6 +74,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    hoard_core::util::limit_malloc_arenas();
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {

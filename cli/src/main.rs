@@ -338,6 +338,7 @@ struct RestoreArgs {
 }
 
 fn main() -> ExitCode {
+    hoard_core::util::limit_malloc_arenas();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
