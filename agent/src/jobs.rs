@@ -367,10 +367,6 @@ pub async fn backup(
         budget: Some(Arc::clone(&env.budget)),
         io_uring: env.io_uring,
         read_concurrency: 2,
-        writer: hoard_core::writer::WriterConfig {
-            upload_concurrency: hoard_core::writer::upload_concurrency_for(&repo.store().location()),
-            ..hoard_core::writer::WriterConfig::default()
-        },
         progress: Arc::clone(&ctx.progress),
         // The volume root's mount is the boundary: a mount inside the volume (reachable through
         // mount propagation) belongs to someone else and is stored as an empty directory.

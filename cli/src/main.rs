@@ -563,8 +563,7 @@ async fn cmd_backup(g: &Global, a: BackupArgs) -> anyhow::Result<u8> {
         progress: Arc::clone(&progress),
         ..BackupOptions::default()
     };
-    opts.writer.upload_concurrency =
-        a.upload_concurrency.unwrap_or_else(|| hoard_core::writer::upload_concurrency_for(&repo.store().location()));
+    opts.writer.upload_concurrency = a.upload_concurrency;
     opts.time = a.time;
     if let Some(h) = &a.host {
         opts.host = h.clone();

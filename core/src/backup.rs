@@ -521,10 +521,7 @@ impl Ctx {
                 let chunk = data.slice(pos..pos + n);
                 pos += n;
                 if crate::util::is_zero(&chunk) {
-                    match extents.last_mut() {
-                        Some(Extent::Hole { len }) => *len += n as u64,
-                        _ => extents.push(Extent::Hole { len: n as u64 }),
-                    }
+                    push_extent(&mut extents, Extent::Hole { len: n as u64 });
                     continue;
                 }
                 let id = keys.blob_id(&chunk);
@@ -623,19 +620,21 @@ impl Ctx {
             let mut pos = 0u64;
             for r in regions {
                 if r.start > pos {
-                    push_extents(&mut content, vec![Extent::Hole { len: r.start - pos }]);
+                    push_extent(&mut content, Extent::Hole { len: r.start - pos });
                     self.progress.add_bytes(r.start - pos);
                 }
                 offset.set(r.start);
                 region_end.set(r.end);
                 let hint = r.end.min(size).saturating_sub(r.start);
                 let (extents, n) = self.chunk_stream(chunker, segment, Some(hint), &mut read)?;
-                push_extents(&mut content, extents);
+                for e in extents {
+                    push_extent(&mut content, e);
+                }
                 pos = r.start + n;
             }
             if sparse && pos < size {
                 // A trailing hole (the last data region ended before the size).
-                push_extents(&mut content, vec![Extent::Hole { len: size - pos }]);
+                push_extent(&mut content, Extent::Hole { len: size - pos });
                 self.progress.add_bytes(size - pos);
                 pos = size;
             }
@@ -668,13 +667,11 @@ impl Ctx {
     }
 }
 
-/// Appends `more` to `content`, merging a hole that meets a hole.
-fn push_extents(content: &mut Vec<Extent>, more: Vec<Extent>) {
-    for e in more {
-        match (content.last_mut(), &e) {
-            (Some(Extent::Hole { len }), Extent::Hole { len: more }) => *len += more,
-            _ => content.push(e),
-        }
+/// Appends `e` to `content`, merging a hole into a hole before it.
+fn push_extent(content: &mut Vec<Extent>, e: Extent) {
+    match (content.last_mut(), &e) {
+        (Some(Extent::Hole { len }), Extent::Hole { len: more }) => *len += more,
+        _ => content.push(e),
     }
 }
 

@@ -40,7 +40,8 @@ pub const PRESSURE_POLL: std::time::Duration = std::time::Duration::from_millis(
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
     pub workers: usize,
-    pub upload_concurrency: usize,
+    /// Packs uploaded at once; `None`: [`upload_concurrency_for`] the repository's location.
+    pub upload_concurrency: Option<usize>,
     /// Write an index file after this many packs, so an interrupted run can reuse them.
     pub index_every_packs: usize,
     /// The writer's repository lock: no index file is written once its lease is lost (a
@@ -54,7 +55,7 @@ impl Default for WriterConfig {
     fn default() -> Self {
         WriterConfig {
             workers: default_workers(),
-            upload_concurrency: default_upload_concurrency(),
+            upload_concurrency: None,
             index_every_packs: 8,
             lease: None,
             progress: None,
@@ -277,7 +278,8 @@ impl BlobWriter {
 
         let uploader = {
             let shared = Arc::clone(&shared);
-            tokio::spawn(uploader(shared, pack_rx, cfg.upload_concurrency.max(1), cfg.index_every_packs.max(1)))
+            let uploads = cfg.upload_concurrency.unwrap_or_else(|| upload_concurrency_for(&repo.store().location()));
+            tokio::spawn(uploader(shared, pack_rx, uploads.max(1), cfg.index_every_packs.max(1)))
         };
 
         BlobWriter {

@@ -83,7 +83,13 @@ fn options(src: &Path, parent: ParentSelection) -> BackupOptions {
         parent,
         memory_budget: 0, // the minimum: one segment in flight
         read_concurrency: 2,
-        writer: WriterConfig { workers: 2, upload_concurrency: 4, index_every_packs: 2, lease: None, progress: None },
+        writer: WriterConfig {
+            workers: 2,
+            upload_concurrency: Some(4),
+            index_every_packs: 2,
+            lease: None,
+            progress: None,
+        },
         ..Default::default()
     }
 }

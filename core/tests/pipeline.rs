@@ -59,7 +59,7 @@ fn options(src: &Path, memory_budget: usize, uploads: usize) -> BackupOptions {
         memory_budget,
         read_concurrency: 3,
         scan_totals: false,
-        writer: WriterConfig { workers: 2, upload_concurrency: uploads, ..WriterConfig::default() },
+        writer: WriterConfig { workers: 2, upload_concurrency: Some(uploads), ..WriterConfig::default() },
         ..Default::default()
     }
 }
