@@ -265,42 +265,6 @@ fn stats_of(s: &hoard_core::snapshot::Summary) -> pb::Stats {
     }
 }
 
-/// Counts files and bytes below `dir` (not following symlinks, not entering directories on
-/// another device, as the backup does not) for progress totals.
-fn scan_totals(dir: OwnedFd, progress: &hoard_core::progress::Progress) {
-    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
-    use std::sync::atomic::Ordering;
-    let Ok(root_dev) = rustix::fs::fstat(&dir).map(|st| st.st_dev) else { return };
-    let mut stack = vec![(dir, 0usize)];
-    let (mut files, mut bytes) = (0u64, 0u64);
-    while let Some((d, depth)) = stack.pop() {
-        let Ok(mut rd) = rustix::fs::Dir::read_from(&d) else { continue };
-        while let Some(Ok(e)) = rd.read() {
-            let name = e.file_name();
-            if name.to_bytes() == b"." || name.to_bytes() == b".." {
-                continue;
-            }
-            let Ok(st) = rustix::fs::statat(&d, name, AtFlags::SYMLINK_NOFOLLOW) else { continue };
-            match FileType::from_raw_mode(st.st_mode) {
-                FileType::RegularFile => {
-                    files += 1;
-                    bytes += st.st_size as u64;
-                }
-                FileType::Directory if depth < 4096 && st.st_dev == root_dev => {
-                    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-                    if let Ok(sub) = rustix::fs::openat(&d, name, flags, Mode::empty()) {
-                        stack.push((sub, depth + 1));
-                    }
-                }
-                _ => files += 1,
-            }
-        }
-    }
-    progress.files_total.store(files, Ordering::Relaxed);
-    progress.bytes_total.store(bytes, Ordering::Relaxed);
-    progress.scan_finished.store(true, Ordering::Relaxed);
-}
-
 /// Component name and snapshot host for a backup order.
 fn naming(order: &pb::BackupOrder) -> (String, String) {
     let id = order.volume.clone().unwrap_or_default();
@@ -351,10 +315,6 @@ pub async fn backup(
         if !p.claim_name.is_empty() {
             labels.insert("hoard.dev/pvc".into(), p.claim_name.clone());
         }
-    }
-    if let Ok(dup) = rustix::io::fcntl_dupfd_cloexec(&vol.dir, 0) {
-        let progress = Arc::clone(&ctx.progress);
-        std::thread::spawn(move || scan_totals(dup, &progress));
     }
     ctx.set_phase(Phase::Running);
     let opts = BackupOptions {

@@ -29,6 +29,7 @@ pub mod prune;
 pub mod repo;
 pub mod restore;
 pub mod retention;
+pub mod scan;
 pub mod snapshot;
 pub mod store;
 pub mod tree;
