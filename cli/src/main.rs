@@ -320,6 +320,10 @@ struct BackupArgs {
     /// Read files with plain reads, never io_uring (io_uring is used where the kernel allows).
     #[arg(long)]
     no_io_uring: bool,
+    /// Read every file through the page cache (by default files of 1 MiB and more are read with
+    /// O_DIRECT where the filesystem allows it).
+    #[arg(long)]
+    no_direct_io: bool,
 }
 
 #[derive(Args, Debug)]
@@ -549,6 +553,7 @@ async fn cmd_backup(g: &Global, a: BackupArgs) -> anyhow::Result<u8> {
         memory_budget: a.memory_budget_mib * 1024 * 1024,
         read_concurrency: a.read_concurrency,
         io_uring: !a.no_io_uring,
+        direct_io: !a.no_direct_io,
         progress: Arc::clone(&progress),
         ..BackupOptions::default()
     };

@@ -15,6 +15,12 @@
 //!   at least [`URING_MIN_FILE`] bytes is read through one io_uring thread per backup
 //!   ([`crate::uring`]: large reads, one per reader thread in flight); otherwise, and for small
 //!   files, with `pread`. Both give the same bytes, hence the same snapshot.
+//! * Direct reads: with [`BackupOptions::direct_io`], files of at least [`DIRECT_MIN_FILE`]
+//!   bytes are read with `O_DIRECT` where the filesystem allows it: the kernel then moves the
+//!   data straight into the segment buffer (no page-cache copy, which cost ~9 % of a backup's
+//!   CPU), and a backup does not push the node's workloads out of the page cache. Reads are
+//!   [`DIRECT_ALIGN`]-aligned in offset, length and buffer address; a read that cannot be (or
+//!   that the filesystem refuses) switches that file back to ordinary reads.
 //! * Sparse files: holes the file's map shows ([`fsmeta::data_regions`]) are recorded as holes
 //!   without being read; each data region is chunked on its own.
 //! * Incremental: a file whose size, mtime, ctime and inode match the parent snapshot's node,
@@ -57,6 +63,22 @@ const MAX_RECORDED_WARNINGS: usize = 1000;
 /// Files smaller than this are read with plain reads even when io_uring is on: their one or two
 /// reads cost less than the hand-off to the ring thread.
 pub const URING_MIN_FILE: u64 = 256 * 1024;
+
+/// Files smaller than this are read through the page cache: a direct read of a small file costs
+/// a disk round trip even when its data is cached, and saves little copying.
+pub const DIRECT_MIN_FILE: u64 = 1024 * 1024;
+
+/// Alignment of direct reads (offset, length, buffer address): the largest logical block size
+/// in common use.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// How many bytes a direct read at `offset` into a buffer at address `dest` may ask for when
+/// `want` bytes are wanted: `want` rounded down to [`DIRECT_ALIGN`], or `None` when the read
+/// cannot be aligned (the caller reads through the page cache instead).
+fn direct_read_len(offset: u64, dest: usize, want: usize) -> Option<usize> {
+    let len = want / DIRECT_ALIGN * DIRECT_ALIGN;
+    (offset.is_multiple_of(DIRECT_ALIGN as u64) && dest.is_multiple_of(DIRECT_ALIGN) && len > 0).then_some(len)
+}
 
 /// Smallest read segment: reads this large already run at the disk's pace, and a smaller
 /// segment keeps the budget's granularity fine.
@@ -118,6 +140,9 @@ pub struct BackupOptions {
     /// Read file data through io_uring where the kernel allows it (falls back to plain reads,
     /// logging once why); off: always plain reads.
     pub io_uring: bool,
+    /// Read large files with `O_DIRECT` where the filesystem allows it (see the module docs);
+    /// off: every read goes through the page cache.
+    pub direct_io: bool,
     pub read_concurrency: usize,
     pub writer: WriterConfig,
     pub progress: Arc<Progress>,
@@ -169,6 +194,7 @@ impl Default for BackupOptions {
             memory_budget: 512 * 1024 * 1024,
             budget: None,
             io_uring: true,
+            direct_io: true,
             read_concurrency: default_read_concurrency(),
             writer: WriterConfig::default(),
             progress: Arc::new(Progress::default()),
@@ -401,6 +427,7 @@ struct Ctx {
     progress: Arc<Progress>,
     /// The io_uring reader of this backup, when in use.
     uring: Option<crate::uring::UringReader>,
+    direct_io: bool,
     handle: tokio::runtime::Handle,
     warnings: Mutex<Vec<String>>,
     warning_count: AtomicU64,
@@ -487,11 +514,15 @@ impl Ctx {
     /// `size_hint`: the expected length; a small file then gets a small first buffer (and budget
     /// share) instead of a whole segment.
     /// `read(buf, max)` appends at most `max` bytes to `buf` and returns how many (0 at the end).
+    /// With `align` above 1, every read starts at an `align`-aligned address of the buffer and
+    /// asks for a multiple of `align` bytes (for direct reads); the segment's data then starts
+    /// a few bytes into its buffer.
     fn chunk_stream(
         &self,
         chunker: &Chunker,
         segment: usize,
         size_hint: Option<u64>,
+        align: usize,
         mut read: impl FnMut(&mut Vec<u8>, usize) -> std::io::Result<usize>,
     ) -> Result<(Vec<Extent>, u64)> {
         let keys = Arc::clone(self.repo.keys());
@@ -500,16 +531,21 @@ impl Ctx {
         let mut total = 0u64;
         let mut first = size_hint;
         loop {
-            // One byte of room past the hint, so the end of the file is seen in the same pass.
-            let cap = first.take().map_or(segment, |h| (h as usize).saturating_add(4096).min(segment));
+            // Room past the hint (and past alignment padding), so the end of the file is seen
+            // in the same pass.
+            let cap = first.take().map_or(segment, |h| (h as usize).saturating_add(4096 + 2 * align).min(segment));
             let guard = Arc::new(self.budget.acquire(cap));
             let room = (cap >= crate::bufpool::MIN_POOLED).then(|| self.segment_room.acquire(cap));
             let mut buf = self.pool.take(cap);
+            let pad = if align > 1 { (align - (buf.as_ptr() as usize + carry.len()) % align) % align } else { 0 };
+            buf.resize(pad, 0);
             buf.extend_from_slice(&carry);
+            // Reads fill whole multiples of `align` from an aligned start.
+            let limit = buf.len() + cap.saturating_sub(buf.len()) / align * align;
             let mut eof = false;
-            while buf.len() < cap {
+            while buf.len() < limit {
                 let before = buf.len();
-                let n = read(&mut buf, cap - before).map_err(|e| Error::io("read", e))?;
+                let n = read(&mut buf, limit - before).map_err(|e| Error::io("read", e))?;
                 debug_assert_eq!(buf.len(), before + n);
                 if n == 0 {
                     eof = true;
@@ -520,7 +556,7 @@ impl Ctx {
                 self.progress.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
                 self.stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
             }
-            let data = self.pool.freeze_holding(buf, room);
+            let data = self.pool.freeze_holding(buf, room).slice(pad..);
             let mut pos = 0;
             while let Some(n) = chunker.next_chunk_len(&data[pos..], eof) {
                 let chunk = data.slice(pos..pos + n);
@@ -579,6 +615,14 @@ impl Ctx {
         }
         let fd = Arc::new(fd);
         let uring = self.uring.as_ref().filter(|_| st.st_size >= URING_MIN_FILE as i64);
+        let direct = std::cell::Cell::new(
+            self.direct_io && st.st_size >= DIRECT_MIN_FILE as i64 && fsmeta::set_direct(&fd, true).is_ok(),
+        );
+        // Back to the page cache for the rest of this file.
+        let stop_direct = || {
+            direct.set(false);
+            let _ = fsmeta::set_direct(&fd, false);
+        };
         // Reads go from `offset` up to `region_end` (the end of the data region being read).
         let offset = std::cell::Cell::new(0u64);
         let region_end = std::cell::Cell::new(u64::MAX);
@@ -588,21 +632,40 @@ impl Ctx {
                 return Ok(0);
             }
             let offset_now = offset.get();
-            let via_ring = match uring {
-                Some(u) => match u.read_at(&fd, offset_now, buf, max) {
-                    // The ring thread failed (logged there): this and later reads use pread.
-                    Err(e) if crate::uring::is_stopped(&e) => None,
-                    r => Some(r),
-                },
-                None => None,
-            };
-            let n = match via_ring {
-                Some(r) => {
-                    let n = r?;
-                    self.progress.bytes_read_io_uring.fetch_add(n as u64, Ordering::Relaxed);
-                    n
+            let mut max = max;
+            if direct.get() {
+                match direct_read_len(offset_now, buf.as_ptr() as usize + buf.len(), max) {
+                    Some(len) => max = len,
+                    // The unaligned tail of the file, or the read that finds its end.
+                    None => stop_direct(),
                 }
-                None => crate::uring::pread_append(&fd, buf, offset_now, max)?,
+            }
+            let read_once = |buf: &mut Vec<u8>| -> std::io::Result<usize> {
+                let via_ring = match uring {
+                    Some(u) => match u.read_at(&fd, offset_now, buf, max) {
+                        // The ring thread failed (logged there): this and later reads use pread.
+                        Err(e) if crate::uring::is_stopped(&e) => None,
+                        r => Some(r),
+                    },
+                    None => None,
+                };
+                match via_ring {
+                    Some(r) => {
+                        let n = r?;
+                        self.progress.bytes_read_io_uring.fetch_add(n as u64, Ordering::Relaxed);
+                        Ok(n)
+                    }
+                    None => crate::uring::pread_append(&fd, buf, offset_now, max),
+                }
+            };
+            let n = match read_once(buf) {
+                // Refused as a direct read (a filesystem that accepts the flag but not the
+                // read): once more through the page cache.
+                Err(e) if direct.get() && e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                    stop_direct();
+                    read_once(buf)?
+                }
+                r => r?,
             };
             offset.set(offset_now + n as u64);
             Ok(n)
@@ -631,7 +694,8 @@ impl Ctx {
                 offset.set(r.start);
                 region_end.set(r.end);
                 let hint = r.end.min(size).saturating_sub(r.start);
-                let (extents, n) = self.chunk_stream(chunker, segment, Some(hint), &mut read)?;
+                let align = if direct.get() { DIRECT_ALIGN } else { 1 };
+                let (extents, n) = self.chunk_stream(chunker, segment, Some(hint), align, &mut read)?;
                 for e in extents {
                     push_extent(&mut content, e);
                 }
@@ -1003,7 +1067,7 @@ fn stream_tree(ctx: &Ctx, name: &str, mut reader: Box<dyn Read + Send>) -> Resul
         buf.truncate(start + n);
         r
     };
-    let (content, size) = ctx.chunk_stream(&ctx.chunker, ctx.segment, None, read)?;
+    let (content, size) = ctx.chunk_stream(&ctx.chunker, ctx.segment, None, 1, read)?;
     let now = Utc::now();
     let mut node = Node::new(name.as_bytes().to_vec(), NodeKind::File);
     node.mode = 0o600;
@@ -1163,6 +1227,7 @@ async fn backup_locked(
         segment_room,
         progress: Arc::clone(&opts.progress),
         uring,
+        direct_io: opts.direct_io,
         handle: tokio::runtime::Handle::current(),
         warnings: Mutex::new(Vec::new()),
         warning_count: AtomicU64::new(0),
@@ -1284,6 +1349,17 @@ mod tests {
 
     fn includes(p: &[&str]) -> Includes {
         Includes::new(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("patterns")
+    }
+
+    #[test]
+    fn direct_reads_are_aligned_or_not_made() {
+        const A: usize = DIRECT_ALIGN;
+        assert_eq!(direct_read_len(0, 8 * A, 4 * 1024 * 1024), Some(4 * 1024 * 1024));
+        assert_eq!(direct_read_len(3 * A as u64, 0, 5 * A + 17), Some(5 * A));
+        // Less than one block wanted, or an unaligned offset or buffer: not direct.
+        assert_eq!(direct_read_len(0, 0, A - 1), None);
+        assert_eq!(direct_read_len(100, 0, 4 * A), None);
+        assert_eq!(direct_read_len(0, 16, 4 * A), None);
     }
 
     #[test]

@@ -171,6 +171,13 @@ pub fn open_file_at(dir: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<Owne
     }
 }
 
+/// Turns `O_DIRECT` on or off for an open file; fails where the filesystem does not support it.
+pub fn set_direct(fd: &OwnedFd, on: bool) -> rustix::io::Result<()> {
+    let flags = rustix::fs::fcntl_getfl(fd)?;
+    let wanted = if on { flags | OFlags::DIRECT } else { flags - OFlags::DIRECT };
+    if wanted == flags { Ok(()) } else { rustix::fs::fcntl_setfl(fd, wanted) }
+}
+
 pub fn open_dir_at(dir: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<OwnedFd> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     match rustix::fs::openat(dir, name, flags | OFlags::NOATIME, Mode::empty()) {

@@ -1,5 +1,6 @@
-//! The io_uring reader against plain reads: the same input gives the same snapshot trees, and
-//! both restore byte-identical. Also: backups sharing one memory budget.
+//! The io_uring reader against plain reads, and direct reads against reads through the page
+//! cache: the same input gives the same snapshot trees, and both restore byte-identical. Also:
+//! backups sharing one memory budget, and sparse files.
 //!
 //! On hosts without io_uring the tests fail unless `HOARD_TEST_NO_IO_URING` is set (then the
 //! io_uring side is a second plain-read run, and says so).
@@ -10,7 +11,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use hoard_core::backup::{BackupOptions, BackupOutcome, ParentSelection, Source, URING_MIN_FILE, backup};
+use hoard_core::backup::{
+    BackupOptions, BackupOutcome, DIRECT_MIN_FILE, ParentSelection, Source, URING_MIN_FILE, backup,
+};
 use hoard_core::budget::Budget;
 use hoard_core::crypto::KdfParams;
 use hoard_core::progress::Progress;
@@ -73,17 +76,26 @@ fn bytes_at_or_above_threshold(dir: &Path) -> u64 {
 }
 
 async fn run(repo: &Arc<Repository>, src: &Path, io_uring: bool) -> (BackupOutcome, Arc<Progress>) {
+    run_with(repo, src, |o| o.io_uring = io_uring).await
+}
+
+/// A backup of `src` without a parent, with options changed by `set`.
+async fn run_with(
+    repo: &Arc<Repository>,
+    src: &Path,
+    set: impl FnOnce(&mut BackupOptions),
+) -> (BackupOutcome, Arc<Progress>) {
     let progress = Arc::new(Progress::default());
-    let opts = BackupOptions {
+    let mut opts = BackupOptions {
         sources: vec![Source::Path { name: "data".into(), path: src.to_path_buf() }],
         host: "uring-test".into(),
         parent: ParentSelection::None,
-        io_uring,
         read_concurrency: 3,
         memory_budget: 64 * 1024 * 1024,
         progress: Arc::clone(&progress),
         ..Default::default()
     };
+    set(&mut opts);
     (backup(Arc::clone(repo), opts).await.unwrap(), progress)
 }
 
@@ -204,4 +216,82 @@ async fn holes_of_sparse_files_are_not_read() {
         let allocated = std::fs::metadata(t.join("disk.img")).unwrap().blocks() * 512;
         assert!(allocated < 8 * MIB, "restored file allocates {allocated} bytes");
     }
+}
+
+/// Bytes of `path` in the page cache, from util-linux `fincore`.
+fn cached_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux) is needed by this test");
+    assert!(out.status.success(), "fincore: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Writes the file to disk and drops it from the page cache.
+fn evict(path: &Path) {
+    let f = std::fs::File::open(path).unwrap();
+    f.sync_all().unwrap();
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+}
+
+/// Files of at least `DIRECT_MIN_FILE` bytes are read with O_DIRECT where the filesystem allows
+/// it: the snapshot is the same as with reads through the page cache, every size (aligned or
+/// not, one or several segments, sparse) restores byte-identical, and the page cache is left
+/// alone, where reads through it fill it (which shows the measurement can tell them apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_reads_make_the_same_snapshot_and_leave_the_page_cache_alone() {
+    use std::os::unix::fs::FileExt;
+    const MIB: usize = 1024 * 1024;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let large = [
+        ("aligned.bin", random_bytes(2 * MIB, 1)),
+        ("tail.txt", text_bytes(3 * MIB + 123, 2)),
+        ("threshold.bin", random_bytes(DIRECT_MIN_FILE as usize, 3)),
+        ("segments.bin", random_bytes(40 * MIB + 4097, 4)),
+    ];
+    for (name, data) in &large {
+        std::fs::write(src.join(name), data).unwrap();
+    }
+    std::fs::write(src.join("small.txt"), text_bytes(DIRECT_MIN_FILE as usize - 1, 5)).unwrap();
+    // Sparse, with a data region that ends on an unaligned size.
+    let f = std::fs::File::create(src.join("sparse.img")).unwrap();
+    f.write_all_at(&random_bytes(MIB, 6), 0).unwrap();
+    f.write_all_at(&text_bytes(MIB + 77, 7), 8 * MIB as u64).unwrap();
+    drop(f);
+    let mut names: Vec<&str> = large.iter().map(|(n, _)| *n).collect();
+    names.push("sparse.img");
+    let direct_here = {
+        let f = std::fs::File::open(src.join("aligned.bin")).unwrap();
+        hoard_core::fsmeta::set_direct(&std::os::fd::OwnedFd::from(f), true).is_ok()
+    };
+    if !direct_here {
+        eprintln!("NOTE: this filesystem refuses O_DIRECT; checking the page-cache fallback only");
+    }
+    let repo = init(&tmp.path().join("repo")).await;
+    let mut roots = Vec::new();
+    for direct_io in [true, false] {
+        for n in &names {
+            evict(&src.join(n));
+        }
+        let (out, _) = run_with(&repo, &src, |o| o.direct_io = direct_io).await;
+        assert_eq!(out.snapshot.summary.warnings, 0, "{:?}", out.snapshot.warnings);
+        let cached: u64 = names.iter().map(|n| cached_bytes(&src.join(n))).sum();
+        let read: u64 = large.iter().map(|(_, d)| d.len() as u64).sum::<u64>() + 2 * MIB as u64;
+        if direct_io && direct_here {
+            // At most the unaligned tails (and the pages next to them) went through the cache.
+            assert!(cached <= 8 * 4096 * names.len() as u64, "{cached} bytes cached after direct reads");
+        } else {
+            assert!(cached >= read, "{cached} bytes cached after reading {read} through the page cache");
+        }
+        let t = tmp.path().join(format!("restored-{direct_io}"));
+        restore_to(&repo, &out, &t).await;
+        let diffs = compare(&manifest(&src), &manifest(&t));
+        assert!(diffs.is_empty(), "direct_io {direct_io}: {}", diffs.join("\n"));
+        roots.push(out.snapshot.components[0].root);
+    }
+    assert_eq!(roots[0], roots[1], "direct and page-cache reads gave different trees");
 }
