@@ -20,7 +20,10 @@
 //!   data straight into the segment buffer (no page-cache copy, which cost ~9 % of a backup's
 //!   CPU), and a backup does not push the node's workloads out of the page cache. Reads are
 //!   [`DIRECT_ALIGN`]-aligned in offset, length and buffer address; a read that cannot be (or
-//!   that the filesystem refuses) switches that file back to ordinary reads.
+//!   that the filesystem refuses) switches that file back to ordinary reads. A large file
+//!   (large-file chunker, no holes) read directly through io_uring is read one segment ahead
+//!   of the chunker when the budget has room at once (`Ctx::chunk_prefetched`); measured on
+//!   one 287 MiB file, cold: a dedup-only re-read 0.41-0.53 s against 0.63-0.73 s without.
 //! * Sparse files: holes the file's map shows ([`fsmeta::data_regions`]) are recorded as holes
 //!   without being read; each data region is chunked on its own.
 //! * Incremental: a file whose size, mtime, ctime and inode match the parent snapshot's node,
@@ -557,19 +560,135 @@ impl Ctx {
                 self.stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
             }
             let data = self.pool.freeze_holding(buf, room).slice(pad..);
-            let mut pos = 0;
-            while let Some(n) = chunker.next_chunk_len(&data[pos..], eof) {
-                let chunk = data.slice(pos..pos + n);
-                pos += n;
-                if crate::util::is_zero(&chunk) {
-                    push_extent(&mut extents, Extent::Hole { len: n as u64 });
-                    continue;
-                }
-                let id = keys.blob_id(&chunk);
-                self.sink.add(BlobType::Data, id, chunk, Some(Arc::clone(&guard)))?;
-                extents.push(Extent::Data { id, len: n as u32 });
+            let pos = self.cut(chunker, &keys, &data, eof, &guard, &mut extents)?;
+            if eof {
+                break;
             }
-            self.progress.bytes_chunked.fetch_add(pos as u64, Ordering::Relaxed);
+            carry = data[pos..].to_vec();
+        }
+        Ok((extents, total))
+    }
+
+    /// Cuts `data` into chunks (up to the last cut its bytes decide, or to its end at `eof`),
+    /// hands them to the sink holding `guard`, and returns how far it cut.
+    fn cut(
+        &self,
+        chunker: &Chunker,
+        keys: &crate::crypto::Keys,
+        data: &Bytes,
+        eof: bool,
+        guard: &Arc<crate::budget::BudgetGuard>,
+        extents: &mut Vec<Extent>,
+    ) -> Result<usize> {
+        let mut pos = 0;
+        while let Some(n) = chunker.next_chunk_len(&data[pos..], eof) {
+            let chunk = data.slice(pos..pos + n);
+            pos += n;
+            if crate::util::is_zero(&chunk) {
+                push_extent(extents, Extent::Hole { len: n as u64 });
+                continue;
+            }
+            let id = keys.blob_id(&chunk);
+            self.sink.add(BlobType::Data, id, chunk, Some(Arc::clone(guard)))?;
+            extents.push(Extent::Data { id, len: n as u32 });
+        }
+        self.progress.bytes_chunked.fetch_add(pos as u64, Ordering::Relaxed);
+        Ok(pos)
+    }
+
+    fn count_read(&self, n: usize) {
+        self.progress.add_bytes(n as u64);
+        self.progress.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+        self.stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// A segment buffer for [`Ctx::chunk_prefetched`]: `[pad][reserve][read area]`, the read
+    /// area aligned for direct reads. `None` when `wait` is false and the budget has no room now.
+    fn prefetch_segment(&self, segment: usize, reserve: usize, wait: bool) -> Option<PrefetchSegment> {
+        let (guard, room) = if wait {
+            (self.budget.acquire(segment), self.segment_room.acquire(segment))
+        } else {
+            (self.budget.try_acquire(segment)?, self.segment_room.try_acquire(segment)?)
+        };
+        let mut buf = self.pool.take(segment);
+        let pad = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+        buf.resize(pad + reserve, 0);
+        let area = (buf.capacity() - buf.len()) / DIRECT_ALIGN * DIRECT_ALIGN;
+        Some(PrefetchSegment { buf, data_start: pad + reserve, area, guard: Arc::new(guard), room })
+    }
+
+    /// [`Ctx::chunk_stream`] for a large file read directly through io_uring, from `offset` to
+    /// its end: while one segment is cut and hashed, the next one is already being read, so the
+    /// disk and the CPU work at once on the same file (one reader thread is otherwise the whole
+    /// of a large file's critical path). The next read starts before the carry (the uncut tail,
+    /// shorter than a largest chunk) is known, so each buffer keeps a largest chunk of room in
+    /// front of its read area and the carry is copied in there. The read ahead takes budget only
+    /// when it is free at once, never waiting for it while holding a segment. `read` (which
+    /// advances `offset`) does every read that is not a full aligned read ahead: the first, the
+    /// rest of a short one, and the file's unaligned tail.
+    fn chunk_prefetched(
+        &self,
+        chunker: &Chunker,
+        segment: usize,
+        (ring, fd): (&crate::uring::UringReader, &Arc<OwnedFd>),
+        offset: &std::cell::Cell<u64>,
+        mut read: impl FnMut(&mut Vec<u8>, usize) -> std::io::Result<usize>,
+    ) -> Result<(Vec<Extent>, u64)> {
+        let keys = Arc::clone(self.repo.keys());
+        let reserve = chunker.max_size().div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut carry: Vec<u8> = Vec::new();
+        let mut total = 0u64;
+        let mut ahead: Option<(PrefetchSegment, crate::uring::PendingRead, u64)> = None;
+        loop {
+            let mut seg = match ahead.take() {
+                Some((mut seg, pending, at)) => {
+                    let (buf, r) =
+                        pending.wait().ok_or_else(|| Error::Internal("the io_uring reader stopped mid-read".into()))?;
+                    seg.buf = buf;
+                    // A refused read is made again below, through `read`.
+                    let n = r.unwrap_or(0);
+                    offset.set(at + n as u64);
+                    total += n as u64;
+                    self.count_read(n);
+                    self.progress.bytes_read_io_uring.fetch_add(n as u64, Ordering::Relaxed);
+                    self.progress.bytes_read_ahead.fetch_add(n as u64, Ordering::Relaxed);
+                    seg
+                }
+                None => self
+                    .prefetch_segment(segment, reserve, true)
+                    .ok_or_else(|| Error::Internal("no segment buffer".into()))?,
+            };
+            if carry.len() > seg.data_start || seg.area < DIRECT_ALIGN {
+                return Err(Error::Internal("segment too small for read ahead".into()));
+            }
+            let limit = seg.data_start + seg.area;
+            let mut eof = false;
+            while seg.buf.len() < limit {
+                let before = seg.buf.len();
+                let n = read(&mut seg.buf, limit - before).map_err(|e| Error::io("read", e))?;
+                if n == 0 {
+                    eof = true;
+                    break;
+                }
+                total += n as u64;
+                self.count_read(n);
+            }
+            if !eof
+                && offset.get().is_multiple_of(DIRECT_ALIGN as u64)
+                && let Some(mut next) = self.prefetch_segment(segment, reserve, false)
+            {
+                let at = offset.get();
+                let buf = std::mem::take(&mut next.buf);
+                match ring.submit(fd, at, buf, next.area) {
+                    Ok(pending) => ahead = Some((next, pending, at)),
+                    Err(buf) => next.buf = buf,
+                }
+            }
+            let start = seg.data_start - carry.len();
+            seg.buf[start..seg.data_start].copy_from_slice(&carry);
+            let data = self.pool.freeze_holding(seg.buf, seg.room).slice(start..);
+            let pos = self.cut(chunker, &keys, &data, eof, &seg.guard, &mut extents)?;
             if eof {
                 break;
             }
@@ -672,9 +791,9 @@ impl Ctx {
         };
         // Chunk parameters depend on the size at open only, so re-backups cut the same chunks.
         let size = st.st_size.max(0) as u64;
-        let (chunker, segment) = match &self.large_chunker {
-            Some((min, c)) if size >= *min => (c, self.large_segment),
-            _ => (&self.chunker, self.segment),
+        let (chunker, segment, large) = match &self.large_chunker {
+            Some((min, c)) if size >= *min => (c, self.large_segment, true),
+            _ => (&self.chunker, self.segment, false),
         };
         // Holes of sparse files are recorded without reading them (the kernel would make and
         // copy zero pages); a region is chunked on its own, so its cuts do not depend on data
@@ -695,7 +814,13 @@ impl Ctx {
                 region_end.set(r.end);
                 let hint = r.end.min(size).saturating_sub(r.start);
                 let align = if direct.get() { DIRECT_ALIGN } else { 1 };
-                let (extents, n) = self.chunk_stream(chunker, segment, Some(hint), align, &mut read)?;
+                let (extents, n) = match uring {
+                    // One region from the start to the end: a large file with no holes.
+                    Some(ring) if direct.get() && r.start == 0 && r.end == u64::MAX && large => {
+                        self.chunk_prefetched(chunker, segment, (ring, &fd), &offset, &mut read)?
+                    }
+                    _ => self.chunk_stream(chunker, segment, Some(hint), align, &mut read)?,
+                };
                 for e in extents {
                     push_extent(&mut content, e);
                 }
@@ -734,6 +859,17 @@ impl Ctx {
             }
         }
     }
+}
+
+/// A segment buffer of [`Ctx::chunk_prefetched`] and the budget it holds.
+struct PrefetchSegment {
+    buf: Vec<u8>,
+    /// Where the read area starts (the carry goes just before it).
+    data_start: usize,
+    /// Bytes the read area holds, a multiple of [`DIRECT_ALIGN`].
+    area: usize,
+    guard: Arc<crate::budget::BudgetGuard>,
+    room: crate::budget::BudgetGuard,
 }
 
 /// Appends `e` to `content`, merging a hole into a hole before it.

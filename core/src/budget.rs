@@ -56,6 +56,19 @@ impl Budget {
         self.state().waiting > 0
     }
 
+    /// `bytes` (clamped like [`Budget::acquire`]) if they are free now and nobody is waiting for
+    /// room; never blocks.
+    pub fn try_acquire(self: &Arc<Self>, bytes: usize) -> Option<BudgetGuard> {
+        let bytes = bytes.min(self.total);
+        let mut st = self.state();
+        if st.waiting > 0 || st.used + bytes > self.total {
+            return None;
+        }
+        st.used += bytes;
+        st.high_water = st.high_water.max(st.used);
+        Some(BudgetGuard { budget: Arc::clone(self), bytes })
+    }
+
     pub fn acquire(self: &Arc<Self>, bytes: usize) -> BudgetGuard {
         let bytes = bytes.min(self.total);
         let mut st = self.state();
@@ -116,6 +129,12 @@ mod tests {
         assert_eq!(b.in_use(), 0);
         assert!(!b.has_waiters());
         assert_eq!(b.high_water(), 80);
+        // Never blocks: refused while the room is taken, granted once it is free.
+        let g = b.acquire(60);
+        assert!(b.try_acquire(50).is_none());
+        let t = b.try_acquire(40).unwrap();
+        assert_eq!(b.in_use(), 100);
+        drop((g, t));
         // Oversized requests are clamped, not deadlocked.
         let big = b.acquire(1000);
         assert_eq!(b.in_use(), 100);

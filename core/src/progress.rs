@@ -24,6 +24,9 @@ pub struct Progress {
     pub bytes_read: AtomicU64,
     /// The part of `bytes_read` read through io_uring.
     pub bytes_read_io_uring: AtomicU64,
+    /// The part of `bytes_read` read ahead of the chunker (large files read directly through
+    /// io_uring, while the segment before was cut).
+    pub bytes_read_ahead: AtomicU64,
     /// Chunk-and-hash stage: bytes cut into chunks and hashed.
     pub bytes_chunked: AtomicU64,
     current: Mutex<String>,

@@ -133,24 +133,54 @@ impl UringReader {
     /// Reads at most `max` bytes at `offset` into the free room of `buf` (appending, like
     /// [`pread_append`]); returns the number of bytes read, 0 at end of file. Blocks the caller.
     pub fn read_at(&self, fd: &Arc<OwnedFd>, offset: u64, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
-        let tx = self.tx.as_ref().ok_or_else(stopped)?;
-        let (reply, rx) = bounded::<Reply>(1);
-        let req = Request { fd: Arc::clone(fd), offset, buf: std::mem::take(buf), max, reply };
-        if let Err(e) = tx.send(req) {
-            *buf = e.0.buf;
-            return Err(stopped());
-        }
-        self.kick();
-        match rx.recv() {
-            Ok((b, r)) => {
+        let pending = match self.submit(fd, offset, std::mem::take(buf), max) {
+            Ok(p) => p,
+            Err(b) => {
+                *buf = b;
+                return Err(stopped());
+            }
+        };
+        match pending.wait() {
+            Some((b, r)) => {
                 *buf = b;
                 r
             }
-            // The thread failed with this read in an unknown state; its buffer was leaked.
-            Err(_) => Err(stopped()),
+            None => Err(stopped()),
         }
     }
 
+    /// Starts the read [`UringReader::read_at`] would make and returns at once; the buffer
+    /// comes back from [`PendingRead::wait`]. Dropping the `PendingRead` instead is safe: the
+    /// ring thread frees the buffer once the kernel is done with it. `Err(buf)` when the ring
+    /// thread has stopped.
+    pub fn submit(&self, fd: &Arc<OwnedFd>, offset: u64, buf: Vec<u8>, max: usize) -> Result<PendingRead, Vec<u8>> {
+        let Some(tx) = self.tx.as_ref() else { return Err(buf) };
+        let (reply, rx) = bounded::<Reply>(1);
+        let req = Request { fd: Arc::clone(fd), offset, buf, max, reply };
+        if let Err(e) = tx.send(req) {
+            return Err(e.0.buf);
+        }
+        self.kick();
+        Ok(PendingRead { rx })
+    }
+}
+
+/// A read started with [`UringReader::submit`].
+#[derive(Debug)]
+pub struct PendingRead {
+    rx: Receiver<Reply>,
+}
+
+impl PendingRead {
+    /// Blocks until the read is done: the buffer (with the bytes appended) and the result.
+    /// `None` when the ring thread failed with the read in an unknown state (its buffer was
+    /// leaked; read by other means).
+    pub fn wait(self) -> Option<(Vec<u8>, io::Result<usize>)> {
+        self.rx.recv().ok()
+    }
+}
+
+impl UringReader {
     fn kick(&self) {
         // Best effort: a full counter (never in practice) still leaves the eventfd readable.
         let _ = rustix::io::write(&*self.wake, &1u64.to_ne_bytes());

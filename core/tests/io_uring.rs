@@ -295,3 +295,44 @@ async fn direct_reads_make_the_same_snapshot_and_leave_the_page_cache_alone() {
     }
     assert_eq!(roots[0], roots[1], "direct and page-cache reads gave different trees");
 }
+
+/// A large file read directly through io_uring is read one segment ahead of the chunker when the
+/// budget has room, and one segment at a time (no deadlock) when the budget holds just one; the
+/// trees are the same either way and the budget is all given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_files_are_read_ahead_within_the_budget() {
+    if !io_uring_expected() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // Past the large-file threshold (32 MiB), with an unaligned tail; half of it compresses.
+    let mut data = random_bytes(24 * 1024 * 1024, 11);
+    data.extend(text_bytes(24 * 1024 * 1024 + 4321, 12));
+    std::fs::write(src.join("table.db"), &data).unwrap();
+    let direct_here = {
+        let f = std::fs::File::open(src.join("table.db")).unwrap();
+        hoard_core::fsmeta::set_direct(&std::os::fd::OwnedFd::from(f), true).is_ok()
+    };
+    let repo = init(&tmp.path().join("repo")).await;
+    let mut roots = Vec::new();
+    // One 4 MiB segment of budget (the large-file segment), then plenty.
+    for budget_bytes in [4 * 1024 * 1024, 256 * 1024 * 1024] {
+        let budget = Budget::new(budget_bytes);
+        let (out, progress) = run_with(&repo, &src, |o| o.budget = Some(Arc::clone(&budget))).await;
+        assert_eq!(out.snapshot.summary.bytes_read, data.len() as u64);
+        let ahead = progress.bytes_read_ahead.load(Ordering::Relaxed);
+        if budget_bytes == 4 * 1024 * 1024 || !direct_here {
+            assert_eq!(ahead, 0, "read ahead without budget room (or without direct reads)");
+        } else {
+            assert!(ahead > data.len() as u64 / 2, "only {ahead} bytes read ahead");
+        }
+        assert_eq!(budget.in_use(), 0);
+        let t = tmp.path().join(format!("restored-{budget_bytes}"));
+        restore_to(&repo, &out, &t).await;
+        assert_eq!(std::fs::read(t.join("table.db")).unwrap(), data);
+        roots.push(out.snapshot.components[0].root);
+    }
+    assert_eq!(roots[0], roots[1]);
+}
