@@ -545,20 +545,8 @@ impl Ctx {
             buf.extend_from_slice(&carry);
             // Reads fill whole multiples of `align` from an aligned start.
             let limit = buf.len() + cap.saturating_sub(buf.len()) / align * align;
-            let mut eof = false;
-            while buf.len() < limit {
-                let before = buf.len();
-                let n = read(&mut buf, limit - before).map_err(|e| Error::io("read", e))?;
-                debug_assert_eq!(buf.len(), before + n);
-                if n == 0 {
-                    eof = true;
-                    break;
-                }
-                total += n as u64;
-                self.progress.add_bytes(n as u64);
-                self.progress.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
-                self.stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
-            }
+            let (n, eof) = self.fill(&mut buf, limit, &mut read)?;
+            total += n;
             let data = self.pool.freeze_holding(buf, room).slice(pad..);
             let pos = self.cut(chunker, &keys, &data, eof, &guard, &mut extents)?;
             if eof {
@@ -594,6 +582,28 @@ impl Ctx {
         }
         self.progress.bytes_chunked.fetch_add(pos as u64, Ordering::Relaxed);
         Ok(pos)
+    }
+
+    /// Reads with `read` until `buf` holds `limit` bytes or the end is reached; returns the
+    /// bytes read and whether the end was reached.
+    fn fill(
+        &self,
+        buf: &mut Vec<u8>,
+        limit: usize,
+        read: &mut impl FnMut(&mut Vec<u8>, usize) -> std::io::Result<usize>,
+    ) -> Result<(u64, bool)> {
+        let mut total = 0u64;
+        while buf.len() < limit {
+            let before = buf.len();
+            let n = read(buf, limit - before).map_err(|e| Error::io("read", e))?;
+            debug_assert_eq!(buf.len(), before + n);
+            if n == 0 {
+                return Ok((total, true));
+            }
+            total += n as u64;
+            self.count_read(n);
+        }
+        Ok((total, false))
     }
 
     fn count_read(&self, n: usize) {
@@ -663,17 +673,8 @@ impl Ctx {
                 return Err(Error::Internal("segment too small for read ahead".into()));
             }
             let limit = seg.data_start + seg.area;
-            let mut eof = false;
-            while seg.buf.len() < limit {
-                let before = seg.buf.len();
-                let n = read(&mut seg.buf, limit - before).map_err(|e| Error::io("read", e))?;
-                if n == 0 {
-                    eof = true;
-                    break;
-                }
-                total += n as u64;
-                self.count_read(n);
-            }
+            let (n, eof) = self.fill(&mut seg.buf, limit, &mut read)?;
+            total += n;
             if !eof
                 && offset.get().is_multiple_of(DIRECT_ALIGN as u64)
                 && let Some(mut next) = self.prefetch_segment(segment, reserve, false)
