@@ -22,4 +22,7 @@ if [ "${HOARD_SKIP_KUBE:-0}" != 1 ]; then
 fi
 
 echo "== cargo test"
+# A failing test's panic message is what CI's summary should show: backtraces (many lines,
+# after the message) only on request.
+export RUST_BACKTRACE="${HOARD_TEST_BACKTRACE:-0}"
 cargo test --workspace --locked "$@"

@@ -514,7 +514,13 @@ fn crash_during_prune_loses_no_retained_data() {
     let mut attempts_done = 0;
     for round in 0..10u64 {
         junk_round(round);
-        for _ in 0..3 {
+        // Three kills a round, in at most six attempts (the machine is shared: a prune may
+        // finish before its kill).
+        let mut killed_this_round = 0;
+        for _ in 0..6 {
+            if killed_this_round == 3 {
+                break;
+            }
             // Within the first half of a run: a prune killed later may finish the round's work,
             // leaving the next attempts nothing to do.
             let delay = xorshift(&mut seed) % (prune_ms / 2);
@@ -529,9 +535,12 @@ fn crash_during_prune_loses_no_retained_data() {
             let status = child.wait().unwrap();
             if std::os::unix::process::ExitStatusExt::signal(&status).is_some() {
                 killed += 1;
+                killed_this_round += 1;
             } else {
                 assert!(status.success(), "round {round}: an uninterrupted prune failed: {status:?}");
                 attempts_done += 1;
+                // It was faster than aimed for: aim earlier.
+                prune_ms = (prune_ms * 2 / 3).max(20);
             }
             // A killed prune leaves its exclusive lock; it is stale at once on this host.
             check_ok(&h);
@@ -546,8 +555,12 @@ fn crash_during_prune_loses_no_retained_data() {
         let left = repo_bytes(&packs_dir);
         assert!(left <= baseline + 300_000, "round {round}: {left} bytes left, {baseline} retained: {out}");
     }
-    eprintln!("{killed} of 30 prunes killed mid-run, {attempts_done} finished (a prune takes ~{prune_ms} ms)");
-    assert!(killed >= 20, "only {killed} of 30 prunes were interrupted (a prune takes ~{prune_ms} ms)");
+    eprintln!("{killed} prunes killed mid-run, {attempts_done} finished (a prune takes ~{prune_ms} ms)");
+    assert!(
+        killed >= 20,
+        "only {killed} of {} prunes were interrupted (a prune takes ~{prune_ms} ms)",
+        killed + attempts_done
+    );
     check_ok(&h);
     restore_matches(&h, &keep_snap[..8], &keep, &tmp.path().join("r"));
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use hoard_api::crd::{BackupConfiguration, BackupSession, RestoreSession, SessionPhase, Snapshot, SnapshotPhase};
 use hoard_controller::{Clock, Config, Context, metrics::Metrics, orders::Credentials, reconcile};
-use hoard_testkit::kube::TestCluster;
+use hoard_testkit::kube::{FakeNode, TestCluster};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Secret};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -195,8 +195,10 @@ async fn backup_restore_pause_and_schedule_against_a_real_api_server() {
         .await;
     let tmp = tempfile::tempdir().unwrap();
     let pki = hoard_testkit::make_test_pki(&tmp.path().join("pki"), NODE);
-    let kubelet = tmp.path().join("kubelet/pods");
-    std::fs::create_dir_all(&kubelet).unwrap();
+    // A Ready node for the Pods bound to it: without one, the pod garbage collector deletes
+    // them as orphans within a minute.
+    let node = FakeNode::register(&client, NODE, tmp.path().join("kubelet/pods")).await;
+    let kubelet = node.kubelet_root.clone();
 
     // The workload and its data, the restore target (empty).
     let (uid, pv) = workload(&client, &ns, "app", "data").await;
@@ -611,8 +613,10 @@ async fn tenancy_retention_wipeout_and_repository_sync_against_a_real_api_server
     let intruder = cluster.namespace("intruder").await;
     let tmp = tempfile::tempdir().unwrap();
     let pki = hoard_testkit::make_test_pki(&tmp.path().join("pki"), NODE);
-    let kubelet = tmp.path().join("kubelet/pods");
-    std::fs::create_dir_all(&kubelet).unwrap();
+    // A Ready node for the Pods bound to it: without one, the pod garbage collector deletes
+    // them as orphans within a minute.
+    let node = FakeNode::register(&client, NODE, tmp.path().join("kubelet/pods")).await;
+    let kubelet = node.kubelet_root.clone();
 
     // The tenant's workload and the agent (in the owner namespace, where the controller looks).
     let (uid, pv) = workload(&client, &tenant, "app", "data").await;

@@ -3,14 +3,20 @@
 //!
 //! Tests share the one cluster: each works in namespaces of its own ([`TestCluster::namespace`])
 //! and applies the CRDs idempotently (server-side apply), so tests may run in parallel.
+//! [`FakeNode`] plays a node's kubelet for Pods bound to it (without a Ready Node, the
+//! controller-manager's pod garbage collector deletes such Pods as orphans).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::coordination::v1::Lease;
+
+use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
+use serde_json::json;
 
 /// The test cluster, or `None` (skip) outside CI when none is running.
 #[derive(Clone)]
@@ -88,4 +94,75 @@ fn rand_u32() -> u32 {
     let mixed = blake3::hash(&seed.to_le_bytes());
     b.copy_from_slice(&mixed.as_bytes()[..4]);
     u32::from_le_bytes(b)
+}
+
+/// The test's kubelet for one node: a Node object kept Ready by a heartbeat task (node status
+/// and the node Lease, as a kubelet renews them), and the node's pod directory.
+#[derive(Debug)]
+pub struct FakeNode {
+    pub name: String,
+    pub kubelet_root: PathBuf,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeNode {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+impl FakeNode {
+    pub async fn register(client: &Client, name: &str, kubelet_root: PathBuf) -> FakeNode {
+        std::fs::create_dir_all(&kubelet_root).unwrap();
+        let nodes = Api::<Node>::all(client.clone());
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "hoard.dev/test-node": "true"}},
+        }))
+        .unwrap();
+        if nodes.create(&PostParams::default(), &node).await.is_err() {
+            // A node left by an earlier run with the same name: reuse it.
+            nodes.get(name).await.unwrap();
+        }
+        heartbeat_once(client, name).await;
+        let (client, node_name) = (client.clone(), name.to_string());
+        let heartbeat = tokio::spawn(async move {
+            // Bounded by the test's lifetime: the handle is aborted when the FakeNode drops.
+            for _ in 0..10_000 {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                heartbeat_once(&client, &node_name).await;
+            }
+        });
+        FakeNode { name: name.to_string(), kubelet_root, heartbeat }
+    }
+
+    /// The directory the kubelet would mount CSI volume `pv_name` (driver `driver`) of
+    /// `pod_uid` at, with the `vol_data.json` the kubelet writes beside it.
+    pub fn csi_mount(&self, pod_uid: &str, pv_name: &str, driver: &str) -> PathBuf {
+        let volume = self.kubelet_root.join(pod_uid).join("volumes/kubernetes.io~csi").join(pv_name);
+        std::fs::create_dir_all(volume.join("mount")).unwrap();
+        let vol_data = json!({"attachmentID": format!("csi-{pv_name}"), "driverName": driver, "nodeName": self.name,
+                              "specVolID": pv_name, "volumeHandle": format!("handle-{pv_name}"),
+                              "volumeLifecycleMode": "Persistent"});
+        std::fs::write(volume.join("vol_data.json"), vol_data.to_string()).unwrap();
+        volume.join("mount")
+    }
+}
+
+async fn heartbeat_once(client: &Client, name: &str) {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let status = json!({"status": {
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "test kubelet",
+                        "lastHeartbeatTime": now, "lastTransitionTime": now}],
+        "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": name}],
+        "capacity": {"cpu": "2", "memory": "8Gi", "pods": "110"},
+        "allocatable": {"cpu": "2", "memory": "8Gi", "pods": "110"},
+    }});
+    let _ = Api::<Node>::all(client.clone()).patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await;
+    let leases = Api::<Lease>::namespaced(client.clone(), "kube-node-lease");
+    let lease: Lease = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()},
+    }))
+    .unwrap();
+    let _ = leases.patch(name, &PatchParams::apply("hoard-test-kubelet").force(), &Patch::Apply(&lease)).await;
 }
