@@ -74,7 +74,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    hoard_core::util::limit_malloc_arenas();
+    hoard_core::util::tune_malloc();
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {

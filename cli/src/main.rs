@@ -342,7 +342,7 @@ struct RestoreArgs {
 }
 
 fn main() -> ExitCode {
-    hoard_core::util::limit_malloc_arenas();
+    hoard_core::util::tune_malloc();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

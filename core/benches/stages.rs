@@ -242,7 +242,13 @@ fn packing(c: &mut Criterion) {
             let id = k.blob_id(&data);
             let mut bytes = Vec::new();
             k.seal_blob(SealType::DataBlob, &id, &data, &mut bytes);
-            SealedBlob { ty: BlobType::Data, compression: Compression::None, id, raw_len: MIB as u32, bytes }
+            SealedBlob {
+                ty: BlobType::Data,
+                compression: Compression::None,
+                id,
+                raw_len: MIB as u32,
+                bytes: bytes.into(),
+            }
         })
         .collect();
     let total: usize = blobs.iter().map(|b| b.bytes.len()).sum();

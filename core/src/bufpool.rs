@@ -1,14 +1,21 @@
-//! Recycled large buffers for the data path (read segments, pack buffers).
+//! Recycled large buffers for the data path (read segments, sealed blobs).
 //!
-//! Allocating a fresh multi-megabyte buffer for every segment and pack costs a page fault per
+//! Allocating a fresh multi-megabyte buffer for every segment and blob costs a page fault per
 //! 4 KiB when it is first written, and once freed, glibc either unmaps it (faults again next
-//! time) or keeps it in a per-thread arena where another thread cannot reuse it (resident memory
-//! grows with the number of threads). The pool hands the same buffers round instead.
+//! time) or keeps it in an arena where it fragments (resident memory grows with the length of
+//! the run). The pool hands the same buffers round instead.
 //!
-//! * Size classes: capacities are rounded up to a power of two (at least [`MIN_POOLED`]), so a
-//!   buffer is never more than twice what was asked for; smaller requests are plain allocations.
-//! * Bounded: at most `retain` bytes of free buffers are kept; a buffer given back beyond that
-//!   is freed. Buffers in use are bounded by their callers (the backup's byte budget).
+//! * Size classes: capacities are rounded up to a quarter-octave step (…, 1, 1.25, 1.5, 1.75,
+//!   2, 2.5, … MiB), so a buffer is at most a quarter larger than what was asked for. Requests
+//!   below the pool's minimum are plain allocations, never pooled.
+//! * Reuse: a request takes the smallest free buffer that holds it and is at most half as large
+//!   again; otherwise a new buffer of its class is allocated.
+//! * Bounded: the pool counts every buffer it handed out and has not seen freed, in use or free.
+//!   While that count is above its `limit`, returned buffers are freed instead of kept, and a
+//!   new allocation first frees free buffers until the count fits (free buffers of sizes no
+//!   longer asked for do not linger). Buffers in use are bounded by their callers (the
+//!   backup's segment room, the writer's packs in flight); a pooled buffer dropped without
+//!   coming back (an error path) only makes the pool keep less.
 //! * [`BufPool::freeze`] turns a buffer into [`Bytes`] that go back to the pool when the last
 //!   clone or slice of them is dropped; [`BufPool::freeze_holding`] also keeps a value (e.g. a
 //!   budget guard) alive until then.
@@ -17,60 +24,97 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-/// Requests below this are not pooled: the allocator serves them well.
+/// The default minimum pooled size: smaller requests the allocator serves well.
 pub const MIN_POOLED: usize = 1024 * 1024;
 
 #[derive(Debug)]
 pub struct BufPool {
-    retain: usize,
-    state: Mutex<Free>,
+    limit: usize,
+    min: usize,
+    state: Mutex<State>,
 }
 
 #[derive(Debug, Default)]
-struct Free {
-    /// Free buffers, each of a power-of-two capacity.
-    buffers: Vec<Vec<u8>>,
-    bytes: usize,
+struct State {
+    /// Free buffers, each of a class capacity.
+    free: Vec<Vec<u8>>,
+    free_bytes: usize,
+    /// Bytes of all buffers handed out and not freed: in use and free.
+    total: usize,
 }
 
 impl BufPool {
-    /// A pool keeping at most `retain` bytes of free buffers.
-    pub fn new(retain: usize) -> Arc<BufPool> {
-        Arc::new(BufPool { retain, state: Mutex::new(Free::default()) })
+    /// A pool of buffers of [`MIN_POOLED`] bytes and more, keeping at most `limit` bytes of them.
+    pub fn new(limit: usize) -> Arc<BufPool> {
+        Self::with_min(limit, MIN_POOLED)
     }
 
-    fn class(min_capacity: usize) -> usize {
-        min_capacity.max(MIN_POOLED).next_power_of_two()
+    /// A pool of buffers of `min` bytes and more (a power of two), keeping at most `limit` bytes.
+    pub fn with_min(limit: usize, min: usize) -> Arc<BufPool> {
+        Arc::new(BufPool { limit, min: min.next_power_of_two(), state: Mutex::new(State::default()) })
+    }
+
+    /// `min_capacity` rounded up to its quarter-octave step.
+    fn class(&self, min_capacity: usize) -> usize {
+        let n = min_capacity.max(self.min);
+        let step = ((1usize << n.ilog2()) / 4).max(1);
+        n.div_ceil(step) * step
+    }
+
+    fn is_class(&self, capacity: usize) -> bool {
+        capacity >= self.min && self.class(capacity) == capacity
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// An empty buffer with room for at least `min_capacity` bytes.
     pub fn take(&self, min_capacity: usize) -> Vec<u8> {
-        if min_capacity < MIN_POOLED {
+        if min_capacity < self.min {
             return Vec::with_capacity(min_capacity);
         }
-        let class = Self::class(min_capacity);
-        let mut free = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = free.buffers.iter().position(|b| b.capacity() == class) {
-            let buf = free.buffers.swap_remove(i);
-            free.bytes -= buf.capacity();
+        let class = self.class(min_capacity);
+        let mut st = self.state();
+        let fits = |b: &Vec<u8>| b.capacity() >= min_capacity && b.capacity() <= min_capacity + min_capacity / 2;
+        let best =
+            st.free.iter().enumerate().filter(|(_, b)| fits(b)).min_by_key(|(_, b)| b.capacity()).map(|(i, _)| i);
+        if let Some(i) = best {
+            let buf = st.free.swap_remove(i);
+            st.free_bytes -= buf.capacity();
             return buf;
         }
-        drop(free);
+        // Make room for the new buffer among the free ones (freed outside the lock).
+        let mut evicted = Vec::new();
+        while st.total + class > self.limit {
+            let Some(b) = st.free.pop() else { break };
+            st.free_bytes -= b.capacity();
+            st.total = st.total.saturating_sub(b.capacity());
+            evicted.push(b);
+        }
+        st.total += class;
+        drop(st);
+        drop(evicted);
         Vec::with_capacity(class)
     }
 
-    /// Gives a buffer back for reuse (or frees it when the pool is full or it is not pooled).
+    /// Gives a buffer back for reuse (or frees it when the pool is over its limit or the buffer
+    /// is not one of its classes).
     pub fn give(&self, mut buf: Vec<u8>) {
         let cap = buf.capacity();
-        if cap < MIN_POOLED || !cap.is_power_of_two() {
+        if !self.is_class(cap) {
             return;
         }
         buf.clear();
-        let mut free = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if free.bytes + cap <= self.retain {
-            free.bytes += cap;
-            free.buffers.push(buf);
+        let mut st = self.state();
+        if st.total > self.limit {
+            st.total = st.total.saturating_sub(cap);
+            drop(st);
+            drop(buf);
+            return;
         }
+        st.free_bytes += cap;
+        st.free.push(buf);
     }
 
     /// The buffer as shared bytes; it returns to the pool when the last reference is dropped.
@@ -80,7 +124,7 @@ impl BufPool {
 
     /// Like [`BufPool::freeze`]; `hold` is dropped when the buffer is.
     pub fn freeze_holding<H: Send + 'static>(self: &Arc<Self>, buf: Vec<u8>, hold: H) -> Bytes {
-        if buf.capacity() < MIN_POOLED {
+        if !self.is_class(buf.capacity()) {
             return Bytes::from_owner(Held { buf, _hold: hold });
         }
         Bytes::from_owner(Pooled { buf, pool: Arc::clone(self), _hold: hold })
@@ -88,7 +132,12 @@ impl BufPool {
 
     /// Bytes of free buffers held.
     pub fn free_bytes(&self) -> usize {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).bytes
+        self.state().free_bytes
+    }
+
+    /// Bytes of the buffers handed out and not freed, in use or free.
+    pub fn total_bytes(&self) -> usize {
+        self.state().total
     }
 }
 
@@ -126,11 +175,13 @@ impl<H> Drop for Pooled<H> {
 mod tests {
     use super::*;
 
+    const M: usize = MIN_POOLED;
+
     #[test]
     fn buffers_come_back_and_are_reused() {
-        let pool = BufPool::new(8 * MIN_POOLED);
-        let mut a = pool.take(3 * MIN_POOLED / 2);
-        assert_eq!(a.capacity(), 2 * MIN_POOLED);
+        let pool = BufPool::new(8 * M);
+        let mut a = pool.take(3 * M / 2 + 1);
+        assert_eq!(a.capacity(), 7 * M / 4);
         a.extend_from_slice(&[7u8; 1000]);
         let ptr = a.as_ptr();
         let bytes = pool.freeze(a);
@@ -139,34 +190,92 @@ mod tests {
         assert_eq!(pool.free_bytes(), 0, "a slice still holds the buffer");
         assert_eq!(&slice[..], &[7u8; 10]);
         drop(slice);
-        assert_eq!(pool.free_bytes(), 2 * MIN_POOLED);
-        let b = pool.take(2 * MIN_POOLED);
+        assert_eq!(pool.free_bytes(), 7 * M / 4);
+        let b = pool.take(7 * M / 4);
         assert_eq!(b.as_ptr(), ptr, "the same buffer is handed out again");
         assert!(b.is_empty());
         assert_eq!(pool.free_bytes(), 0);
-        // Another class is a new allocation.
-        assert_eq!(pool.take(MIN_POOLED).capacity(), MIN_POOLED);
+        // Too small for it: a new allocation.
+        assert_eq!(pool.take(M).capacity(), M);
+        assert_eq!(pool.total_bytes(), 7 * M / 4 + M);
     }
 
     #[test]
-    fn retention_is_bounded_and_small_buffers_are_not_pooled() {
-        let pool = BufPool::new(3 * MIN_POOLED);
-        let bufs: Vec<_> = (0..4).map(|_| pool.take(MIN_POOLED)).collect();
+    fn classes_are_quarter_octaves_from_the_minimum() {
+        let pool = BufPool::new(0);
+        for (asked, class) in [
+            (1, M),
+            (M, M),
+            (M + 1, 5 * M / 4),
+            (2 * M, 2 * M),
+            (2 * M + 1, 5 * M / 2),
+            (9 * M, 10 * M),
+            (16 * M, 16 * M),
+        ] {
+            assert_eq!(pool.class(asked), class, "{asked}");
+            assert!(pool.is_class(class));
+        }
+        assert!(!pool.is_class(9 * M));
+        for n in (M..64 * M).step_by(M / 3) {
+            let c = pool.class(n);
+            assert!(c >= n && c <= n + n / 4, "{n} -> {c}");
+        }
+        let small = BufPool::with_min(0, 100_000);
+        assert_eq!(small.class(1), 128 * 1024);
+        assert_eq!(small.class(128 * 1024 + 1), 160 * 1024);
+        assert_eq!(small.take(100).capacity(), 100, "below the minimum: not pooled");
+    }
+
+    #[test]
+    fn reuse_takes_the_smallest_buffer_that_fits_and_not_a_much_larger_one() {
+        let pool = BufPool::new(64 * M);
+        let bufs = [pool.take(4 * M), pool.take(2 * M), pool.take(5 * M / 2)];
         for b in bufs {
             pool.give(b);
         }
-        assert_eq!(pool.free_bytes(), 3 * MIN_POOLED);
+        assert_eq!(pool.take(2 * M - 1).capacity(), 2 * M);
+        assert_eq!(pool.take(2 * M).capacity(), 5 * M / 2, "the next smallest that fits");
+        // 4 MiB is more than half again as large as 2 MiB: a new 2 MiB buffer instead.
+        assert_eq!(pool.take(2 * M).capacity(), 2 * M);
+        assert_eq!(pool.free_bytes(), 4 * M);
+    }
+
+    #[test]
+    fn all_buffers_stay_within_the_limit_when_sizes_change() {
+        let pool = BufPool::new(4 * M);
+        let small: Vec<_> = (0..4).map(|_| pool.take(M)).collect();
+        for b in small {
+            pool.give(b);
+        }
+        assert_eq!((pool.free_bytes(), pool.total_bytes()), (4 * M, 4 * M));
+        let big = pool.take(2 * M);
+        assert_eq!((pool.free_bytes(), pool.total_bytes()), (2 * M, 4 * M), "free buffers made room");
+        pool.give(big);
+        assert_eq!(pool.free_bytes(), 4 * M);
+        // Over the limit (all in use): buffers returned now are freed, not kept.
+        let in_use: Vec<_> = (0..6).map(|_| pool.take(M)).collect();
+        assert_eq!(pool.total_bytes(), 6 * M);
+        for b in in_use {
+            pool.give(b);
+        }
+        assert_eq!((pool.free_bytes(), pool.total_bytes()), (4 * M, 4 * M));
+    }
+
+    #[test]
+    fn small_buffers_are_not_pooled() {
+        let pool = BufPool::new(3 * M);
         pool.give(Vec::with_capacity(4096));
-        assert_eq!(pool.free_bytes(), 3 * MIN_POOLED);
+        assert_eq!(pool.free_bytes(), 0);
         assert_eq!(pool.take(100).capacity(), 100);
         let small = pool.freeze(vec![1, 2, 3]);
         assert_eq!(&small[..], &[1, 2, 3]);
+        assert_eq!(pool.total_bytes(), 0);
     }
 
     #[test]
     fn held_values_live_as_long_as_the_bytes() {
-        let pool = BufPool::new(4 * MIN_POOLED);
-        for cap in [10, MIN_POOLED] {
+        let pool = BufPool::new(4 * M);
+        for cap in [10, M] {
             let held = Arc::new(());
             let mut buf = pool.take(cap);
             buf.push(1);

@@ -81,7 +81,7 @@ pub struct SealedBlob {
     pub compression: Compression,
     pub id: Id,
     pub raw_len: u32,
-    pub bytes: Vec<u8>,
+    pub bytes: Bytes,
 }
 
 /// A finished pack: its name, its bytes as consecutive parts, and its directory.
@@ -132,7 +132,7 @@ impl PackBuilder {
             raw_len: blob.raw_len,
         });
         self.len += blob.bytes.len();
-        self.parts.push(Bytes::from(blob.bytes));
+        self.parts.push(blob.bytes);
     }
 
     /// Seals the header, appends it and returns the pack; the builder is empty afterwards.
@@ -218,7 +218,13 @@ mod tests {
         let id = keys.blob_id(data);
         let mut bytes = Vec::new();
         keys.seal_blob(SealType::DataBlob, &id, data, &mut bytes);
-        SealedBlob { ty: BlobType::Data, compression: Compression::None, id, raw_len: data.len() as u32, bytes }
+        SealedBlob {
+            ty: BlobType::Data,
+            compression: Compression::None,
+            id,
+            raw_len: data.len() as u32,
+            bytes: bytes.into(),
+        }
     }
 
     #[test]

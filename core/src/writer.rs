@@ -4,7 +4,8 @@
 //! add() ─▶ [dedup: index + in-flight set] ─▶ workers (compress, seal) ─▶ packer ─▶ uploads ─▶ index
 //! ```
 //! * Bounded: the job and packer channels hold a fixed number of blobs, at most
-//!   `upload_concurrency` packs upload at once with one more queued, and callers pass a budget
+//!   `upload_concurrency` packs are finished and not yet stored (the packer waits for a slot
+//!   before it hands a pack over, so none waits in a queue), and callers pass a budget
 //!   guard with each blob that is held until the pack holding the blob is uploaded: queued,
 //!   sealed, packed, queued-pack and uploading bytes all count against the caller's budget.
 //! * No deadlock under a small budget: when someone waits for budget and no blob has arrived for
@@ -27,6 +28,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use tokio::sync::mpsc;
 
 use crate::budget::BudgetGuard;
+use crate::bufpool::BufPool;
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::{IndexFile, IndexPack};
@@ -49,6 +51,9 @@ pub struct WriterConfig {
     pub lease: Option<crate::lock::Lease>,
     /// Live counters to update as packs are stored (`bytes_stored`).
     pub progress: Option<Arc<crate::progress::Progress>>,
+    /// Where sealed blobs' buffers come from (e.g. shared with the backup's read segments, so
+    /// one limit holds for both); `None`: a pool of the writer's own.
+    pub pool: Option<Arc<BufPool>>,
 }
 
 impl Default for WriterConfig {
@@ -59,6 +64,7 @@ impl Default for WriterConfig {
             index_every_packs: 8,
             lease: None,
             progress: None,
+            pool: None,
         }
     }
 }
@@ -89,6 +95,11 @@ pub fn upload_concurrency_for(location: &str) -> usize {
         default_upload_concurrency()
     }
 }
+
+/// Sealed blobs this large and larger get recycled buffers; smaller ones come from malloc's
+/// arenas, which serve them well (blocks from [`crate::util::MMAP_THRESHOLD`] up are mapped
+/// and unmapped one by one: a page fault per 4 KiB of every blob).
+pub const SEALED_POOLED_MIN: usize = crate::util::MMAP_THRESHOLD as usize;
 
 /// Counters the writer keeps; read them for progress and summaries.
 #[derive(Debug, Default)]
@@ -122,6 +133,8 @@ struct Sealed {
 /// A finished pack on its way to the store; its guards are released once it is stored.
 struct OutPack {
     pack: FinishedPack,
+    /// One of the `upload_concurrency` slots, held until the pack is stored.
+    slot: BudgetGuard,
     guards: Vec<Arc<BudgetGuard>>,
     /// Plaintext bytes of its budgeted blobs (for [`WriterStats::budgeted_in_flight`]).
     budgeted: u64,
@@ -135,6 +148,8 @@ struct Shared {
     error: Mutex<Option<Error>>,
     stats: Arc<WriterStats>,
     progress: Option<Arc<crate::progress::Progress>>,
+    /// Buffers of sealed blobs, back in the pool once their pack is stored.
+    sealed_pool: Arc<BufPool>,
 }
 
 impl Shared {
@@ -239,6 +254,12 @@ impl BlobWriter {
     pub fn start(repo: Arc<Repository>, cfg: WriterConfig) -> BlobWriter {
         let workers_n = cfg.workers.max(1);
         let stats = Arc::new(WriterStats::default());
+        let uploads = cfg.upload_concurrency.unwrap_or_else(|| upload_concurrency_for(&repo.store().location())).max(1);
+        let pack_size = repo.params().pack_size as usize;
+        // Sealed bytes alive at once: the open pack, the packs being stored and the blobs in the
+        // channels, in buffers up to a quarter larger than asked for.
+        let sealed_pool =
+            cfg.pool.clone().unwrap_or_else(|| BufPool::with_min((uploads + 2) * pack_size, SEALED_POOLED_MIN));
         let shared = Arc::new(Shared {
             repo: Arc::clone(&repo),
             lease: cfg.lease.clone(),
@@ -247,6 +268,7 @@ impl BlobWriter {
             error: Mutex::new(None),
             stats,
             progress: cfg.progress.clone(),
+            sealed_pool,
         });
         let (job_tx, job_rx) = bounded::<Job>(workers_n * 2);
         let (sealed_tx, sealed_rx) = bounded::<Sealed>(workers_n * 2);
@@ -267,19 +289,18 @@ impl BlobWriter {
             .collect();
         drop(sealed_tx);
 
+        let upload_slots = crate::budget::Budget::new(uploads);
         let packer = {
             let shared = Arc::clone(&shared);
-            let pack_size = repo.params().pack_size as usize;
             std::thread::Builder::new()
                 .name("hoard-packer".into())
-                .spawn(move || packer(&shared, pack_size, &sealed_rx, &pack_tx))
+                .spawn(move || packer(&shared, pack_size, &upload_slots, &sealed_rx, &pack_tx))
                 .ok()
         };
 
         let uploader = {
             let shared = Arc::clone(&shared);
-            let uploads = cfg.upload_concurrency.unwrap_or_else(|| upload_concurrency_for(&repo.store().location()));
-            tokio::spawn(uploader(shared, pack_rx, uploads.max(1), cfg.index_every_packs.max(1)))
+            tokio::spawn(uploader(shared, pack_rx, uploads, cfg.index_every_packs.max(1)))
         };
 
         BlobWriter {
@@ -377,8 +398,9 @@ fn seal_worker(shared: &Shared, level: i32, jobs: &Receiver<Job>, out: &Sender<S
             }
         }
         let payload: &[u8] = if compression == Compression::Zstd { &scratch } else { &job.data };
-        let mut bytes = Vec::with_capacity(payload.len() + crate::crypto::SEAL_OVERHEAD);
+        let mut bytes = shared.sealed_pool.take(payload.len() + crate::crypto::SEAL_OVERHEAD);
         keys.seal_blob(job.ty.seal_type(), &job.id, payload, &mut bytes);
+        let bytes = shared.sealed_pool.freeze(bytes);
         let blob = SealedBlob { ty: job.ty, compression, id: job.id, raw_len: job.data.len() as u32, bytes };
         // The plaintext goes now; the budget stays with the blob until its pack is stored.
         let Job { guard, .. } = job;
@@ -414,13 +436,21 @@ impl OpenPack {
     }
 }
 
-fn packer(shared: &Shared, pack_size: usize, blobs: &Receiver<Sealed>, packs: &mpsc::Sender<OutPack>) {
+fn packer(
+    shared: &Shared,
+    pack_size: usize,
+    upload_slots: &Arc<crate::budget::Budget>,
+    blobs: &Receiver<Sealed>,
+    packs: &mpsc::Sender<OutPack>,
+) {
     let keys = Arc::clone(shared.repo.keys());
     let mut open = OpenPack { builder: PackBuilder::default(), guards: Vec::new(), budgeted: 0 };
     let flush = |open: &mut OpenPack| -> bool {
+        // Finished packs are memory until stored: never more of them than uploads run.
+        let slot = upload_slots.acquire(1);
         match open.builder.finish(&keys) {
             Ok(pack) => {
-                let out = OutPack { pack, guards: std::mem::take(&mut open.guards), budgeted: open.budgeted };
+                let out = OutPack { pack, slot, guards: std::mem::take(&mut open.guards), budgeted: open.budgeted };
                 open.budgeted = 0;
                 packs.blocking_send(out).is_ok()
             }
@@ -474,7 +504,7 @@ async fn uploader(shared: Arc<Shared>, mut packs: mpsc::Receiver<OutPack>, concu
                 finish_one(r, &mut pending);
             }
             next = packs.recv(), if uploads.len() < concurrency => {
-                let Some(OutPack { pack, guards, budgeted }) = next else { break };
+                let Some(OutPack { pack, slot, guards, budgeted }) = next else { break };
                 let shared = Arc::clone(&shared);
                 uploads.spawn(async move {
                     let entries: Vec<PackEntry> = pack.entries;
@@ -494,6 +524,7 @@ async fn uploader(shared: Arc<Shared>, mut packs: mpsc::Receiver<OutPack>, concu
                     // counter never runs ahead of the budget.
                     shared.stats.budgeted_in_flight.fetch_sub(budgeted, Ordering::SeqCst);
                     drop(guards);
+                    drop(slot);
                     shared.stats.bytes_stored.fetch_add(len, Ordering::Relaxed);
                     if let Some(p) = &shared.progress {
                         p.bytes_stored.fetch_add(len, Ordering::Relaxed);

@@ -87,8 +87,7 @@ fn options(src: &Path, parent: ParentSelection) -> BackupOptions {
             workers: 2,
             upload_concurrency: Some(4),
             index_every_packs: 2,
-            lease: None,
-            progress: None,
+            ..WriterConfig::default()
         },
         ..Default::default()
     }
