@@ -513,6 +513,7 @@ fn component_name(path: &std::path::Path) -> String {
 }
 
 async fn cmd_backup(g: &Global, a: BackupArgs) -> anyhow::Result<u8> {
+    hoard_core::util::fix_mmap_threshold();
     let mut sources = Vec::new();
     if a.stdin {
         if !a.paths.is_empty() {

@@ -15,45 +15,52 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// Tunes glibc's malloc for the data path; call once, early in `main`. No effect with other C
-/// libraries; a setting given in the environment (`MALLOC_ARENA_MAX`,
-/// `MALLOC_MMAP_THRESHOLD_`) wins.
-///
-/// * Arenas capped at the number of cores (glibc's default is 8 per core). The data path
-///   allocates buffers on one thread and frees them on another (readers, sealing threads, the
-///   runtime's blocking pool); each extra arena keeps freed memory of its own, so peak RSS grew
-///   with the number of threads and the length of the run (~20 MiB on the 1 GiB bench dataset).
-/// * A fixed mmap threshold of [`MMAP_THRESHOLD`]. By default glibc raises the threshold to the
-///   size of every large block freed (up to 32 MiB), so after the first multi-megabyte segment
-///   or sealed blob is freed, all of them come from the arenas, whose free space fragments and
-///   is rarely returned. With the threshold fixed, large blocks are mapped and unmapped one by
-///   one, and the data path recycles its large buffers ([`crate::bufpool`]) so they are not
-///   refaulted. Measured on the 2 GiB bench dataset, peak RSS of an initial backup: 160-190 MiB
-///   before, 100-112 MiB with the threshold alone (but 7× the page faults, +1 s of system
-///   time), 112-120 MiB with the buffers recycled too (page faults 2.5× instead).
+/// Caps glibc's malloc arenas at the number of cores (glibc's default is 8 per core); call
+/// once, early in `main`. The data path allocates buffers on one thread and frees them on
+/// another (readers, sealing threads, the runtime's blocking pool); each extra arena keeps
+/// freed memory of its own, so peak RSS grew with the number of threads and the length of the
+/// run (~20 MiB on the 1 GiB bench dataset). No effect with other C libraries, or when
+/// `MALLOC_ARENA_MAX` is set (the environment wins).
 #[allow(unsafe_code)]
 pub fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-            let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-            let arenas = libc::c_int::try_from(cores).unwrap_or(libc::c_int::MAX);
-            // SAFETY: mallopt only sets an allocator parameter; M_ARENA_MAX is valid on glibc.
-            unsafe {
-                libc::mallopt(libc::M_ARENA_MAX, arenas);
-            }
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let arenas = libc::c_int::try_from(cores).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt only sets an allocator parameter; M_ARENA_MAX is valid on glibc.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, arenas);
         }
-        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
-            // SAFETY: as above; setting M_MMAP_THRESHOLD also turns off its dynamic adjustment.
-            unsafe {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
-            }
+    }
+}
+
+/// Fixes glibc's mmap threshold at [`MMAP_THRESHOLD`], for a process that runs backups only
+/// (the `hoard backup` command). No effect with other C libraries, or when
+/// `MALLOC_MMAP_THRESHOLD_` is set.
+///
+/// By default glibc raises the threshold to the size of every large block freed (up to
+/// 32 MiB), so after the first multi-megabyte segment or sealed blob is freed, all of them come
+/// from the arenas, whose free space fragments and is rarely returned. With the threshold
+/// fixed, large blocks are mapped and unmapped one by one, and the backup recycles its large
+/// buffers ([`crate::bufpool`]) so they are not refaulted. Measured on the 2 GiB bench dataset,
+/// peak RSS of an initial backup: 160-190 MiB before, 112-120 MiB with the buffers recycled
+/// and the threshold fixed (170 MiB recycled alone). Not for restores: they allocate each
+/// blob's buffers afresh, and mapping and unmapping each one (page faults, TLB shootdowns
+/// across threads) took a 2 GiB restore from 4 s of system time to 6-11 s.
+#[allow(unsafe_code)]
+pub fn fix_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; setting M_MMAP_THRESHOLD (valid on
+        // glibc) also turns off its dynamic adjustment.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
         }
     }
 }
 
 /// Blocks this large and larger are mapped on their own and unmapped when freed
-/// ([`tune_malloc`]); glibc's initial default.
+/// ([`fix_mmap_threshold`]); glibc's initial default.
 pub const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
 
 /// Human-readable byte counts (binary units), e.g. `1.50 MiB`.

@@ -97,7 +97,8 @@ pub fn upload_concurrency_for(location: &str) -> usize {
 }
 
 /// Sealed blobs this large and larger get recycled buffers; smaller ones come from malloc's
-/// arenas, which serve them well (blocks from [`crate::util::MMAP_THRESHOLD`] up are mapped
+/// arenas, which serve them well (where [`crate::util::fix_mmap_threshold`] applies, blocks from
+/// [`crate::util::MMAP_THRESHOLD`] up are mapped
 /// and unmapped one by one: a page fault per 4 KiB of every blob).
 pub const SEALED_POOLED_MIN: usize = crate::util::MMAP_THRESHOLD as usize;
 
