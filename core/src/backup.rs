@@ -88,10 +88,6 @@ fn direct_read_len(offset: u64, dest: usize, want: usize) -> Option<usize> {
 /// segment keeps the budget's granularity fine.
 pub const MIN_SEGMENT: usize = 4 * 1024 * 1024;
 
-/// Buffers this large and larger (segments, carries, sealed blobs) are recycled; smaller ones
-/// come from malloc's arenas, which serve them well.
-const POOLED_MIN: usize = crate::util::MMAP_THRESHOLD as usize;
-
 /// The read segment for a chunker: its largest chunk and an eighth more, in whole MiB. The uncut
 /// tail carried into the next segment is shorter than a largest chunk, so every segment reads
 /// at least an eighth of a largest chunk of new data (usually far more: the carry averages
@@ -1378,11 +1374,8 @@ async fn backup_locked(
     // carries and sealed blobs 150-190 MiB / 47k (glibc's arenas kept freed blocks); a 48 MiB
     // pool 93 MiB / 311k (+3 s of system time refaulting); 72 MiB 112-117 MiB / 120-140k;
     // 96 MiB 135-140 MiB / 70k.
-    let uploads = writer_cfg
-        .upload_concurrency
-        .unwrap_or_else(|| crate::writer::upload_concurrency_for(&repo.store().location()))
-        .max(1);
-    let pool = BufPool::with_min(room + (uploads + 1) * repo.params().pack_size as usize, POOLED_MIN);
+    let packs_alive = writer_cfg.uploads_for(repo) + 1;
+    let pool = BufPool::with_min(room + packs_alive * repo.params().pack_size as usize, crate::bufpool::MAPPED_MIN);
     writer_cfg.pool = Some(Arc::clone(&pool));
     let writer = BlobWriter::start(Arc::clone(repo), writer_cfg);
     let wstats = writer.stats();

@@ -27,6 +27,12 @@ use bytes::Bytes;
 /// The default minimum pooled size: smaller requests the allocator serves well.
 pub const MIN_POOLED: usize = 1024 * 1024;
 
+/// The minimum for pools of the data path's variable-sized buffers (carried tails, sealed
+/// blobs): smaller blocks come from malloc's arenas, which serve them well, while blocks this
+/// large are mapped and unmapped one by one where [`crate::util::fix_mmap_threshold`] applies
+/// (a page fault per 4 KiB each time).
+pub const MAPPED_MIN: usize = crate::util::MMAP_THRESHOLD as usize;
+
 #[derive(Debug)]
 pub struct BufPool {
     limit: usize,

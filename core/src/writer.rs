@@ -56,6 +56,13 @@ pub struct WriterConfig {
     pub pool: Option<Arc<BufPool>>,
 }
 
+impl WriterConfig {
+    /// Packs uploaded at once to `repo`'s store with this configuration.
+    pub fn uploads_for(&self, repo: &Repository) -> usize {
+        self.upload_concurrency.unwrap_or_else(|| upload_concurrency_for(&repo.store().location())).max(1)
+    }
+}
+
 impl Default for WriterConfig {
     fn default() -> Self {
         WriterConfig {
@@ -95,12 +102,6 @@ pub fn upload_concurrency_for(location: &str) -> usize {
         default_upload_concurrency()
     }
 }
-
-/// Sealed blobs this large and larger get recycled buffers; smaller ones come from malloc's
-/// arenas, which serve them well (where [`crate::util::fix_mmap_threshold`] applies, blocks from
-/// [`crate::util::MMAP_THRESHOLD`] up are mapped
-/// and unmapped one by one: a page fault per 4 KiB of every blob).
-pub const SEALED_POOLED_MIN: usize = crate::util::MMAP_THRESHOLD as usize;
 
 /// Counters the writer keeps; read them for progress and summaries.
 #[derive(Debug, Default)]
@@ -255,12 +256,14 @@ impl BlobWriter {
     pub fn start(repo: Arc<Repository>, cfg: WriterConfig) -> BlobWriter {
         let workers_n = cfg.workers.max(1);
         let stats = Arc::new(WriterStats::default());
-        let uploads = cfg.upload_concurrency.unwrap_or_else(|| upload_concurrency_for(&repo.store().location())).max(1);
+        let uploads = cfg.uploads_for(&repo);
         let pack_size = repo.params().pack_size as usize;
         // Sealed bytes alive at once: the open pack, the packs being stored and the blobs in the
         // channels, in buffers up to a quarter larger than asked for.
-        let sealed_pool =
-            cfg.pool.clone().unwrap_or_else(|| BufPool::with_min((uploads + 2) * pack_size, SEALED_POOLED_MIN));
+        let sealed_pool = cfg
+            .pool
+            .clone()
+            .unwrap_or_else(|| BufPool::with_min((uploads + 2) * pack_size, crate::bufpool::MAPPED_MIN));
         let shared = Arc::new(Shared {
             repo: Arc::clone(&repo),
             lease: cfg.lease.clone(),
