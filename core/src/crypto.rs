@@ -321,6 +321,15 @@ mod tests {
         Keys::from_master(SecretKey([7u8; 32]))
     }
 
+    /// Key slots written by earlier builds must keep opening: the derivation is pinned to
+    /// Argon2id v1.3's output (computed with the argon2 crate 0.5, serial lanes).
+    #[test]
+    fn kdf_output_is_pinned() {
+        let kdf = KdfParams { memory_kib: 8 * 1024, iterations: 2, parallelism: 4 };
+        let key = kdf.derive(b"correct horse battery staple", b"hoard-kdf-salt-16").unwrap();
+        assert_eq!(hex::encode(key.0), "bc457160fa57b0f79d0e10ad442142ddbfebf71b04ec089199c3ed9f835f2af9");
+    }
+
     #[test]
     fn blob_round_trip_and_binding() {
         let k = keys();

@@ -813,11 +813,15 @@ pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: Res
             let handles: Vec<_> = (0..workers)
                 .map(|_| {
                     let rx = rx.clone();
-                    s.spawn(move || worker(ctx, &rx))
+                    std::thread::Builder::new()
+                        .name("restore-worker".into())
+                        .spawn_scoped(s, move || worker(ctx, &rx))
+                        .map_err(|e| Error::io("spawn restore worker", e))
                 })
-                .collect();
+                .collect::<Result<_>>()?;
             drop(rx);
             let walked = std::thread::Builder::new()
+                .name("restore-walker".into())
                 .stack_size(256 * 1024 * 1024)
                 .spawn_scoped(s, || {
                     let w = Walker { ctx, jobs: tx, batch: RefCell::new(Batch::default()), batch_files };
