@@ -752,6 +752,7 @@ async fn cmd_diff(g: &Global, a: &str, b: &str) -> anyhow::Result<u8> {
 }
 
 async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
+    hoard_core::util::hold_heap_memory();
     let repo = open_repo(g).await?;
     repo.load_index().await?;
     let (spec, path) = match a.snapshot.split_once(':') {

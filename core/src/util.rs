@@ -59,6 +59,36 @@ pub fn fix_mmap_threshold() {
     }
 }
 
+/// Keeps freed heap memory for reuse, for a process that runs restores only (the `hoard
+/// restore` command): large blocks up to 32 MiB (glibc's ceiling) come from the arenas, and
+/// the arenas give memory back only above [`RESTORE_TRIM_THRESHOLD`] free at their top. No
+/// effect with other C libraries, or when `MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_`
+/// is set.
+///
+/// A restore allocates each blob's read, decrypt and decompress buffers afresh, and the
+/// object store's reads zero-fill theirs. With glibc's defaults the arenas shrink after each
+/// burst and the next one faults its pages in again: on the 1 GiB bench dataset 100-125k
+/// page faults per restore, 29-39k with memory held, and 4-7 % less wall time in alternating
+/// runs. Peak RSS stays that of the key derivation's 64 MiB because a restore's pack jobs
+/// are small ([`crate::restore::MAX_JOB_BYTES`]); with 8 MiB jobs it rose by 12-20 MiB.
+#[allow(unsafe_code)]
+pub fn hold_heap_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() && std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_none() {
+        // SAFETY: mallopt only sets allocator parameters, both valid on glibc; a value it
+        // rejects leaves the default in place.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, RESTORE_MMAP_THRESHOLD);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, RESTORE_TRIM_THRESHOLD);
+        }
+    }
+}
+
+/// [`hold_heap_memory`]'s mmap threshold: glibc's largest.
+pub const RESTORE_MMAP_THRESHOLD: libc::c_int = 32 * 1024 * 1024;
+/// [`hold_heap_memory`]'s trim threshold: free memory at an arena's top kept for reuse.
+pub const RESTORE_TRIM_THRESHOLD: libc::c_int = 256 * 1024 * 1024;
+
 /// Blocks this large and larger are mapped on their own and unmapped when freed
 /// ([`fix_mmap_threshold`]); glibc's initial default.
 pub const MMAP_THRESHOLD: libc::c_int = 128 * 1024;
