@@ -339,6 +339,10 @@ struct RestoreArgs {
     excludes: Vec<String>,
     #[command(flatten)]
     filter: FilterArgs,
+    /// Write every file through the page cache (by default files of 1 MiB and more are written
+    /// with O_DIRECT where the filesystem allows it, sparing the page cache).
+    #[arg(long)]
+    no_direct_io: bool,
 }
 
 fn main() -> ExitCode {
@@ -800,6 +804,7 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
         opts.includes = a.includes.clone();
         opts.excludes = a.excludes.clone();
         opts.progress = Arc::clone(&progress);
+        opts.direct_io = !a.no_direct_io;
         match hoard_core::restore::restore(Arc::clone(&repo), source, opts).await {
             Ok(o) => {
                 combined.files += o.files;

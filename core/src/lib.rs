@@ -10,6 +10,7 @@
 //! Nothing here knows about Kubernetes.
 
 pub mod backup;
+pub mod blockwrite;
 pub mod browse;
 pub mod budget;
 pub mod bufpool;

@@ -11,6 +11,11 @@
 //!   A blob is fetched once per batch however many files use it, then authenticated,
 //!   decompressed and written at each of its offsets by the same worker. Holes (and all-zero
 //!   pages) are not written, so sparse files stay sparse.
+//! * Files of at least [`crate::backup::DIRECT_MIN_FILE`] bytes are written with `O_DIRECT`
+//!   where the filesystem takes it ([`RestoreOptions::direct_io`]): their data extents are
+//!   reserved up front, workers gather adjacent blobs into whole aligned blocks
+//!   ([`crate::blockwrite`]) and writer threads write them while the workers go on. A restore
+//!   then neither copies every byte into the page cache nor evicts the node's cached data.
 //! * Metadata (owner when root, mode, xattrs, times) is applied after content; a directory's
 //!   after everything inside it is done.
 //! * Every blob is authenticated and checked against its id. A file whose data cannot be read
@@ -20,7 +25,8 @@
 //!   is on another mount than the target root (a bind mount or another filesystem mounted
 //!   inside it) is never descended into: that entry fails, nothing is written below it.
 //! * Bounded: the plan of at most two batches exists at once (one being built, one being
-//!   fetched), pack jobs wait in a bounded channel, and each worker holds one job's bytes;
+//!   fetched), pack jobs wait in a bounded channel, each worker holds one job's bytes and at
+//!   most [`STAGE_BUFFERS`] buffers of gathered blocks;
 //!   descriptors are held only for directories and files with pending work.
 
 use std::cell::RefCell;
@@ -31,10 +37,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crossbeam_channel::{Receiver, bounded};
+use crossbeam_channel::{Receiver, Sender, bounded};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
+use crate::blockwrite::{self, AlignedBuf, BlockFile};
 use crate::error::{Error, IoContext, Result};
 use crate::fsmeta;
 use crate::id::Id;
@@ -50,7 +57,12 @@ pub const MAX_BATCH_BLOBS: usize = 16 * 1024;
 /// Most stored bytes one pack job fetches (what a worker holds in memory at once, plus one blob);
 /// 4 MiB keeps a restore's peak below the key derivation's, 8 MiB took 12-20 MiB more.
 pub const MAX_JOB_BYTES: u64 = 4 * 1024 * 1024;
-const PAGE: usize = 4096;
+/// Bytes of whole blocks a worker gathers for one direct write (see [`crate::blockwrite`]).
+pub const STAGE_BYTES: usize = 2 * 1024 * 1024;
+/// Buffers of [`STAGE_BYTES`] a worker owns: one it fills, the others being written.
+pub const STAGE_BUFFERS: usize = 2;
+/// Threads writing gathered blocks (direct writes wait for the disk).
+pub const WRITERS: usize = 4;
 
 #[derive(Debug)]
 pub struct RestoreOptions {
@@ -67,6 +79,9 @@ pub struct RestoreOptions {
     pub target_dir: Option<OwnedFd>,
     /// Never write into an existing directory that is on another mount than the target root.
     pub one_file_system: bool,
+    /// Write files of at least [`crate::backup::DIRECT_MIN_FILE`] bytes with `O_DIRECT` where
+    /// the filesystem allows it, bypassing the page cache (see [`crate::blockwrite`]).
+    pub direct_io: bool,
 }
 
 impl RestoreOptions {
@@ -80,6 +95,7 @@ impl RestoreOptions {
             progress: Arc::new(Progress::default()),
             target_dir: None,
             one_file_system: false,
+            direct_io: true,
         }
     }
 }
@@ -160,6 +176,8 @@ struct FileState {
     dir: Arc<DirState>,
     /// Data extents not yet written or given up.
     remaining: AtomicUsize,
+    /// Set when the file is written in whole blocks (with `O_DIRECT`).
+    blocks: Option<BlockFile>,
     failed: Mutex<Option<String>>,
 }
 
@@ -224,6 +242,7 @@ struct Ctx {
     links: Mutex<HashMap<(u64, u64), FirstLink>>,
     /// With `one_file_system`: the target root's mount (set once the root is open).
     root_mount: std::sync::OnceLock<MountKey>,
+    direct_io: bool,
 }
 
 /// Include or exclude patterns. A pattern with a `/` matches snapshot paths (as `ls` shows them,
@@ -335,6 +354,12 @@ fn finish_dir(ctx: &Ctx, dir: &Arc<DirState>) {
 fn finish_file(ctx: &Ctx, f: &Arc<FileState>) {
     if f.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
         return;
+    }
+    if let Some(blocks) = &f.blocks
+        && !f.has_failed()
+        && let Err(e) = blocks.finish(&f.fd)
+    {
+        f.mark_failed(format!("write: {e}"));
     }
     let failed = f.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
     match failed {
@@ -579,6 +604,9 @@ impl Walker<'_> {
             ctx.fail(&rel, format!("set size: {e}"));
             return;
         }
+        let blocks =
+            (ctx.direct_io && node.size >= crate::backup::DIRECT_MIN_FILE && fsmeta::set_direct(&fd, true).is_ok())
+                .then(|| BlockFile::new(node.size));
         let data: Vec<(u64, Id, u32)> = {
             let mut offset = 0u64;
             let mut data = Vec::new();
@@ -590,6 +618,9 @@ impl Walker<'_> {
             }
             data
         };
+        if blocks.is_some() {
+            blockwrite::preallocate(&fd, data.iter().map(|&(offset, _, len)| offset..offset + len as u64));
+        }
         dir.pending.fetch_add(1, Ordering::AcqRel);
         let file = Arc::new(FileState {
             fd,
@@ -597,6 +628,7 @@ impl Walker<'_> {
             rel,
             dir: Arc::clone(dir),
             remaining: AtomicUsize::new(data.len().max(1)),
+            blocks,
             failed: Mutex::new(None),
         });
         if data.is_empty() {
@@ -662,61 +694,234 @@ impl Walker<'_> {
     }
 }
 
-/// Writes `data` at `offset`, skipping whole zero pages so they stay holes.
-fn write_sparse(fd: &OwnedFd, data: &[u8], offset: u64) -> rustix::io::Result<()> {
-    let mut pos = 0;
-    while pos < data.len() {
-        // Skip zero pages.
-        while pos + PAGE <= data.len() && crate::util::is_zero(&data[pos..pos + PAGE]) {
-            pos += PAGE;
-        }
-        if pos >= data.len() {
-            break;
-        }
-        let mut end = pos + PAGE;
-        while end < data.len() && !(end + PAGE <= data.len() && crate::util::is_zero(&data[end..end + PAGE])) {
-            end += PAGE;
-        }
-        let end = end.min(data.len());
-        let mut done = pos;
-        while done < end {
-            match rustix::io::pwrite(fd, &data[done..end], offset + done as u64) {
-                Ok(0) => return Err(rustix::io::Errno::NOSPC),
-                Ok(n) => done += n,
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        pos = end;
-    }
-    Ok(())
-}
-
 /// Gives up one target: the file fails with `why` (the first reason is kept).
 fn give_up(ctx: &Ctx, t: &Target, why: &str) {
     t.file.mark_failed(why.to_string());
     finish_file(ctx, &t.file);
 }
 
-fn write_target(ctx: &Ctx, t: &Target, plain: &[u8], id: &Id) {
+fn write_target(ctx: &Ctx, t: &Target, plain: &[u8], id: &Id, stage: &mut Stage<'_>) {
     if plain.len() != t.len as usize {
         give_up(ctx, t, &format!("blob {} has the wrong length", id.short()));
         return;
     }
-    if !t.file.has_failed() {
-        match write_sparse(&t.file.fd, plain, t.offset) {
-            Ok(()) => {
-                ctx.bytes.fetch_add(t.len as u64, Ordering::Relaxed);
-                ctx.progress.add_bytes(t.len as u64);
-            }
-            Err(e) => t.file.mark_failed(format!("write: {e}")),
+    if t.file.has_failed() {
+        finish_file(ctx, &t.file);
+        return;
+    }
+    if t.file.blocks.is_some() {
+        stage.put(t, plain);
+        return;
+    }
+    match blockwrite::write_sparse(&t.file.fd, plain, t.offset) {
+        Ok(()) => {
+            ctx.bytes.fetch_add(t.len as u64, Ordering::Relaxed);
+            ctx.progress.add_bytes(t.len as u64);
         }
+        Err(e) => t.file.mark_failed(format!("write: {e}")),
     }
     finish_file(ctx, &t.file);
 }
 
+/// Targets whose bytes are being written: each is finished when the last holder lets go (the
+/// worker's [`Stage`] at the end of its pack job, or a [`WriteOrder`] once written), so a file's
+/// metadata is applied only after all of its bytes are on their way to the disk.
+struct Finisher<'a> {
+    ctx: &'a Ctx,
+    files: Mutex<Vec<Arc<FileState>>>,
+}
+
+impl Drop for Finisher<'_> {
+    fn drop(&mut self) {
+        for f in self.files.get_mut().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            finish_file(self.ctx, &f);
+        }
+    }
+}
+
+/// Whole blocks of one file for a writer thread.
+struct WriteOrder<'a> {
+    file: Arc<FileState>,
+    buf: AlignedBuf,
+    /// File offset of the buffer's first byte.
+    buf_start: u64,
+    blocks: std::ops::Range<u64>,
+    /// The worker's buffers come back here.
+    home: Sender<AlignedBuf>,
+    _finisher: Arc<Finisher<'a>>,
+}
+
+impl WriteOrder<'_> {
+    fn write(&self) {
+        let at = |offset: u64| (offset - self.buf_start) as usize;
+        if !self.file.has_failed()
+            && let Err(e) = blockwrite::write_blocks(
+                &self.file.fd,
+                &self.buf.as_slice()[at(self.blocks.start)..at(self.blocks.end)],
+                self.blocks.start,
+            )
+        {
+            self.file.mark_failed(format!("write: {e}"));
+        }
+    }
+}
+
+/// Writes orders until every worker has gone; hands each buffer back to its worker.
+fn writer(orders: &Receiver<WriteOrder<'_>>) {
+    for order in orders.iter() {
+        order.write();
+        let WriteOrder { buf, home, .. } = order;
+        let _ = home.send(buf);
+    }
+}
+
+/// A worker's run of adjacent blobs of one file written in whole blocks (see
+/// [`crate::blockwrite`]), gathered into buffers of [`STAGE_BYTES`] that writer threads write
+/// while the worker goes on with the next blobs. Only the run's first and last blocks can be
+/// split with other runs; blocks between adjacent blobs are whole here.
+///
+/// Bounded: a worker owns at most [`STAGE_BUFFERS`] buffers (one filling, the others with the
+/// writers) and waits for one to come back before it gathers more.
+struct Stage<'a> {
+    ctx: &'a Ctx,
+    orders: Sender<WriteOrder<'a>>,
+    home: (Sender<AlignedBuf>, Receiver<AlignedBuf>),
+    owned: usize,
+    buf: Option<AlignedBuf>,
+    file: Option<Arc<FileState>>,
+    /// File offset of the buffer's first byte (aligned).
+    start: u64,
+    /// Bytes before the run's first byte (when it does not begin a block).
+    skip: usize,
+    /// Bytes in the buffer, `skip` included.
+    len: usize,
+    /// The targets of the current pack job.
+    finisher: Option<Arc<Finisher<'a>>>,
+}
+
+impl<'a> Stage<'a> {
+    fn new(ctx: &'a Ctx, orders: Sender<WriteOrder<'a>>) -> Stage<'a> {
+        Stage {
+            ctx,
+            orders,
+            home: crossbeam_channel::bounded(STAGE_BUFFERS),
+            owned: 0,
+            buf: None,
+            file: None,
+            start: 0,
+            skip: 0,
+            len: 0,
+            finisher: None,
+        }
+    }
+
+    fn take_buf(&mut self) -> AlignedBuf {
+        if let Ok(b) = self.home.1.try_recv() {
+            return b;
+        }
+        if self.owned < STAGE_BUFFERS {
+            self.owned += 1;
+            return AlignedBuf::new(STAGE_BYTES);
+        }
+        // The stage holds a sender of `home`, so this waits for a writer, never for ever.
+        self.home.1.recv().unwrap_or_else(|_| AlignedBuf::new(STAGE_BYTES))
+    }
+
+    /// Hands the whole blocks gathered to a writer. With `closing`, the run ends: its last
+    /// split block goes to the file; otherwise that block's bytes start the next buffer.
+    fn write_out(&mut self, closing: bool) {
+        let Some(f) = self.file.clone() else { return };
+        let run = self.start + self.skip as u64..self.start + self.len as u64;
+        let [head, body, tail] = blockwrite::split(run.start, run.end - run.start);
+        let at = |offset: u64| (offset - self.start) as usize;
+        if let (Some(blocks), Some(buf)) = (&f.blocks, &self.buf)
+            && !f.has_failed()
+        {
+            let bytes = buf.as_slice();
+            let mut r = blocks.put_piece(&f.fd, head.start, &bytes[at(head.start)..at(head.end)]);
+            if r.is_ok() && closing {
+                r = blocks.put_piece(&f.fd, tail.start, &bytes[at(tail.start)..at(tail.end)]);
+            }
+            if let Err(e) = r {
+                f.mark_failed(format!("write: {e}"));
+            }
+        }
+        let carried = if closing { 0..0 } else { at(tail.start)..at(tail.end) };
+        if !body.is_empty()
+            && let Some(buf) = self.buf.take()
+        {
+            let mut next = self.take_buf();
+            next.as_mut_slice()[..carried.len()].copy_from_slice(&buf.as_slice()[carried.clone()]);
+            self.buf = Some(next);
+            let finisher = Arc::clone(
+                self.finisher
+                    .get_or_insert_with(|| Arc::new(Finisher { ctx: self.ctx, files: Mutex::new(Vec::new()) })),
+            );
+            let order = WriteOrder {
+                file: Arc::clone(&f),
+                buf,
+                buf_start: self.start,
+                blocks: body,
+                home: self.home.0.clone(),
+                _finisher: finisher,
+            };
+            // Writers outlive the workers; should one be gone, write here.
+            if let Err(crossbeam_channel::SendError(order)) = self.orders.send(order) {
+                order.write();
+            }
+        } else if let Some(buf) = &mut self.buf {
+            buf.as_mut_slice().copy_within(carried.clone(), 0);
+        }
+        self.start += carried.start as u64;
+        self.skip = 0;
+        self.len = carried.len();
+        if closing {
+            self.file = None;
+        }
+    }
+
+    /// Ends the pack job: the run is closed, and its targets are finished once written.
+    fn flush(&mut self) {
+        self.write_out(true);
+        self.finisher = None;
+    }
+
+    /// Takes one target of a file written in whole blocks, continuing the run when it is the
+    /// next bytes of the same file, otherwise closing it and starting another.
+    fn put(&mut self, t: &Target, plain: &[u8]) {
+        let continues =
+            self.file.as_ref().is_some_and(|f| Arc::ptr_eq(f, &t.file)) && self.start + self.len as u64 == t.offset;
+        if !continues {
+            self.write_out(true);
+            if self.buf.is_none() {
+                self.buf = Some(self.take_buf());
+            }
+            self.file = Some(Arc::clone(&t.file));
+            self.start = t.offset / blockwrite::ALIGN as u64 * blockwrite::ALIGN as u64;
+            self.skip = (t.offset - self.start) as usize;
+            self.len = self.skip;
+        }
+        let mut src = plain;
+        while !src.is_empty() {
+            if self.len == STAGE_BYTES {
+                self.write_out(false);
+            }
+            let Some(buf) = &mut self.buf else { break };
+            let n = (STAGE_BYTES - self.len).min(src.len());
+            buf.as_mut_slice()[self.len..self.len + n].copy_from_slice(&src[..n]);
+            self.len += n;
+            src = &src[n..];
+        }
+        self.ctx.bytes.fetch_add(t.len as u64, Ordering::Relaxed);
+        self.ctx.progress.add_bytes(t.len as u64);
+        let ctx = self.ctx;
+        let finisher = self.finisher.get_or_insert_with(|| Arc::new(Finisher { ctx, files: Mutex::new(Vec::new()) }));
+        finisher.files.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::clone(&t.file));
+    }
+}
+
 /// Fetches a pack job's blobs in one `get_ranges` call, opens each and writes it to its targets.
-fn run_job(ctx: &Ctx, job: PackJob) {
+fn run_job(ctx: &Ctx, job: PackJob, stage: &mut Stage<'_>) {
     let ranges: Vec<std::ops::Range<u64>> =
         job.blobs.iter().map(|b| b.loc.offset as u64..b.loc.offset as u64 + b.loc.stored_len as u64).collect();
     let fetched = ctx.handle.block_on(ctx.repo.store().get_ranges(&pack_key(&job.pack), &ranges));
@@ -744,7 +949,7 @@ fn run_job(ctx: &Ctx, job: PackJob) {
         match plain {
             Ok(plain) => {
                 for t in &b.targets {
-                    write_target(ctx, t, &plain, &b.id);
+                    write_target(ctx, t, &plain, &b.id, stage);
                 }
             }
             Err(why) => {
@@ -756,9 +961,11 @@ fn run_job(ctx: &Ctx, job: PackJob) {
     }
 }
 
-fn worker(ctx: &Ctx, jobs: &Receiver<PackJob>) {
+fn worker<'a>(ctx: &'a Ctx, jobs: &Receiver<PackJob>, orders: Sender<WriteOrder<'a>>) {
+    let mut stage = Stage::new(ctx, orders);
     for job in jobs.iter() {
-        run_job(ctx, job);
+        run_job(ctx, job, &mut stage);
+        stage.flush();
     }
 }
 
@@ -780,6 +987,7 @@ pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: Res
         bytes: AtomicU64::new(0),
         links: Mutex::new(HashMap::new()),
         root_mount: std::sync::OnceLock::new(),
+        direct_io: opts.direct_io,
     });
     let one_file_system = opts.one_file_system;
     let target = opts.target.clone();
@@ -811,15 +1019,26 @@ pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: Res
         // Each file of a batch holds a descriptor until written: stay well inside the limit.
         let batch_files = ((crate::util::nofile_limit().0.saturating_sub(64) / 4) as usize).clamp(16, MAX_BATCH_FILES);
         std::thread::scope(|s| {
+            let (orders_tx, orders_rx) = bounded::<WriteOrder<'_>>(WRITERS);
+            for _ in 0..WRITERS {
+                let orders_rx = orders_rx.clone();
+                std::thread::Builder::new()
+                    .name("restore-writer".into())
+                    .spawn_scoped(s, move || writer(&orders_rx))
+                    .map_err(|e| Error::io("spawn restore writer", e))?;
+            }
+            drop(orders_rx);
             let handles: Vec<_> = (0..workers)
                 .map(|_| {
                     let rx = rx.clone();
+                    let orders_tx = orders_tx.clone();
                     std::thread::Builder::new()
                         .name("restore-worker".into())
-                        .spawn_scoped(s, move || worker(ctx, &rx))
+                        .spawn_scoped(s, move || worker(ctx, &rx, orders_tx))
                         .map_err(|e| Error::io("spawn restore worker", e))
                 })
                 .collect::<Result<_>>()?;
+            drop(orders_tx);
             drop(rx);
             let walked = std::thread::Builder::new()
                 .name("restore-walker".into())

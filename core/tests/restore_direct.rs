@@ -1,0 +1,117 @@
+//! Restores of large files written in whole blocks with `O_DIRECT` (the default) and through
+//! the page cache give the same files: content, size, holes and modification times, for files
+//! whose blobs repeat (one blob written at several offsets), that hold holes and zero runs, and
+//! whose last block is short. Against the real filesystem store, in a temporary directory; in
+//! CI the filesystem must accept `O_DIRECT`, so that the direct path is the one tested.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hoard_core::backup::{BackupOptions, ParentSelection, Source, backup};
+use hoard_core::chunker::ChunkerParams;
+use hoard_core::crypto::KdfParams;
+use hoard_core::repo::{InitOptions, RepoParams};
+use hoard_core::restore::{RestoreOptions, RestoreSource, restore};
+use hoard_core::store::{ObjectStoreBackend, Store};
+use hoard_core::{Password, Repository};
+use hoard_testkit::random_bytes;
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * 1024;
+
+fn write_at(path: &Path, size: u64, parts: &[(u64, &[u8])]) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    for (offset, data) in parts {
+        rustix::io::pwrite(&f, data, *offset).unwrap();
+    }
+    f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000 + size)).unwrap();
+}
+
+fn make_source(src: &Path) {
+    std::fs::create_dir_all(src).unwrap();
+    // The same MiB twice (its blobs are written at two offsets each), zeros, random bytes,
+    // and an odd size.
+    let a = random_bytes(MIB, 1);
+    let b = random_bytes(3 * MIB + 4321, 2);
+    let zeros = vec![0u8; 300 * KIB];
+    let mut repeated = Vec::new();
+    repeated.extend_from_slice(&a);
+    repeated.extend_from_slice(&a);
+    repeated.extend_from_slice(&zeros);
+    repeated.extend_from_slice(&b);
+    write_at(&src.join("repeated.db"), repeated.len() as u64, &[(0, &repeated)]);
+    // Holes before, between and after data that starts and ends off block boundaries.
+    let c = random_bytes(700 * KIB + 3, 3);
+    let d = random_bytes(5 * KIB, 4);
+    write_at(&src.join("sparse.img"), 16 * MIB as u64 + 17, &[(2 * MIB as u64 + 17, &c), (9 * MIB as u64 + 1, &d)]);
+    // Just over the size from which files are written directly.
+    write_at(&src.join("edge.bin"), MIB as u64 + 1, &[(0, &random_bytes(MIB + 1, 5))]);
+    write_at(&src.join("small.txt"), 3000, &[(0, &random_bytes(3000, 6))]);
+}
+
+async fn repository(dir: &Path) -> Arc<Repository> {
+    std::fs::create_dir_all(dir).unwrap();
+    let fs = object_store::local::LocalFileSystem::new_with_prefix(dir).unwrap();
+    let store: Arc<dyn Store> = Arc::new(ObjectStoreBackend::new(Arc::new(fs), "", dir.display().to_string()));
+    let opts = InitOptions {
+        params: RepoParams {
+            // Small chunks: many blob boundaries inside blocks.
+            chunker: ChunkerParams { min: 16 * KIB as u32, avg: 64 * KIB as u32, max: 256 * KIB as u32 },
+            pack_size: 2 * MIB as u32,
+            compression_level: 1,
+            large_files: None,
+        },
+        kdf: KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 },
+    };
+    Arc::new(Repository::init(store, &Password::new("pw"), opts).await.unwrap())
+}
+
+/// Whether `dir`'s filesystem takes `O_DIRECT` for a file written there.
+fn takes_direct_io(dir: &Path) -> bool {
+    let f: std::os::fd::OwnedFd = std::fs::File::create(dir.join("probe")).unwrap().into();
+    hoard_core::fsmeta::set_direct(&f, true).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_and_cached_restores_give_the_same_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_source(&src);
+    if !takes_direct_io(tmp.path()) {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "the test directory's filesystem refuses O_DIRECT");
+        eprintln!("SKIPPED the direct half: {} refuses O_DIRECT", tmp.path().display());
+    }
+    let repo = repository(&tmp.path().join("repo")).await;
+    let opts = BackupOptions {
+        sources: vec![Source::Path { name: "data".into(), path: src.clone() }],
+        host: "direct-test".into(),
+        parent: ParentSelection::None,
+        scan_totals: false,
+        ..Default::default()
+    };
+    let out = backup(Arc::clone(&repo), opts).await.unwrap();
+    assert_eq!(out.snapshot.summary.warnings, 0, "{:?}", out.snapshot.warnings);
+    let root = out.snapshot.component("data").unwrap().root;
+    for direct_io in [true, false] {
+        let target = tmp.path().join(format!("restored-{direct_io}"));
+        let mut ropts = RestoreOptions::new(&target);
+        ropts.direct_io = direct_io;
+        let r = restore(Arc::clone(&repo), RestoreSource::Tree(root), ropts).await.unwrap();
+        assert!(r.failed.is_empty(), "{:?}", r.failed);
+        for name in ["repeated.db", "sparse.img", "edge.bin", "small.txt"] {
+            let (a, b) = (src.join(name), target.join(name));
+            let (ma, mb) = (std::fs::metadata(&a).unwrap(), std::fs::metadata(&b).unwrap());
+            assert_eq!(ma.len(), mb.len(), "{name} (direct {direct_io}): size");
+            assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "{name} (direct {direct_io}): content");
+            assert_eq!(ma.modified().unwrap(), mb.modified().unwrap(), "{name} (direct {direct_io}): mtime");
+        }
+        // Holes stay holes: 705 KiB of data in a 16 MiB file.
+        let allocated = std::fs::metadata(target.join("sparse.img")).unwrap().blocks() * 512;
+        assert!(allocated < 2 * MIB as u64, "sparse.img (direct {direct_io}): {allocated} bytes allocated");
+    }
+}
