@@ -24,8 +24,9 @@
 //! * Mounts: with [`RestoreOptions::one_file_system`], an existing directory in the target that
 //!   is on another mount than the target root (a bind mount or another filesystem mounted
 //!   inside it) is never descended into: that entry fails, nothing is written below it.
-//! * Bounded: the plan of at most two batches exists at once (one being built, one being
-//!   fetched), pack jobs wait in a bounded channel, each worker holds one job's bytes and at
+//! * Bounded: the plans of at most [`MAX_BATCHES_IN_FLIGHT`] batches being fetched and one being
+//!   built exist at once (the walker creates later files while workers write earlier ones),
+//!   pack jobs wait in a bounded channel, each worker holds one job's bytes and at
 //!   most [`STAGE_BUFFERS`] buffers of gathered blocks;
 //!   descriptors are held only for directories and files with pending work.
 
@@ -54,6 +55,10 @@ use crate::tree::{Extent, Node, NodeKind, Tree};
 pub const MAX_BATCH_FILES: usize = 1024;
 /// Most distinct blobs in one planning batch.
 pub const MAX_BATCH_BLOBS: usize = 16 * 1024;
+/// Batches planned and handed to the workers but not yet written (see `BatchGate`).
+pub const MAX_BATCHES_IN_FLIGHT: usize = 8;
+/// Pack jobs waiting for a worker (the batch gate bounds what they hold).
+pub const MAX_QUEUED_JOBS: usize = 1024;
 /// Most stored bytes one pack job fetches (what a worker holds in memory at once, plus one blob);
 /// 4 MiB keeps a restore's peak below the key derivation's, 8 MiB took 12-20 MiB more.
 pub const MAX_JOB_BYTES: u64 = 4 * 1024 * 1024;
@@ -215,6 +220,39 @@ struct BlobJob {
 struct PackJob {
     pack: Id,
     blobs: Vec<BlobJob>,
+    /// The batch stays in flight until its last job is done.
+    _batch: Arc<BatchTicket>,
+}
+
+/// Batches whose jobs are queued or running, at most [`MAX_BATCHES_IN_FLIGHT`]: the walker
+/// creates the files of later batches while workers write earlier ones (file creation and
+/// writing overlap), and the descriptors held stay bounded.
+#[derive(Default)]
+struct BatchGate {
+    in_flight: Mutex<usize>,
+    left: std::sync::Condvar,
+}
+
+impl BatchGate {
+    /// Waits until fewer than [`MAX_BATCHES_IN_FLIGHT`] batches are in flight; the ticket
+    /// counts one more until it is dropped.
+    fn enter(self: &Arc<Self>) -> Arc<BatchTicket> {
+        let mut n = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        while *n >= MAX_BATCHES_IN_FLIGHT {
+            n = self.left.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+        *n += 1;
+        Arc::new(BatchTicket(Arc::clone(self)))
+    }
+}
+
+struct BatchTicket(Arc<BatchGate>);
+
+impl Drop for BatchTicket {
+    fn drop(&mut self) {
+        *self.0.in_flight.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.0.left.notify_all();
+    }
 }
 
 /// The content plan of a batch of files.
@@ -394,6 +432,7 @@ fn clear_name(dir: &OwnedFd, name: &CString) -> rustix::io::Result<Option<FileTy
 struct Walker<'a> {
     ctx: &'a Ctx,
     jobs: crossbeam_channel::Sender<PackJob>,
+    gate: Arc<BatchGate>,
     batch: RefCell<Batch>,
     batch_files: usize,
 }
@@ -666,6 +705,7 @@ impl Walker<'_> {
     /// hands them to the workers; blocks while the job queue is full.
     fn flush(&self) {
         let batch = std::mem::take(&mut *self.batch.borrow_mut());
+        let ticket = self.gate.enter();
         let mut by_pack: HashMap<Id, Vec<BlobJob>> = HashMap::new();
         for (_, b) in batch.blobs {
             by_pack.entry(b.loc.pack).or_default().push(b);
@@ -673,12 +713,13 @@ impl Walker<'_> {
         for pack in batch.packs {
             let Some(mut blobs) = by_pack.remove(&pack) else { continue };
             blobs.sort_by_key(|b| b.loc.offset);
-            let mut job = PackJob { pack, blobs: Vec::new() };
+            let mut job = PackJob { pack, blobs: Vec::new(), _batch: Arc::clone(&ticket) };
             let mut bytes = 0u64;
             for b in blobs {
                 let len = b.loc.stored_len as u64;
                 if !job.blobs.is_empty() && bytes + len > MAX_JOB_BYTES {
-                    let full = std::mem::replace(&mut job, PackJob { pack, blobs: Vec::new() });
+                    let next = PackJob { pack, blobs: Vec::new(), _batch: Arc::clone(&ticket) };
+                    let full = std::mem::replace(&mut job, next);
                     if self.jobs.send(full).is_err() {
                         return;
                     }
@@ -1015,9 +1056,12 @@ pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: Res
             pending: AtomicUsize::new(1),
             parent: None,
         });
-        let (tx, rx) = bounded::<PackJob>(workers * 2);
-        // Each file of a batch holds a descriptor until written: stay well inside the limit.
-        let batch_files = ((crate::util::nofile_limit().0.saturating_sub(64) / 4) as usize).clamp(16, MAX_BATCH_FILES);
+        let (tx, rx) = bounded::<PackJob>(MAX_QUEUED_JOBS);
+        // Each file of a batch holds a descriptor until written, in the batches in flight and
+        // the one being built: stay well inside the limit.
+        let batches = MAX_BATCHES_IN_FLIGHT as u64 + 1;
+        let batch_files =
+            ((crate::util::nofile_limit().0.saturating_sub(64) / batches) as usize).clamp(16, MAX_BATCH_FILES);
         std::thread::scope(|s| {
             let (orders_tx, orders_rx) = bounded::<WriteOrder<'_>>(WRITERS);
             for _ in 0..WRITERS {
@@ -1044,7 +1088,13 @@ pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: Res
                 .name("restore-walker".into())
                 .stack_size(256 * 1024 * 1024)
                 .spawn_scoped(s, || {
-                    let w = Walker { ctx, jobs: tx, batch: RefCell::new(Batch::default()), batch_files };
+                    let w = Walker {
+                        ctx,
+                        jobs: tx,
+                        gate: Arc::new(BatchGate::default()),
+                        batch: RefCell::new(Batch::default()),
+                        batch_files,
+                    };
                     let r = match &source {
                         RestoreSource::Tree(id) => ctx.load_tree(id).and_then(|t| w.restore_tree(&root, &t, false)),
                         RestoreSource::Node(node) => {
@@ -1070,4 +1120,33 @@ pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: Res
     let mut out = std::mem::take(&mut *ctx.outcome.lock().unwrap_or_else(|p| p.into_inner()));
     out.bytes = ctx.bytes.load(Ordering::Relaxed);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_gate_admits_a_bounded_number_of_batches() {
+        let gate = Arc::new(BatchGate::default());
+        let mut tickets: Vec<_> = (0..MAX_BATCHES_IN_FLIGHT).map(|_| gate.enter()).collect();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let waiting = Arc::clone(&gate);
+        let t = std::thread::spawn(move || {
+            let ticket = waiting.enter();
+            tx.send(()).unwrap();
+            drop(ticket);
+        });
+        // Full: the next batch waits...
+        assert!(rx.recv_timeout(std::time::Duration::from_millis(200)).is_err());
+        // ...until one in flight is done (all of its jobs dropped).
+        let last = tickets.pop().unwrap();
+        let job_copy = Arc::clone(&last);
+        drop(last);
+        assert!(rx.recv_timeout(std::time::Duration::from_millis(200)).is_err(), "a job still holds it");
+        drop(job_copy);
+        rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        t.join().unwrap();
+        assert_eq!(*gate.in_flight.lock().unwrap(), MAX_BATCHES_IN_FLIGHT - 1);
+    }
 }
