@@ -864,7 +864,7 @@ impl<'a> Stage<'a> {
             self.owned += 1;
             return AlignedBuf::new(STAGE_BYTES);
         }
-        // The stage holds a sender of `home`, so this waits for a writer, never for ever.
+        // Every order hands its buffer back once written (see `writer`).
         self.home.1.recv().unwrap_or_else(|_| AlignedBuf::new(STAGE_BYTES))
     }
 
@@ -906,9 +906,10 @@ impl<'a> Stage<'a> {
                 home: self.home.0.clone(),
                 _finisher: finisher,
             };
-            // Writers outlive the workers; should one be gone, write here.
+            // Writers outlive the workers; should they be gone, write here.
             if let Err(crossbeam_channel::SendError(order)) = self.orders.send(order) {
                 order.write();
+                let _ = self.home.0.send(order.buf);
             }
         } else if let Some(buf) = &mut self.buf {
             buf.as_mut_slice().copy_within(carried.clone(), 0);
