@@ -64,7 +64,8 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
-fn align_down(x: u64) -> u64 {
+/// `x` rounded down to a multiple of [`ALIGN`].
+pub fn align_down(x: u64) -> u64 {
     x / ALIGN as u64 * ALIGN as u64
 }
 

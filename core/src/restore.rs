@@ -856,6 +856,12 @@ impl<'a> Stage<'a> {
         }
     }
 
+    /// The current pack job's finisher.
+    fn finisher(&mut self) -> &Arc<Finisher<'a>> {
+        let ctx = self.ctx;
+        self.finisher.get_or_insert_with(|| Arc::new(Finisher { ctx, files: Mutex::new(Vec::new()) }))
+    }
+
     fn take_buf(&mut self) -> AlignedBuf {
         if let Ok(b) = self.home.1.try_recv() {
             return b;
@@ -894,10 +900,7 @@ impl<'a> Stage<'a> {
             let mut next = self.take_buf();
             next.as_mut_slice()[..carried.len()].copy_from_slice(&buf.as_slice()[carried.clone()]);
             self.buf = Some(next);
-            let finisher = Arc::clone(
-                self.finisher
-                    .get_or_insert_with(|| Arc::new(Finisher { ctx: self.ctx, files: Mutex::new(Vec::new()) })),
-            );
+            let finisher = Arc::clone(self.finisher());
             let order = WriteOrder {
                 file: Arc::clone(&f),
                 buf,
@@ -939,7 +942,7 @@ impl<'a> Stage<'a> {
                 self.buf = Some(self.take_buf());
             }
             self.file = Some(Arc::clone(&t.file));
-            self.start = t.offset / blockwrite::ALIGN as u64 * blockwrite::ALIGN as u64;
+            self.start = blockwrite::align_down(t.offset);
             self.skip = (t.offset - self.start) as usize;
             self.len = self.skip;
         }
@@ -956,9 +959,7 @@ impl<'a> Stage<'a> {
         }
         self.ctx.bytes.fetch_add(t.len as u64, Ordering::Relaxed);
         self.ctx.progress.add_bytes(t.len as u64);
-        let ctx = self.ctx;
-        let finisher = self.finisher.get_or_insert_with(|| Arc::new(Finisher { ctx, files: Mutex::new(Vec::new()) }));
-        finisher.files.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::clone(&t.file));
+        self.finisher().files.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::clone(&t.file));
     }
 }
 
