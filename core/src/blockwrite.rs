@@ -58,6 +58,12 @@ impl AlignedBuf {
     }
 }
 
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
 impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AlignedBuf").field("len", &self.len).finish()
@@ -69,7 +75,8 @@ pub fn align_down(x: u64) -> u64 {
     x / ALIGN as u64 * ALIGN as u64
 }
 
-fn align_up(x: u64) -> u64 {
+/// `x` rounded up to a multiple of [`ALIGN`].
+pub fn align_up(x: u64) -> u64 {
     x.div_ceil(ALIGN as u64) * ALIGN as u64
 }
 

@@ -18,6 +18,7 @@ pub mod check;
 pub mod chunker;
 pub mod copy;
 pub mod crypto;
+pub mod directread;
 pub mod error;
 pub mod faults;
 pub mod fsmeta;

@@ -9,8 +9,12 @@
 //!   job of at most [`MAX_JOB_BYTES`] (on a filesystem: one open and one read per run of
 //!   adjacent blobs; on object stores: few coalesced ranged requests), several packs at once.
 //!   A blob is fetched once per batch however many files use it, then authenticated,
-//!   decompressed and written at each of its offsets by the same worker. Holes (and all-zero
+//!   decompressed and written at each of its offsets by the same worker; a job's blobs are
+//!   opened in file order, so that adjacent bytes of a file make one write. Holes (and all-zero
 //!   pages) are not written, so sparse files stay sparse.
+//! * Jobs for files written through the page cache and jobs for files written directly wait in
+//!   separate queues ([`JobQueues`]): the first are CPU work, the second wait on the disk, and
+//!   [`CACHED_WORKERS`] extra workers run the first while the others wait for the disk.
 //! * Files of at least [`crate::backup::DIRECT_MIN_FILE`] bytes are written with `O_DIRECT`
 //!   where the filesystem takes it ([`RestoreOptions::direct_io`]): their data extents are
 //!   reserved up front, workers gather adjacent blobs into whole aligned blocks
@@ -26,7 +30,7 @@
 //!   inside it) is never descended into: that entry fails, nothing is written below it.
 //! * Bounded: the plans of at most [`MAX_BATCHES_IN_FLIGHT`] batches being fetched and one being
 //!   built exist at once (the walker creates later files while workers write earlier ones),
-//!   pack jobs wait in a bounded channel, each worker holds one job's bytes and at
+//!   pack jobs wait in two bounded channels, each worker holds one job's bytes and at
 //!   most [`STAGE_BUFFERS`] buffers of gathered blocks;
 //!   descriptors are held only for directories and files with pending work.
 
@@ -68,6 +72,8 @@ pub const STAGE_BYTES: usize = 2 * 1024 * 1024;
 pub const STAGE_BUFFERS: usize = 2;
 /// Threads writing gathered blocks (direct writes wait for the disk).
 pub const WRITERS: usize = 4;
+/// Workers that take only jobs for files written through the page cache (see [`JobQueues`]).
+pub const CACHED_WORKERS: usize = 2;
 
 #[derive(Debug)]
 pub struct RestoreOptions {
@@ -222,6 +228,60 @@ struct PackJob {
     blobs: Vec<BlobJob>,
     /// The batch stays in flight until its last job is done.
     _batch: Arc<BatchTicket>,
+}
+
+/// Pack jobs by how their files are written. Jobs for files written with `O_DIRECT` keep the
+/// disk busy and leave the CPU half idle; jobs for files written through the page cache (small
+/// files: creation, page-cache copies, metadata) are CPU work and barely touch the disk. In one
+/// queue the second kind waits for the first (a tree's small files often come after its large
+/// ones); in two queues, [`CACHED_WORKERS`] workers run it in the first kind's idle time, and
+/// the other workers take it whenever no direct job is waiting.
+struct JobQueues {
+    direct: Sender<PackJob>,
+    cached: Sender<PackJob>,
+}
+
+impl JobQueues {
+    fn send(&self, job: PackJob) -> Result<(), crossbeam_channel::SendError<PackJob>> {
+        let direct = job.blobs.iter().flat_map(|b| &b.targets).any(|t| t.file.blocks.is_some());
+        if direct { self.direct.send(job) } else { self.cached.send(job) }
+    }
+}
+
+/// The receiving ends of [`JobQueues`], for one worker (generic for its tests).
+struct JobSource<T> {
+    direct: Option<Receiver<T>>,
+    cached: Option<Receiver<T>>,
+}
+
+impl<T> JobSource<T> {
+    /// The next job, from `direct` while it has one waiting; `None` once both queues are closed
+    /// and empty.
+    fn next(&mut self) -> Option<T> {
+        loop {
+            if let Some(d) = &self.direct
+                && let Ok(job) = d.try_recv()
+            {
+                return Some(job);
+            }
+            let (direct, cached) = match (&self.direct, &self.cached) {
+                (None, None) => return None,
+                (Some(d), None) => return d.recv().ok(),
+                (None, Some(c)) => return c.recv().ok(),
+                (Some(d), Some(c)) => (d, c),
+            };
+            crossbeam_channel::select! {
+                recv(direct) -> job => match job {
+                    Ok(job) => return Some(job),
+                    Err(_) => self.direct = None,
+                },
+                recv(cached) -> job => match job {
+                    Ok(job) => return Some(job),
+                    Err(_) => self.cached = None,
+                },
+            }
+        }
+    }
 }
 
 /// Batches whose jobs are queued or running, at most [`MAX_BATCHES_IN_FLIGHT`]: the walker
@@ -431,7 +491,7 @@ fn clear_name(dir: &OwnedFd, name: &CString) -> rustix::io::Result<Option<FileTy
 
 struct Walker<'a> {
     ctx: &'a Ctx,
-    jobs: crossbeam_channel::Sender<PackJob>,
+    jobs: JobQueues,
     gate: Arc<BatchGate>,
     batch: RefCell<Batch>,
     batch_files: usize,
@@ -981,13 +1041,19 @@ fn run_job(ctx: &Ctx, job: PackJob, stage: &mut Stage<'_>) {
             return;
         }
     };
-    for (b, sealed) in job.blobs.iter().zip(datas) {
+    // Blobs are opened in file order, not pack order: a pack interleaves the chunks of files
+    // (and of parts of large files) read at the same time, and blobs taken in file order make
+    // long runs of adjacent bytes, so a stage gathers large writes instead of one per chunk.
+    let mut order: Vec<usize> = (0..job.blobs.len()).collect();
+    order.sort_by_key(|&i| job.blobs[i].targets.first().map(|t| (Arc::as_ptr(&t.file) as usize, t.offset)));
+    for i in order {
+        let (b, sealed) = (&job.blobs[i], &datas[i]);
         let plain = if sealed.len() != b.loc.stored_len as usize {
             Err(format!("pack {} is truncated", job.pack.short()))
         } else if b.targets.iter().all(|t| t.file.has_failed()) {
             Err(String::new())
         } else {
-            ctx.repo.unseal_blob(&b.id, b.loc.ty, b.loc.compression, b.loc.raw_len, &sealed).map_err(|e| e.to_string())
+            ctx.repo.unseal_blob(&b.id, b.loc.ty, b.loc.compression, b.loc.raw_len, sealed).map_err(|e| e.to_string())
         };
         match plain {
             Ok(plain) => {
@@ -1004,9 +1070,9 @@ fn run_job(ctx: &Ctx, job: PackJob, stage: &mut Stage<'_>) {
     }
 }
 
-fn worker<'a>(ctx: &'a Ctx, jobs: &Receiver<PackJob>, orders: Sender<WriteOrder<'a>>) {
+fn worker<'a>(ctx: &'a Ctx, mut jobs: JobSource<PackJob>, orders: Sender<WriteOrder<'a>>) {
     let mut stage = Stage::new(ctx, orders);
-    for job in jobs.iter() {
+    while let Some(job) = jobs.next() {
         run_job(ctx, job, &mut stage);
         stage.flush();
     }
@@ -1058,7 +1124,8 @@ pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: Res
             pending: AtomicUsize::new(1),
             parent: None,
         });
-        let (tx, rx) = bounded::<PackJob>(MAX_QUEUED_JOBS);
+        let (direct_tx, direct_rx) = bounded::<PackJob>(MAX_QUEUED_JOBS);
+        let (cached_tx, cached_rx) = bounded::<PackJob>(MAX_QUEUED_JOBS);
         // Each file of a batch holds a descriptor until written, in the batches in flight and
         // the one being built: stay well inside the limit.
         let batches = MAX_BATCHES_IN_FLIGHT as u64 + 1;
@@ -1074,25 +1141,26 @@ pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: Res
                     .map_err(|e| Error::io("spawn restore writer", e))?;
             }
             drop(orders_rx);
-            let handles: Vec<_> = (0..workers)
-                .map(|_| {
-                    let rx = rx.clone();
+            let handles: Vec<_> = (0..workers + CACHED_WORKERS)
+                .map(|i| {
+                    let jobs =
+                        JobSource { direct: (i < workers).then(|| direct_rx.clone()), cached: Some(cached_rx.clone()) };
                     let orders_tx = orders_tx.clone();
                     std::thread::Builder::new()
                         .name("restore-worker".into())
-                        .spawn_scoped(s, move || worker(ctx, &rx, orders_tx))
+                        .spawn_scoped(s, move || worker(ctx, jobs, orders_tx))
                         .map_err(|e| Error::io("spawn restore worker", e))
                 })
                 .collect::<Result<_>>()?;
             drop(orders_tx);
-            drop(rx);
+            drop((direct_rx, cached_rx));
             let walked = std::thread::Builder::new()
                 .name("restore-walker".into())
                 .stack_size(256 * 1024 * 1024)
                 .spawn_scoped(s, || {
                     let w = Walker {
                         ctx,
-                        jobs: tx,
+                        jobs: JobQueues { direct: direct_tx, cached: cached_tx },
                         gate: Arc::new(BatchGate::default()),
                         batch: RefCell::new(Batch::default()),
                         batch_files,
@@ -1127,6 +1195,34 @@ pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workers_take_direct_jobs_first_and_stop_when_both_queues_close() {
+        let (direct_tx, direct_rx) = bounded::<u32>(8);
+        let (cached_tx, cached_rx) = bounded::<u32>(8);
+        for j in [10, 11] {
+            cached_tx.send(j).unwrap();
+        }
+        for j in [1, 2] {
+            direct_tx.send(j).unwrap();
+        }
+        let mut both = JobSource { direct: Some(direct_rx.clone()), cached: Some(cached_rx.clone()) };
+        let mut cached_only = JobSource { direct: None, cached: Some(cached_rx) };
+        assert_eq!((both.next(), both.next()), (Some(1), Some(2)));
+        assert_eq!(cached_only.next(), Some(10));
+        assert_eq!(both.next(), Some(11), "with no direct job waiting, a cached one");
+        // A job sent later, while the worker waits, still reaches it.
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            direct_tx.send(3).unwrap();
+        });
+        assert_eq!(both.next(), Some(3));
+        late.join().unwrap();
+        drop(cached_tx);
+        assert_eq!(both.next(), None, "both queues closed and empty");
+        assert_eq!(cached_only.next(), None);
+        drop(direct_rx);
+    }
 
     #[test]
     fn batch_gate_admits_a_bounded_number_of_batches() {

@@ -7,6 +7,9 @@
 //!   commit whole objects; the filesystem backend writes a temporary file and renames it).
 //! * Errors carry a [`Class`]: throttling, timeouts and 5xx answers are retryable.
 //!
+//! * On the local filesystem, ranged reads of large spans (a restore's pack reads) bypass the
+//!   page cache ([`crate::directread`]); everything else goes through `object_store`.
+//!
 //! Decorators: [`RetryStore`] (bounded exponential backoff with jitter and an overall deadline),
 //! and in tests a fault injector (see `faults`).
 
@@ -65,6 +68,9 @@ pub struct ObjectStoreBackend {
     inner: Arc<dyn ObjectStore>,
     prefix: String,
     location: String,
+    /// The directory `inner` keeps its objects in, when it is the local filesystem: ranged reads
+    /// are then done here, the large ones bypassing the page cache ([`crate::directread`]).
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for ObjectStoreBackend {
@@ -91,7 +97,26 @@ fn classify(op: &'static str, key: &str, e: object_store::Error) -> Error {
 impl ObjectStoreBackend {
     pub fn new(inner: Arc<dyn ObjectStore>, prefix: &str, location: String) -> Self {
         let prefix = prefix.trim_matches('/').to_string();
-        ObjectStoreBackend { inner, prefix, location }
+        ObjectStoreBackend { inner, prefix, location, local_root: None }
+    }
+
+    /// Declares that `inner` is the local filesystem rooted at `root` (see `local_root`).
+    pub fn with_local_root(mut self, root: std::path::PathBuf) -> Self {
+        self.local_root = Some(root);
+        self
+    }
+
+    /// Where a key lives on the local filesystem, for keys made only of plain names (every key
+    /// hoard writes); `None` sends the request through `object_store`.
+    fn local_path(&self, key: &str) -> Option<std::path::PathBuf> {
+        let root = self.local_root.as_ref()?;
+        let full = self.path(key);
+        let plain = full.as_ref().split('/').all(|seg| {
+            !seg.is_empty()
+                && !seg.starts_with('.')
+                && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        });
+        plain.then(|| root.join(full.as_ref()))
     }
 
     fn path(&self, key: &str) -> ObjPath {
@@ -137,6 +162,16 @@ impl Store for ObjectStoreBackend {
     }
 
     async fn get_ranges(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        if let Some(path) = self.local_path(key) {
+            let ranges = ranges.to_vec();
+            let read = tokio::task::spawn_blocking(move || crate::directread::read_ranges(&path, &ranges))
+                .await
+                .map_err(|e| Error::Internal(format!("ranged read of {key}: {e}")))?;
+            return read.map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::ObjectNotFound(key.to_string()),
+                _ => Error::io(format!("read {key}"), e),
+            });
+        }
         self.inner.get_ranges(&self.path(key), ranges).await.map_err(|e| classify("get", key, e))
     }
 
@@ -657,7 +692,7 @@ fn open_backend(location: &str, opts: &StoreOptions) -> Result<ObjectStoreBacken
     // fsync files and their directories: the write order (packs, index, snapshot) must survive
     // a power loss, not only a crash of the process.
     let s = object_store::local::LocalFileSystem::new_with_prefix(&abs).map_err(bad)?.with_fsync(true);
-    Ok(ObjectStoreBackend::new(Arc::new(s), "", abs.display().to_string()))
+    Ok(ObjectStoreBackend::new(Arc::new(s), "", abs.display().to_string()).with_local_root(abs))
 }
 
 #[cfg(test)]
