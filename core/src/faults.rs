@@ -376,6 +376,14 @@ impl<S: Store> Store for FaultyStore<S> {
         self.call(Op::Get, key, || self.inner.get_range(key, range)).await
     }
 
+    async fn get_ranges(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.call(Op::Get, key, || self.inner.get_ranges(key, ranges)).await
+    }
+
+    async fn get_ranges_once(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.call(Op::Get, key, || self.inner.get_ranges_once(key, ranges)).await
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         self.call(Op::List, prefix, || self.inner.list(prefix)).await
     }

@@ -5,9 +5,10 @@
 //!   snapshot or a pre-planted symlink in the target cannot write outside it.
 //! * Content is planned by pack: the walker collects the blobs of a batch of files (at most
 //!   [`MAX_BATCH_FILES`] files and [`MAX_BATCH_BLOBS`] blobs), groups them by pack in offset
-//!   order, and a pool of workers fetches each pack's blobs with one `Store::get_ranges` call per
-//!   job of at most [`MAX_JOB_BYTES`] (on a filesystem: one open and one read per run of
-//!   adjacent blobs; on object stores: few coalesced ranged requests), several packs at once.
+//!   order, and a pool of workers fetches each pack's blobs with one `Store::get_ranges_once`
+//!   call per job of at most [`MAX_JOB_BYTES`] (on a filesystem: one open and one direct read
+//!   per span of nearby blobs; on object stores: few coalesced ranged requests), several packs
+//!   at once.
 //!   A blob is fetched once per batch however many files use it, then authenticated,
 //!   decompressed and written at each of its offsets by the same worker; a job's blobs are
 //!   opened in file order, so that adjacent bytes of a file make one write. Holes (and all-zero
@@ -222,7 +223,7 @@ struct BlobJob {
     targets: Vec<Target>,
 }
 
-/// Blobs of one pack in offset order, fetched with one `get_ranges` call.
+/// Blobs of one pack in offset order, fetched with one `get_ranges_once` call.
 struct PackJob {
     pack: Id,
     blobs: Vec<BlobJob>,
@@ -1023,11 +1024,12 @@ impl<'a> Stage<'a> {
     }
 }
 
-/// Fetches a pack job's blobs in one `get_ranges` call, opens each and writes it to its targets.
+/// Fetches a pack job's blobs in one `get_ranges_once` call, opens each and writes it to its
+/// targets.
 fn run_job(ctx: &Ctx, job: PackJob, stage: &mut Stage<'_>) {
     let ranges: Vec<std::ops::Range<u64>> =
         job.blobs.iter().map(|b| b.loc.offset as u64..b.loc.offset as u64 + b.loc.stored_len as u64).collect();
-    let fetched = ctx.handle.block_on(ctx.repo.store().get_ranges(&pack_key(&job.pack), &ranges));
+    let fetched = ctx.handle.block_on(ctx.repo.store().get_ranges_once(&pack_key(&job.pack), &ranges));
     let datas = match fetched {
         Ok(d) if d.len() == ranges.len() => d,
         other => {

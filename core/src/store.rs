@@ -7,8 +7,9 @@
 //!   commit whole objects; the filesystem backend writes a temporary file and renames it).
 //! * Errors carry a [`Class`]: throttling, timeouts and 5xx answers are retryable.
 //!
-//! * On the local filesystem, ranged reads of large spans (a restore's pack reads) bypass the
-//!   page cache ([`crate::directread`]); everything else goes through `object_store`.
+//! * On the local filesystem, [`Store::get_ranges_once`] (a restore's pack reads) bypasses the
+//!   page cache for large spans ([`crate::directread`]); everything else goes through
+//!   `object_store` and the page cache.
 //!
 //! Decorators: [`RetryStore`] (bounded exponential backoff with jitter and an overall deadline),
 //! and in tests a fault injector (see `faults`).
@@ -57,6 +58,11 @@ pub trait Store: Send + Sync + fmt::Debug {
         }
         Ok(out)
     }
+    /// [`Store::get_ranges`] of bytes the caller reads once (a restore's pack data): backends
+    /// may bypass their caches. Decorators forward it; the default is `get_ranges`.
+    async fn get_ranges_once(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.get_ranges(key, ranges).await
+    }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;
     async fn delete(&self, key: &str) -> Result<()>;
     /// Where the repository lives, without credentials.
@@ -69,7 +75,8 @@ pub struct ObjectStoreBackend {
     prefix: String,
     location: String,
     /// The directory `inner` keeps its objects in, when it is the local filesystem: ranged reads
-    /// are then done here, the large ones bypassing the page cache ([`crate::directread`]).
+    /// of bytes read once are then done here, the large ones bypassing the page cache
+    /// ([`crate::directread`]).
     local_root: Option<std::path::PathBuf>,
 }
 
@@ -162,6 +169,10 @@ impl Store for ObjectStoreBackend {
     }
 
     async fn get_ranges(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.inner.get_ranges(&self.path(key), ranges).await.map_err(|e| classify("get", key, e))
+    }
+
+    async fn get_ranges_once(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
         if let Some(path) = self.local_path(key) {
             let ranges = ranges.to_vec();
             let read = tokio::task::spawn_blocking(move || crate::directread::read_ranges(&path, &ranges))
@@ -299,6 +310,10 @@ impl<S: Store> Store for RetryStore<S> {
         self.run(|| self.inner.get_ranges(key, ranges)).await
     }
 
+    async fn get_ranges_once(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.run(|| self.inner.get_ranges_once(key, ranges)).await
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         self.run(|| self.inner.list(prefix)).await
     }
@@ -328,6 +343,9 @@ impl Store for Arc<dyn Store> {
     }
     async fn get_ranges(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
         (**self).get_ranges(key, ranges).await
+    }
+    async fn get_ranges_once(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        (**self).get_ranges_once(key, ranges).await
     }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         (**self).list(prefix).await
@@ -698,6 +716,23 @@ fn open_backend(location: &str, opts: &StoreOptions) -> Result<ObjectStoreBacken
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn ranges_read_once_are_the_ranges_read_through_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_store(dir.path().to_str().unwrap(), &StoreOptions::default()).unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        s.put("packs/ab/abcd", Bytes::from(data)).await.unwrap();
+        // One span large enough to bypass the page cache, one small, one empty range.
+        let ranges = [10..1_500_000, 2_999_000..3_000_000, 5..5, 1_499_990..1_500_010];
+        assert_eq!(
+            s.get_ranges_once("packs/ab/abcd", &ranges).await.unwrap(),
+            s.get_ranges("packs/ab/abcd", &ranges).await.unwrap()
+        );
+        assert!(matches!(s.get_ranges_once("packs/ab/none", &[0..1]).await, Err(Error::ObjectNotFound(_))));
+        let past_end = s.get_ranges_once("packs/ab/abcd", &[2_999_999..3_000_001]).await.unwrap_err();
+        assert!(!past_end.is_retryable(), "a short pack is not retried: {past_end}");
+    }
 
     #[tokio::test]
     async fn put_is_create_only_and_list_is_relative() {
