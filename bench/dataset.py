@@ -8,6 +8,7 @@ Subcommands:
   manifest DIR OUT                     hash manifest (type, mode, size, sha256 / link target)
   verify MANIFEST ROOT                 compare a restored tree with a manifest; exit 1 on mismatch
   find-root DIR                        print the directory below DIR holding the dataset marker
+  logfile FILE --size MIB [--seed N]   one log-like text file (for bench/stream.sh)
 
 Shape (fractions of --size, which counts stored data bytes, not holes):
   * small text-like files: ~15,000 per GiB (tens of thousands at the 2 GiB default), median 3 KiB,
@@ -360,6 +361,14 @@ def main(argv):
             json.dump(manifest(argv[2]), f, sort_keys=True)
     elif cmd == "verify":
         return verify(argv[2], argv[3])
+    elif cmd == "logfile":
+        # One log-like text file of --size MiB, for bench/stream.sh.
+        mib = int(argv[argv.index("--size") + 1])
+        seed = int(argv[argv.index("--seed") + 1]) if "--seed" in argv else 7
+        rng = random.Random(seed)
+        with open(argv[2], "wb") as f:
+            for i in range(mib):
+                f.write(log_block(rng, 1 << 20, 1_700_000_000 + i * 1000))
     elif cmd == "find-root":
         return find_root(argv[2])
     else:
