@@ -729,8 +729,11 @@ mod tests {
             s.get_ranges_once("packs/ab/abcd", &ranges).await.unwrap(),
             s.get_ranges("packs/ab/abcd", &ranges).await.unwrap()
         );
-        assert!(matches!(s.get_ranges_once("packs/ab/none", &[0..1]).await, Err(Error::ObjectNotFound(_))));
-        let past_end = s.get_ranges_once("packs/ab/abcd", &[2_999_999..3_000_001]).await.unwrap_err();
+        let first_byte = 0..1;
+        let missing = s.get_ranges_once("packs/ab/none", std::slice::from_ref(&first_byte)).await;
+        assert!(matches!(missing, Err(Error::ObjectNotFound(_))));
+        let across_end = 2_999_999..3_000_001;
+        let past_end = s.get_ranges_once("packs/ab/abcd", std::slice::from_ref(&across_end)).await.unwrap_err();
         assert!(!past_end.is_retryable(), "a short pack is not retried: {past_end}");
     }
 
