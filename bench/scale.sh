@@ -7,8 +7,7 @@
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO_ROOT="$(cd "$HERE/.." && pwd)"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/hoard/target}"
+. "$HERE/common.sh"
 export PATH="${HOARD_BENCH_TOOLS:-$HOME/.cache/hoard/tools}/bin:$PATH"
 
 FILES=1000000
@@ -23,17 +22,11 @@ while [ $# -gt 0 ]; do
     --budget-mib) BUDGET="$2"; shift 2 ;;
     --tools) TOOLS="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
-    --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
-    -h|--help) sed -n 2,6p "$0"; exit 0 ;;
-    *) echo "unknown argument $1" >&2; exit 2 ;;
+    *) common_option "$0" "$1"; shift ;;
   esac
 done
-
-HOARD="$CARGO_TARGET_DIR/release/hoard"
-if [ "$BUILD" = 1 ]; then
-  (cd "$REPO_ROOT" && cargo build --release -q -p hoard) || { echo "build failed" >&2; exit 1; }
-fi
+build_hoard
 [ -x /usr/bin/time ] || { echo "/usr/bin/time (Debian package time) is required" >&2; exit 1; }
 mkdir -p "$WORK"
 DATA="$WORK/data-$FILES"

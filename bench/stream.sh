@@ -7,8 +7,7 @@
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO_ROOT="$(cd "$HERE/.." && pwd)"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/hoard/target}"
+. "$HERE/common.sh"
 
 MIB=1024
 REPS=3
@@ -19,16 +18,10 @@ while [ $# -gt 0 ]; do
     --size-mib) MIB="$2"; shift 2 ;;
     --reps) REPS="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
-    --no-build) BUILD=0; shift ;;
-    -h|--help) sed -n 2,7p "$0"; exit 0 ;;
-    *) echo "unknown argument $1" >&2; exit 2 ;;
+    *) common_option "$0" "$1"; shift ;;
   esac
 done
-
-HOARD="$CARGO_TARGET_DIR/release/hoard"
-if [ "$BUILD" = 1 ]; then
-  (cd "$REPO_ROOT" && cargo build --release -q -p hoard) || { echo "build failed" >&2; exit 1; }
-fi
+build_hoard
 for t in restic zstd /usr/bin/time; do
   command -v "$t" >/dev/null || { echo "$t is required (Debian packages restic, zstd, time)" >&2; exit 1; }
 done
@@ -42,11 +35,17 @@ fi
 export HOARD_PASSWORD=bench-password RESTIC_PASSWORD=bench-password RESTIC_CACHE_DIR="$WORK/cache-restic"
 unset HOARD_LOG
 
-# wall seconds of one run of "$@" (after warming the file into the page cache)
-timed() {
+# record NAME COMMAND...: one run's wall seconds (file warmed into the page cache first) added to
+# runs[NAME]; a failed run stops the benchmark, so no median is taken over a failure.
+record() {
+  local name="$1"; shift
   cat "$FILE" >/dev/null
-  /usr/bin/time -f "%e" -o "$WORK/time" "$@" >"$WORK/out.log" 2>&1 || { cat "$WORK/out.log" >&2; echo fail; return; }
-  tail -1 "$WORK/time"
+  if ! /usr/bin/time -f "%e" -o "$WORK/time" "$@" >"$WORK/out.log" 2>&1; then
+    cat "$WORK/out.log" >&2
+    echo "$name failed; stopping" >&2
+    exit 1
+  fi
+  runs[$name]+="$(tail -1 "$WORK/time") "
 }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
 
@@ -55,9 +54,9 @@ for _ in $(seq "$REPS"); do
   rm -rf "$WORK/repo-hoard" "$WORK/repo-restic" "$WORK/cache-restic"
   "$HOARD" --repo "$WORK/repo-hoard" init --kdf-memory-mib 64 >/dev/null
   restic init --repository-version 2 -r "$WORK/repo-restic" -q
-  runs[hoard]+="$(timed "$HOARD" --repo "$WORK/repo-hoard" backup "$WORK/data" -q) "
-  runs[restic]+="$(timed restic -r "$WORK/repo-restic" backup "$WORK/data" -q) "
-  runs[zstd]+="$(timed zstd -1 -T1 -q -c "$FILE" -o /dev/null) "
+  record hoard "$HOARD" --repo "$WORK/repo-hoard" backup "$WORK/data" -q
+  record restic restic -r "$WORK/repo-restic" backup "$WORK/data" -q
+  record zstd zstd -1 -T1 -q -c "$FILE" -o /dev/null
 done
 rm -rf "$WORK/repo-hoard" "$WORK/repo-restic" "$WORK/cache-restic"
 
