@@ -11,6 +11,8 @@ use fastcdc::v2020;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::tree::Extent;
 
 /// Minimum, average and maximum chunk size in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +152,99 @@ impl Chunker {
     }
 }
 
+/// Where a file's previous version was cut, so that a re-read of a changed file recognises its
+/// unchanged chunks by their hash instead of searching for their boundaries again.
+///
+/// Why this gives the same boundaries as the search: a boundary depends only on the bytes from
+/// the chunk's start up to the boundary (FastCDC scans forward and stops at the first match, or
+/// at `max`). A chunk of the previous version that starts where the new chunk starts and has the
+/// same bytes (same keyed hash) therefore ends where the search would end it, unless something
+/// other than its content ended it: the end of the file, or the end of a data region of a
+/// sparse file (a hole follows). Chunks followed by a hole or by the end are left out. A hole
+/// of a file that was not sparse is a run of all-zero chunks, merged: their boundaries are
+/// lost, but the chunks around them keep theirs. Both versions must use the same chunker (the
+/// caller checks the size class) and the new one must not be read by regions.
+#[derive(Debug, Clone, Default)]
+pub struct PreviousCuts {
+    /// (offset, length, id) of each reusable chunk, by offset.
+    cuts: Vec<(u64, u32, Id)>,
+    next: usize,
+}
+
+impl PreviousCuts {
+    /// From a node's content; `None` when no chunk qualifies.
+    pub fn from_content(content: &[Extent]) -> Option<PreviousCuts> {
+        let mut cuts = Vec::with_capacity(content.len());
+        let mut offset = 0u64;
+        for (i, e) in content.iter().enumerate() {
+            if let Extent::Data { id, len } = *e
+                && matches!(content.get(i + 1), Some(Extent::Data { .. }))
+            {
+                cuts.push((offset, len, id));
+            }
+            offset += e.len();
+        }
+        (!cuts.is_empty()).then_some(PreviousCuts { cuts, next: 0 })
+    }
+
+    /// The previous chunk starting at `offset`: its length and id. Offsets must be asked in
+    /// increasing order (the cursor only moves forward).
+    pub fn at(&mut self, offset: u64) -> Option<(usize, Id)> {
+        while self.cuts.get(self.next).is_some_and(|c| c.0 < offset) {
+            self.next += 1;
+        }
+        self.cuts.get(self.next).filter(|c| c.0 == offset).map(|&(_, len, id)| (len as usize, id))
+    }
+}
+
+/// One cut decided by [`Chunker::next_cut`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// The previous version's chunk, unchanged: its length and (already computed) id.
+    Reused { len: usize, id: Id },
+    /// A boundary found by the search; `id` when the bytes were hashed on the way (a previous
+    /// chunk of the same length whose content changed).
+    Searched { len: usize, id: Option<Id> },
+}
+
+impl Cut {
+    /// The chunk's length in bytes (never 0).
+    pub fn chunk_len(&self) -> usize {
+        match *self {
+            Cut::Reused { len, .. } | Cut::Searched { len, .. } => len,
+        }
+    }
+}
+
+impl Chunker {
+    /// The chunk that starts at `data[0]`, given the previous version's chunk starting at the
+    /// same offset, if any (`previous`: its length and id). When that chunk fits in `data` and
+    /// `hash` of the same bytes gives its id, it is the answer without a search (see
+    /// [`PreviousCuts`]); otherwise as [`Chunker::next_chunk_len`].
+    pub fn next_cut(
+        &self,
+        data: &[u8],
+        eof: bool,
+        previous: Option<(usize, Id)>,
+        hash: impl FnOnce(&[u8]) -> Id,
+    ) -> Option<Cut> {
+        let mut hashed = None;
+        if let Some((len, old)) = previous
+            && len > 0
+            && len <= data.len()
+            && len <= self.max_size()
+        {
+            let id = hash(&data[..len]);
+            if id == old {
+                return Some(Cut::Reused { len, id });
+            }
+            hashed = Some((len, id));
+        }
+        let len = self.next_chunk_len(data, eof)?;
+        Some(Cut::Searched { len, id: hashed.filter(|h| h.0 == len).map(|h| h.1) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +278,90 @@ mod tests {
         assert!(new <= 3, "{new} chunks changed after one insertion");
     }
 
+    fn id_of(bytes: &[u8]) -> Id {
+        Id(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// As a backup records it: all-zero chunks become holes, merged with a hole before them.
+    fn content_of(c: &Chunker, data: &[u8]) -> Vec<Extent> {
+        let mut content = Vec::new();
+        for r in c.chunks(data) {
+            let len = r.len() as u64;
+            match content.last_mut() {
+                _ if data[r.clone()].iter().any(|&b| b != 0) => {
+                    content.push(Extent::Data { id: id_of(&data[r]), len: len as u32 });
+                }
+                Some(Extent::Hole { len: run }) => *run += len,
+                _ => content.push(Extent::Hole { len }),
+            }
+        }
+        content
+    }
+
+    /// Cuts `data` fed in pieces of `split` bytes, with the previous version's cuts.
+    fn cut_with_previous(
+        c: &Chunker,
+        data: &[u8],
+        split: usize,
+        mut prev: Option<PreviousCuts>,
+    ) -> (Vec<usize>, usize) {
+        let (mut buf, mut fed, mut base) = (Vec::new(), 0usize, 0u64);
+        let (mut lens, mut reused) = (Vec::new(), 0);
+        loop {
+            let eof = fed == data.len();
+            let known = prev.as_mut().and_then(|p| p.at(base));
+            match c.next_cut(&buf, eof, known, id_of) {
+                Some(cut) => {
+                    if matches!(cut, Cut::Reused { .. }) {
+                        reused += 1;
+                    }
+                    if let Cut::Searched { len, id: Some(id) } = cut {
+                        assert_eq!(id, id_of(&buf[..len]));
+                    }
+                    lens.push(cut.chunk_len());
+                    buf.drain(..cut.chunk_len());
+                    base += cut.chunk_len() as u64;
+                }
+                None if eof => break,
+                None => {
+                    let end = (fed + split).min(data.len());
+                    buf.extend_from_slice(&data[fed..end]);
+                    fed = end;
+                }
+            }
+        }
+        (lens, reused)
+    }
+
+    #[test]
+    fn previous_cuts_leave_out_chunks_ended_by_a_hole_or_the_end() {
+        let id = Id([1; 32]);
+        let data = |len| Extent::Data { id, len };
+        assert!(PreviousCuts::from_content(&[data(10)]).is_none());
+        assert!(PreviousCuts::from_content(&[data(10), Extent::Hole { len: 5 }, data(10)]).is_none());
+        let mut p =
+            PreviousCuts::from_content(&[data(10), data(20), Extent::Hole { len: 5 }, data(7), data(30)]).unwrap();
+        assert_eq!(p.at(0), Some((10, id)));
+        assert_eq!(p.at(5), None);
+        assert_eq!(p.at(10), None, "a chunk a hole follows may have been cut by a region's end");
+        assert_eq!(p.at(35), Some((7, id)), "the chunk after a hole keeps its boundary");
+        assert_eq!(p.at(42), None, "the last chunk (cut by the end of the file) is not reused");
+    }
+
+    #[test]
+    fn unchanged_chunks_of_an_edited_file_are_reused_with_the_same_boundaries() {
+        let c = Chunker::new(small(), 9).unwrap();
+        let old = pseudo_random(400_000, 11);
+        let mut new = old.clone();
+        new[100_000..100_010].copy_from_slice(b"0123456789");
+        new[300_000..304_096].fill(7);
+        let prev = PreviousCuts::from_content(&content_of(&c, &old));
+        let (lens, reused) = cut_with_previous(&c, &new, 50_000, prev);
+        let searched: Vec<usize> = c.chunks(&new).map(|r| r.len()).collect();
+        assert_eq!(lens, searched);
+        assert!(reused * 10 >= searched.len() * 8, "{reused} of {} chunks reused", searched.len());
+    }
+
     #[test]
     fn seed_changes_boundaries() {
         let data = pseudo_random(1 << 20, 3);
@@ -211,6 +390,42 @@ mod tests {
                 pos = r.end;
             }
             prop_assert_eq!(pos, len);
+        }
+
+        #[test]
+        fn previous_cuts_give_the_searched_boundaries(
+            len in 0usize..150_000,
+            edits in proptest::collection::vec((0usize..150_000, 0usize..3000, any::<u8>()), 0..4),
+            insert in proptest::option::of((0usize..150_000, 1usize..500)),
+            append in 0usize..20_000,
+            zero_runs in proptest::collection::vec((0usize..150_000, 0usize..40_000), 0..3),
+            split in 1usize..40_000,
+            dseed in any::<u64>(),
+        ) {
+            // Whatever changed (overwrites, an insertion, an append), reusing the previous
+            // version's cuts gives exactly the boundaries of a search over the new bytes, also
+            // where the previous version had runs of zeros (recorded as holes).
+            let c = Chunker::new(small(), 5).unwrap();
+            let mut old = pseudo_random(len, dseed);
+            for (at, n) in zero_runs {
+                let at = at.min(old.len());
+                let end = (at + n).min(old.len());
+                old[at..end].fill(0);
+            }
+            let mut new = old.clone();
+            for (at, n, b) in edits {
+                let at = at.min(new.len());
+                let end = (at + n).min(new.len());
+                new[at..end].fill(b);
+            }
+            if let Some((at, n)) = insert {
+                let at = at.min(new.len());
+                new.splice(at..at, pseudo_random(n, dseed ^ 1));
+            }
+            new.extend(pseudo_random(append, dseed ^ 2));
+            let searched: Vec<usize> = c.chunks(&new).map(|r| r.len()).collect();
+            let (lens, _) = cut_with_previous(&c, &new, split, PreviousCuts::from_content(&content_of(&c, &old)));
+            prop_assert_eq!(lens, searched);
         }
 
         #[test]

@@ -29,6 +29,9 @@ pub struct Progress {
     pub bytes_read_ahead: AtomicU64,
     /// Chunk-and-hash stage: bytes cut into chunks and hashed.
     pub bytes_chunked: AtomicU64,
+    /// The part of `bytes_chunked` in chunks a changed file's previous version had at the same
+    /// offset with the same bytes, taken on their hash without a boundary search.
+    pub bytes_cut_as_before: AtomicU64,
     current: Mutex<String>,
     recent: Mutex<VecDeque<String>>,
 }

@@ -14,7 +14,7 @@
 //!   opened in file order, so that adjacent bytes of a file make one write. Holes (and all-zero
 //!   pages) are not written, so sparse files stay sparse.
 //! * Jobs for files written through the page cache and jobs for files written directly wait in
-//!   separate queues ([`JobQueues`]): the first are CPU work, the second wait on the disk, and
+//!   separate queues (`JobQueues`): the first are CPU work, the second wait on the disk, and
 //!   [`CACHED_WORKERS`] extra workers run the first while the others wait for the disk.
 //! * Files of at least [`crate::backup::DIRECT_MIN_FILE`] bytes are written with `O_DIRECT`
 //!   where the filesystem takes it ([`RestoreOptions::direct_io`]): their data extents are
@@ -73,7 +73,7 @@ pub const STAGE_BYTES: usize = 2 * 1024 * 1024;
 pub const STAGE_BUFFERS: usize = 2;
 /// Threads writing gathered blocks (direct writes wait for the disk).
 pub const WRITERS: usize = 4;
-/// Workers that take only jobs for files written through the page cache (see [`JobQueues`]).
+/// Workers that take only jobs for files written through the page cache (see `JobQueues`).
 pub const CACHED_WORKERS: usize = 2;
 
 #[derive(Debug)]

@@ -6,7 +6,9 @@
 //!   readers wait for budget it holds);
 //! * a file that changes while it is read, or vanishes between the walk and the open, is a
 //!   warning and the rest of the snapshot is intact (made deterministic with [`RaceHooks`]);
-//! * include patterns keep what they match and the directories leading to it; excludes win.
+//! * include patterns keep what they match and the directories leading to it; excludes win;
+//! * a changed file's unchanged chunks are taken where its previous version cut them, and the
+//!   snapshot is the same as one cut from scratch.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hoard_core::backup::{BackupOptions, BackupOutcome, ParentSelection, RaceHooks, Source, backup};
-use hoard_core::chunker::ChunkerParams;
+use hoard_core::chunker::{ChunkerParams, LargeFileChunking};
 use hoard_core::crypto::KdfParams;
 use hoard_core::faults::{FaultConfig, FaultyStore};
 use hoard_core::repo::{InitOptions, RepoParams};
@@ -243,4 +245,79 @@ async fn includes_keep_matches_and_the_way_to_them() {
     );
     let s = &out.snapshot.summary;
     assert_eq!((s.files_new, s.dirs), (4, 4), "{s:?}");
+}
+
+/// A re-backup of edited files (page overwrites, an append) with the parent's cuts gives the
+/// same tree as a backup that searches every boundary again, and skips the search for most of
+/// the bytes. Three files: one above the large-file threshold (read directly, through io_uring
+/// where the kernel allows it), one below it, and one that was sparse (chunked region by region)
+/// and has its hole filled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edited_files_are_cut_as_before_and_as_from_scratch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let opts = InitOptions {
+        params: RepoParams {
+            chunker: ChunkerParams { min: 64 * 1024, avg: 256 * 1024, max: 1024 * 1024 },
+            pack_size: 4 * MIB as u32,
+            compression_level: 1,
+            large_files: Some(LargeFileChunking {
+                min_file_size: 8 * MIB as u64,
+                chunker: ChunkerParams { min: 16 * 1024, avg: 64 * 1024, max: 256 * 1024 },
+            }),
+        },
+        kdf: KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 },
+    };
+    let repo =
+        Arc::new(Repository::init(store(&tmp.path().join("repo"), None), &Password::new("pw"), opts).await.unwrap());
+    let mut large = random_bytes(20 * MIB, 31);
+    let mut small = random_bytes(3 * MIB, 32);
+    std::fs::write(src.join("large.db"), &large).unwrap();
+    std::fs::write(src.join("small.db"), &small).unwrap();
+    let sparse_path = src.join("sparse.img");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&sparse_path).unwrap();
+        f.write_all_at(&random_bytes(4 * MIB, 34), 0).unwrap();
+        f.write_all_at(&random_bytes(4 * MIB, 35), 8 * MIB as u64).unwrap();
+    }
+    backup_within(&repo, options(&src, 64 * MIB, 2), 120).await;
+
+    for at in [1_000_000, 7_340_032, 15_000_000] {
+        large[at..at + 4096].fill(0x5a);
+    }
+    large.extend_from_slice(&random_bytes(10_000, 33));
+    small[2_000_000..2_000_100].fill(1);
+    std::fs::write(src.join("large.db"), &large).unwrap();
+    std::fs::write(src.join("small.db"), &small).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&sparse_path).unwrap();
+        f.write_all_at(&random_bytes(4 * MIB, 36), 4 * MIB as u64).unwrap();
+    }
+
+    let progress = Arc::new(hoard_core::progress::Progress::default());
+    let with_parent =
+        BackupOptions { parent: ParentSelection::Auto, progress: Arc::clone(&progress), ..options(&src, 64 * MIB, 2) };
+    let again = backup_within(&repo, with_parent, 120).await;
+    let as_before = progress.bytes_cut_as_before.load(std::sync::atomic::Ordering::Relaxed);
+    let chunked = progress.bytes_chunked.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(chunked, (large.len() + small.len() + 12 * MIB) as u64, "the edited files are read again");
+    assert!(as_before * 10 >= chunked * 7, "only {as_before} of {chunked} bytes cut as before");
+
+    let fresh_progress = Arc::new(hoard_core::progress::Progress::default());
+    let from_scratch = backup_within(
+        &repo,
+        BackupOptions { progress: Arc::clone(&fresh_progress), ..options(&src, 64 * MIB, 2) },
+        120,
+    )
+    .await;
+    assert_eq!(fresh_progress.bytes_cut_as_before.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        again.snapshot.component("data").unwrap().root,
+        from_scratch.snapshot.component("data").unwrap().root,
+        "the tree cut with the parent's boundaries differs from the one cut from scratch"
+    );
+    restore_and_compare(&repo, &again, &src, &tmp.path().join("restored")).await;
 }
