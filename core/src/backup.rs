@@ -1,9 +1,19 @@
 //! Backup: walk, read, chunk and hash next to the disk; hand blobs to the [`BlobWriter`].
 //!
 //! ```text
-//! walker ──FileJob──▶ readers (open beneath dir fd, read segments, FastCDC, keyed hash) ──▶ BlobSink
-//!    └──DirPlan (post-order)──▶ finisher (waits for file results, writes tree blobs)
+//! walkers ──FileJob──▶ readers (open beneath dir fd, read segments, FastCDC, keyed hash) ──▶ BlobSink
+//!    └──DirPlan (children before parents)──▶ finisher (waits for file results, writes tree blobs)
 //! ```
+//! * Walk: a directory's entries are listed, stat'ed and compared with the parent snapshot's
+//!   nodes; its files go to the readers as they are met, its subdirectories are walked after
+//!   that. With a parent snapshot, several subdirectories are walked at once on a pool of
+//!   `WALK_THREADS` threads (work stealing): the walk is then most of the work (cold no-change
+//!   backup of the 1 GiB bench data, 8 alternating pairs: 0.375 s on one thread, 0.295 s on
+//!   the pool, medians). Without one, the walk stays depth-first on one thread, so that the
+//!   files of a directory are read, and packed, together: the restore of a tree first backed
+//!   up by the pool took 1.70-2.10 s against 1.61-1.76 s (4 pairs). A directory's plan is
+//!   sent after its subdirectories' plans; trees do not depend on the order (a tree lists its
+//!   entries sorted by name).
 //! * Confinement: every entry is opened relative to its parent's directory descriptor with
 //!   `O_NOFOLLOW`; symlinks are recorded, never followed; FIFOs and devices are never opened.
 //! * Bounded: the job and plan channels have fixed capacity, and file data in flight is bounded
@@ -937,14 +947,42 @@ pub(crate) fn join_rel(rel: &str, name: &str) -> String {
     if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") }
 }
 
+/// Threads walking directories at once (rayon's work stealing spreads subdirectories over them).
+/// The walk is syscalls (list, stat, open) and comparisons with the parent tree; on a no-change
+/// backup it is most of the time after the key is derived.
+const WALK_THREADS: usize = 4;
+/// Stack of a walking thread: a walk recurses once per directory level.
+const WALK_STACK: usize = 256 * 1024 * 1024;
+
 struct Walker<'a> {
     ctx: &'a Ctx,
     jobs: Sender<FileJob>,
     plans: Sender<DirPlan>,
-    next_seq: u64,
+    next_seq: AtomicU64,
+    /// Walk subdirectories several at once (see the module docs: with a parent snapshot only).
+    parallel: bool,
     root_dev: u64,
     /// With `one_file_system`: the root's mount, to stop at bind mounts of the same device too.
     root_mount: Option<crate::restore::MountKey>,
+}
+
+/// A subdirectory found by [`Walker::walk`], walked after its directory's other entries.
+struct SubDir {
+    /// Its node's position in the directory's node list.
+    at: usize,
+    name: CString,
+    rel: String,
+    old_tree: Option<Tree>,
+    sel: Selection,
+}
+
+enum SubWalk {
+    /// Walked: its plan's sequence number, and its extended attributes.
+    Walked(u64, Vec<crate::tree::Xattr>),
+    /// Could not be opened (warned): left out of the tree.
+    Unreadable,
+    /// Walked for include patterns, and nothing in it matched: left out, not counted.
+    NoMatch,
 }
 
 impl Walker<'_> {
@@ -955,16 +993,34 @@ impl Walker<'_> {
         })
     }
 
-    fn emit(&mut self, nodes: Vec<(Node, Pending)>) -> Result<u64> {
-        let seq = self.next_seq;
-        self.next_seq += 1;
+    /// Sends a directory's plan. A plan is sent only after the plans of all its subdirectories
+    /// (they are walked first), so the finisher always meets children before their parent.
+    fn emit(&self, nodes: Vec<(Node, Pending)>) -> Result<u64> {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         self.plans.send(DirPlan { seq, nodes }).map_err(|_| Error::Internal("tree finisher stopped".into()))?;
         Ok(seq)
     }
 
+    fn walk_subdir(&self, dir: &OwnedFd, sub: &SubDir) -> Result<SubWalk> {
+        let fd = match fsmeta::open_dir_at(dir.as_fd(), &sub.name) {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.ctx.warn(format!("{}: cannot open directory: {e}", sub.rel));
+                return Ok(SubWalk::Unreadable);
+            }
+        };
+        let xattrs = fsmeta::read_xattrs_fd(fd.as_fd());
+        Ok(match self.walk(Arc::new(fd), &sub.rel, sub.old_tree.as_ref(), sub.sel)? {
+            Some(seq) => SubWalk::Walked(seq, xattrs),
+            None => SubWalk::NoMatch,
+        })
+    }
+
     /// Emits the directory's plan and returns its sequence number; `None` (nothing emitted) for a
-    /// directory walked only for include patterns that turned out to hold no match.
-    fn walk(&mut self, dir: Arc<OwnedFd>, rel: &str, parent: Option<&Tree>, sel: Selection) -> Result<Option<u64>> {
+    /// directory walked only for include patterns that turned out to hold no match. Files are
+    /// handed to the readers as they are listed; subdirectories are walked after the other
+    /// entries, several at once when there are several (on the walking threads' pool).
+    fn walk(&self, dir: Arc<OwnedFd>, rel: &str, parent: Option<&Tree>, sel: Selection) -> Result<Option<u64>> {
         let ctx = self.ctx;
         if ctx.sink.has_failed() {
             return Err(Error::Internal("backup aborted".into()));
@@ -998,6 +1054,7 @@ impl Walker<'_> {
         }
         let prefetched = !old_trees.is_empty();
         let mut nodes = Vec::with_capacity(names.len());
+        let mut subdirs: Vec<SubDir> = Vec::new();
         for cname in names {
             let name_str = String::from_utf8_lossy(cname.as_bytes()).into_owned();
             let child_rel = join_rel(rel, &name_str);
@@ -1030,23 +1087,12 @@ impl Walker<'_> {
                         nodes.push((node, Pending::Ready));
                         continue;
                     }
-                    let sub = match fsmeta::open_dir_at(dir.as_fd(), &cname) {
-                        Ok(fd) => fd,
-                        Err(e) => {
-                            ctx.warn(format!("{child_rel}: cannot open directory: {e}"));
-                            continue;
-                        }
-                    };
-                    node.xattrs = fsmeta::read_xattrs_fd(sub.as_fd());
                     let old_tree = old
                         .filter(|o| o.kind == NodeKind::Dir)
                         .and_then(|o| o.subtree)
                         .and_then(|id| if prefetched { old_trees.get(&id).cloned() } else { ctx.load_tree(&id) });
-                    let Some(seq) = self.walk(Arc::new(sub), &child_rel, old_tree.as_ref(), child_sel)? else {
-                        ctx.stats.dirs.fetch_sub(1, Ordering::Relaxed);
-                        continue;
-                    };
-                    nodes.push((node, Pending::Dir(seq)));
+                    subdirs.push(SubDir { at: nodes.len(), name: cname, rel: child_rel, old_tree, sel: child_sel });
+                    nodes.push((node, Pending::Ready));
                 }
                 NodeKind::File => {
                     ctx.progress.set_current(&child_rel);
@@ -1101,6 +1147,33 @@ impl Walker<'_> {
                     nodes.push((node, Pending::Ready));
                 }
             }
+        }
+        let walked: Vec<Result<SubWalk>> = if self.parallel && subdirs.len() > 1 {
+            use rayon::prelude::*;
+            subdirs.par_iter().map(|sub| self.walk_subdir(&dir, sub)).collect()
+        } else {
+            subdirs.iter().map(|sub| self.walk_subdir(&dir, sub)).collect()
+        };
+        let mut left_out = Vec::new();
+        for (sub, r) in subdirs.iter().zip(walked) {
+            match r? {
+                SubWalk::Walked(seq, xattrs) => {
+                    let (node, pending) = &mut nodes[sub.at];
+                    node.xattrs = xattrs;
+                    *pending = Pending::Dir(seq);
+                }
+                SubWalk::Unreadable => left_out.push(sub.at),
+                SubWalk::NoMatch => {
+                    ctx.stats.dirs.fetch_sub(1, Ordering::Relaxed);
+                    left_out.push(sub.at);
+                }
+            }
+        }
+        if !left_out.is_empty() {
+            // `left_out` is in node order.
+            let mut skip = left_out.into_iter().peekable();
+            nodes =
+                nodes.into_iter().enumerate().filter(|(i, _)| skip.next_if_eq(i).is_none()).map(|(_, n)| n).collect();
         }
         if nodes.is_empty() && sel == Selection::Matching && !rel.is_empty() {
             return Ok(None);
@@ -1211,15 +1284,36 @@ fn backup_root(
         // waiting forever.
         let fin = s.spawn(move || finisher(ctx, &plan_rx));
         let walked = std::thread::Builder::new()
-            .stack_size(256 * 1024 * 1024)
+            .stack_size(WALK_STACK)
             .spawn_scoped(s, move || -> Result<u64> {
-                let mut w = Walker { ctx, jobs: job_tx, plans: plan_tx, next_seq: 0, root_dev, root_mount };
+                let parallel = parent_tree.is_some() && only.is_none();
+                let w = Walker {
+                    ctx,
+                    jobs: job_tx,
+                    plans: plan_tx,
+                    next_seq: AtomicU64::new(0),
+                    parallel,
+                    root_dev,
+                    root_mount,
+                };
                 let root_fd = Arc::new(root);
                 match only {
                     None => {
                         let sel = if ctx.includes.is_some() { Selection::Matching } else { Selection::All };
-                        w.walk(root_fd, "", parent_tree.as_ref(), sel)?
-                            .ok_or_else(|| Error::Internal("root tree not emitted".into()))
+                        let walk = || {
+                            w.walk(root_fd, "", parent_tree.as_ref(), sel)?
+                                .ok_or_else(|| Error::Internal("root tree not emitted".into()))
+                        };
+                        if !parallel {
+                            return walk();
+                        }
+                        let pool = rayon::ThreadPoolBuilder::new()
+                            .num_threads(WALK_THREADS)
+                            .stack_size(WALK_STACK)
+                            .thread_name(|i| format!("hoard-walk-{i}"))
+                            .build()
+                            .map_err(|e| Error::Internal(format!("walker threads: {e}")))?;
+                        pool.install(walk)
                     }
                     Some(name) => {
                         // A single file: a root tree holding just that entry.

@@ -8,7 +8,9 @@
 //!   warning and the rest of the snapshot is intact (made deterministic with [`RaceHooks`]);
 //! * include patterns keep what they match and the directories leading to it; excludes win;
 //! * a changed file's unchanged chunks are taken where its previous version cut them, and the
-//!   snapshot is the same as one cut from scratch.
+//!   snapshot is the same as one cut from scratch;
+//! * a backup with a parent (subdirectories walked in parallel) makes the same tree as one
+//!   without (walked depth-first on one thread).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -320,4 +322,46 @@ async fn edited_files_are_cut_as_before_and_as_from_scratch() {
         "the tree cut with the parent's boundaries differs from the one cut from scratch"
     );
     restore_and_compare(&repo, &again, &src, &tmp.path().join("restored")).await;
+}
+
+/// The parallel walk of an incremental backup and the one-thread walk of a backup without a
+/// parent give the same root tree, over nested directories with files, symlinks, an empty
+/// directory, changed, added and removed files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_and_depth_first_walks_make_the_same_tree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    for a in 0..4 {
+        for b in 0..3 {
+            let d = src.join(format!("a{a}")).join(format!("b{b}"));
+            std::fs::create_dir_all(d.join("empty")).unwrap();
+            for f in 0..5 {
+                std::fs::write(d.join(format!("f{f}")), random_bytes(1000 + 300 * f, (a * 100 + b * 10 + f) as u64))
+                    .unwrap();
+            }
+            std::os::unix::fs::symlink(format!("f{b}"), d.join("link")).unwrap();
+        }
+    }
+    std::fs::write(src.join("top"), b"top").unwrap();
+    let repo = init(store(&tmp.path().join("repo"), None), 4 * MIB as u32).await;
+    backup_within(&repo, options(&src, 64 * MIB, 2), 120).await;
+
+    std::fs::write(src.join("a1/b2/f3"), b"changed").unwrap();
+    std::fs::write(src.join("a3/b0/new"), b"added").unwrap();
+    std::fs::remove_file(src.join("a2/b1/f0")).unwrap();
+    std::fs::create_dir_all(src.join("a0/b0/deeper/still")).unwrap();
+    std::fs::write(src.join("a0/b0/deeper/still/x"), b"x").unwrap();
+
+    let with_parent = BackupOptions { parent: ParentSelection::Auto, ..options(&src, 64 * MIB, 2) };
+    let parallel = backup_within(&repo, with_parent, 120).await;
+    let depth_first = backup_within(&repo, options(&src, 64 * MIB, 2), 120).await;
+    let root = |o: &BackupOutcome| o.snapshot.component("data").unwrap().root;
+    assert_eq!(root(&parallel), root(&depth_first));
+    let target = tmp.path().join("restored");
+    let r =
+        restore(Arc::clone(&repo), RestoreSource::Tree(root(&parallel)), RestoreOptions::new(&target)).await.unwrap();
+    assert!(r.failed.is_empty(), "{:?}", r.failed);
+    assert_eq!(std::fs::read(target.join("a0/b0/deeper/still/x")).unwrap(), b"x");
+    assert_eq!(std::fs::read(target.join("a1/b2/f3")).unwrap(), b"changed");
+    assert!(!target.join("a2/b1/f0").exists());
 }
