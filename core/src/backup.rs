@@ -949,7 +949,9 @@ pub(crate) fn join_rel(rel: &str, name: &str) -> String {
 
 /// Threads walking directories at once (rayon's work stealing spreads subdirectories over them).
 /// The walk is syscalls (list, stat, open) and comparisons with the parent tree; on a no-change
-/// backup it is most of the time after the key is derived.
+/// backup it is most of the time after the key is derived. Measured on 2 cores (cold no-change
+/// backup of the 2 GiB bench data, 6 alternating pairs each): 2 threads 0.522 s, 4 threads
+/// 0.452-0.478 s, 8 threads 0.502 s.
 const WALK_THREADS: usize = 4;
 /// Stack of a walking thread: a walk recurses once per directory level.
 const WALK_STACK: usize = 256 * 1024 * 1024;
