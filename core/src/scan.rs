@@ -7,11 +7,11 @@
 //! own walk, which cannot start before the repository key is derived and the parent snapshot
 //! loaded (it compares every entry with the parent's node). Several threads keep
 //! several metadata reads in flight: on the bench dataset (15k files, 3.7k directories, page
-//! cache dropped) one `find` took 0.53 s and sixteen in parallel 0.21 s. Started before the
-//! repository key is derived, it also overlaps that CPU-bound step. Since incremental backups
-//! walk several directories at once, the warming no longer shortens a cold no-change backup
-//! (2 GiB bench data, 6 alternating pairs: 0.475 s with the scan, 0.470 s without); the scan
-//! stays for the progress totals.
+//! cache dropped) one `find` took 0.53 s and sixteen in parallel 0.21 s. Since incremental
+//! backups walk several directories at once, the warming no longer shortens a cold no-change
+//! backup (2 GiB bench data, 6 alternating pairs: 0.475 s with the scan, 0.470 s without); the
+//! scan stays for the progress totals. The `hoard backup` command starts it once the key is
+//! derived, so that its threads do not add to the key derivation's memory peak.
 //!
 //! Guarantees:
 //! * Best effort: an entry that cannot be listed or stat'ed is skipped silently; the backup's
