@@ -93,8 +93,11 @@ pub fn fix_mmap_threshold() {
 /// object store's reads zero-fill theirs. With glibc's defaults the arenas shrink after each
 /// burst and the next one faults its pages in again: on the 1 GiB bench dataset 100-125k
 /// page faults per restore, 29-39k with memory held, and 4-7 % less wall time in alternating
-/// runs. Peak RSS stays that of the key derivation's 64 MiB because a restore's pack jobs
-/// are small ([`crate::restore::MAX_JOB_BYTES`]); with 8 MiB jobs it rose by 12-20 MiB.
+/// runs. The price is peak RSS, which then depends on how the arenas fragment: on the 2 GiB
+/// bench data 80-91 MiB with memory held, 73.5 MiB (the key derivation's peak) with glibc's
+/// trimming, which took 620-690k page faults instead of 18-20k and 3.5-3.9 s instead of
+/// 3.0-3.45 s (3 alternating pairs). Recycling each worker's blob and read buffers instead
+/// (per-worker scratch, a spare list of read buffers) held more: 96-113 MiB, no faster.
 #[allow(unsafe_code)]
 pub fn hold_heap_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
