@@ -33,6 +33,7 @@ pub mod restore;
 pub mod retention;
 pub mod scan;
 pub mod snapshot;
+pub mod spool;
 pub mod store;
 pub mod tree;
 pub mod uring;

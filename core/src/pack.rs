@@ -123,6 +123,13 @@ impl PackBuilder {
     }
 
     pub fn add(&mut self, blob: SealedBlob) {
+        self.add_written(&blob);
+        self.parts.push(blob.bytes);
+    }
+
+    /// Records a blob whose bytes the caller has written out itself, right after the bytes of
+    /// the blobs added before it (a spooled pack, [`crate::spool`]); only its entry is kept.
+    pub fn add_written(&mut self, blob: &SealedBlob) {
         self.entries.push(PackEntry {
             ty: blob.ty,
             compression: blob.compression,
@@ -132,11 +139,20 @@ impl PackBuilder {
             raw_len: blob.raw_len,
         });
         self.len += blob.bytes.len();
-        self.parts.push(blob.bytes);
     }
 
     /// Seals the header, appends it and returns the pack; the builder is empty afterwards.
     pub fn finish(&mut self, keys: &Keys) -> Result<FinishedPack> {
+        let trailer = self.finish_trailer(keys)?;
+        let mut parts = std::mem::take(&mut self.parts);
+        parts.push(Bytes::from(trailer.bytes));
+        Ok(FinishedPack { id: Id::of_parts(&parts), parts, len: trailer.pack_len, entries: trailer.entries })
+    }
+
+    /// Seals the header of a pack whose blobs were added with [`PackBuilder::add_written`]:
+    /// the bytes that end the pack (sealed header and its length) and the pack's entries. The
+    /// builder is empty afterwards.
+    pub fn finish_trailer(&mut self, keys: &Keys) -> Result<PackTrailer> {
         let mut header = Vec::with_capacity(8 + self.entries.len() * ENTRY_LEN);
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
@@ -150,12 +166,19 @@ impl PackBuilder {
         let mut sealed = keys.seal_meta(SealType::PackHeader, &header)?;
         let header_len = sealed.len() as u32;
         sealed.extend_from_slice(&header_len.to_le_bytes());
-        let mut parts = std::mem::take(&mut self.parts);
-        parts.push(Bytes::from(sealed));
-        let len = std::mem::take(&mut self.len) as u64 + header_len as u64 + 4;
-        let entries = std::mem::take(&mut self.entries);
-        Ok(FinishedPack { id: Id::of_parts(&parts), parts, len, entries })
+        let pack_len = std::mem::take(&mut self.len) as u64 + header_len as u64 + 4;
+        Ok(PackTrailer { bytes: sealed, pack_len, entries: std::mem::take(&mut self.entries) })
     }
+}
+
+/// The end of a pack: what [`PackBuilder::finish_trailer`] returns.
+#[derive(Debug)]
+pub struct PackTrailer {
+    /// The sealed header and its length, to write after the blobs.
+    pub bytes: Vec<u8>,
+    /// The whole pack's length, blobs and trailer.
+    pub pack_len: u64,
+    pub entries: Vec<PackEntry>,
 }
 
 /// Where the sealed header sits in a pack of `pack_len` bytes, given its last 4 bytes.

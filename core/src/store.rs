@@ -67,6 +67,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn delete(&self, key: &str) -> Result<()>;
     /// Where the repository lives, without credentials.
     fn location(&self) -> String;
+    /// The local file that is the object `key`, for a store that keeps objects as files on
+    /// this machine and lets a writer publish one itself ([`crate::spool`]). `None`, the
+    /// default, sends every write through [`Store::put_parts`]: decorators that must see each
+    /// write (fault injection, cancellation, rate limits) keep it; plain forwarding ones forward.
+    fn local_file(&self, _key: &str) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// A [`Store`] over any `object_store` implementation.
@@ -211,6 +218,10 @@ impl Store for ObjectStoreBackend {
     fn location(&self) -> String {
         self.location.clone()
     }
+
+    fn local_file(&self, key: &str) -> Option<std::path::PathBuf> {
+        self.local_path(key)
+    }
 }
 
 /// Retry policy for [`RetryStore`].
@@ -325,6 +336,10 @@ impl<S: Store> Store for RetryStore<S> {
     fn location(&self) -> String {
         self.inner.location()
     }
+
+    fn local_file(&self, key: &str) -> Option<std::path::PathBuf> {
+        self.inner.local_file(key)
+    }
 }
 
 #[async_trait]
@@ -355,6 +370,9 @@ impl Store for Arc<dyn Store> {
     }
     fn location(&self) -> String {
         (**self).location()
+    }
+    fn local_file(&self, key: &str) -> Option<std::path::PathBuf> {
+        (**self).local_file(key)
     }
 }
 

@@ -3,7 +3,8 @@
 //! * the memory budget bounds every byte of file data in flight, from read to upload, even when
 //!   uploads are the bottleneck (a store that answers slowly);
 //! * a budget smaller than one pack does not deadlock (the packer uploads a partial pack when
-//!   readers wait for budget it holds);
+//!   readers wait for budget it holds); on a store that spools packs to files, blobs give their
+//!   budget back once written and packs fill to their target;
 //! * a file that changes while it is read, or vanishes between the walk and the open, is a
 //!   warning and the rest of the snapshot is intact (made deterministic with [`RaceHooks`]);
 //! * include patterns keep what they match and the directories leading to it; excludes win;
@@ -68,6 +69,16 @@ fn options(src: &Path, memory_budget: usize, uploads: usize) -> BackupOptions {
     }
 }
 
+/// `count` files of `len` random bytes in `<dir>/src` (seeds from `seed` up); returns the directory.
+fn random_files(dir: &Path, count: u64, len: usize, seed: u64) -> std::path::PathBuf {
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..count {
+        std::fs::write(src.join(format!("f{i}")), random_bytes(len, seed + i)).unwrap();
+    }
+    src
+}
+
 /// Backs up with a deadline, so a deadlocked pipeline fails the test instead of hanging it.
 async fn backup_within(repo: &Arc<Repository>, opts: BackupOptions, secs: u64) -> BackupOutcome {
     tokio::time::timeout(Duration::from_secs(secs), backup(Arc::clone(repo), opts))
@@ -92,11 +103,7 @@ async fn restore_and_compare(repo: &Arc<Repository>, out: &BackupOutcome, src: &
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budget_bounds_data_in_flight_until_uploaded() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    for i in 0..5u64 {
-        std::fs::write(src.join(format!("f{i}")), random_bytes(16 * MIB, i)).unwrap();
-    }
+    let src = random_files(tmp.path(), 5, 16 * MIB, 0);
     let slow = Some((Duration::from_millis(150), Duration::from_millis(250)));
     let repo = init(store(&tmp.path().join("repo"), slow), 2 * MIB as u32).await;
     let out = backup_within(&repo, options(&src, SEGMENT, 4), 120).await;
@@ -113,11 +120,7 @@ async fn budget_bounds_data_in_flight_until_uploaded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budget_smaller_than_a_pack_does_not_deadlock() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    for i in 0..3u64 {
-        std::fs::write(src.join(format!("f{i}")), random_bytes(20 * MIB, 10 + i)).unwrap();
-    }
+    let src = random_files(tmp.path(), 3, 20 * MIB, 10);
     let repo = init(store(&tmp.path().join("repo"), None), 64 * MIB as u32).await;
     let out = backup_within(&repo, options(&src, SEGMENT, 2), 60).await;
     assert!(out.data_in_flight_high_water <= SEGMENT as u64);
@@ -125,6 +128,50 @@ async fn budget_smaller_than_a_pack_does_not_deadlock() {
     let packs = repo.list_ids("packs").await.unwrap();
     assert!(packs.len() >= 4, "{} packs", packs.len());
     restore_and_compare(&repo, &out, &src, &tmp.path().join("r")).await;
+}
+
+/// The same 64 MiB packs and 16 MiB budget, on the plain filesystem store, which spools: each
+/// sealed blob is written to the pack's staging file and gives its memory and budget back at
+/// once, so readers never wait on the open pack and the packs fill to their target instead of
+/// being cut short (above: 4 or more). Every pack's bytes match its name and header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spooling_store_fills_packs_larger_than_the_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = random_files(tmp.path(), 3, 20 * MIB, 20);
+    let dir = tmp.path().join("repo");
+    let opts = hoard_core::store::StoreOptions { create_dir: true, ..Default::default() };
+    let fs_store = hoard_core::store::open_store(dir.to_str().unwrap(), &opts).unwrap();
+    assert!(hoard_core::spool::SpoolDir::for_store(&*fs_store).is_some());
+    let repo = init(fs_store, 64 * MIB as u32).await;
+    let out = backup_within(&repo, options(&src, SEGMENT, 2), 60).await;
+    assert!(out.data_in_flight_high_water <= SEGMENT as u64);
+    let packs = repo.list_ids("packs").await.unwrap();
+    // 60 MiB of blobs and the snapshot's tree: one data pack, one tree pack.
+    assert!(packs.len() <= 2, "{} packs: partial packs were cut", packs.len());
+    let staging: Vec<_> =
+        walkdir(&dir.join("packs")).into_iter().filter(|p| p.to_string_lossy().contains('#')).collect();
+    assert!(staging.is_empty(), "staging files left: {staging:?}");
+    let report = hoard_core::check::check(
+        Arc::clone(&repo),
+        hoard_core::check::CheckOptions { read_data_fraction: 1.0, concurrency: 2 },
+    )
+    .await
+    .unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    restore_and_compare(&repo, &out, &src, &tmp.path().join("r")).await;
+}
+
+fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 fn hook(f: impl Fn(&str) + Send + Sync + 'static) -> Option<hoard_core::backup::FileHook> {
