@@ -1036,6 +1036,9 @@ async fn cmd_prune(g: &Global, a: PruneArgs) -> anyhow::Result<u8> {
                 "removed {} packs and {} index files, wrote {} packs",
                 out.packs_removed, out.index_files_removed, out.packs_written
             );
+            if out.staging_files_removed > 0 {
+                println!("removed {} staging files of interrupted writes", out.staging_files_removed);
+            }
         }
     }
     Ok(0)

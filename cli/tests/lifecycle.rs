@@ -166,9 +166,24 @@ fn prune_removes_only_unreferenced_data() {
     assert_eq!(before, repo_bytes(&tmp.path().join("repo/packs")));
     // Forget snapshot a by removing its file, then prune.
     std::fs::remove_file(tmp.path().join("repo/snapshots").join(&sa)).unwrap();
+    // Staging files of killed writers: a spooled pack, an object_store staging file beside a
+    // pack, one in index/. Prune, under its exclusive lock, removes them.
+    let a_pack = list_files(&tmp.path().join("repo/packs")).into_iter().map(|(p, _)| p).next().unwrap();
+    let staging = [
+        tmp.path().join("repo/packs/spool#12345"),
+        a_pack.with_file_name(format!("{}#1", a_pack.file_name().unwrap().to_string_lossy())),
+        tmp.path().join("repo/index").join(format!("{}#2", "ab".repeat(32))),
+    ];
+    for f in &staging {
+        std::fs::write(f, b"partial").unwrap();
+    }
     let out: serde_json::Value =
         serde_json::from_slice(&h.ok(&["--json", "prune", "--max-unused", "0%"]).stdout).unwrap();
     assert!(out["packs_removed"].as_u64().unwrap() > 0, "{out}");
+    assert_eq!(out["staging_files_removed"], 3, "{out}");
+    for f in &staging {
+        assert!(!f.exists(), "{} is left", f.display());
+    }
     let after = repo_bytes(&tmp.path().join("repo/packs"));
     assert!(after < before * 2 / 3, "prune left {after} of {before} bytes");
     check_ok(&h);
@@ -465,6 +480,13 @@ fn crash_during_backup_leaves_a_consistent_resumable_repository() {
     restore_matches(&h, "latest", &src, &tmp.path().join("r2"));
     restore_matches(&h, &base_snap[..8], &base, &tmp.path().join("r"));
     let uploaded = repo_bytes(&packs_dir) - before;
+    // Killed runs leave the staging files of their open packs; a prune removes them all.
+    let staged = |dir: &Path| list_files(dir).into_iter().filter(|(p, _)| p.to_string_lossy().contains('#')).count();
+    let left_by_kills = staged(&tmp.path().join("repo"));
+    let pruned: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "prune"]).stdout).unwrap();
+    assert_eq!(pruned["staging_files_removed"], left_by_kills as u64, "{pruned}");
+    assert_eq!(staged(&tmp.path().join("repo")), 0);
+    eprintln!("{left_by_kills} staging files left by killed runs, removed by prune");
     let ref_dir = tmp.path().join("ref");
     std::fs::create_dir_all(&ref_dir).unwrap();
     let full = {

@@ -10,7 +10,9 @@
 //! 1. repacked blobs are written to new packs, and an index file naming them is written;
 //! 2. a new index file describing every kept pack is written, superseding all old index files;
 //! 3. old index files are deleted;
-//! 4. unused and repacked packs are deleted.
+//! 4. unused and repacked packs are deleted;
+//! 5. on a local filesystem, staging files of killed writers (`…#n`, `packs/spool#n`) are
+//!    removed: under the exclusive lock no live writer has one.
 //!
 //! [`plan`] is pure: it decides from blob usage and pack contents what to keep, repack and delete.
 
@@ -105,6 +107,8 @@ pub struct PruneOutcome {
     pub packs_written: u64,
     pub index_files_removed: usize,
     pub packs_removed: usize,
+    /// Staging files of interrupted writes removed (local filesystem repositories only).
+    pub staging_files_removed: usize,
 }
 
 /// Every blob (data and tree) referenced by any snapshot; fails if any snapshot is damaged (its
@@ -261,8 +265,43 @@ async fn prune_locked(repo: &Arc<Repository>, opts: &PruneOptions, lock: &LockGu
         r?;
         out.packs_removed += 1;
     }
+    // 5. Staging files.
+    if let Some(root) = repo.store().local_file("config").and_then(|c| c.parent().map(|p| p.to_path_buf())) {
+        lock.check()?;
+        out.staging_files_removed = tokio::task::spawn_blocking(move || remove_staging_files(&root))
+            .await
+            .map_err(|e| Error::Internal(format!("remove staging files: {e}")))??;
+    }
     repo.load_index().await?;
     Ok(out)
+}
+
+/// Directory levels of a repository that hold objects (`packs/ab/<id>` is the deepest).
+const OBJECT_DEPTH: usize = 2;
+
+/// Removes the staging files (names with a `#`, which no object has) under a local repository's
+/// `root`, down to [`OBJECT_DEPTH`] levels; returns how many.
+fn remove_staging_files(root: &std::path::Path) -> Result<usize> {
+    fn walk(dir: &std::path::Path, depth: usize, removed: &mut usize) -> Result<()> {
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+        for e in entries {
+            let e = e.map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+            let kind = e.file_type().map_err(|err| Error::io(format!("stat {}", e.path().display()), err))?;
+            if kind.is_dir() && depth < OBJECT_DEPTH {
+                walk(&e.path(), depth + 1, removed)?;
+            } else if kind.is_file() && e.file_name().to_string_lossy().contains('#') {
+                match std::fs::remove_file(e.path()) {
+                    Ok(()) => *removed += 1,
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(Error::io(format!("remove {}", e.path().display()), err)),
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut removed = 0;
+    walk(root, 0, &mut removed)?;
+    Ok(removed)
 }
 
 /// Rebuilds the index from the pack headers: every pack in the store is read (header only) and
