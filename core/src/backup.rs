@@ -1523,7 +1523,11 @@ async fn backup_locked(
     // (initial backup, 3 alternating pairs; three packs' worth against two: 2 GiB 5.68-6.60 s
     // 93-99 MiB against 5.43-5.89 s 79-83 MiB; 1 GiB 2.73-3.02 s 92-95 MiB against 2.63-2.84 s
     // 75-76 MiB; one pack's worth: 74 MiB, but 375k page faults and 0.3-0.5 s slower).
-    let packs_alive = if SpoolDir::for_store(&**repo.store()).is_some() { 2 } else { writer_cfg.uploads_for(repo) + 1 };
+    let packs_alive = if SpoolDir::for_store(&**repo.store()).is_some() {
+        crate::writer::SPOOLED_PACKS_POOLED
+    } else {
+        writer_cfg.uploads_for(repo) + 1
+    };
     let pool = BufPool::with_min(room + packs_alive * repo.params().pack_size as usize, crate::bufpool::MAPPED_MIN);
     writer_cfg.pool = Some(Arc::clone(&pool));
     let writer = BlobWriter::start(Arc::clone(repo), writer_cfg);

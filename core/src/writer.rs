@@ -11,8 +11,8 @@
 //! * Spooling: on a store that keeps objects as local files ([`crate::spool`]), the packer
 //!   writes each sealed blob to the open pack's staging file as it comes, and the blob's
 //!   buffer and budget go back then; a finished pack is published, not put, so no pack is held
-//!   in memory (2 GiB bench data, cold, 3 alternating pairs: initial backup peak RSS 116-121 ->
-//!   94-100 MiB and 5.60-6.45 -> 5.36-5.87 s; after-mutate backup 81-84 -> 74.5 MiB).
+//!   in memory (2 GiB bench data, cold: initial backup peak RSS 116-121 -> 79-83 MiB, no
+//!   slower; after-mutate backup 81-84 -> 74.5 MiB).
 //! * No deadlock under a small budget: when someone waits for budget and no blob has arrived for
 //!   [`PRESSURE_POLL`], the packer uploads its partial pack (releasing its guards) instead of
 //!   waiting for a full pack that cannot come. Tree blobs (added without a guard) are outside
@@ -92,6 +92,10 @@ pub fn default_workers() -> usize {
 pub fn default_upload_concurrency() -> usize {
     default_workers().max(4)
 }
+
+/// Packs' worth of sealed-blob buffers a pool keeps when packs are spooled to files (measured
+/// in `backup`: three were no faster, one refaulted).
+pub const SPOOLED_PACKS_POOLED: usize = 2;
 
 /// Packs written at once to a repository on a filesystem: a local write is bounded by the disk,
 /// not by round trips (measured on the bench dataset, when packs were still stored from
@@ -280,7 +284,7 @@ impl BlobWriter {
         // Sealed bytes alive at once: the open pack, the packs being stored and the blobs in the
         // channels, in buffers up to a quarter larger than asked for; spooling, only the blobs
         // on their way to the staging file (kept: two packs' worth, as in a backup).
-        let packs_alive = if spool.is_some() { 2 } else { uploads + 2 };
+        let packs_alive = if spool.is_some() { SPOOLED_PACKS_POOLED } else { uploads + 2 };
         let sealed_pool =
             cfg.pool.clone().unwrap_or_else(|| BufPool::with_min(packs_alive * pack_size, crate::bufpool::MAPPED_MIN));
         let shared = Arc::new(Shared {
