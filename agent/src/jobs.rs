@@ -67,7 +67,7 @@ impl RateLimit {
 }
 
 /// Fails every request once the order is cancelled (lock removal still goes through), and
-/// holds uploads to the node's bandwidth limit.
+/// holds uploads, spooled packs included, to the node's bandwidth limit.
 #[derive(Debug)]
 struct CancelStore {
     inner: Arc<dyn Store>,
@@ -79,29 +79,28 @@ impl CancelStore {
     fn check(&self) -> hoard_core::Result<()> {
         if self.cancel.is_cancelled() { Err(hoard_core::Error::Cancelled) } else { Ok(()) }
     }
-}
 
-#[async_trait]
-impl Store for CancelStore {
-    async fn put(&self, key: &str, data: Bytes) -> hoard_core::Result<()> {
+    /// Admits a write of `len` bytes: fails once cancelled, waits for the bandwidth limit.
+    async fn admit(&self, len: u64) -> hoard_core::Result<()> {
         self.check()?;
         if let Some(l) = &self.limit {
-            tokio::select! {
-                _ = l.take(data.len() as u64) => {}
-                _ = self.cancel.cancelled() => return Err(hoard_core::Error::Cancelled),
-            }
-        }
-        self.inner.put(key, data).await
-    }
-    async fn put_parts(&self, key: &str, parts: Vec<Bytes>) -> hoard_core::Result<()> {
-        self.check()?;
-        if let Some(l) = &self.limit {
-            let len = parts.iter().map(|p| p.len() as u64).sum();
             tokio::select! {
                 _ = l.take(len) => {}
                 _ = self.cancel.cancelled() => return Err(hoard_core::Error::Cancelled),
             }
         }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for CancelStore {
+    async fn put(&self, key: &str, data: Bytes) -> hoard_core::Result<()> {
+        self.admit(data.len() as u64).await?;
+        self.inner.put(key, data).await
+    }
+    async fn put_parts(&self, key: &str, parts: Vec<Bytes>) -> hoard_core::Result<()> {
+        self.admit(parts.iter().map(|p| p.len() as u64).sum()).await?;
         self.inner.put_parts(key, parts).await
     }
     async fn get(&self, key: &str) -> hoard_core::Result<Bytes> {
@@ -129,6 +128,14 @@ impl Store for CancelStore {
     }
     fn location(&self) -> String {
         self.inner.location()
+    }
+    // Spooled packs (file repositories) pass the same gate before they are published.
+    fn local_file(&self, key: &str) -> Option<PathBuf> {
+        self.inner.local_file(key)
+    }
+    async fn admit_local_write(&self, key: &str, len: u64) -> hoard_core::Result<()> {
+        self.admit(len).await?;
+        self.inner.admit_local_write(key, len).await
     }
 }
 

@@ -70,9 +70,17 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// The local file that is the object `key`, for a store that keeps objects as files on
     /// this machine and lets a writer publish one itself ([`crate::spool`]). `None`, the
     /// default, sends every write through [`Store::put_parts`]: decorators that must see each
-    /// write (fault injection, cancellation, rate limits) keep it; plain forwarding ones forward.
+    /// write's bytes (fault injection) keep it; others forward it, and gate such writes in
+    /// [`Store::admit_local_write`].
     fn local_file(&self, _key: &str) -> Option<std::path::PathBuf> {
         None
+    }
+    /// Called before a writer publishes `len` bytes at [`Store::local_file`]`(key)` itself,
+    /// bypassing `put_parts`: an error stops the write, a delay holds it. Decorators that gate
+    /// writes (cancellation, rate limits) do here what they do in `put_parts`; forwarding ones
+    /// forward. The default admits at once.
+    async fn admit_local_write(&self, _key: &str, _len: u64) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -340,6 +348,10 @@ impl<S: Store> Store for RetryStore<S> {
     fn local_file(&self, key: &str) -> Option<std::path::PathBuf> {
         self.inner.local_file(key)
     }
+
+    async fn admit_local_write(&self, key: &str, len: u64) -> Result<()> {
+        self.inner.admit_local_write(key, len).await
+    }
 }
 
 #[async_trait]
@@ -373,6 +385,9 @@ impl Store for Arc<dyn Store> {
     }
     fn local_file(&self, key: &str) -> Option<std::path::PathBuf> {
         (**self).local_file(key)
+    }
+    async fn admit_local_write(&self, key: &str, len: u64) -> Result<()> {
+        (**self).admit_local_write(key, len).await
     }
 }
 

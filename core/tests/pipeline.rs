@@ -4,7 +4,8 @@
 //!   uploads are the bottleneck (a store that answers slowly);
 //! * a budget smaller than one pack does not deadlock (the packer uploads a partial pack when
 //!   readers wait for budget it holds); on a store that spools packs to files, blobs give their
-//!   budget back once written and packs fill to their target;
+//!   budget back once written and packs fill to their target, and each pack passes the store's
+//!   admission (the agent's cancellation and rate limit) before it is published;
 //! * a file that changes while it is read, or vanishes between the walk and the open, is a
 //!   warning and the rest of the snapshot is intact (made deterministic with [`RaceHooks`]);
 //! * include patterns keep what they match and the directories leading to it; excludes win;
@@ -159,6 +160,111 @@ async fn a_spooling_store_fills_packs_larger_than_the_budget() {
     .unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     restore_and_compare(&repo, &out, &src, &tmp.path().join("r")).await;
+}
+
+/// A store that spools (forwards `local_file`) and gates spooled writes the way the agent's
+/// cancellation store does: it records each admitted write and refuses those after `admit`.
+#[derive(Debug)]
+struct GateStore {
+    inner: Arc<dyn Store>,
+    admit: usize,
+    admitted: std::sync::Mutex<Vec<(String, u64)>>,
+    refused: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl Store for GateStore {
+    async fn put(&self, key: &str, data: bytes::Bytes) -> hoard_core::Result<()> {
+        self.inner.put(key, data).await
+    }
+    async fn put_parts(&self, key: &str, parts: Vec<bytes::Bytes>) -> hoard_core::Result<()> {
+        self.inner.put_parts(key, parts).await
+    }
+    async fn get(&self, key: &str) -> hoard_core::Result<bytes::Bytes> {
+        self.inner.get(key).await
+    }
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> hoard_core::Result<bytes::Bytes> {
+        self.inner.get_range(key, range).await
+    }
+    async fn get_ranges(&self, key: &str, ranges: &[std::ops::Range<u64>]) -> hoard_core::Result<Vec<bytes::Bytes>> {
+        self.inner.get_ranges(key, ranges).await
+    }
+    async fn list(&self, prefix: &str) -> hoard_core::Result<Vec<hoard_core::store::ObjectInfo>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> hoard_core::Result<()> {
+        self.inner.delete(key).await
+    }
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn local_file(&self, key: &str) -> Option<std::path::PathBuf> {
+        self.inner.local_file(key)
+    }
+    async fn admit_local_write(&self, key: &str, len: u64) -> hoard_core::Result<()> {
+        let mut admitted = self.admitted.lock().unwrap();
+        if admitted.len() >= self.admit {
+            self.refused.lock().unwrap().push(key.to_string());
+            return Err(hoard_core::Error::Cancelled);
+        }
+        admitted.push((key.to_string(), len));
+        Ok(())
+    }
+}
+
+/// Pack files (not staging files) under `repo`'s packs directory, as key and length.
+fn pack_files(repo: &Path) -> Vec<(String, u64)> {
+    let mut packs: Vec<_> = walkdir(&repo.join("packs"))
+        .into_iter()
+        .filter(|p| !p.to_string_lossy().contains('#'))
+        .map(|p| {
+            let key = p.strip_prefix(repo).unwrap().to_string_lossy().into_owned();
+            (key, std::fs::metadata(&p).unwrap().len())
+        })
+        .collect();
+    packs.sort();
+    packs
+}
+
+/// Spooled packs bypass `put_parts`, so a decorator that gates writes sees each one, with its
+/// exact length, in `admit_local_write` before it is published; a refusal stops the backup
+/// with the decorator's error, publishes nothing more and leaves no staging file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_packs_are_admitted_by_the_store_before_they_are_published() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = random_files(tmp.path(), 3, 8 * MIB, 30);
+    for (name, admit) in [("all", usize::MAX), ("two", 2)] {
+        let dir = tmp.path().join(name);
+        let opts = hoard_core::store::StoreOptions { create_dir: true, ..Default::default() };
+        let fs_store = hoard_core::store::open_store(dir.to_str().unwrap(), &opts).unwrap();
+        let gate =
+            Arc::new(GateStore { inner: fs_store, admit, admitted: Default::default(), refused: Default::default() });
+        let repo = init(Arc::clone(&gate) as Arc<dyn Store>, 4 * MIB as u32).await;
+        let result =
+            tokio::time::timeout(Duration::from_secs(60), backup(Arc::clone(&repo), options(&src, SEGMENT, 2)))
+                .await
+                .expect("backup did not finish within 60 s");
+        let mut admitted = gate.admitted.lock().unwrap().clone();
+        admitted.sort();
+        let on_disk = pack_files(&dir);
+        assert_eq!(on_disk, admitted, "{name}: published packs and admitted writes differ");
+        let staging: Vec<_> =
+            walkdir(&dir.join("packs")).into_iter().filter(|p| p.to_string_lossy().contains('#')).collect();
+        assert!(staging.is_empty(), "{name}: staging files left: {staging:?}");
+        if admit == usize::MAX {
+            let out = result.unwrap();
+            // 24 MiB of random data in 4 MiB packs, and the tree's pack.
+            assert!(admitted.len() >= 6, "{name}: only {} packs admitted", admitted.len());
+            assert!(gate.refused.lock().unwrap().is_empty());
+            restore_and_compare(&repo, &out, &src, &tmp.path().join("r")).await;
+        } else {
+            let err = result.expect_err("a refused pack must fail the backup");
+            assert!(matches!(err, hoard_core::Error::Cancelled), "{err:?}");
+            assert_eq!(admitted.len(), 2);
+            assert!(!gate.refused.lock().unwrap().is_empty());
+            assert!(repo.list_snapshots().await.unwrap().is_empty());
+        }
+    }
 }
 
 fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {

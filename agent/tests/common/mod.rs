@@ -229,10 +229,14 @@ pub fn pack_bytes(repo: &Path) -> u64 {
     let mut stack = vec![repo.join("packs")];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            // Staging files (`#` in the name) are not packs yet, and vanish when published.
+            if e.file_name().to_string_lossy().contains('#') {
+                continue;
+            }
             let m = e.metadata().unwrap();
             if m.is_dir() {
                 stack.push(e.path());
-            } else if !e.file_name().to_string_lossy().contains('#') {
+            } else {
                 total += m.len();
             }
         }
