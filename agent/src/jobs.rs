@@ -420,7 +420,11 @@ async fn restore_into(
     if !out.failed.is_empty() {
         return Err(JobError {
             class: "permanent",
-            message: format!("{} files could not be restored", out.failed.len()),
+            message: if out.target_full {
+                format!("{} files could not be restored: the volume is full", out.failed.len())
+            } else {
+                format!("{} files could not be restored", out.failed.len())
+            },
             result: Some(Box::new(result)),
         });
     }

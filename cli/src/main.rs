@@ -2,7 +2,7 @@
 //!
 //! Exit codes: 0 success, 1 failure, 3 finished with warnings (some files skipped or failed),
 //! 10 no repository, 11 repository locked, 12 wrong password, 13 unsupported format version,
-//! 14 repository damaged, 130 interrupted.
+//! 14 repository damaged, 15 no space left (repository or restore target), 130 interrupted.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -369,16 +369,34 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             let code = e.downcast_ref::<Error>().map(|e| e.exit_code()).unwrap_or(1);
+            let message = error_chain(&e);
             if json {
-                print_json(&serde_json::json!({"message_type": "error", "error": format!("{e:#}"), "exit_code": code}));
+                print_json(&serde_json::json!({"message_type": "error", "error": message, "exit_code": code}));
             }
-            eprintln!("hoard: {e:#}");
+            eprintln!("hoard: {message}");
             ExitCode::from(code.clamp(0, 255) as u8)
         }
     }
 }
 
 /// Deep trees keep one descriptor per level open; use the hard limit.
+/// The error and its causes, `: `-joined, each cause once: hoard-core's I/O errors already
+/// end with their cause's text, which the chain would otherwise repeat.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 fn raise_fd_limit() {
     let lim = rustix_limit();
     if let Some((soft, hard)) = lim
@@ -814,6 +832,7 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
                 combined.other += o.other;
                 combined.bytes += o.bytes;
                 combined.failed.extend(o.failed);
+                combined.target_full |= o.target_full;
                 combined.warnings.extend(o.warnings);
             }
             Err(e) => {
@@ -842,14 +861,22 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
             combined.other,
             human_bytes(combined.bytes)
         );
-        if !combined.failed.is_empty() {
+        if combined.target_full {
+            println!(
+                "{} files could not be restored (listed above): no space left in {} (device or quota full)",
+                combined.failed.len(),
+                a.target.display()
+            );
+        } else if !combined.failed.is_empty() {
             println!(
                 "{} files could not be restored (listed above); run `hoard check --read-data`",
                 combined.failed.len()
             );
         }
     }
-    Ok(if !combined.failed.is_empty() {
+    Ok(if combined.target_full {
+        hoard_core::error::NO_SPACE_EXIT_CODE as u8
+    } else if !combined.failed.is_empty() {
         1
     } else if !combined.warnings.is_empty() {
         EXIT_WARNINGS

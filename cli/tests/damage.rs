@@ -215,3 +215,80 @@ fn hostile_component_names_never_escape_the_target() {
     assert!(std::fs::symlink_metadata(target.join("data")).unwrap().is_dir());
     assert_eq!(std::fs::read_to_string(target.join("data/payload")).unwrap(), "owned");
 }
+
+/// A repository on a full disk (a 12 MiB tmpfs): the backup that does not fit stops with exit
+/// code 15 and says so, without retrying and without a panic; it leaves no staging file, and
+/// the snapshot already there stays intact. Once there is room again (the tmpfs grown, files
+/// untouched), `check --read-data` is clean and the same backup completes.
+#[test]
+fn full_repository_disk_is_a_distinct_error_and_loses_nothing() {
+    use hoard_testkit::kubelet::{mount_or_skip, mount_tmpfs_sized, resize_tmpfs};
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let Some(_mount) = mount_or_skip(mount_tmpfs_sized(&repo, 12 << 20)) else { return };
+    let small = tmp.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    for i in 0..2u64 {
+        std::fs::write(small.join(format!("s{i}")), random_bytes(1 << 20, 100 + i)).unwrap();
+    }
+    let big = tmp.path().join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    for i in 0..6u64 {
+        std::fs::write(big.join(format!("b{i}")), random_bytes(4 << 20, 200 + i)).unwrap();
+    }
+    let h = Hoard::new(repo.to_str().unwrap());
+    h.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1", "--pack-size-mib", "4"]);
+    h.backup_json(&[small.to_str().unwrap()], 0);
+
+    let started = std::time::Instant::now();
+    let out = h.run(&["backup", big.to_str().unwrap()]);
+    no_panic(&out);
+    assert_eq!(out.status.code(), Some(15), "{}", stderr(&out));
+    // Said once: the cause is not repeated by the error chain.
+    assert_eq!(stderr(&out).matches("No space left on device").count(), 1, "{}", stderr(&out));
+    // Permanent: no retry back-off (the retry policy would wait seconds).
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
+    let staging: Vec<_> = list_files(&repo).into_iter().filter(|(p, _)| p.to_string_lossy().contains('#')).collect();
+    assert!(staging.is_empty(), "staging files left on the full disk: {staging:?}");
+
+    resize_tmpfs(&repo, 64 << 20).unwrap();
+    let snaps = stdout(&h.ok(&["--json", "snapshots"]));
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&snaps).unwrap().as_array().map(Vec::len), Some(1), "{snaps}");
+    h.ok(&["check", "--read-data"]);
+    let target = tmp.path().join("restore");
+    h.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    for i in 0..2 {
+        let name = format!("s{i}");
+        assert_eq!(std::fs::read(target.join("small").join(&name)).unwrap(), std::fs::read(small.join(&name)).unwrap());
+    }
+    h.backup_json(&[big.to_str().unwrap()], 0);
+    h.ok(&["check", "--read-data"]);
+}
+
+/// A restore target on a full disk (a 6 MiB tmpfs for 24 MiB of files): exit code 15, the
+/// message names the full target instead of suggesting repository damage, and the repository
+/// is untouched and still checks clean.
+#[test]
+fn full_restore_target_is_a_distinct_error() {
+    use hoard_testkit::kubelet::{mount_or_skip, mount_tmpfs_sized};
+    let tmp = tempfile::tempdir().unwrap();
+    let (h, _src) = setup(tmp.path());
+    let target = tmp.path().join("target");
+    let Some(_mount) = mount_or_skip(mount_tmpfs_sized(&target, 6 << 20)) else { return };
+    let before = list_files(&tmp.path().join("repo"));
+    let out = h.run(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    no_panic(&out);
+    assert_eq!(out.status.code(), Some(15), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("no space left in"), "{}", stdout(&out));
+    assert!(!stdout(&out).contains("hoard check"), "{}", stdout(&out));
+    let json = h.run(&["--json", "restore", "latest", "--target", target.to_str().unwrap()]);
+    assert_eq!(json.status.code(), Some(15));
+    assert_eq!(last_json(&json, "summary")["outcome"]["target_full"], serde_json::json!(true));
+    let after: Vec<_> = list_files(&tmp.path().join("repo"))
+        .into_iter()
+        .filter(|(p, _)| !p.starts_with(tmp.path().join("repo/locks")))
+        .collect();
+    let before: Vec<_> = before.into_iter().filter(|(p, _)| !p.starts_with(tmp.path().join("repo/locks"))).collect();
+    assert_eq!(before, after, "a failed restore changed the repository");
+    h.ok(&["check", "--read-data"]);
+}

@@ -111,11 +111,17 @@ impl Error {
         Error::Io { context: context.into(), source }
     }
 
+    /// Whether the error is a write refused because the device or the quota is full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if is_no_space(source))
+    }
+
     /// The process exit code a command line tool should use for this error.
     ///
     /// Follows restic where restic has a code: 10 no repository, 12 wrong password, 11 locked.
     pub fn exit_code(&self) -> i32 {
         match self {
+            e if e.is_no_space() => NO_SPACE_EXIT_CODE,
             Error::RepositoryNotFound(_) => 10,
             Error::Locked(_) => 11,
             Error::WrongPassword => 12,
@@ -125,6 +131,31 @@ impl Error {
             _ => 1,
         }
     }
+}
+
+/// Exit code of an operation stopped by a full device or quota (repository or restore target).
+pub const NO_SPACE_EXIT_CODE: i32 = 15;
+
+/// `ENOSPC` or `EDQUOT`: the device or the quota the write went to is full.
+pub fn is_no_space(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+/// The first full-device error in `e`'s source chain (an `object_store` error wraps the
+/// `io::Error` of a local write), as a fresh `io::Error` of the same code.
+pub(crate) fn no_space_in(e: &(dyn std::error::Error + 'static)) -> Option<std::io::Error> {
+    let mut next = Some(e);
+    // Bounded: source chains are short; a cyclic one stops here.
+    for _ in 0..32 {
+        let cur = next?;
+        if let Some(io) = cur.downcast_ref::<std::io::Error>()
+            && is_no_space(io)
+        {
+            return Some(std::io::Error::from_raw_os_error(io.raw_os_error().unwrap_or(libc::ENOSPC)));
+        }
+        next = cur.source();
+    }
+    None
 }
 
 /// Attaches a human context to an `std::io::Result`.
@@ -141,5 +172,34 @@ impl<T> IoContext<T> for std::io::Result<T> {
 impl<T> IoContext<T> for rustix::io::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| Error::io(context(), e.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapped: {inner}")]
+    struct Wrapper {
+        #[source]
+        inner: std::io::Error,
+    }
+
+    #[test]
+    fn a_full_device_or_quota_anywhere_in_the_chain_is_no_space() {
+        for code in [libc::ENOSPC, libc::EDQUOT] {
+            let wrapped = Wrapper { inner: std::io::Error::from_raw_os_error(code) };
+            let found = no_space_in(&wrapped).expect("no-space error in the source chain");
+            assert_eq!(found.raw_os_error(), Some(code));
+            let e = Error::io("write pack", found);
+            assert!(e.is_no_space());
+            assert_eq!(e.exit_code(), NO_SPACE_EXIT_CODE);
+            assert_eq!(e.class(), Class::Permanent);
+        }
+        let other = Wrapper { inner: std::io::Error::from_raw_os_error(libc::EIO) };
+        assert!(no_space_in(&other).is_none());
+        assert_eq!(Error::io("write pack", other.inner).exit_code(), 1);
+        assert!(!Error::Cancelled.is_no_space());
     }
 }

@@ -159,6 +159,8 @@ pub struct RestoreOutcome {
     pub bytes: u64,
     /// Files whose content could not be restored, with the reason.
     pub failed: Vec<(String, String)>,
+    /// Some of `failed` failed because the target's device or quota is full.
+    pub target_full: bool,
     /// Metadata that could not be applied and skipped entries.
     pub warnings: Vec<String>,
 }
@@ -191,6 +193,8 @@ struct FileState {
     /// Set when the file is written in whole blocks (with `O_DIRECT`).
     blocks: Option<BlockFile>,
     failed: Mutex<Option<String>>,
+    /// The failure was a full device or quota.
+    no_space: std::sync::atomic::AtomicBool,
 }
 
 impl FileState {
@@ -203,6 +207,15 @@ impl FileState {
         if f.is_none() {
             *f = Some(why);
         }
+    }
+
+    /// A write of the file's content failed.
+    fn mark_write_failed(&self, e: impl Into<std::io::Error>) {
+        let e = e.into();
+        if crate::error::is_no_space(&e) {
+            self.no_space.store(true, Ordering::Relaxed);
+        }
+        self.mark_failed(format!("write: {e}"));
     }
 }
 
@@ -397,6 +410,15 @@ impl Ctx {
         self.outcome.lock().unwrap_or_else(|p| p.into_inner()).failed.push((rel.to_string(), why));
     }
 
+    /// [`Ctx::fail`] for an I/O error; a full device or quota marks the outcome `target_full`.
+    fn fail_io(&self, rel: &str, what: &str, e: impl Into<std::io::Error>) {
+        let e = e.into();
+        if crate::error::is_no_space(&e) {
+            self.outcome.lock().unwrap_or_else(|p| p.into_inner()).target_full = true;
+        }
+        self.fail(rel, format!("{what}: {e}"));
+    }
+
     fn count(&self, f: impl FnOnce(&mut RestoreOutcome)) {
         f(&mut self.outcome.lock().unwrap_or_else(|p| p.into_inner()));
     }
@@ -458,11 +480,16 @@ fn finish_file(ctx: &Ctx, f: &Arc<FileState>) {
         && !f.has_failed()
         && let Err(e) = blocks.finish(&f.fd)
     {
-        f.mark_failed(format!("write: {e}"));
+        f.mark_write_failed(e);
     }
     let failed = f.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
     match failed {
-        Some(why) => ctx.fail(&f.rel, why),
+        Some(why) => {
+            if f.no_space.load(Ordering::Relaxed) {
+                ctx.outcome.lock().unwrap_or_else(|p| p.into_inner()).target_full = true;
+            }
+            ctx.fail(&f.rel, why)
+        }
         None => {
             for e in fsmeta::apply_fd(&f.fd, &f.node, ctx.as_root) {
                 ctx.warn(format!("{}: {e}", f.rel));
@@ -569,7 +596,7 @@ impl Walker<'_> {
                     other => other,
                 };
                 if let Err(e) = made {
-                    ctx.fail(&rel, format!("mkdir: {e}"));
+                    ctx.fail_io(&rel, "mkdir", e);
                     return Ok(());
                 }
                 let fd = match fsmeta::open_dir_at(dir.fd.as_fd(), &name) {
@@ -620,7 +647,7 @@ impl Walker<'_> {
                     return Ok(());
                 };
                 if let Err(e) = rustix::fs::symlinkat(target.as_c_str(), &dir.fd, name.as_c_str()) {
-                    ctx.fail(&rel, format!("symlink: {e}"));
+                    ctx.fail_io(&rel, "symlink", e);
                     return Ok(());
                 }
                 for e in fsmeta::apply_at(dir.fd.as_fd(), &name, node, ctx.as_root) {
@@ -642,7 +669,7 @@ impl Walker<'_> {
                 }
                 if let Err(e) = rustix::fs::mknodat(&dir.fd, name.as_c_str(), ft, Mode::from_raw_mode(0o600), node.rdev)
                 {
-                    ctx.fail(&rel, format!("mknod: {e}"));
+                    ctx.fail_io(&rel, "mknod", e);
                     return Ok(());
                 }
                 for e in fsmeta::apply_at(dir.fd.as_fd(), &name, node, ctx.as_root) {
@@ -694,14 +721,14 @@ impl Walker<'_> {
         let fd = match created {
             Ok(fd) => fd,
             Err(e) => {
-                ctx.fail(&rel, format!("create: {e}"));
+                ctx.fail_io(&rel, "create", e);
                 return;
             }
         };
         if node.size > 0
             && let Err(e) = rustix::fs::ftruncate(&fd, node.size)
         {
-            ctx.fail(&rel, format!("set size: {e}"));
+            ctx.fail_io(&rel, "set size", e);
             return;
         }
         let blocks =
@@ -730,6 +757,7 @@ impl Walker<'_> {
             remaining: AtomicUsize::new(data.len().max(1)),
             blocks,
             failed: Mutex::new(None),
+            no_space: Default::default(),
         });
         if data.is_empty() {
             finish_file(ctx, &file);
@@ -820,7 +848,7 @@ fn write_target(ctx: &Ctx, t: &Target, plain: &[u8], id: &Id, stage: &mut Stage<
             ctx.bytes.fetch_add(t.len as u64, Ordering::Relaxed);
             ctx.progress.add_bytes(t.len as u64);
         }
-        Err(e) => t.file.mark_failed(format!("write: {e}")),
+        Err(e) => t.file.mark_write_failed(e),
     }
     finish_file(ctx, &t.file);
 }
@@ -863,7 +891,7 @@ impl WriteOrder<'_> {
                 self.blocks.start,
             )
         {
-            self.file.mark_failed(format!("write: {e}"));
+            self.file.mark_write_failed(e);
         }
     }
 }
@@ -951,7 +979,7 @@ impl<'a> Stage<'a> {
                 r = blocks.put_piece(&f.fd, tail.start, &bytes[at(tail.start)..at(tail.end)]);
             }
             if let Err(e) = r {
-                f.mark_failed(format!("write: {e}"));
+                f.mark_write_failed(e);
             }
         }
         let carried = if closing { 0..0 } else { at(tail.start)..at(tail.end) };

@@ -103,6 +103,10 @@ impl fmt::Debug for ObjectStoreBackend {
 
 fn classify(op: &'static str, key: &str, e: object_store::Error) -> Error {
     use object_store::Error as E;
+    // A full local filesystem: permanent, not a flaky store, and reported as such.
+    if let Some(full) = crate::error::no_space_in(&e) {
+        return Error::io(format!("storage {op} {key}"), full);
+    }
     match e {
         E::NotFound { .. } => Error::ObjectNotFound(key.to_string()),
         E::AlreadyExists { .. } | E::Precondition { .. } => Error::AlreadyExists(key.to_string()),
@@ -749,6 +753,19 @@ fn open_backend(location: &str, opts: &StoreOptions) -> Result<ObjectStoreBacken
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_local_filesystem_is_a_permanent_no_space_error() {
+        let e = object_store::Error::Generic {
+            store: "LocalFileSystem",
+            source: Box::new(std::io::Error::from_raw_os_error(libc::ENOSPC)),
+        };
+        let e = classify("put", "packs/ab", e);
+        assert!(e.is_no_space(), "{e:?}");
+        assert!(!e.is_retryable());
+        let flaky = object_store::Error::Generic { store: "S3", source: "connection reset".into() };
+        assert!(classify("put", "packs/ab", flaky).is_retryable());
+    }
 
     #[tokio::test]
     async fn ranges_read_once_are_the_ranges_read_through_the_cache() {

@@ -345,9 +345,28 @@ fn run_mount(args: &[&std::ffi::OsStr], at: &Path) -> Result<TestMount, String> 
     Ok(TestMount { path: at.to_path_buf() })
 }
 
-/// Mounts a fresh tmpfs (another filesystem) at `at`, creating the directory.
+/// Mounts a fresh 16 MiB tmpfs (another filesystem) at `at`, creating the directory.
 pub fn mount_tmpfs(at: &Path) -> Result<TestMount, String> {
-    run_mount(&["-t".as_ref(), "tmpfs".as_ref(), "-o".as_ref(), "size=16m".as_ref(), "tmpfs".as_ref()], at)
+    mount_tmpfs_sized(at, 16 << 20)
+}
+
+/// Mounts a fresh tmpfs of `bytes` at `at`, creating the directory: a small one is a full disk.
+pub fn mount_tmpfs_sized(at: &Path, bytes: u64) -> Result<TestMount, String> {
+    let size = format!("size={bytes}");
+    run_mount(&["-t".as_ref(), "tmpfs".as_ref(), "-o".as_ref(), size.as_ref(), "tmpfs".as_ref()], at)
+}
+
+/// Resizes the tmpfs mounted at `at` (freeing space without touching its files).
+pub fn resize_tmpfs(at: &Path, bytes: u64) -> Result<(), String> {
+    let out = std::process::Command::new("mount")
+        .args(["-o", &format!("remount,size={bytes}")])
+        .arg(at)
+        .output()
+        .map_err(|e| format!("cannot run mount: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("remount {}: {}", at.display(), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(())
 }
 
 /// Bind-mounts directory `src` at `at` (same filesystem, same device: only the mount differs).
