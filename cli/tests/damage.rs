@@ -281,6 +281,10 @@ fn full_restore_target_is_a_distinct_error() {
     assert_eq!(out.status.code(), Some(15), "{}\n{}", stdout(&out), stderr(&out));
     assert!(stdout(&out).contains("no space left in"), "{}", stdout(&out));
     assert!(!stdout(&out).contains("hoard check"), "{}", stdout(&out));
+    // Only the files restored count: at most the 6 MiB that fit.
+    let summary = last_json(&h.run(&["--json", "restore", "latest", "--target", target.to_str().unwrap()]), "summary");
+    let restored = summary["outcome"]["bytes"].as_u64().unwrap();
+    assert!(restored <= 6 << 20, "{restored} bytes reported restored into a 6 MiB target");
     let json = h.run(&["--json", "restore", "latest", "--target", target.to_str().unwrap()]);
     assert_eq!(json.status.code(), Some(15));
     assert_eq!(last_json(&json, "summary")["outcome"]["target_full"], serde_json::json!(true));

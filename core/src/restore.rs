@@ -156,6 +156,7 @@ pub struct RestoreOutcome {
     pub files: u64,
     pub dirs: u64,
     pub other: u64,
+    /// Content bytes of the files restored (those in `failed` not counted).
     pub bytes: u64,
     /// Files whose content could not be restored, with the reason.
     pub failed: Vec<(String, String)>,
@@ -195,6 +196,8 @@ struct FileState {
     failed: Mutex<Option<String>>,
     /// The failure was a full device or quota.
     no_space: std::sync::atomic::AtomicBool,
+    /// Content bytes handed to writes; counted in the outcome only if the file is restored.
+    written: AtomicU64,
 }
 
 impl FileState {
@@ -495,6 +498,7 @@ fn finish_file(ctx: &Ctx, f: &Arc<FileState>) {
                 ctx.warn(format!("{}: {e}", f.rel));
             }
             ctx.count(|o| o.files += 1);
+            ctx.bytes.fetch_add(f.written.load(Ordering::Relaxed), Ordering::Relaxed);
             ctx.progress.add_files(1);
         }
     }
@@ -758,6 +762,7 @@ impl Walker<'_> {
             blocks,
             failed: Mutex::new(None),
             no_space: Default::default(),
+            written: AtomicU64::new(0),
         });
         if data.is_empty() {
             finish_file(ctx, &file);
@@ -845,7 +850,7 @@ fn write_target(ctx: &Ctx, t: &Target, plain: &[u8], id: &Id, stage: &mut Stage<
     }
     match blockwrite::write_sparse(&t.file.fd, plain, t.offset) {
         Ok(()) => {
-            ctx.bytes.fetch_add(t.len as u64, Ordering::Relaxed);
+            t.file.written.fetch_add(t.len as u64, Ordering::Relaxed);
             ctx.progress.add_bytes(t.len as u64);
         }
         Err(e) => t.file.mark_write_failed(e),
@@ -1046,7 +1051,7 @@ impl<'a> Stage<'a> {
             self.len += n;
             src = &src[n..];
         }
-        self.ctx.bytes.fetch_add(t.len as u64, Ordering::Relaxed);
+        t.file.written.fetch_add(t.len as u64, Ordering::Relaxed);
         self.ctx.progress.add_bytes(t.len as u64);
         self.finisher().files.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::clone(&t.file));
     }
