@@ -57,6 +57,13 @@ struct Global {
     /// No progress output.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Where index files and snapshots of remote repositories are kept between commands
+    /// (default: $XDG_CACHE_HOME/hoard/repositories, else ~/.cache/hoard/repositories).
+    #[arg(long, env = "HOARD_CACHE_DIR", global = true)]
+    cache_dir: Option<PathBuf>,
+    /// Read every index file and snapshot from the repository itself (`check` always does).
+    #[arg(long, global = true)]
+    no_cache: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -461,10 +468,32 @@ fn store_options(g: &Global, create: bool) -> StoreOptions {
 }
 
 async fn open_repo(g: &Global) -> anyhow::Result<Arc<Repository>> {
+    open_repo_cached(g, !g.no_cache).await
+}
+
+/// Opens the repository; with `cache`, a remote one keeps its index files and snapshots in the
+/// local cache directory ([`hoard_core::cache`]).
+async fn open_repo_cached(g: &Global, cache: bool) -> anyhow::Result<Arc<Repository>> {
     let loc = repo_location(g)?;
-    let store = open_store(&loc, &store_options(g, false))?;
+    let mut store = open_store(&loc, &store_options(g, false))?;
+    if cache
+        && hoard_core::store::is_remote(&loc)
+        && let Some(root) = cache_root(g)
+    {
+        store = Arc::new(hoard_core::cache::CacheStore::new(store, &root));
+    }
     let password = read_password(g, false)?;
     Ok(Arc::new(Repository::open(store, &password).await?))
+}
+
+fn cache_root(g: &Global) -> Option<PathBuf> {
+    let non_empty = |v: std::ffi::OsString| (!v.is_empty()).then(|| PathBuf::from(v));
+    g.cache_dir.clone().or_else(|| {
+        std::env::var_os("XDG_CACHE_HOME")
+            .and_then(non_empty)
+            .or_else(|| std::env::var_os("HOME").and_then(non_empty).map(|h| h.join(".cache")))
+            .map(|c| c.join("hoard").join("repositories"))
+    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
@@ -487,7 +516,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Unlock { remove_all } => hoard::ops::unlock(&*open_repo(g).await?, remove_all, g.json).await,
         Command::Repair { what: RepairWhat::Index } => {
-            let repo = open_repo(g).await?;
+            let repo = open_repo_cached(g, false).await?;
             let (n, problems) = hoard_core::prune::repair_index(repo).await?;
             for p in &problems {
                 eprintln!("warning: {p}");
@@ -1036,7 +1065,8 @@ fn snaps_len(v: &serde_json::Value) -> u64 {
 }
 
 async fn cmd_check(g: &Global, read_data: bool, subset: Option<&str>) -> anyhow::Result<u8> {
-    hoard::ops::check(open_repo(g).await?, read_data, subset, g.json).await
+    // The repository's own objects, not copies kept from earlier reads.
+    hoard::ops::check(open_repo_cached(g, false).await?, read_data, subset, g.json).await
 }
 
 async fn cmd_prune(g: &Global, a: PruneArgs) -> anyhow::Result<u8> {

@@ -318,6 +318,7 @@ async fn inline_commands_of_docs_concepts_md_run() {
             .env("KUBECACHEDIR", &kube_cache)
             .env("HOARD_PASSWORD", PASSWORD)
             .env("HOARD_S3_ENDPOINT", &endpoint)
+            .env("HOARD_CACHE_DIR", tmp.path().join("hoard-cache"))
             .env("AWS_ACCESS_KEY_ID", S3_KEY_ID)
             .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
             .env("AWS_REGION", "us-east-1")

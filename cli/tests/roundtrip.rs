@@ -240,15 +240,89 @@ fn object_store_round_trip(h: &Hoard) {
 /// `HOARD_TEST_S3_ENDPOINT` names it and the bucket `hoard-test` exists).
 #[test]
 fn s3_round_trip() {
-    let Some(endpoint) = hoard_testkit::require_service("HOARD_TEST_S3_ENDPOINT") else { return };
-    let mut h = Hoard::new(format!("s3://hoard-test/rt-{}", std::process::id()));
+    let cache = tempfile::tempdir().unwrap();
+    let Some(h) = moto_repo("rt", cache.path()) else { return };
+    object_store_round_trip(&h);
+}
+
+/// A repository in the test bucket of the moto server, whose cache is `cache`; `None` (a skip,
+/// or a failure in CI) without the server.
+fn moto_repo(name: &str, cache: &std::path::Path) -> Option<Hoard> {
+    let endpoint = hoard_testkit::require_service("HOARD_TEST_S3_ENDPOINT")?;
+    let mut h = Hoard::new(format!("s3://hoard-test/{name}-{}", std::process::id()));
     h.envs = vec![
         ("HOARD_S3_ENDPOINT".into(), endpoint),
         ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
         ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
         ("AWS_REGION".into(), "us-east-1".into()),
+        ("HOARD_CACHE_DIR".into(), cache.to_str().unwrap().into()),
     ];
-    object_store_round_trip(&h);
+    Some(h)
+}
+
+/// The cache of a remote repository (moto S3): index files and snapshots are kept after the
+/// first read; a damaged copy is fetched again and repaired; a snapshot forgotten by another
+/// host (here `--no-cache`) leaves the listing and the cache; `--no-cache` writes no cache.
+#[test]
+fn s3_index_files_and_snapshots_are_kept_in_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let Some(h) = moto_repo("cache", &cache) else { return };
+    let src = tmp.path().join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), random_bytes(300_000, 1)).unwrap();
+    h.init();
+    let first = h.backup_json(&[src.to_str().unwrap()], 0)["snapshot_id"].as_str().unwrap().to_string();
+    std::fs::write(src.join("b"), random_bytes(300_000, 2)).unwrap();
+    let second = h.backup_json(&[src.to_str().unwrap()], 0)["snapshot_id"].as_str().unwrap().to_string();
+
+    // The cache holds one directory per repository, with `index/` and `snapshots/` in it.
+    let kept = |dir: &str| -> Vec<std::path::PathBuf> {
+        list_files(&cache)
+            .into_iter()
+            .map(|(p, _)| p)
+            .filter(|p| p.parent().and_then(|d| d.file_name()).is_some_and(|n| n == dir))
+            .collect()
+    };
+    let snaps = kept("snapshots");
+    let names: Vec<_> = snaps.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert!(names.contains(&first) && names.contains(&second) && names.len() == 2, "{names:?}");
+    assert!(!kept("index").is_empty(), "no index file kept");
+    assert!(kept("packs").is_empty(), "packs are not kept");
+
+    // A damaged copy: the listing is still right, and the copy is repaired.
+    let copy = snaps.iter().find(|p| p.ends_with(&first)).unwrap();
+    let good = std::fs::read(copy).unwrap();
+    std::fs::write(copy, b"damaged").unwrap();
+    let ids = || -> Vec<String> {
+        let listed: serde_json::Value = serde_json::from_str(&stdout(&h.ok(&["--json", "snapshots"]))).unwrap();
+        let mut ids: Vec<String> =
+            listed.as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+        ids.sort();
+        ids
+    };
+    let mut both = vec![first.clone(), second.clone()];
+    both.sort();
+    assert_eq!(ids(), both);
+    assert_eq!(std::fs::read(copy).unwrap(), good);
+
+    // Forgotten elsewhere: gone from the listing and from the cache.
+    h.ok(&["--no-cache", "forget", &first]);
+    assert_eq!(ids(), std::slice::from_ref(&second));
+    assert!(!copy.exists(), "the forgotten snapshot's copy stayed");
+
+    let target = tmp.path().join("restore");
+    h.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert_eq!(std::fs::read(target.join("data/b")).unwrap(), std::fs::read(src.join("b")).unwrap());
+    h.ok(&["check"]);
+
+    let mut uncached = Hoard::new(h.repo.clone());
+    uncached.envs = h.envs.clone();
+    let other = tmp.path().join("other-cache");
+    uncached.envs.retain(|(k, _)| k != "HOARD_CACHE_DIR");
+    uncached.envs.push(("HOARD_CACHE_DIR".into(), other.to_str().unwrap().into()));
+    uncached.ok(&["--no-cache", "snapshots"]);
+    assert!(!other.exists(), "--no-cache wrote a cache");
 }
 
 /// Against Azurite, the Azure Blob Storage emulator (started by `hack/azure-up.sh`;
@@ -258,6 +332,8 @@ fn azure_round_trip() {
     let Some(url) = hoard_testkit::require_service("HOARD_TEST_AZURITE_URL") else { return };
     let mut h = Hoard::new(format!("az://hoard-test/rt-{}", std::process::id()));
     h.envs = vec![("AZURE_STORAGE_USE_EMULATOR".into(), "true".into()), ("AZURITE_BLOB_STORAGE_URL".into(), url)];
+    let cache = tempfile::tempdir().unwrap();
+    h.envs.push(("HOARD_CACHE_DIR".into(), cache.path().to_str().unwrap().into()));
     object_store_round_trip(&h);
 }
 

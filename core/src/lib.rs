@@ -14,6 +14,7 @@ pub mod blockwrite;
 pub mod browse;
 pub mod budget;
 pub mod bufpool;
+pub mod cache;
 pub mod check;
 pub mod chunker;
 pub mod copy;

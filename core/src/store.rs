@@ -514,6 +514,15 @@ pub struct StoreOptions {
     pub credentials: Option<Credentials>,
 }
 
+const REMOTE_SCHEMES: [(&str, Provider); 3] =
+    [("s3://", Provider::S3), ("gs://", Provider::Gcs), ("az://", Provider::Azure)];
+
+/// Whether `location` names an object store over the network (S3, GCS, Azure), where a local
+/// [`crate::cache::CacheStore`] saves requests.
+pub fn is_remote(location: &str) -> bool {
+    REMOTE_SCHEMES.iter().any(|(scheme, _)| location.starts_with(scheme))
+}
+
 /// Opens a store: `/path` or `file:///path` (local filesystem), `s3://bucket/prefix`,
 /// `gs://bucket/prefix`, `az://container/prefix`, or `memory:` (tests). Wrapped in [`RetryStore`].
 pub fn open_store(location: &str, opts: &StoreOptions) -> Result<Arc<dyn Store>> {
@@ -711,9 +720,7 @@ fn open_backend(location: &str, opts: &StoreOptions) -> Result<ObjectStoreBacken
             c.scheme()
         )));
     }
-    let remote = [("s3://", Provider::S3), ("gs://", Provider::Gcs), ("az://", Provider::Azure)]
-        .into_iter()
-        .find_map(|(scheme, p)| location.strip_prefix(scheme).map(|rest| (p, rest)));
+    let remote = REMOTE_SCHEMES.into_iter().find_map(|(scheme, p)| location.strip_prefix(scheme).map(|rest| (p, rest)));
     if let Some((provider, rest)) = remote {
         let (bucket, prefix) = split_bucket(rest);
         let inner = match opts.credentials.as_ref() {

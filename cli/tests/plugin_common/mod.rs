@@ -193,6 +193,8 @@ impl S3Repo {
             .args(args)
             .env("HOARD_PASSWORD", PASSWORD)
             .env("HOARD_S3_ENDPOINT", &self.endpoint)
+            // Not the user's cache directory.
+            .env("HOARD_CACHE_DIR", std::env::temp_dir().join("hoard-test-cache"))
             .env("AWS_ACCESS_KEY_ID", S3_KEY_ID)
             .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
             .env("AWS_REGION", "us-east-1")

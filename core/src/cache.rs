@@ -1,0 +1,318 @@
+//! A local copy of a remote repository's index files and snapshots.
+//!
+//! Every command on a remote repository lists and reads all index files, and listing snapshots
+//! reads every snapshot: one request per object, each time. [`CacheStore`] keeps those objects
+//! in a local directory so that later commands only list them.
+//!
+//! Guarantees:
+//! * Only immutable, content-named objects are kept: `index/<id>` and `snapshots/<id>`, whose
+//!   names are the BLAKE3 of their bytes. Bytes that do not hash to their name are never kept
+//!   (the reader then reports the repository's object damaged, as without a cache), and a kept
+//!   copy is used only while it still hashes to its name; otherwise it is dropped and the object
+//!   fetched again.
+//! * Never ahead of the repository: listings always come from it. A kept copy that a listing no
+//!   longer names (deleted by a prune elsewhere) is removed then, and `delete` removes it too.
+//! * Best effort: a cache that cannot be read or written (full disk, permissions) is passed by;
+//!   the repository stays the source of truth and the command works as without a cache.
+//! * No partial copy under a real name: copies are written to a temporary name and renamed.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::Result;
+use crate::id::Id;
+use crate::store::{ObjectInfo, Store};
+
+/// The directories whose objects are kept.
+const CACHED_DIRS: [&str; 2] = ["index", "snapshots"];
+
+/// A [`Store`] decorator keeping index files and snapshots in a local directory.
+#[derive(Debug)]
+pub struct CacheStore<S> {
+    inner: S,
+    dir: PathBuf,
+}
+
+impl<S: Store> CacheStore<S> {
+    /// Caches `inner`'s objects below `root`, in a directory of their own named after the
+    /// store's location (so that several repositories can share one `root`).
+    pub fn new(inner: S, root: &Path) -> CacheStore<S> {
+        let dir = root.join(&Id::of_bytes(inner.location().as_bytes()).to_hex()[..32]);
+        CacheStore { inner, dir }
+    }
+
+    /// Where this repository's copies live.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The copy's path and the id the object's bytes must hash to, for a key that is kept.
+    fn slot(&self, key: &str) -> Option<(PathBuf, Id)> {
+        let (dir, name) = key.split_once('/')?;
+        if !CACHED_DIRS.contains(&dir) {
+            return None;
+        }
+        let id = Id::from_hex(name).ok()?;
+        Some((self.dir.join(dir).join(name), id))
+    }
+
+    async fn read_copy(path: &Path, id: &Id) -> Option<Bytes> {
+        let bytes = tokio::fs::read(path).await.ok()?;
+        if Id::of_bytes(&bytes) == *id {
+            return Some(Bytes::from(bytes));
+        }
+        tracing::debug!("cached copy {} does not match its name; fetching it again", path.display());
+        let _ = tokio::fs::remove_file(path).await;
+        None
+    }
+
+    async fn keep(path: &Path, id: &Id, bytes: &Bytes) {
+        if Id::of_bytes(bytes) != *id {
+            return;
+        }
+        let Some(parent) = path.parent() else { return };
+        let tmp = parent.join(format!(".{}.tmp{}", id.to_hex(), std::process::id()));
+        let written = async {
+            tokio::fs::create_dir_all(parent).await?;
+            tokio::fs::write(&tmp, bytes).await?;
+            tokio::fs::rename(&tmp, path).await
+        }
+        .await;
+        if let Err(e) = written {
+            tracing::debug!("cannot keep {} in the cache: {e}", path.display());
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+    }
+
+    /// Removes the copies under `dir` that `listed` (the repository's listing of it) lacks.
+    async fn evict_unlisted(&self, dir: &str, listed: &[ObjectInfo]) {
+        let names: std::collections::HashSet<&str> =
+            listed.iter().filter_map(|o| o.key.strip_prefix(dir)?.strip_prefix('/')).collect();
+        let Ok(mut entries) = tokio::fs::read_dir(self.dir.join(dir)).await else { return };
+        // Bounded by the directory's size: one pass.
+        while let Ok(Some(e)) = entries.next_entry().await {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            let stale_tmp = name.starts_with('.');
+            if stale_tmp || !names.contains(name.as_ref()) {
+                let _ = tokio::fs::remove_file(e.path()).await;
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl<S: Store> Store for CacheStore<S> {
+    async fn put(&self, key: &str, data: Bytes) -> Result<()> {
+        let slot = self.slot(key);
+        let kept = slot.as_ref().map(|_| data.clone());
+        self.inner.put(key, data).await?;
+        if let (Some((path, id)), Some(bytes)) = (slot, kept) {
+            Self::keep(&path, &id, &bytes).await;
+        }
+        Ok(())
+    }
+
+    async fn put_parts(&self, key: &str, parts: Vec<Bytes>) -> Result<()> {
+        self.inner.put_parts(key, parts).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes> {
+        let Some((path, id)) = self.slot(key) else { return self.inner.get(key).await };
+        if let Some(bytes) = Self::read_copy(&path, &id).await {
+            return Ok(bytes);
+        }
+        let bytes = self.inner.get(key).await?;
+        Self::keep(&path, &id, &bytes).await;
+        Ok(bytes)
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+        self.inner.get_range(key, range).await
+    }
+
+    async fn get_ranges(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.inner.get_ranges(key, ranges).await
+    }
+
+    async fn get_ranges_once(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.inner.get_ranges_once(key, ranges).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let listed = self.inner.list(prefix).await?;
+        let dir = prefix.trim_end_matches('/');
+        if CACHED_DIRS.contains(&dir) {
+            self.evict_unlisted(dir, &listed).await;
+        }
+        Ok(listed)
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        self.inner.delete(key).await?;
+        if let Some((path, _)) = self.slot(key) {
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+        Ok(())
+    }
+
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
+    fn local_file(&self, key: &str) -> Option<PathBuf> {
+        self.inner.local_file(key)
+    }
+
+    async fn admit_local_write(&self, key: &str, len: u64) -> Result<()> {
+        self.inner.admit_local_write(key, len).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::store::{StoreOptions, open_store};
+
+    /// Counts the reads that reach the repository.
+    #[derive(Debug)]
+    struct Counting {
+        inner: Arc<dyn Store>,
+        gets: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Store for Counting {
+        async fn put(&self, key: &str, data: Bytes) -> Result<()> {
+            self.inner.put(key, data).await
+        }
+        async fn put_parts(&self, key: &str, parts: Vec<Bytes>) -> Result<()> {
+            self.inner.put_parts(key, parts).await
+        }
+        async fn get(&self, key: &str) -> Result<Bytes> {
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            self.inner.get(key).await
+        }
+        async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes> {
+            self.inner.get_range(key, range).await
+        }
+        async fn get_ranges(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+            self.inner.get_ranges(key, ranges).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+            self.inner.list(prefix).await
+        }
+        async fn delete(&self, key: &str) -> Result<()> {
+            self.inner.delete(key).await
+        }
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+    }
+
+    fn setup(root: &Path) -> (Arc<Counting>, CacheStore<Arc<dyn Store>>) {
+        let remote = Arc::new(Counting {
+            inner: open_store("memory:", &StoreOptions::default()).unwrap(),
+            gets: AtomicUsize::new(0),
+        });
+        let cache = CacheStore::new(Arc::clone(&remote) as Arc<dyn Store>, root);
+        (remote, cache)
+    }
+
+    fn named(dir: &str, content: &[u8]) -> (String, Bytes) {
+        (format!("{dir}/{}", Id::of_bytes(content).to_hex()), Bytes::copy_from_slice(content))
+    }
+
+    #[tokio::test]
+    async fn kept_objects_are_read_from_the_copy_and_others_from_the_repository() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (remote, cache) = setup(tmp.path());
+        let (snap, snap_bytes) = named("snapshots", b"a snapshot");
+        cache.put(&snap, snap_bytes.clone()).await.unwrap();
+        let (index, index_bytes) = named("index", b"an index file");
+        remote.inner.put(&index, index_bytes.clone()).await.unwrap();
+        let (pack, pack_bytes) = named("packs/ab", b"a pack");
+        cache.put(&pack, pack_bytes.clone()).await.unwrap();
+
+        // Put through the cache: read from the copy at once.
+        assert_eq!(cache.get(&snap).await.unwrap(), snap_bytes);
+        assert_eq!(remote.gets.load(Ordering::SeqCst), 0);
+        // Written elsewhere: fetched once, then from the copy.
+        for _ in 0..3 {
+            assert_eq!(cache.get(&index).await.unwrap(), index_bytes);
+        }
+        assert_eq!(remote.gets.load(Ordering::SeqCst), 1);
+        // Packs (and config, keys, locks) are not kept.
+        for _ in 0..2 {
+            assert_eq!(cache.get(&pack).await.unwrap(), pack_bytes);
+        }
+        assert_eq!(remote.gets.load(Ordering::SeqCst), 3);
+        assert!(!cache.dir().join("packs").exists());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_copy_is_fetched_again_and_damaged_objects_are_never_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (remote, cache) = setup(tmp.path());
+        let (index, bytes) = named("index", b"index content");
+        remote.inner.put(&index, bytes.clone()).await.unwrap();
+        cache.get(&index).await.unwrap();
+        let copy = cache.dir().join(&index);
+        std::fs::write(&copy, b"flipped").unwrap();
+        assert_eq!(cache.get(&index).await.unwrap(), bytes);
+        assert_eq!(remote.gets.load(Ordering::SeqCst), 2);
+        assert_eq!(std::fs::read(&copy).unwrap(), bytes, "the copy was not repaired");
+
+        // An object whose bytes do not match its name is returned as it is (the reader reports
+        // it) and not kept.
+        let wrong = format!("snapshots/{}", Id::of_bytes(b"other").to_hex());
+        remote.inner.put(&wrong, Bytes::from_static(b"not that")).await.unwrap();
+        assert_eq!(cache.get(&wrong).await.unwrap(), Bytes::from_static(b"not that"));
+        assert!(!cache.dir().join(&wrong).exists());
+    }
+
+    #[tokio::test]
+    async fn copies_of_objects_deleted_elsewhere_go_at_the_next_listing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (remote, cache) = setup(tmp.path());
+        let (a, a_bytes) = named("snapshots", b"snapshot a");
+        let (b, b_bytes) = named("snapshots", b"snapshot b");
+        cache.put(&a, a_bytes).await.unwrap();
+        cache.put(&b, b_bytes).await.unwrap();
+        std::fs::write(cache.dir().join("snapshots/.leftover.tmp1"), b"x").unwrap();
+        // Another host's forget deletes `a`.
+        remote.inner.delete(&a).await.unwrap();
+        let listed = cache.list("snapshots/").await.unwrap();
+        assert_eq!(listed.iter().map(|o| o.key.as_str()).collect::<Vec<_>>(), [b.as_str()]);
+        let left: Vec<_> = std::fs::read_dir(cache.dir().join("snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, [b.strip_prefix("snapshots/").unwrap()]);
+        // And a delete through the cache removes the copy.
+        cache.delete(&b).await.unwrap();
+        assert!(!cache.dir().join(&b).exists());
+    }
+
+    #[tokio::test]
+    async fn an_unusable_cache_directory_is_passed_by() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A file where the cache directory should be: nothing can be kept.
+        let root = tmp.path().join("not-a-dir");
+        std::fs::write(&root, b"").unwrap();
+        let (remote, cache) = setup(&root);
+        let (index, bytes) = named("index", b"index content");
+        cache.put(&index, bytes.clone()).await.unwrap();
+        for _ in 0..2 {
+            assert_eq!(cache.get(&index).await.unwrap(), bytes);
+        }
+        assert_eq!(remote.gets.load(Ordering::SeqCst), 2);
+        assert_eq!(cache.list("index/").await.unwrap().len(), 1);
+    }
+}
