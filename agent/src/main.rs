@@ -58,6 +58,10 @@ struct Args {
     /// Where verify orders restore to (removed afterwards).
     #[arg(long, default_value = "/var/lib/hoard-agent/scratch")]
     scratch_dir: PathBuf,
+    /// Where index files and snapshots of remote repositories are kept between orders, so that
+    /// an order lists them instead of downloading them all again. Unset: no cache.
+    #[arg(long, env = "HOARD_AGENT_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
     /// Where completed orders are recorded, so that one re-sent after a restart gets its first
     /// result (survives at least container restarts; see docs/agent.md). Unset: memory only.
     #[arg(long, env = "HOARD_AGENT_STATE_DIR")]
@@ -117,6 +121,7 @@ fn main() -> std::process::ExitCode {
         finished_orders: args.finished_orders,
         allow_file_repositories: args.allow_file_repositories,
         scratch_dir: args.scratch_dir,
+        cache_dir: args.cache_dir,
         state_dir: args.state_dir,
         io_uring: !args.no_io_uring,
         upload_bytes_per_second: args.upload_bytes_per_second,

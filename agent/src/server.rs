@@ -38,6 +38,9 @@ pub struct Config {
     pub finished_orders: usize,
     pub allow_file_repositories: bool,
     pub scratch_dir: PathBuf,
+    /// Where index files and snapshots of remote repositories are kept between orders
+    /// ([`hoard_core::cache`]); none: read from the repository every time.
+    pub cache_dir: Option<PathBuf>,
     /// Where completed orders are recorded ([`crate::state`]); none: in memory only.
     pub state_dir: Option<PathBuf>,
     pub io_uring: bool,
@@ -100,6 +103,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         io_uring,
         allow_file_repositories: cfg.allow_file_repositories,
         scratch_dir: cfg.scratch_dir.clone(),
+        cache_dir: cfg.cache_dir.clone(),
         metrics: Arc::clone(&metrics),
         upload_limit: crate::jobs::RateLimit::new(cfg.upload_bytes_per_second),
     };

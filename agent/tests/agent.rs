@@ -133,7 +133,8 @@ async fn backup_to_s3() {
         Arc::new(hoard_core::store::ObjectStoreBackend::new(Arc::new(s), prefix, location.clone()))
     };
     let repo = init_in(Arc::clone(&store)).await;
-    let agent = Agent::start(&tree.root, &pki, &tmp.path().join("work"), &[]);
+    let cache = tmp.path().join("cache");
+    let agent = Agent::start(&tree.root, &pki, &tmp.path().join("work"), &["--cache-dir", cache.to_str().unwrap()]);
     let mut client = agent.client(&pki).await;
     let mut msg = repo_msg(tmp.path());
     msg.location = location;
@@ -151,12 +152,28 @@ async fn backup_to_s3() {
         repository: Some(msg),
         ..Default::default()
     };
-    let done = finish(client.backup(order).await, LONG).await.unwrap();
+    let done = finish(client.backup(order.clone()).await, LONG).await.unwrap();
     assert_eq!(phase(&done), Phase::Done, "{done:?}");
+    let snapshot_id = done.result.unwrap().snapshot_id;
     let target = tmp.path().join("restored");
-    core_restore(&repo, &done.result.unwrap().snapshot_id, &target).await;
+    core_restore(&repo, &snapshot_id, &target).await;
     let diffs = compare(&manifest(&v.data_dir), &manifest(&target));
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    // The order's snapshot and index files were kept for the next order (`--cache-dir`); the
+    // next order, an incremental backup, finds its parent through them.
+    let kept = |dir: &str| {
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .flat_map(|r| std::fs::read_dir(r.unwrap().path().join(dir)).into_iter().flatten())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(kept("snapshots"), std::slice::from_ref(&snapshot_id));
+    assert!(!kept("index").is_empty());
+    let again = BackupOrder { order_id: "s3-backup-2".into(), ..order };
+    let done = finish(client.backup(again).await, LONG).await.unwrap();
+    assert_eq!(phase(&done), Phase::Done, "{done:?}");
+    assert_eq!(done.result.as_ref().unwrap().stats.as_ref().unwrap().bytes_read, 0, "{done:?}");
 }
 
 /// A new repository in `store` (cheap key derivation: a test, not a secret).

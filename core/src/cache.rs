@@ -74,7 +74,11 @@ impl<S: Store> CacheStore<S> {
             return;
         }
         let Some(parent) = path.parent() else { return };
-        let tmp = parent.join(format!(".{}.tmp{}", id.to_hex(), std::process::id()));
+        // Unique per write: concurrent readers of one object (an agent's orders) each write
+        // their own temporary file.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = parent.join(format!(".{}.tmp{}-{n}", id.to_hex(), std::process::id()));
         let written = async {
             tokio::fs::create_dir_all(parent).await?;
             tokio::fs::write(&tmp, bytes).await?;
