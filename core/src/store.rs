@@ -5,14 +5,16 @@
 //!   content hashes, so a retried or duplicated `put` is harmless.
 //! * A `put` that returns `Ok` is complete; readers never see a partial object (object stores
 //!   commit whole objects; the filesystem backend writes a temporary file and renames it).
-//! * Errors carry a [`Class`]: throttling, timeouts and 5xx answers are retryable.
+//! * Errors carry a [`Class`]: throttling, timeouts and 5xx answers are retryable; a full
+//!   local filesystem (`ENOSPC`, `EDQUOT`) is a permanent I/O error ([`Error::is_no_space`]).
 //!
 //! * On the local filesystem, [`Store::get_ranges_once`] (a restore's pack reads) bypasses the
 //!   page cache for large spans ([`crate::directread`]); everything else goes through
 //!   `object_store` and the page cache.
 //!
 //! Decorators: [`RetryStore`] (bounded exponential backoff with jitter and an overall deadline),
-//! and in tests a fault injector (see `faults`).
+//! [`crate::cache::CacheStore`] (local copies of a remote repository's index files and
+//! snapshots), and in tests a fault injector (see `faults`).
 
 use std::fmt;
 use std::ops::Range;
