@@ -80,8 +80,12 @@ impl<S: Store> CacheStore<S> {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = parent.join(format!(".{}.tmp{}-{n}", id.to_hex(), std::process::id()));
         let written = async {
-            tokio::fs::create_dir_all(parent).await?;
-            tokio::fs::write(&tmp, bytes).await?;
+            // Owner only, like the password file: the objects are sealed, but their number and
+            // sizes are nobody else's business.
+            tokio::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).await?;
+            let mut file = tokio::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).await?;
+            tokio::io::AsyncWriteExt::write_all(&mut file, bytes).await?;
+            drop(file);
             tokio::fs::rename(&tmp, path).await
         }
         .await;
@@ -258,6 +262,19 @@ mod tests {
         }
         assert_eq!(remote.gets.load(Ordering::SeqCst), 3);
         assert!(!cache.dir().join("packs").exists());
+    }
+
+    #[tokio::test]
+    async fn copies_are_readable_by_their_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (_, cache) = setup(tmp.path());
+        let (snap, bytes) = named("snapshots", b"a snapshot");
+        cache.put(&snap, bytes).await.unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(cache.dir()), 0o700);
+        assert_eq!(mode(&cache.dir().join("snapshots")), 0o700);
+        assert_eq!(mode(&cache.dir().join(&snap)), 0o600);
     }
 
     #[tokio::test]
