@@ -25,7 +25,9 @@
 //!   after everything inside it is done.
 //! * Every blob is authenticated and checked against its id. A file whose data cannot be read
 //!   (missing or damaged pack, damaged blob) is listed in [`RestoreOutcome::failed`]; only the
-//!   files using the affected blobs fail, and the rest of the restore continues.
+//!   files using the affected blobs fail, and the rest of the restore continues. A file that
+//!   fails because the target's device or quota is full also sets
+//!   [`RestoreOutcome::target_full`]; [`RestoreOutcome::bytes`] counts restored files only.
 //! * Mounts: with [`RestoreOptions::one_file_system`], an existing directory in the target that
 //!   is on another mount than the target root (a bind mount or another filesystem mounted
 //!   inside it) is never descended into: that entry fails, nothing is written below it.
