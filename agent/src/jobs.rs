@@ -34,8 +34,9 @@ pub struct JobEnv {
     pub io_uring: bool,
     pub allow_file_repositories: bool,
     pub scratch_dir: PathBuf,
-    /// Local copies of remote repositories' index files and snapshots; none: no cache.
-    pub cache_dir: Option<PathBuf>,
+    /// Local copies of remote repositories' index files and snapshots, shared by all orders;
+    /// none: no cache.
+    pub cache: Option<Arc<hoard_core::cache::CacheDir>>,
     pub metrics: Arc<Metrics>,
     /// Node-wide upload bandwidth limit shared by all orders.
     pub upload_limit: Option<Arc<RateLimit>>,
@@ -252,8 +253,8 @@ fn open_store(env: &JobEnv, repo: &pb::Repository) -> Result<Arc<dyn Store>, Job
     let opts = hoard_api::repository::store_options(repo).map_err(|e| invalid(e.to_string()))?;
     // Error text names the location and the problem, never a secret (hoard-core scrubs it).
     let store = hoard_core::store::open_store(loc, &opts).map_err(JobError::from)?;
-    Ok(match &env.cache_dir {
-        Some(root) if remote => Arc::new(hoard_core::cache::CacheStore::new(store, root)),
+    Ok(match &env.cache {
+        Some(cache) if remote => Arc::new(hoard_core::cache::CacheStore::new(store, Arc::clone(cache))),
         _ => store,
     })
 }

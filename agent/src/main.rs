@@ -62,6 +62,10 @@ struct Args {
     /// an order lists them instead of downloading them all again. Unset: no cache.
     #[arg(long, env = "HOARD_AGENT_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Most bytes the cache may hold (e.g. 768Mi): copies past it are not kept. Keep it below
+    /// the cache volume's size limit. Unset: no bound.
+    #[arg(long, env = "HOARD_AGENT_CACHE_MAX_BYTES", value_parser = hoard_agent::limits::parse_size)]
+    cache_max_bytes: Option<usize>,
     /// Where completed orders are recorded, so that one re-sent after a restart gets its first
     /// result (survives at least container restarts; see docs/agent.md). Unset: memory only.
     #[arg(long, env = "HOARD_AGENT_STATE_DIR")]
@@ -122,6 +126,7 @@ fn main() -> std::process::ExitCode {
         allow_file_repositories: args.allow_file_repositories,
         scratch_dir: args.scratch_dir,
         cache_dir: args.cache_dir,
+        cache_max_bytes: args.cache_max_bytes.map(|b| b as u64),
         state_dir: args.state_dir,
         io_uring: !args.no_io_uring,
         upload_bytes_per_second: args.upload_bytes_per_second,

@@ -41,6 +41,8 @@ pub struct Config {
     /// Where index files and snapshots of remote repositories are kept between orders
     /// ([`hoard_core::cache`]); none: read from the repository every time.
     pub cache_dir: Option<PathBuf>,
+    /// Most bytes the cache holds; none: no bound.
+    pub cache_max_bytes: Option<u64>,
     /// Where completed orders are recorded ([`crate::state`]); none: in memory only.
     pub state_dir: Option<PathBuf>,
     pub io_uring: bool,
@@ -103,7 +105,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         io_uring,
         allow_file_repositories: cfg.allow_file_repositories,
         scratch_dir: cfg.scratch_dir.clone(),
-        cache_dir: cfg.cache_dir.clone(),
+        cache: cfg.cache_dir.clone().map(|root| hoard_core::cache::CacheDir::new(root, cfg.cache_max_bytes)),
         metrics: Arc::clone(&metrics),
         upload_limit: crate::jobs::RateLimit::new(cfg.upload_bytes_per_second),
     };

@@ -134,7 +134,12 @@ async fn backup_to_s3() {
     };
     let repo = init_in(Arc::clone(&store)).await;
     let cache = tmp.path().join("cache");
-    let agent = Agent::start(&tree.root, &pki, &tmp.path().join("work"), &["--cache-dir", cache.to_str().unwrap()]);
+    let agent = Agent::start(
+        &tree.root,
+        &pki,
+        &tmp.path().join("work"),
+        &["--cache-dir", cache.to_str().unwrap(), "--cache-max-bytes", "64Mi"],
+    );
     let mut client = agent.client(&pki).await;
     let mut msg = repo_msg(tmp.path());
     msg.location = location;

@@ -480,7 +480,8 @@ async fn open_repo_cached(g: &Global, cache: bool) -> anyhow::Result<Arc<Reposit
         && hoard_core::store::is_remote(&loc)
         && let Some(root) = cache_root(g)
     {
-        store = Arc::new(hoard_core::cache::CacheStore::new(store, &root));
+        let cache = hoard_core::cache::CacheDir::new(root, None);
+        store = Arc::new(hoard_core::cache::CacheStore::new(store, cache));
     }
     let password = read_password(g, false)?;
     Ok(Arc::new(Repository::open(store, &password).await?))

@@ -15,9 +15,13 @@
 //! * Best effort: a cache that cannot be read or written (full disk, permissions) is passed by;
 //!   the repository stays the source of truth and the command works as without a cache.
 //! * No partial copy under a real name: copies are written to a temporary name and renamed.
+//! * Bounded when asked: a [`CacheDir`] with a limit keeps no copy that would take the bytes it
+//!   holds past the limit (counted at start, then as copies come and go).
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -29,19 +33,79 @@ use crate::store::{ObjectInfo, Store};
 /// The directories whose objects are kept.
 const CACHED_DIRS: [&str; 2] = ["index", "snapshots"];
 
+/// A cache directory shared by the stores that use it (an agent's orders), and the bytes it
+/// holds.
+#[derive(Debug)]
+pub struct CacheDir {
+    root: PathBuf,
+    limit: Option<u64>,
+    used: AtomicU64,
+}
+
+impl CacheDir {
+    /// The cache at `root`, holding at most `limit` bytes of copies (none: no bound). Counts
+    /// what `root` already holds.
+    pub fn new(root: PathBuf, limit: Option<u64>) -> Arc<CacheDir> {
+        let used = limit.map(|_| bytes_under(&root, 3)).unwrap_or(0);
+        Arc::new(CacheDir { root, limit, used: AtomicU64::new(used) })
+    }
+
+    /// Bytes of copies held, as counted.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Reserves `len` bytes for a new copy; false when that would pass the limit.
+    fn reserve(&self, len: u64) -> bool {
+        let Some(limit) = self.limit else { return true };
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| u.checked_add(len).filter(|&n| n <= limit))
+            .is_ok()
+    }
+
+    fn release(&self, len: u64) {
+        if self.limit.is_some() {
+            let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(len)));
+        }
+    }
+
+    /// Removes a copy and gives its bytes back.
+    async fn remove(&self, path: &Path) {
+        if let Ok(m) = tokio::fs::metadata(path).await
+            && tokio::fs::remove_file(path).await.is_ok()
+        {
+            self.release(m.len());
+        }
+    }
+}
+
+/// Bytes of the files below `dir`, `depth` levels down at most.
+fn bytes_under(dir: &Path, depth: usize) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() && depth > 0 => bytes_under(&e.path(), depth - 1),
+            Ok(m) if m.is_file() => m.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// A [`Store`] decorator keeping index files and snapshots in a local directory.
 #[derive(Debug)]
 pub struct CacheStore<S> {
     inner: S,
+    cache: Arc<CacheDir>,
     dir: PathBuf,
 }
 
 impl<S: Store> CacheStore<S> {
-    /// Caches `inner`'s objects below `root`, in a directory of their own named after the
-    /// store's location (so that several repositories can share one `root`).
-    pub fn new(inner: S, root: &Path) -> CacheStore<S> {
-        let dir = root.join(&Id::of_bytes(inner.location().as_bytes()).to_hex()[..32]);
-        CacheStore { inner, dir }
+    /// Caches `inner`'s objects in `cache`, in a directory of their own named after the
+    /// store's location (so that several repositories can share one cache).
+    pub fn new(inner: S, cache: Arc<CacheDir>) -> CacheStore<S> {
+        let dir = cache.root.join(&Id::of_bytes(inner.location().as_bytes()).to_hex()[..32]);
+        CacheStore { inner, cache, dir }
     }
 
     /// Where this repository's copies live.
@@ -59,21 +123,25 @@ impl<S: Store> CacheStore<S> {
         Some((self.dir.join(dir).join(name), id))
     }
 
-    async fn read_copy(path: &Path, id: &Id) -> Option<Bytes> {
+    async fn read_copy(&self, path: &Path, id: &Id) -> Option<Bytes> {
         let bytes = tokio::fs::read(path).await.ok()?;
         if Id::of_bytes(&bytes) == *id {
             return Some(Bytes::from(bytes));
         }
         tracing::debug!("cached copy {} does not match its name; fetching it again", path.display());
-        let _ = tokio::fs::remove_file(path).await;
+        self.cache.remove(path).await;
         None
     }
 
-    async fn keep(path: &Path, id: &Id, bytes: &Bytes) {
+    async fn keep(&self, path: &Path, id: &Id, bytes: &Bytes) {
         if Id::of_bytes(bytes) != *id {
             return;
         }
         let Some(parent) = path.parent() else { return };
+        if !self.cache.reserve(bytes.len() as u64) {
+            tracing::debug!("cache {} is full; not keeping {}", self.cache.root.display(), path.display());
+            return;
+        }
         // Unique per write: concurrent readers of one object (an agent's orders) each write
         // their own temporary file.
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -92,6 +160,7 @@ impl<S: Store> CacheStore<S> {
         if let Err(e) = written {
             tracing::debug!("cannot keep {} in the cache: {e}", path.display());
             let _ = tokio::fs::remove_file(&tmp).await;
+            self.cache.release(bytes.len() as u64);
         }
     }
 
@@ -106,7 +175,7 @@ impl<S: Store> CacheStore<S> {
             let name = name.to_string_lossy();
             let stale_tmp = name.starts_with('.');
             if stale_tmp || !names.contains(name.as_ref()) {
-                let _ = tokio::fs::remove_file(e.path()).await;
+                self.cache.remove(&e.path()).await;
             }
         }
     }
@@ -119,7 +188,7 @@ impl<S: Store> Store for CacheStore<S> {
         let kept = slot.as_ref().map(|_| data.clone());
         self.inner.put(key, data).await?;
         if let (Some((path, id)), Some(bytes)) = (slot, kept) {
-            Self::keep(&path, &id, &bytes).await;
+            self.keep(&path, &id, &bytes).await;
         }
         Ok(())
     }
@@ -130,11 +199,11 @@ impl<S: Store> Store for CacheStore<S> {
 
     async fn get(&self, key: &str) -> Result<Bytes> {
         let Some((path, id)) = self.slot(key) else { return self.inner.get(key).await };
-        if let Some(bytes) = Self::read_copy(&path, &id).await {
+        if let Some(bytes) = self.read_copy(&path, &id).await {
             return Ok(bytes);
         }
         let bytes = self.inner.get(key).await?;
-        Self::keep(&path, &id, &bytes).await;
+        self.keep(&path, &id, &bytes).await;
         Ok(bytes)
     }
 
@@ -162,7 +231,7 @@ impl<S: Store> Store for CacheStore<S> {
     async fn delete(&self, key: &str) -> Result<()> {
         self.inner.delete(key).await?;
         if let Some((path, _)) = self.slot(key) {
-            let _ = tokio::fs::remove_file(&path).await;
+            self.cache.remove(&path).await;
         }
         Ok(())
     }
@@ -182,8 +251,7 @@ impl<S: Store> Store for CacheStore<S> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     use super::*;
     use crate::store::{StoreOptions, open_store};
@@ -229,7 +297,7 @@ mod tests {
             inner: open_store("memory:", &StoreOptions::default()).unwrap(),
             gets: AtomicUsize::new(0),
         });
-        let cache = CacheStore::new(Arc::clone(&remote) as Arc<dyn Store>, root);
+        let cache = CacheStore::new(Arc::clone(&remote) as Arc<dyn Store>, CacheDir::new(root.to_path_buf(), None));
         (remote, cache)
     }
 
@@ -262,6 +330,31 @@ mod tests {
         }
         assert_eq!(remote.gets.load(Ordering::SeqCst), 3);
         assert!(!cache.dir().join("packs").exists());
+    }
+
+    #[tokio::test]
+    async fn a_bounded_cache_keeps_nothing_past_its_limit_and_counts_what_goes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let remote: Arc<dyn Store> = open_store("memory:", &StoreOptions::default()).unwrap();
+        let dir = CacheDir::new(tmp.path().to_path_buf(), Some(250));
+        let cache = CacheStore::new(Arc::clone(&remote), Arc::clone(&dir));
+        let objects: Vec<_> = (0..3u8).map(|i| named("index", &[i; 100])).collect();
+        for (key, bytes) in &objects {
+            cache.put(key, bytes.clone()).await.unwrap();
+        }
+        // Two fit in 250 bytes; the third is not kept but still stored and readable.
+        assert_eq!(dir.used(), 200);
+        let kept: Vec<_> = objects.iter().filter(|(k, _)| cache.dir().join(k).exists()).collect();
+        assert_eq!(kept.len(), 2);
+        assert_eq!(cache.get(&objects[2].0).await.unwrap(), objects[2].1);
+        // A delete gives its bytes back, and the next object is kept.
+        cache.delete(&objects[0].0).await.unwrap();
+        assert_eq!(dir.used(), 100);
+        cache.get(&objects[2].0).await.unwrap();
+        assert!(cache.dir().join(&objects[2].0).exists());
+        assert_eq!(dir.used(), 200);
+        // A new CacheDir over the same directory counts what is there.
+        assert_eq!(CacheDir::new(tmp.path().to_path_buf(), Some(250)).used(), 200);
     }
 
     #[tokio::test]
