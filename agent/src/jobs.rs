@@ -238,7 +238,7 @@ fn invalid(msg: impl Into<String>) -> JobError {
 /// (the same conversion the controller uses: `hoard_api::repository`).
 fn open_store(env: &JobEnv, repo: &pb::Repository) -> Result<Arc<dyn Store>, JobError> {
     let loc = repo.location.as_str();
-    let remote = ["s3://", "gs://", "az://"].iter().any(|p| loc.starts_with(p));
+    let remote = hoard_core::store::is_remote(loc);
     if !remote {
         if loc == "memory:" || loc.is_empty() {
             return Err(invalid("the order names no repository"));

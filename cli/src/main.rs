@@ -386,7 +386,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Deep trees keep one descriptor per level open; use the hard limit.
 /// The error and its causes, `: `-joined, each cause once: hoard-core's I/O errors already
 /// end with their cause's text, which the chain would otherwise repeat.
 fn error_chain(e: &anyhow::Error) -> String {
@@ -404,6 +403,7 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
+/// Deep trees keep one descriptor per level open; use the hard limit.
 fn raise_fd_limit() {
     let lim = rustix_limit();
     if let Some((soft, hard)) = lim

@@ -144,8 +144,8 @@ impl<S: Store> CacheStore<S> {
         }
         // Unique per write: concurrent readers of one object (an agent's orders) each write
         // their own temporary file.
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let tmp = parent.join(format!(".{}.tmp{}-{n}", id.to_hex(), std::process::id()));
         let written = async {
             // Owner only, like the password file: the objects are sealed, but their number and
@@ -154,12 +154,15 @@ impl<S: Store> CacheStore<S> {
             let mut file = tokio::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).await?;
             tokio::io::AsyncWriteExt::write_all(&mut file, bytes).await?;
             drop(file);
-            tokio::fs::rename(&tmp, path).await
+            // Create-only, so that a copy another reader kept first is not counted twice.
+            tokio::fs::hard_link(&tmp, path).await
         }
         .await;
+        let _ = tokio::fs::remove_file(&tmp).await;
         if let Err(e) = written {
-            tracing::debug!("cannot keep {} in the cache: {e}", path.display());
-            let _ = tokio::fs::remove_file(&tmp).await;
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                tracing::debug!("cannot keep {} in the cache: {e}", path.display());
+            }
             self.cache.release(bytes.len() as u64);
         }
     }
@@ -352,6 +355,10 @@ mod tests {
         assert_eq!(dir.used(), 100);
         cache.get(&objects[2].0).await.unwrap();
         assert!(cache.dir().join(&objects[2].0).exists());
+        assert_eq!(dir.used(), 200);
+        // Kept again (two readers of one object): counted once.
+        let (path, id) = cache.slot(&objects[2].0).unwrap();
+        cache.keep(&path, &id, &objects[2].1).await;
         assert_eq!(dir.used(), 200);
         // A new CacheDir over the same directory counts what is there.
         assert_eq!(CacheDir::new(tmp.path().to_path_buf(), Some(250)).used(), 200);

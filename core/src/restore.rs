@@ -418,10 +418,15 @@ impl Ctx {
     /// [`Ctx::fail`] for an I/O error; a full device or quota marks the outcome `target_full`.
     fn fail_io(&self, rel: &str, what: &str, e: impl Into<std::io::Error>) {
         let e = e.into();
-        if crate::error::is_no_space(&e) {
+        self.fail_for_space(rel, format!("{what}: {e}"), crate::error::is_no_space(&e));
+    }
+
+    /// [`Ctx::fail`], marking the outcome `target_full` when the target had no space.
+    fn fail_for_space(&self, rel: &str, why: String, no_space: bool) {
+        if no_space {
             self.outcome.lock().unwrap_or_else(|p| p.into_inner()).target_full = true;
         }
-        self.fail(rel, format!("{what}: {e}"));
+        self.fail(rel, why);
     }
 
     fn count(&self, f: impl FnOnce(&mut RestoreOutcome)) {
@@ -489,12 +494,7 @@ fn finish_file(ctx: &Ctx, f: &Arc<FileState>) {
     }
     let failed = f.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
     match failed {
-        Some(why) => {
-            if f.no_space.load(Ordering::Relaxed) {
-                ctx.outcome.lock().unwrap_or_else(|p| p.into_inner()).target_full = true;
-            }
-            ctx.fail(&f.rel, why)
-        }
+        Some(why) => ctx.fail_for_space(&f.rel, why, f.no_space.load(Ordering::Relaxed)),
         None => {
             for e in fsmeta::apply_fd(&f.fd, &f.node, ctx.as_root) {
                 ctx.warn(format!("{}: {e}", f.rel));

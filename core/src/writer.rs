@@ -11,8 +11,9 @@
 //! * Spooling: on a store that keeps objects as local files ([`crate::spool`]), the packer
 //!   writes each sealed blob to the open pack's staging file as it comes, and the blob's
 //!   buffer and budget go back then; a finished pack is published, not put, once the store
-//!   admits it ([`crate::store::Store::admit_local_write`]), so no pack is held in memory (2 GiB bench data, cold: initial backup peak RSS 116-121 -> 79-83 MiB, no
-//!   slower; after-mutate backup 81-84 -> 74.5 MiB).
+//!   admits it ([`crate::store::Store::admit_local_write`]), so no pack is held in memory
+//!   (2 GiB bench data, cold: initial backup peak RSS 116-121 -> 79-83 MiB, no slower;
+//!   after-mutate backup 81-84 -> 74.5 MiB).
 //! * No deadlock under a small budget: when someone waits for budget and no blob has arrived for
 //!   [`PRESSURE_POLL`], the packer uploads its partial pack (releasing its guards) instead of
 //!   waiting for a full pack that cannot come. Tree blobs (added without a guard) are outside
