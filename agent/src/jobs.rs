@@ -405,7 +405,7 @@ async fn restore_into(
     let s = &comp.stats;
     ctx.progress.files_total.store(s.files_new + s.files_changed + s.files_unmodified, Ordering::Relaxed);
     ctx.progress.bytes_total.store(s.total_bytes, Ordering::Relaxed);
-    ctx.progress.scan_finished.store(true, Ordering::Relaxed);
+    ctx.progress.totals_known.store(true, Ordering::Relaxed);
     ctx.set_phase(Phase::Running);
     let mut opts = RestoreOptions::new(target.0);
     opts.target_dir = Some(target.1);

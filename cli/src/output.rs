@@ -65,6 +65,7 @@ impl ProgressReporter {
                         "message_type": "status", "action": what, "seconds_elapsed": secs as u64,
                         "files_done": s.files_done, "bytes_done": s.bytes_done,
                         "total_files": s.files_total, "total_bytes": s.bytes_total,
+                        "totals_estimated": s.totals_estimated,
                         "bytes_per_second": rate as u64, "seconds_remaining": eta.map(|e| e as u64),
                         "warnings": s.warnings, "current_file": s.current,
                     }));

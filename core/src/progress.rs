@@ -13,10 +13,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub struct Progress {
     pub files_done: AtomicU64,
     pub bytes_done: AtomicU64,
-    /// Totals found by the scanner; meaningful once `scan_finished` is set.
+    /// What the whole job will count, meaningful once `totals_known` is set: found by a
+    /// backup's metadata scan, taken from the parent snapshot (then `totals_estimated` is set
+    /// too), or, for a restore, from the snapshot.
     pub files_total: AtomicU64,
     pub bytes_total: AtomicU64,
-    pub scan_finished: AtomicBool,
+    pub totals_known: AtomicBool,
+    /// The totals are the parent snapshot's: the data may have grown or shrunk since.
+    pub totals_estimated: AtomicBool,
     /// Bytes stored in packs so far (live during a backup).
     pub bytes_stored: AtomicU64,
     pub warnings: AtomicU64,
@@ -48,6 +52,9 @@ pub struct ProgressSnapshot {
     pub bytes_done: u64,
     pub files_total: Option<u64>,
     pub bytes_total: Option<u64>,
+    /// The totals are the parent snapshot's, not counted for this job.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub totals_estimated: bool,
     pub bytes_stored: u64,
     pub warnings: u64,
     pub current: String,
@@ -91,12 +98,13 @@ impl Progress {
     }
 
     pub fn snapshot(&self) -> ProgressSnapshot {
-        let scanned = self.scan_finished.load(Ordering::Relaxed);
+        let known = self.totals_known.load(Ordering::Relaxed);
         ProgressSnapshot {
             files_done: self.files_done.load(Ordering::Relaxed),
             bytes_done: self.bytes_done.load(Ordering::Relaxed),
-            files_total: scanned.then(|| self.files_total.load(Ordering::Relaxed)),
-            bytes_total: scanned.then(|| self.bytes_total.load(Ordering::Relaxed)),
+            files_total: known.then(|| self.files_total.load(Ordering::Relaxed)),
+            bytes_total: known.then(|| self.bytes_total.load(Ordering::Relaxed)),
+            totals_estimated: known && self.totals_estimated.load(Ordering::Relaxed),
             bytes_stored: self.bytes_stored.load(Ordering::Relaxed),
             warnings: self.warnings.load(Ordering::Relaxed),
             current: self.current.lock().map(|c| c.clone()).unwrap_or_default(),

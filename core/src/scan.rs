@@ -1,24 +1,20 @@
-//! The metadata scan that runs beside a backup.
+//! The metadata scan that runs beside a backup that has no parent for some source.
 //!
 //! It walks the backup's sources with [`SCAN_THREADS`] threads and stats every entry the backup
 //! will take (same excludes, includes and depth limit; with one-file-system, the same device).
 //! It exists for two reasons: progress totals (files and bytes, for an ETA), and, on a cold
 //! cache, bringing directory blocks and inodes into the kernel's caches ahead of the backup's
-//! own walk, which cannot start before the repository key is derived and the parent snapshot
-//! loaded (it compares every entry with the parent's node). Several threads keep
-//! several metadata reads in flight: on the bench dataset (15k files, 3.7k directories, page
-//! cache dropped) one `find` took 0.53 s and sixteen in parallel 0.21 s. Since incremental
-//! backups walk several directories at once, the warming no longer shortens a cold no-change
-//! backup (2 GiB bench data, 6 alternating pairs: 0.475 s with the scan, 0.470 s without), but
-//! it still shortens a cold after-mutate backup (1 GiB bench data, 5 alternating pairs: 0.838 s
-//! with it, 0.950 s without), and it gives the progress totals. The `hoard backup` command
-//! starts it once the key is derived, so that its threads do not add to the key derivation's
-//! memory peak.
+//! own walk, which without a parent is depth-first on one thread (so that a directory's files
+//! are packed together). Several threads keep several metadata reads in flight: on the bench
+//! dataset (15k files, 3.7k directories, page cache dropped) one `find` took 0.53 s and sixteen
+//! in parallel 0.21 s. A backup with a parent for every source takes its totals from the
+//! parent and runs no scan: its walk is parallel itself, and a second pass only cost CPU (see
+//! `backup::progress_totals`).
 //!
 //! Guarantees:
 //! * Best effort: an entry that cannot be listed or stat'ed is skipped silently; the backup's
 //!   walk is what reports it.
-//! * `Progress::scan_finished` is set only after a complete walk, never for a partial count
+//! * `Progress::totals_known` is set only after a complete walk, never for a partial count
 //!   (a stopped scan leaves it unset).
 //! * Bounded: at most [`MAX_QUEUED`] directories wait, open, in the shared queue; a thread
 //!   that finds the queue full walks the directory itself (depth-first, at most
@@ -142,7 +138,7 @@ impl MetadataScan {
             started: std::time::Instant::now(),
         });
         if nothing_to_walk {
-            shared.progress.scan_finished.store(true, Ordering::Relaxed);
+            shared.progress.totals_known.store(true, Ordering::Relaxed);
             return MetadataScan { shared };
         }
         for _ in 0..SCAN_THREADS {
@@ -198,7 +194,7 @@ impl Shared {
         if q.busy == 0 && q.dirs.is_empty() && !q.finished {
             q.finished = true;
             if !self.stop.load(Ordering::Relaxed) {
-                self.progress.scan_finished.store(true, Ordering::Relaxed);
+                self.progress.totals_known.store(true, Ordering::Relaxed);
                 tracing::debug!(
                     files = self.progress.files_total.load(Ordering::Relaxed),
                     "metadata scan finished in {:?}",
@@ -267,7 +263,7 @@ mod tests {
 
     fn wait_finished(p: &Progress) {
         for _ in 0..2000 {
-            if p.scan_finished.load(Ordering::Relaxed) {
+            if p.totals_known.load(Ordering::Relaxed) {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
@@ -360,6 +356,6 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(100));
         let total = progress.files_total.load(Ordering::Relaxed);
         // Complete: 64 leaf directories of 3 files and skip.log.
-        assert!(!progress.scan_finished.load(Ordering::Relaxed) || total == 64 * 3 + 1, "finished with {total}");
+        assert!(!progress.totals_known.load(Ordering::Relaxed) || total == 64 * 3 + 1, "finished with {total}");
     }
 }

@@ -34,30 +34,6 @@ pub fn tune_malloc() {
     }
 }
 
-/// Asks the kernel to back `buf`'s allocation (its whole capacity) with transparent huge pages,
-/// before it is first written. For large buffers written once in full, like the KDF's memory:
-/// on the virtual machines measured, the first touch of 64 MiB in 4 KiB pages took 31-173 ms
-/// (one fault each, and the hypervisor's too), in 2 MiB pages 7 ms. Best effort: where huge
-/// pages are off or the call fails, the buffer is just faulted in 4 KiB pages.
-#[allow(unsafe_code)]
-pub fn advise_huge_pages<T>(buf: &mut Vec<T>) {
-    #[cfg(target_os = "linux")]
-    {
-        const PAGE: usize = 4096;
-        let start = buf.as_mut_ptr() as usize;
-        let end = start + buf.capacity() * std::mem::size_of::<T>();
-        let aligned = start.next_multiple_of(PAGE);
-        if end > aligned + PAGE {
-            let len = (end - aligned) / PAGE * PAGE;
-            // SAFETY: the range lies within `buf`'s own allocation, and MADV_HUGEPAGE changes
-            // only how pages are backed, never their contents or whether they are mapped.
-            unsafe {
-                libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-}
-
 /// Fixes glibc's mmap threshold at [`MMAP_THRESHOLD`], for a process that runs backups only
 /// (the `hoard backup` command). No effect with other C libraries, or when
 /// `MALLOC_MMAP_THRESHOLD_` is set.
@@ -156,27 +132,4 @@ pub fn set_nofile_limit(n: u64) {
         rustix::process::Resource::Nofile,
         rustix::process::Rlimit { current: Some(n.min(hard)), maximum: Some(hard) },
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn advising_huge_pages_keeps_buffers_usable() {
-        let mut empty: Vec<u64> = Vec::new();
-        advise_huge_pages(&mut empty);
-        assert!(empty.is_empty());
-        // Unaligned small buffer: no whole page to advise.
-        let mut small: Vec<u8> = Vec::with_capacity(100);
-        advise_huge_pages(&mut small);
-        small.extend_from_slice(&[7; 100]);
-        assert!(small.iter().all(|&b| b == 7));
-        // Large: advised before the first write, then written and read back in full.
-        let len = 8 << 20;
-        let mut large: Vec<u64> = Vec::with_capacity(len);
-        advise_huge_pages(&mut large);
-        large.extend((0..len as u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
-        assert!(large.iter().enumerate().all(|(i, &v)| v == (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
-    }
 }

@@ -13,6 +13,8 @@
 //!   snapshot is the same as one cut from scratch;
 //! * a backup with a parent (subdirectories walked in parallel) makes the same tree as one
 //!   without (walked depth-first on one thread).
+//! * progress totals are the parent's (an estimate, no metadata scan) when the parent covers
+//!   every source, and counted otherwise.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -517,4 +519,54 @@ async fn parallel_and_depth_first_walks_make_the_same_tree() {
     assert_eq!(std::fs::read(target.join("a0/b0/deeper/still/x")).unwrap(), b"x");
     assert_eq!(std::fs::read(target.join("a1/b2/f3")).unwrap(), b"changed");
     assert!(!target.join("a2/b1/f0").exists());
+}
+
+/// Progress totals: a backup whose parent snapshot covers every source takes the parent's
+/// totals as its estimate and runs no metadata scan (a scan would count the files added since);
+/// a source the parent lacks brings the scan back, and its totals are then not estimated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn totals_come_from_the_parent_when_it_covers_every_source() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    for d in 0..3 {
+        std::fs::create_dir_all(src.join(format!("d{d}"))).unwrap();
+        for f in 0..4 {
+            std::fs::write(src.join(format!("d{d}/f{f}")), random_bytes(500 + 100 * f, (d * 10 + f) as u64)).unwrap();
+        }
+    }
+    let repo = init(store(&tmp.path().join("repo"), None), 4 * MIB as u32).await;
+    let with_totals = |sources: Vec<Source>| BackupOptions {
+        sources,
+        parent: ParentSelection::Auto,
+        scan_totals: true,
+        progress: Arc::new(hoard_core::progress::Progress::default()),
+        ..options(&src, 64 * MIB, 2)
+    };
+    let data = || Source::Path { name: "data".into(), path: src.clone() };
+
+    let first = with_totals(vec![data()]);
+    let progress = Arc::clone(&first.progress);
+    let first = backup_within(&repo, first, 120).await;
+    assert!(!progress.totals_estimated.load(Relaxed), "no parent: the totals are counted");
+    let parent_bytes = first.snapshot.summary.total_bytes;
+
+    std::fs::write(src.join("d0/new1"), b"new file one").unwrap();
+    std::fs::write(src.join("d1/new2"), b"new file two").unwrap();
+    let second = with_totals(vec![data()]);
+    let progress = Arc::clone(&second.progress);
+    let second = backup_within(&repo, second, 120).await;
+    let s = &second.snapshot.summary;
+    assert_eq!((s.files_new, s.files_unmodified), (2, 12), "{s:?}");
+    let snap = progress.snapshot();
+    assert!(snap.totals_estimated);
+    assert_eq!((snap.files_total, snap.bytes_total), (Some(12), Some(parent_bytes)), "the parent's totals");
+
+    let extra = tmp.path().join("extra");
+    std::fs::create_dir_all(&extra).unwrap();
+    std::fs::write(extra.join("e"), b"extra").unwrap();
+    let third = with_totals(vec![data(), Source::Path { name: "extra".into(), path: extra }]);
+    let progress = Arc::clone(&third.progress);
+    backup_within(&repo, third, 120).await;
+    assert!(!progress.totals_estimated.load(Relaxed), "the parent lacks a source: the totals are counted");
 }
