@@ -676,3 +676,48 @@ fn s3_region_flag_and_variables_reach_the_signed_request() {
     assert_eq!(region_seen(&[], &[("AWS_REGION", "ap-south-1")]), "ap-south-1");
     assert_eq!(region_seen(&[], &[]), "us-east-1");
 }
+
+/// A re-backup whose walking threads cannot start (an address-space limit of 2 GiB refuses
+/// sixteen 256 MiB stacks) says so, walks depth-first on one thread, and stores the same tree.
+#[test]
+fn a_rebackup_whose_walking_threads_cannot_start_walks_on_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("data");
+    for d in ["a/b", "a/c", "d"] {
+        std::fs::create_dir_all(src.join(d)).unwrap();
+        for i in 0..3 {
+            std::fs::write(src.join(d).join(format!("f{i}")), random_bytes(3000, i)).unwrap();
+        }
+    }
+    let h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.init();
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    std::fs::write(src.join("a/c/f1"), b"changed").unwrap();
+
+    let mut limited = std::process::Command::new("sh");
+    limited
+        .arg("-c")
+        .arg("ulimit -v 2097152 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_hoard"))
+        .args(["--repo", &h.repo, "--json", "backup", src.to_str().unwrap()])
+        .env("HOARD_PASSWORD", &h.password)
+        .env("HOARD_LOG", "warn")
+        .stdin(std::process::Stdio::null());
+    let out = limited.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("walking threads"), "{}", stderr(&out));
+    let limited = last_json(&out, "summary");
+    assert_eq!(
+        (limited["summary"]["files_changed"].as_u64(), limited["summary"]["files_unmodified"].as_u64()),
+        (Some(1), Some(8))
+    );
+
+    // Unlimited, with nothing changed since: the same root tree, so the same snapshot content.
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    let snaps: serde_json::Value = serde_json::from_str(&stdout(&h.ok(&["snapshots", "--json"]))).unwrap();
+    let roots: Vec<&serde_json::Value> =
+        snaps.as_array().unwrap().iter().map(|s| &s["components"][0]["root"]).collect();
+    assert_eq!(roots.len(), 3);
+    assert_eq!(roots[1], roots[2], "{snaps}");
+    assert_ne!(roots[0], roots[1]);
+}

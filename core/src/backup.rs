@@ -957,6 +957,19 @@ const WALK_THREADS: usize = 16;
 /// Stack of a walking thread: a walk recurses once per directory level.
 const WALK_STACK: usize = 256 * 1024 * 1024;
 
+/// The threads of a parallel walk, or `None` when they cannot all start (e.g. an address-space
+/// limit or strict overcommit refusing their stacks): the walk then stays depth-first on the
+/// one walking thread, which is slower on a cold cache but makes the same tree.
+fn walking_pool() -> Option<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(WALK_THREADS)
+        .stack_size(WALK_STACK)
+        .thread_name(|i| format!("hoard-walk-{i}"))
+        .build()
+        .inspect_err(|e| tracing::warn!("cannot start {WALK_THREADS} walking threads ({e}); walking on one"))
+        .ok()
+}
+
 struct Walker<'a> {
     ctx: &'a Ctx,
     jobs: Sender<FileJob>,
@@ -1289,13 +1302,13 @@ fn backup_root(
         let walked = std::thread::Builder::new()
             .stack_size(WALK_STACK)
             .spawn_scoped(s, move || -> Result<u64> {
-                let parallel = parent_tree.is_some() && only.is_none();
+                let pool = (parent_tree.is_some() && only.is_none()).then(walking_pool).flatten();
                 let w = Walker {
                     ctx,
                     jobs: job_tx,
                     plans: plan_tx,
                     next_seq: AtomicU64::new(0),
-                    parallel,
+                    parallel: pool.is_some(),
                     root_dev,
                     root_mount,
                 };
@@ -1307,16 +1320,10 @@ fn backup_root(
                             w.walk(root_fd, "", parent_tree.as_ref(), sel)?
                                 .ok_or_else(|| Error::Internal("root tree not emitted".into()))
                         };
-                        if !parallel {
-                            return walk();
+                        match &pool {
+                            Some(pool) => pool.install(walk),
+                            None => walk(),
                         }
-                        let pool = rayon::ThreadPoolBuilder::new()
-                            .num_threads(WALK_THREADS)
-                            .stack_size(WALK_STACK)
-                            .thread_name(|i| format!("hoard-walk-{i}"))
-                            .build()
-                            .map_err(|e| Error::Internal(format!("walker threads: {e}")))?;
-                        pool.install(walk)
                     }
                     Some(name) => {
                         // A single file: a root tree holding just that entry.

@@ -271,17 +271,14 @@ struct KdfMemory {
 }
 
 impl KdfMemory {
-    fn len(count: usize) -> usize {
-        count * std::mem::size_of::<argon2::Block>()
+    fn len(count: usize) -> Option<usize> {
+        count.checked_mul(std::mem::size_of::<argon2::Block>()).filter(|&len| len > 0)
     }
 
     /// `None` when the pages cannot be mapped (the caller allocates instead).
     #[allow(unsafe_code)]
     fn map(count: usize) -> Option<KdfMemory> {
-        let len = Self::len(count);
-        if len == 0 {
-            return None;
-        }
+        let len = Self::len(count)?;
         // SAFETY: a private anonymous mapping at an address the kernel picks touches no
         // existing memory; the result is checked before use.
         let addr = unsafe {
@@ -320,10 +317,12 @@ impl Drop for KdfMemory {
     fn drop(&mut self) {
         // Wiped before unmapping: the kernel clears freed pages only when it reuses them.
         self.blocks().iter_mut().for_each(Zeroize::zeroize);
-        // SAFETY: unmaps exactly the mapping made in `map`; no reference into it outlives
-        // `self`.
-        unsafe {
-            libc::munmap(self.blocks.as_ptr().cast(), Self::len(self.count));
+        if let Some(len) = Self::len(self.count) {
+            // SAFETY: unmaps exactly the mapping made in `map`; no reference into it outlives
+            // `self`.
+            unsafe {
+                libc::munmap(self.blocks.as_ptr().cast(), len);
+            }
         }
     }
 }
