@@ -122,6 +122,10 @@ impl Store for CancelStore {
         self.check()?;
         self.inner.get_ranges_once(key, ranges).await
     }
+    async fn get_metadata_ranges(&self, key: &str, ranges: &[Range<u64>]) -> hoard_core::Result<Vec<Bytes>> {
+        self.check()?;
+        self.inner.get_metadata_ranges(key, ranges).await
+    }
     async fn list(&self, prefix: &str) -> hoard_core::Result<Vec<ObjectInfo>> {
         self.check()?;
         self.inner.list(prefix).await

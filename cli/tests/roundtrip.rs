@@ -260,9 +260,10 @@ fn moto_repo(name: &str, cache: &std::path::Path) -> Option<Hoard> {
     Some(h)
 }
 
-/// The cache of a remote repository (moto S3): index files and snapshots are kept after the
-/// first read; a damaged copy is fetched again and repaired; a snapshot forgotten by another
-/// host (here `--no-cache`) leaves the listing and the cache; `--no-cache` writes no cache.
+/// The cache of a remote repository (moto S3): index files, snapshots and the tree blobs an
+/// incremental backup reads are kept after the first read; a damaged copy is fetched again and
+/// repaired; a snapshot forgotten by another host (here `--no-cache`) leaves the listing and the
+/// cache; `--no-cache` writes no cache.
 #[test]
 fn s3_index_files_and_snapshots_are_kept_in_the_cache() {
     let tmp = tempfile::tempdir().unwrap();
@@ -289,6 +290,21 @@ fn s3_index_files_and_snapshots_are_kept_in_the_cache() {
     assert!(names.contains(&first) && names.contains(&second) && names.len() == 2, "{names:?}");
     assert!(!kept("index").is_empty(), "no index file kept");
     assert!(kept("packs").is_empty(), "packs are not kept");
+    // The second backup read the first one's tree blobs: kept as ranges of their pack, sealed.
+    let ranges: Vec<_> =
+        list_files(&cache).into_iter().filter(|(p, _)| p.components().any(|c| c.as_os_str() == "ranges")).collect();
+    assert!(!ranges.is_empty(), "no tree blob kept");
+    // Damaged: a backup on the first snapshot reads its root tree again, fetches the range
+    // anew and repairs the copy.
+    assert_eq!(ranges.len(), 1, "one tree read: the first snapshot's root");
+    let (damaged, _) = &ranges[0];
+    let good_range = std::fs::read(damaged).unwrap();
+    std::fs::write(damaged, b"damaged").unwrap();
+    let third = h.backup_json(&[src.to_str().unwrap(), "--parent", &first], 0);
+    assert_eq!((&third["summary"]["files_unmodified"], &third["summary"]["files_new"]), (&1.into(), &1.into()));
+    assert_eq!(third["summary"]["blobs_new"], 0, "{third}");
+    assert_eq!(std::fs::read(damaged).unwrap(), good_range, "the range copy was not repaired");
+    h.ok(&["--no-cache", "forget", third["snapshot_id"].as_str().unwrap()]);
 
     // A damaged copy: the listing is still right, and the copy is repaired.
     let copy = snaps.iter().find(|p| p.ends_with(&first)).unwrap();

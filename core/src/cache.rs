@@ -1,17 +1,22 @@
-//! A local copy of a remote repository's index files and snapshots.
+//! A local copy of a remote repository's index files, snapshots and tree blobs.
 //!
 //! Every command on a remote repository lists and reads all index files, and listing snapshots
-//! reads every snapshot: one request per object, each time. [`CacheStore`] keeps those objects
-//! in a local directory so that later commands only list them.
+//! reads every snapshot: one request per object, each time. An incremental backup also reads
+//! the parent snapshot's tree blobs, one ranged request per pack for each directory it walks.
+//! [`CacheStore`] keeps those in a local directory so that later commands only list them.
 //!
 //! Guarantees:
-//! * Only immutable, content-named objects are kept: `index/<id>` and `snapshots/<id>`, whose
-//!   names are the BLAKE3 of their bytes. Bytes that do not hash to their name are never kept
-//!   (the reader then reports the repository's object damaged, as without a cache), and a kept
-//!   copy is used only while it still hashes to its name; otherwise it is dropped and the object
-//!   fetched again.
+//! * Only immutable data is kept: `index/<id>` and `snapshots/<id>`, whose names are the BLAKE3
+//!   of their bytes, and the ranges of packs (`packs/<id>`, never rewritten) that the
+//!   repository reads as metadata ([`Store::get_metadata_ranges`]: tree blobs, still sealed).
+//!   Bytes that do not hash to their name are never kept (the reader then reports the
+//!   repository's object damaged, as without a cache), and a kept copy is used only while it
+//!   still hashes to its name (a range: to the checksum kept after it); otherwise it is dropped
+//!   and the object fetched again.
 //! * Never ahead of the repository: listings always come from it. A kept copy that a listing no
-//!   longer names (deleted by a prune elsewhere) is removed then, and `delete` removes it too.
+//!   longer names (deleted by a prune elsewhere; for ranges, their pack) is removed then, and
+//!   `delete` removes it too. Every backup lists the packs, so ranges of pruned packs go at the
+//!   next backup.
 //! * Best effort: a cache that cannot be read or written (full disk, permissions) is passed by;
 //!   the repository stays the source of truth and the command works as without a cache.
 //! * No partial copy under a real name: copies are written to a temporary name and renamed.
@@ -32,6 +37,72 @@ use crate::store::{ObjectInfo, Store};
 
 /// The directories whose objects are kept.
 const CACHED_DIRS: [&str; 2] = ["index", "snapshots"];
+
+/// Where kept pack ranges live: `ranges/<pack id>/<start>-<end>`.
+const RANGES_DIR: &str = "ranges";
+
+/// Bytes of the checksum (BLAKE3 of the range) written after each kept range.
+const RANGE_SUM: usize = 32;
+
+/// The pack a `packs/<shard>/<id>` key names.
+fn pack_of(key: &str) -> Option<Id> {
+    let rest = key.strip_prefix("packs/")?;
+    let (_, name) = rest.split_once('/')?;
+    Id::from_hex(name).ok()
+}
+
+fn range_file(pack_dir: &Path, range: &Range<u64>) -> PathBuf {
+    pack_dir.join(format!("{}-{}", range.start, range.end))
+}
+
+/// A kept range, when its copy is whole and matches its checksum; a bad copy is removed.
+fn read_range_copy(cache: &CacheDir, path: &Path, range: &Range<u64>) -> Option<Bytes> {
+    let mut data = std::fs::read(path).ok()?;
+    let len = usize::try_from(range.end.checked_sub(range.start)?).ok()?;
+    if data.len() == len + RANGE_SUM && Id::of_bytes(&data[..len]).0[..] == data[len..] {
+        data.truncate(len);
+        return Some(Bytes::from(data));
+    }
+    tracing::debug!("cached range {} does not match its checksum; fetching it again", path.display());
+    cache.remove_sync(path);
+    None
+}
+
+/// Writes a copy made of `parts` at `path`, if the cache has room: under a temporary name
+/// first, then linked create-only (a copy another reader kept first is not counted twice).
+fn write_copy(cache: &CacheDir, path: &Path, parts: &[&[u8]]) {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else { return };
+    if !cache.reserve(len) {
+        tracing::debug!("cache {} is full; not keeping {}", cache.root.display(), path.display());
+        return;
+    }
+    // Unique per write: concurrent readers of one object (an agent's orders) each write their
+    // own temporary file.
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tmp = parent.join(format!(".{}.tmp{}-{n}", name.to_string_lossy(), std::process::id()));
+    let written = (|| -> std::io::Result<()> {
+        // Owner only, like the password file: the objects are sealed, but their number and
+        // sizes are nobody else's business.
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent)?;
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        for p in parts {
+            file.write_all(p)?;
+        }
+        drop(file);
+        std::fs::hard_link(&tmp, path)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    if let Err(e) = written {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            tracing::debug!("cannot keep {} in the cache: {e}", path.display());
+        }
+        cache.release(len);
+    }
+}
 
 /// A cache directory shared by the stores that use it (an agent's orders), and the bytes it
 /// holds.
@@ -76,6 +147,24 @@ impl CacheDir {
         {
             self.release(m.len());
         }
+    }
+
+    fn remove_sync(&self, path: &Path) {
+        if let Ok(m) = std::fs::metadata(path)
+            && std::fs::remove_file(path).is_ok()
+        {
+            self.release(m.len());
+        }
+    }
+
+    /// Removes a directory of copies (one level, like a pack's ranges) and gives their bytes
+    /// back.
+    fn remove_dir_sync(&self, dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            self.remove_sync(&e.path());
+        }
+        let _ = std::fs::remove_dir(dir);
     }
 }
 
@@ -137,34 +226,31 @@ impl<S: Store> CacheStore<S> {
         if Id::of_bytes(bytes) != *id {
             return;
         }
-        let Some(parent) = path.parent() else { return };
-        if !self.cache.reserve(bytes.len() as u64) {
-            tracing::debug!("cache {} is full; not keeping {}", self.cache.root.display(), path.display());
-            return;
-        }
-        // Unique per write: concurrent readers of one object (an agent's orders) each write
-        // their own temporary file.
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let tmp = parent.join(format!(".{}.tmp{}-{n}", id.to_hex(), std::process::id()));
-        let written = async {
-            // Owner only, like the password file: the objects are sealed, but their number and
-            // sizes are nobody else's business.
-            tokio::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).await?;
-            let mut file = tokio::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).await?;
-            tokio::io::AsyncWriteExt::write_all(&mut file, bytes).await?;
-            drop(file);
-            // Create-only, so that a copy another reader kept first is not counted twice.
-            tokio::fs::hard_link(&tmp, path).await
-        }
-        .await;
-        let _ = tokio::fs::remove_file(&tmp).await;
-        if let Err(e) = written {
-            if e.kind() != std::io::ErrorKind::AlreadyExists {
-                tracing::debug!("cannot keep {} in the cache: {e}", path.display());
+        let (cache, path, bytes) = (Arc::clone(&self.cache), path.to_path_buf(), bytes.clone());
+        let _ = tokio::task::spawn_blocking(move || write_copy(&cache, &path, &[&bytes])).await;
+    }
+
+    fn ranges_of(&self, pack: &Id) -> PathBuf {
+        self.dir.join(RANGES_DIR).join(pack.to_hex())
+    }
+
+    /// Removes the kept ranges of the packs under `prefix` that `listed` lacks.
+    async fn evict_unlisted_ranges(&self, prefix: &str, listed: &[ObjectInfo]) {
+        let packs: std::collections::HashSet<Id> = listed.iter().filter_map(|o| pack_of(&o.key)).collect();
+        let (cache, dir, prefix) = (Arc::clone(&self.cache), self.dir.join(RANGES_DIR), prefix.to_string());
+        let _ = tokio::task::spawn_blocking(move || {
+            let Ok(entries) = std::fs::read_dir(&dir) else { return };
+            // Bounded by the number of packs kept: one pass.
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let listed = Id::from_hex(&name.to_string_lossy())
+                    .map(|id| !crate::repo::pack_key(&id).starts_with(&prefix) || packs.contains(&id));
+                if !matches!(listed, Ok(true)) {
+                    cache.remove_dir_sync(&e.path());
+                }
             }
-            self.cache.release(bytes.len() as u64);
-        }
+        })
+        .await;
     }
 
     /// Removes the copies under `dir` that `listed` (the repository's listing of it) lacks.
@@ -222,11 +308,51 @@ impl<S: Store> Store for CacheStore<S> {
         self.inner.get_ranges_once(key, ranges).await
     }
 
+    async fn get_metadata_ranges(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        let Some(pack) = pack_of(key) else { return self.inner.get_metadata_ranges(key, ranges).await };
+        let dir = self.ranges_of(&pack);
+        // One blocking task for the whole batch: a directory's subtrees are many small files.
+        let (cache, d, wanted) = (Arc::clone(&self.cache), dir.clone(), ranges.to_vec());
+        let mut found: Vec<Option<Bytes>> = tokio::task::spawn_blocking(move || {
+            wanted.iter().map(|r| read_range_copy(&cache, &range_file(&d, r), r)).collect()
+        })
+        .await
+        .unwrap_or_else(|_| vec![None; ranges.len()]);
+        let missing: Vec<usize> = (0..ranges.len()).filter(|&i| found[i].is_none()).collect();
+        if !missing.is_empty() {
+            let want: Vec<Range<u64>> = missing.iter().map(|&i| ranges[i].clone()).collect();
+            let fetched = self.inner.get_metadata_ranges(key, &want).await?;
+            // Only whole ranges are kept; a short answer goes to the reader as it is.
+            let keep: Vec<(PathBuf, Bytes)> = want
+                .iter()
+                .zip(&fetched)
+                .filter(|(r, b)| b.len() as u64 == r.end - r.start)
+                .map(|(r, b)| (range_file(&dir, r), b.clone()))
+                .collect();
+            let cache = Arc::clone(&self.cache);
+            let _ = tokio::task::spawn_blocking(move || {
+                for (path, bytes) in keep {
+                    write_copy(&cache, &path, &[&bytes, &Id::of_bytes(&bytes).0]);
+                }
+            })
+            .await;
+            for (i, bytes) in missing.into_iter().zip(fetched) {
+                found[i] = Some(bytes);
+            }
+        }
+        found
+            .into_iter()
+            .collect::<Option<Vec<Bytes>>>()
+            .ok_or_else(|| crate::error::Error::Internal(format!("{key}: fewer ranges returned than asked")))
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let listed = self.inner.list(prefix).await?;
         let dir = prefix.trim_end_matches('/');
         if CACHED_DIRS.contains(&dir) {
             self.evict_unlisted(dir, &listed).await;
+        } else if prefix.starts_with("packs") {
+            self.evict_unlisted_ranges(prefix, &listed).await;
         }
         Ok(listed)
     }
@@ -235,6 +361,9 @@ impl<S: Store> Store for CacheStore<S> {
         self.inner.delete(key).await?;
         if let Some((path, _)) = self.slot(key) {
             self.cache.remove(&path).await;
+        } else if let Some(pack) = pack_of(key) {
+            let (cache, dir) = (Arc::clone(&self.cache), self.ranges_of(&pack));
+            let _ = tokio::task::spawn_blocking(move || cache.remove_dir_sync(&dir)).await;
         }
         Ok(())
     }
@@ -264,6 +393,8 @@ mod tests {
     struct Counting {
         inner: Arc<dyn Store>,
         gets: AtomicUsize,
+        /// Ranges read.
+        ranged: AtomicUsize,
     }
 
     #[async_trait]
@@ -282,6 +413,7 @@ mod tests {
             self.inner.get_range(key, range).await
         }
         async fn get_ranges(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+            self.ranged.fetch_add(ranges.len(), Ordering::SeqCst);
             self.inner.get_ranges(key, ranges).await
         }
         async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
@@ -299,6 +431,7 @@ mod tests {
         let remote = Arc::new(Counting {
             inner: open_store("memory:", &StoreOptions::default()).unwrap(),
             gets: AtomicUsize::new(0),
+            ranged: AtomicUsize::new(0),
         });
         let cache = CacheStore::new(Arc::clone(&remote) as Arc<dyn Store>, CacheDir::new(root.to_path_buf(), None));
         (remote, cache)
@@ -396,6 +529,69 @@ mod tests {
         remote.inner.put(&wrong, Bytes::from_static(b"not that")).await.unwrap();
         assert_eq!(cache.get(&wrong).await.unwrap(), Bytes::from_static(b"not that"));
         assert!(!cache.dir().join(&wrong).exists());
+    }
+
+    /// A pack with two tree-like ranges and data between them.
+    async fn pack_of_ranges(remote: &Counting) -> (String, Bytes, [Range<u64>; 2]) {
+        let content: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        let key = crate::repo::pack_key(&Id::of_bytes(&content));
+        remote.inner.put(&key, Bytes::from(content.clone())).await.unwrap();
+        (key, Bytes::from(content), [100..400, 2000..2100])
+    }
+
+    #[tokio::test]
+    async fn metadata_ranges_are_kept_checked_and_fetched_again_when_damaged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (remote, cache) = setup(tmp.path());
+        let (key, content, ranges) = pack_of_ranges(&remote).await;
+        let expect: Vec<Bytes> = ranges.iter().map(|r| content.slice(r.start as usize..r.end as usize)).collect();
+        for _ in 0..3 {
+            assert_eq!(cache.get_metadata_ranges(&key, &ranges).await.unwrap(), expect);
+        }
+        assert_eq!(remote.ranged.load(Ordering::SeqCst), 2, "fetched once each, then from the copies");
+        // Ordinary ranged reads (data) are neither kept nor served from copies.
+        cache.get_ranges(&key, &ranges).await.unwrap();
+        assert_eq!(remote.ranged.load(Ordering::SeqCst), 4);
+
+        // A damaged copy: only that range is fetched again, and its copy is repaired.
+        let pack = pack_of(&key).unwrap();
+        let copy = range_file(&cache.dir().join(RANGES_DIR).join(pack.to_hex()), &ranges[1]);
+        let mut bytes = std::fs::read(&copy).unwrap();
+        bytes[7] ^= 1;
+        std::fs::write(&copy, &bytes).unwrap();
+        assert_eq!(cache.get_metadata_ranges(&key, &ranges).await.unwrap(), expect);
+        assert_eq!(remote.ranged.load(Ordering::SeqCst), 5);
+        assert_eq!(cache.get_metadata_ranges(&key, &ranges).await.unwrap(), expect);
+        assert_eq!(remote.ranged.load(Ordering::SeqCst), 5, "the copy was not repaired");
+
+        // A short answer (a range past the end) is returned as it is and not kept.
+        let past: Range<u64> = 4000..4200;
+        assert_eq!(cache.get_metadata_ranges(&key, std::slice::from_ref(&past)).await.unwrap()[0].len(), 96);
+        assert!(!range_file(&cache.dir().join(RANGES_DIR).join(pack.to_hex()), &past).exists());
+    }
+
+    #[tokio::test]
+    async fn ranges_of_packs_deleted_elsewhere_go_at_the_next_listing_of_packs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (remote, cache) = setup(tmp.path());
+        let (gone, _, ranges) = pack_of_ranges(&remote).await;
+        let kept = crate::repo::pack_key(&Id::of_bytes(b"another pack"));
+        remote.inner.put(&kept, Bytes::from(vec![9u8; 3000])).await.unwrap();
+        cache.get_metadata_ranges(&gone, &ranges).await.unwrap();
+        cache.get_metadata_ranges(&kept, &ranges).await.unwrap();
+        let dir_of = |key: &str| cache.dir().join(RANGES_DIR).join(pack_of(key).unwrap().to_hex());
+        assert!(dir_of(&gone).is_dir() && dir_of(&kept).is_dir());
+
+        // Another host's prune deletes `gone`; a listing of one shard leaves other shards alone.
+        remote.inner.delete(&gone).await.unwrap();
+        let other_shard = ["packs/", if gone.starts_with("packs/00") { "ff" } else { "00" }, "/"].concat();
+        cache.list(&other_shard).await.unwrap();
+        assert!(dir_of(&gone).is_dir());
+        cache.list("packs/").await.unwrap();
+        assert!(!dir_of(&gone).exists() && dir_of(&kept).is_dir());
+        // A delete through the cache removes the pack's ranges.
+        cache.delete(&kept).await.unwrap();
+        assert!(!dir_of(&kept).exists());
     }
 
     #[tokio::test]

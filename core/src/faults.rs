@@ -384,6 +384,10 @@ impl<S: Store> Store for FaultyStore<S> {
         self.call(Op::Get, key, || self.inner.get_ranges_once(key, ranges)).await
     }
 
+    async fn get_metadata_ranges(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.call(Op::Get, key, || self.inner.get_metadata_ranges(key, ranges)).await
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         self.call(Op::List, prefix, || self.inner.list(prefix)).await
     }

@@ -398,7 +398,16 @@ impl Repository {
     pub async fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
         let loc = self.index().get(id).ok_or_else(|| Error::Missing { kind: ObjectKind::Blob, name: id.to_hex() })?;
         let range = loc.offset as u64..loc.offset as u64 + loc.stored_len as u64;
-        let sealed = match self.store.get_range(&pack_key(&loc.pack), range).await {
+        let key = pack_key(&loc.pack);
+        let read = match loc.ty {
+            BlobType::Tree => self
+                .store
+                .get_metadata_ranges(&key, &[range])
+                .await
+                .and_then(|mut r| r.pop().ok_or_else(|| Error::Internal(format!("no range returned from {key}")))),
+            BlobType::Data => self.store.get_range(&key, range).await,
+        };
+        let sealed = match read {
             Ok(b) => b,
             Err(Error::ObjectNotFound(k)) => return Err(Error::Missing { kind: ObjectKind::Pack, name: k }),
             Err(e) => return Err(e),
@@ -448,7 +457,14 @@ impl Repository {
                 blobs.sort_by_key(|(_, l)| l.offset);
                 let ranges: Vec<_> =
                     blobs.iter().map(|(_, l)| l.offset as u64..l.offset as u64 + l.stored_len as u64).collect();
-                let r = match self.store.get_ranges(&pack_key(&pack), &ranges).await {
+                // Tree blobs only: a cache may keep them (`Store::get_metadata_ranges`).
+                let key = pack_key(&pack);
+                let read = if blobs.iter().all(|(_, l)| l.ty == BlobType::Tree) {
+                    self.store.get_metadata_ranges(&key, &ranges).await
+                } else {
+                    self.store.get_ranges(&key, &ranges).await
+                };
+                let r = match read {
                     Err(Error::ObjectNotFound(k)) => Err(Error::Missing { kind: ObjectKind::Pack, name: k }),
                     other => other,
                 };

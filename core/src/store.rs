@@ -65,6 +65,11 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn get_ranges_once(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
         self.get_ranges(key, ranges).await
     }
+    /// Like [`Store::get_ranges`], for ranges of a pack that hold repository metadata (tree
+    /// blobs): a cache decorator keeps them, every other decorator passes the call on.
+    async fn get_metadata_ranges(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.get_ranges(key, ranges).await
+    }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;
     async fn delete(&self, key: &str) -> Result<()>;
     /// Where the repository lives, without credentials.
@@ -339,6 +344,10 @@ impl<S: Store> Store for RetryStore<S> {
         self.run(|| self.inner.get_ranges_once(key, ranges)).await
     }
 
+    async fn get_metadata_ranges(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.run(|| self.inner.get_metadata_ranges(key, ranges)).await
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         self.run(|| self.inner.list(prefix)).await
     }
@@ -379,6 +388,9 @@ impl Store for Arc<dyn Store> {
     }
     async fn get_ranges_once(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
         (**self).get_ranges_once(key, ranges).await
+    }
+    async fn get_metadata_ranges(&self, key: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        (**self).get_metadata_ranges(key, ranges).await
     }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
         (**self).list(prefix).await
