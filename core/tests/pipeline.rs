@@ -15,6 +15,7 @@
 //!   without (walked depth-first on one thread).
 //! * progress totals are the parent's (an estimate, no metadata scan) when the parent covers
 //!   every source, and counted otherwise.
+//! * a directory wider than the walk's batch of parent trees finds every one of them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -569,4 +570,36 @@ async fn totals_come_from_the_parent_when_it_covers_every_source() {
     let progress = Arc::clone(&third.progress);
     backup_within(&repo, third, 120).await;
     assert!(!progress.totals_estimated.load(Relaxed), "the parent lacks a source: the totals are counted");
+}
+
+/// A directory with more subdirectories than the walk loads parent trees for at once (32): the
+/// later ones still find their parent trees (their files count as unmodified, none is read
+/// again), identical subdirectories share one tree, and the tree equals a depth-first walk's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wide_directories_find_every_parent_tree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    for d in 0..70u64 {
+        let dir = src.join(format!("wide/d{d:02}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        if d % 10 == 9 {
+            continue; // empty: seven subdirectories with one and the same tree
+        }
+        for f in 0..2 {
+            std::fs::write(dir.join(format!("f{f}")), random_bytes(700, d * 10 + f)).unwrap();
+        }
+    }
+    let repo = init(store(&tmp.path().join("repo"), None), 4 * MIB as u32).await;
+    let first = backup_within(&repo, options(&src, 64 * MIB, 2), 120).await;
+    assert_eq!(first.snapshot.summary.files_new, 126);
+
+    std::fs::write(src.join("wide/d55/f1"), b"changed").unwrap();
+    let with_parent = BackupOptions { parent: ParentSelection::Auto, ..options(&src, 64 * MIB, 2) };
+    let incremental = backup_within(&repo, with_parent, 120).await;
+    let s = &incremental.snapshot.summary;
+    assert_eq!((s.files_unmodified, s.files_changed, s.files_new, s.warnings), (125, 1, 0, 0), "{s:?}");
+    assert_eq!(s.bytes_read, 7, "only the changed file is read: {s:?}");
+    let depth_first = backup_within(&repo, options(&src, 64 * MIB, 2), 120).await;
+    let root = |o: &BackupOutcome| o.snapshot.component("data").unwrap().root;
+    assert_eq!(root(&incremental), root(&depth_first));
 }
