@@ -64,7 +64,18 @@ fn read_range_copy(cache: &CacheDir, path: &Path, range: &Range<u64>) -> Option<
         return Some(Bytes::from(data));
     }
     tracing::debug!("cached range {} does not match its checksum; fetching it again", path.display());
-    cache.remove_sync(path);
+    cache.remove(path);
+    None
+}
+
+/// A kept object, when its copy still hashes to its name; a bad copy is removed.
+fn read_named_copy(cache: &CacheDir, path: &Path, id: &Id) -> Option<Bytes> {
+    let bytes = std::fs::read(path).ok()?;
+    if Id::of_bytes(&bytes) == *id {
+        return Some(Bytes::from(bytes));
+    }
+    tracing::debug!("cached copy {} does not match its name; fetching it again", path.display());
+    cache.remove(path);
     None
 }
 
@@ -140,31 +151,31 @@ impl CacheDir {
         }
     }
 
-    /// Removes a copy and gives its bytes back.
-    async fn remove(&self, path: &Path) {
-        if let Ok(m) = tokio::fs::metadata(path).await
-            && tokio::fs::remove_file(path).await.is_ok()
-        {
+    /// Removes a copy, or a directory of copies (one level: a pack's ranges), and gives their
+    /// bytes back.
+    fn remove(&self, path: &Path) {
+        let Ok(m) = std::fs::symlink_metadata(path) else { return };
+        if m.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(path) {
+                for e in entries.flatten() {
+                    self.remove(&e.path());
+                }
+            }
+            let _ = std::fs::remove_dir(path);
+        } else if std::fs::remove_file(path).is_ok() {
             self.release(m.len());
         }
     }
 
-    fn remove_sync(&self, path: &Path) {
-        if let Ok(m) = std::fs::metadata(path)
-            && std::fs::remove_file(path).is_ok()
-        {
-            self.release(m.len());
-        }
-    }
-
-    /// Removes a directory of copies (one level, like a pack's ranges) and gives their bytes
-    /// back.
-    fn remove_dir_sync(&self, dir: &Path) {
+    /// Removes the entries of `dir` that `keep` (given an entry's name) refuses.
+    fn evict(&self, dir: &Path, keep: impl Fn(&str) -> bool) {
         let Ok(entries) = std::fs::read_dir(dir) else { return };
+        // Bounded by the directory's size: one pass.
         for e in entries.flatten() {
-            self.remove_sync(&e.path());
+            if !keep(&e.file_name().to_string_lossy()) {
+                self.remove(&e.path());
+            }
         }
-        let _ = std::fs::remove_dir(dir);
     }
 }
 
@@ -213,21 +224,22 @@ impl<S: Store> CacheStore<S> {
     }
 
     async fn read_copy(&self, path: &Path, id: &Id) -> Option<Bytes> {
-        let bytes = tokio::fs::read(path).await.ok()?;
-        if Id::of_bytes(&bytes) == *id {
-            return Some(Bytes::from(bytes));
-        }
-        tracing::debug!("cached copy {} does not match its name; fetching it again", path.display());
-        self.cache.remove(path).await;
-        None
+        let (cache, path, id) = (Arc::clone(&self.cache), path.to_path_buf(), *id);
+        tokio::task::spawn_blocking(move || read_named_copy(&cache, &path, &id)).await.ok().flatten()
+    }
+
+    /// Runs `f` on the cache directory off the async runtime, and waits for it.
+    async fn blocking(&self, f: impl FnOnce(&CacheDir) + Send + 'static) {
+        let cache = Arc::clone(&self.cache);
+        let _ = tokio::task::spawn_blocking(move || f(&cache)).await;
     }
 
     async fn keep(&self, path: &Path, id: &Id, bytes: &Bytes) {
         if Id::of_bytes(bytes) != *id {
             return;
         }
-        let (cache, path, bytes) = (Arc::clone(&self.cache), path.to_path_buf(), bytes.clone());
-        let _ = tokio::task::spawn_blocking(move || write_copy(&cache, &path, &[&bytes])).await;
+        let (path, bytes) = (path.to_path_buf(), bytes.clone());
+        self.blocking(move |cache| write_copy(cache, &path, &[&bytes])).await;
     }
 
     fn ranges_of(&self, pack: &Id) -> PathBuf {
@@ -237,36 +249,23 @@ impl<S: Store> CacheStore<S> {
     /// Removes the kept ranges of the packs under `prefix` that `listed` lacks.
     async fn evict_unlisted_ranges(&self, prefix: &str, listed: &[ObjectInfo]) {
         let packs: std::collections::HashSet<Id> = listed.iter().filter_map(|o| pack_of(&o.key)).collect();
-        let (cache, dir, prefix) = (Arc::clone(&self.cache), self.dir.join(RANGES_DIR), prefix.to_string());
-        let _ = tokio::task::spawn_blocking(move || {
-            let Ok(entries) = std::fs::read_dir(&dir) else { return };
-            // Bounded by the number of packs kept: one pass.
-            for e in entries.flatten() {
-                let name = e.file_name();
-                let listed = Id::from_hex(&name.to_string_lossy())
-                    .map(|id| !crate::repo::pack_key(&id).starts_with(&prefix) || packs.contains(&id));
-                if !matches!(listed, Ok(true)) {
-                    cache.remove_dir_sync(&e.path());
-                }
-            }
+        let (dir, prefix) = (self.dir.join(RANGES_DIR), prefix.to_string());
+        self.blocking(move |cache| {
+            cache.evict(&dir, |name| {
+                Id::from_hex(name)
+                    .is_ok_and(|id| !crate::repo::pack_key(&id).starts_with(&prefix) || packs.contains(&id))
+            })
         })
         .await;
     }
 
-    /// Removes the copies under `dir` that `listed` (the repository's listing of it) lacks.
+    /// Removes the copies under `dir` that `listed` (the repository's listing of it) lacks, and
+    /// temporary files left behind.
     async fn evict_unlisted(&self, dir: &str, listed: &[ObjectInfo]) {
-        let names: std::collections::HashSet<&str> =
-            listed.iter().filter_map(|o| o.key.strip_prefix(dir)?.strip_prefix('/')).collect();
-        let Ok(mut entries) = tokio::fs::read_dir(self.dir.join(dir)).await else { return };
-        // Bounded by the directory's size: one pass.
-        while let Ok(Some(e)) = entries.next_entry().await {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            let stale_tmp = name.starts_with('.');
-            if stale_tmp || !names.contains(name.as_ref()) {
-                self.cache.remove(&e.path()).await;
-            }
-        }
+        let names: std::collections::HashSet<String> =
+            listed.iter().filter_map(|o| Some(o.key.strip_prefix(dir)?.strip_prefix('/')?.to_string())).collect();
+        let dir = self.dir.join(dir);
+        self.blocking(move |cache| cache.evict(&dir, |name| !name.starts_with('.') && names.contains(name))).await;
     }
 }
 
@@ -329,10 +328,9 @@ impl<S: Store> Store for CacheStore<S> {
                 .filter(|(r, b)| b.len() as u64 == r.end - r.start)
                 .map(|(r, b)| (range_file(&dir, r), b.clone()))
                 .collect();
-            let cache = Arc::clone(&self.cache);
-            let _ = tokio::task::spawn_blocking(move || {
+            self.blocking(move |cache| {
                 for (path, bytes) in keep {
-                    write_copy(&cache, &path, &[&bytes, &Id::of_bytes(&bytes).0]);
+                    write_copy(cache, &path, &[&bytes, &Id::of_bytes(&bytes).0]);
                 }
             })
             .await;
@@ -359,11 +357,9 @@ impl<S: Store> Store for CacheStore<S> {
 
     async fn delete(&self, key: &str) -> Result<()> {
         self.inner.delete(key).await?;
-        if let Some((path, _)) = self.slot(key) {
-            self.cache.remove(&path).await;
-        } else if let Some(pack) = pack_of(key) {
-            let (cache, dir) = (Arc::clone(&self.cache), self.ranges_of(&pack));
-            let _ = tokio::task::spawn_blocking(move || cache.remove_dir_sync(&dir)).await;
+        let copy = self.slot(key).map(|(path, _)| path).or_else(|| pack_of(key).map(|pack| self.ranges_of(&pack)));
+        if let Some(path) = copy {
+            self.blocking(move |cache| cache.remove(&path)).await;
         }
         Ok(())
     }
