@@ -317,15 +317,6 @@ pub async fn backup(
     mut order: Wiped<pb::BackupOrder>,
     vol: OpenVolume,
 ) -> Result<pb::Result, JobError> {
-    let repo = open_repository(&env, order.repository.as_ref(), &ctx.cancel).await;
-    wipe(&mut order.repository);
-    let repo = repo?;
-    let existing = repo.list_snapshots().await?;
-    if let Some((id, snap)) = existing.iter().find(|(_, s)| s.labels.get(ORDER_LABEL) == Some(&ctx.order_id)) {
-        tracing::info!(order_id = ctx.order_id, snapshot = %id, "order already completed earlier; not backing up again");
-        return Ok(pb::Result { snapshot_id: id.to_hex(), stats: Some(stats_of(&snap.summary)), ..Default::default() });
-    }
-    drop(existing);
     let (component, host) = naming(&order);
     let id = order.volume.clone().unwrap_or_default();
     let mut labels = order.labels.clone();
@@ -342,8 +333,7 @@ pub async fn backup(
             labels.insert("hoard.dev/pvc".into(), p.claim_name.clone());
         }
     }
-    ctx.set_phase(Phase::Running);
-    let opts = BackupOptions {
+    let mut opts = BackupOptions {
         sources: vec![Source::Dir { name: component, dir: vol.dir, origin: vol.plan.display.clone() }],
         host,
         tags: order.tags.clone(),
@@ -359,6 +349,18 @@ pub async fn backup(
         one_file_system: true,
         ..BackupOptions::default()
     };
+    // Warms the volume's metadata while the key is derived and the repository opened.
+    opts.warmup = Some(hoard_core::backup::start_warmup(&opts)?);
+    let repo = open_repository(&env, order.repository.as_ref(), &ctx.cancel).await;
+    wipe(&mut order.repository);
+    let repo = repo?;
+    let existing = repo.list_snapshots().await?;
+    if let Some((id, snap)) = existing.iter().find(|(_, s)| s.labels.get(ORDER_LABEL) == Some(&ctx.order_id)) {
+        tracing::info!(order_id = ctx.order_id, snapshot = %id, "order already completed earlier; not backing up again");
+        return Ok(pb::Result { snapshot_id: id.to_hex(), stats: Some(stats_of(&snap.summary)), ..Default::default() });
+    }
+    drop(existing);
+    ctx.set_phase(Phase::Running);
     // The core backup future is not `Send` (it borrows its sources across awaits), so it runs
     // on a blocking thread that drives it on this runtime.
     let handle = tokio::runtime::Handle::current();

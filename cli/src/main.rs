@@ -610,6 +610,8 @@ async fn cmd_backup(g: &Global, a: BackupArgs) -> anyhow::Result<u8> {
         progress: Arc::clone(&progress),
         ..BackupOptions::default()
     };
+    // Warms the sources' metadata while the key is derived and the repository opened.
+    opts.warmup = Some(hoard_core::backup::start_warmup(&opts)?);
     let repo = open_repo(g).await?;
     opts.parent = if a.force {
         ParentSelection::None

@@ -222,24 +222,13 @@ impl Repository {
         if slots.is_empty() {
             return Err(Error::Missing { kind: ObjectKind::Key, name: "keys/".into() });
         }
-        let mut found = None;
-        for (slot_id, slot) in &slots {
-            let slot = match slot {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!("skipping key slot {}: {e}", slot_id.short());
-                    continue;
-                }
-            };
-            match slot.unwrap_key(password.as_bytes(), &config.id) {
-                Ok(Some(master)) => {
-                    found = Some((*slot_id, master));
-                    break;
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!("skipping key slot {}: {e}", slot_id.short()),
-            }
-        }
+        // Key derivation is deliberately slow CPU work: it runs on a blocking thread, so the
+        // runtime goes on with other tasks meanwhile.
+        let password = password.clone();
+        let repo_id = config.id;
+        let found = tokio::task::spawn_blocking(move || unwrap_any_slot(&slots, &password, &repo_id))
+            .await
+            .map_err(|e| Error::Internal(format!("key derivation stopped: {e}")))?;
         let Some((key_id, master)) = found else {
             return Err(Error::WrongPassword);
         };
@@ -652,6 +641,25 @@ async fn save_key_slot(store: &dyn Store, slot: &KeySlot) -> Result<Id> {
     let id = Id::of_bytes(&bytes);
     store.put(&format!("keys/{}", id.to_hex()), Bytes::from(bytes)).await?;
     Ok(id)
+}
+
+/// The first slot that `password` opens, with the master key it wraps.
+fn unwrap_any_slot(slots: &[(Id, Result<KeySlot>)], password: &Password, repo_id: &Id) -> Option<(Id, SecretKey)> {
+    for (slot_id, slot) in slots {
+        let slot = match slot {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("skipping key slot {}: {e}", slot_id.short());
+                continue;
+            }
+        };
+        match slot.unwrap_key(password.as_bytes(), repo_id) {
+            Ok(Some(master)) => return Some((*slot_id, master)),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("skipping key slot {}: {e}", slot_id.short()),
+        }
+    }
+    None
 }
 
 async fn list_key_slots(store: &dyn Store) -> Result<Vec<(Id, Result<KeySlot>)>> {

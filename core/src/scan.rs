@@ -1,4 +1,5 @@
-//! The metadata scan that runs beside a backup that has no parent for some source.
+//! The metadata scan that runs beside a backup that has no parent for some source, and the
+//! warm-up scan that runs while the repository is opened ([`MetadataScan::start_idle`]).
 //!
 //! It walks the backup's sources with [`SCAN_THREADS`] threads and stats every entry the backup
 //! will take (same excludes, includes and depth limit; with one-file-system, the same device).
@@ -21,10 +22,12 @@
 //!   [`MAX_DEPTH`] levels, one descriptor per level).
 //! * Dropping the [`MetadataScan`] stops its threads at their next entry; it does not wait for
 //!   them.
+//! * A warm-up scan's threads run in the idle scheduling class from their first step: it only
+//!   uses a core nothing else wants, and counts into a progress no one reads.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use rustix::fs::FileType;
@@ -85,6 +88,10 @@ struct Shared {
     rules: ScanRules,
     progress: Arc<Progress>,
     started: std::time::Instant,
+    /// Threads run in the idle scheduling class ([`MetadataScan::start_idle`]).
+    idle: bool,
+    /// Threads that moved to the idle class.
+    idle_threads: AtomicUsize,
 }
 
 /// A running scan; dropping it stops it.
@@ -101,6 +108,17 @@ impl std::fmt::Debug for MetadataScan {
 impl MetadataScan {
     /// Starts scanning `roots`, adding what it finds to `progress`'s totals.
     pub fn start(roots: Vec<ScanRoot>, rules: ScanRules, progress: Arc<Progress>) -> MetadataScan {
+        Self::start_with(roots, rules, progress, false)
+    }
+
+    /// Starts a scan that only warms the kernel's caches: its threads run in the idle
+    /// scheduling class (only on a core nothing else wants) and count into a progress of their
+    /// own, which nobody reads.
+    pub fn start_idle(roots: Vec<ScanRoot>, rules: ScanRules) -> MetadataScan {
+        Self::start_with(roots, rules, Arc::new(Progress::default()), true)
+    }
+
+    fn start_with(roots: Vec<ScanRoot>, rules: ScanRules, progress: Arc<Progress>, idle: bool) -> MetadataScan {
         let sel = if rules.includes.is_some() { Selection::Matching } else { Selection::All };
         let mut dirs = Vec::new();
         for root in roots {
@@ -136,6 +154,8 @@ impl MetadataScan {
             rules,
             progress,
             started: std::time::Instant::now(),
+            idle,
+            idle_threads: AtomicUsize::new(0),
         });
         if nothing_to_walk {
             shared.progress.totals_known.store(true, Ordering::Relaxed);
@@ -144,8 +164,8 @@ impl MetadataScan {
         for _ in 0..SCAN_THREADS {
             let s = Arc::clone(&shared);
             // Best effort: with fewer threads (or none) the backup's own walk still does the work.
-            let _ =
-                std::thread::Builder::new().name("hoard-scan".into()).stack_size(SCAN_STACK).spawn(move || s.work());
+            let name = if idle { "hoard-warmup" } else { "hoard-scan" };
+            let _ = std::thread::Builder::new().name(name.into()).stack_size(SCAN_STACK).spawn(move || s.work());
         }
         MetadataScan { shared }
     }
@@ -164,6 +184,9 @@ impl Shared {
     }
 
     fn work(&self) {
+        if self.idle && crate::util::run_thread_when_idle() {
+            self.idle_threads.fetch_add(1, Ordering::Relaxed);
+        }
         while let Some(dir) = self.next() {
             self.walk(dir);
             self.finish_one();
@@ -338,6 +361,35 @@ mod tests {
             MetadataScan::start(vec![ScanRoot::Path(tmp.path().into())], ScanRules::default(), Arc::clone(&progress));
         wait_finished(&progress);
         assert_eq!(progress.files_total.load(Ordering::Relaxed), MAX_QUEUED as u64 * 3);
+    }
+
+    #[test]
+    fn a_warm_up_scan_walks_everything_on_idle_threads() {
+        let tmp = tempfile::tempdir().unwrap();
+        tree(tmp.path());
+        let scan = MetadataScan::start_idle(vec![ScanRoot::Path(tmp.path().into())], ScanRules::default());
+        wait_finished(&scan.shared.progress);
+        // Complete: 64 leaf directories of 3 files and skip.log.
+        assert_eq!(scan.shared.progress.files_total.load(Ordering::Relaxed), 64 * 3 + 1);
+        // Every thread moves to the idle class first thing, even one that found nothing left.
+        for _ in 0..2000 {
+            if scan.shared.idle_threads.load(Ordering::Relaxed) == SCAN_THREADS {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(scan.shared.idle_threads.load(Ordering::Relaxed), SCAN_THREADS);
+    }
+
+    #[test]
+    fn a_counting_scan_keeps_its_threads_scheduled_normally() {
+        let tmp = tempfile::tempdir().unwrap();
+        tree(tmp.path());
+        let progress = Arc::new(Progress::default());
+        let scan =
+            MetadataScan::start(vec![ScanRoot::Path(tmp.path().into())], ScanRules::default(), Arc::clone(&progress));
+        wait_finished(&progress);
+        assert_eq!(scan.shared.idle_threads.load(Ordering::Relaxed), 0);
     }
 
     #[test]

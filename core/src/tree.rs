@@ -172,6 +172,10 @@ impl Tree {
     pub fn find(&self, name: &[u8]) -> Option<&Node> {
         self.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)).ok().map(|i| &self.nodes[i])
     }
+
+    pub fn find_mut(&mut self, name: &[u8]) -> Option<&mut Node> {
+        self.nodes.binary_search_by(|n| n.name.as_slice().cmp(name)).ok().map(|i| &mut self.nodes[i])
+    }
 }
 
 #[cfg(test)]

@@ -34,6 +34,22 @@ pub fn tune_malloc() {
     }
 }
 
+/// Moves the calling thread to the idle scheduling class (`SCHED_IDLE`): it then runs only on
+/// a core that nothing else wants. For work that merely helps others along (the backup's
+/// warm-up walk). Best effort: returns whether the class changed (never on other systems).
+#[allow(unsafe_code)]
+pub fn run_thread_when_idle() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: changes only the calling thread's (pid 0) policy; `param` is valid for
+        // SCHED_IDLE, which takes priority 0.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
+
 /// Fixes glibc's mmap threshold at [`MMAP_THRESHOLD`], for a process that runs backups only
 /// (the `hoard backup` command). No effect with other C libraries, or when
 /// `MALLOC_MMAP_THRESHOLD_` is set.
@@ -132,4 +148,30 @@ pub fn set_nofile_limit(n: u64) {
         rustix::process::Resource::Nofile,
         rustix::process::Rlimit { current: Some(n.min(hard)), maximum: Some(hard) },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_thread_sent_to_idle_runs_in_the_idle_class() {
+        const SCHED_IDLE: u32 = 5;
+        // Scheduling policy of the calling thread: field 41 of its stat (fields after the
+        // parenthesised name start at field 3).
+        fn own_policy() -> u32 {
+            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+            let after = &stat[stat.rfind(')').unwrap() + 2..];
+            after.split(' ').nth(41 - 3).unwrap().parse().unwrap()
+        }
+        let (before, changed, after) = std::thread::spawn(|| {
+            let before = own_policy();
+            let changed = super::run_thread_when_idle();
+            (before, changed, own_policy())
+        })
+        .join()
+        .unwrap();
+        assert_ne!(before, SCHED_IDLE);
+        assert!(changed);
+        assert_eq!(after, SCHED_IDLE);
+    }
 }
