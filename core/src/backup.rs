@@ -947,7 +947,20 @@ fn push_extent(content: &mut Vec<Extent>, e: Extent) {
 }
 
 pub(crate) fn join_rel(rel: &str, name: &str) -> String {
-    if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") }
+    let mut path = String::with_capacity(rel.len() + 1 + name.len());
+    set_rel(&mut path, rel, name);
+    path
+}
+
+/// Makes `path` the path of `name` inside `rel` (`rel/name`, or `name` at the root), reusing
+/// its allocation.
+fn set_rel(path: &mut String, rel: &str, name: &str) {
+    path.clear();
+    if !rel.is_empty() {
+        path.push_str(rel);
+        path.push('/');
+    }
+    path.push_str(name);
 }
 
 /// Threads walking directories at once (rayon's work stealing spreads subdirectories over them).
@@ -1098,12 +1111,7 @@ impl Walker<'_> {
         let mut child_rel = String::with_capacity(rel.len() + 64);
         for cname in names {
             let name_str = String::from_utf8_lossy(cname.as_bytes());
-            child_rel.clear();
-            if !rel.is_empty() {
-                child_rel.push_str(rel);
-                child_rel.push('/');
-            }
-            child_rel.push_str(&name_str);
+            set_rel(&mut child_rel, rel, &name_str);
             if ctx.excludes.is_excluded(&child_rel, &name_str) {
                 continue;
             }
