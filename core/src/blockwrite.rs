@@ -172,6 +172,13 @@ struct SplitBlock {
     filled: usize,
 }
 
+/// A split block whose last byte has arrived, to be written.
+#[derive(Debug)]
+pub struct CompleteBlock {
+    index: u64,
+    buf: AlignedBuf,
+}
+
 /// The split blocks of one file being restored in whole blocks.
 #[derive(Debug)]
 pub struct BlockFile {
@@ -197,29 +204,32 @@ impl BlockFile {
         (self.size.saturating_sub(index * ALIGN as u64)).min(ALIGN as u64) as usize
     }
 
-    /// Takes `bytes` for `offset..` (within one block: a head or tail from [`split`]); writes the
-    /// block when this completes it.
-    pub fn put_piece(&self, fd: &OwnedFd, offset: u64, bytes: &[u8]) -> rustix::io::Result<()> {
+    /// Takes `bytes` for `offset..` (within one block: a head or tail from [`split`]). When this
+    /// completes the block, it is handed back to be written with [`BlockFile::write_block`]
+    /// (by whichever thread can wait for the disk), before [`BlockFile::finish`].
+    pub fn put_piece(&self, offset: u64, bytes: &[u8]) -> Option<CompleteBlock> {
         if bytes.is_empty() {
-            return Ok(());
+            return None;
         }
         let index = offset / ALIGN as u64;
         let at = (offset % ALIGN as u64) as usize;
         debug_assert!(at + bytes.len() <= ALIGN, "a piece crosses a block boundary");
-        let complete = {
-            let mut split = self.split.lock().unwrap_or_else(|p| p.into_inner());
-            let block = split.entry(index).or_insert_with(|| SplitBlock { buf: AlignedBuf::new(ALIGN), filled: 0 });
-            block.buf.as_mut_slice()[at..at + bytes.len()].copy_from_slice(bytes);
-            block.filled += bytes.len();
-            if block.filled >= self.block_bytes(index) { split.remove(&index) } else { None }
-        };
-        match complete {
-            Some(block) => self.write_block(fd, index, &block.buf),
-            None => Ok(()),
+        let mut split = self.split.lock().unwrap_or_else(|p| p.into_inner());
+        let block = split.entry(index).or_insert_with(|| SplitBlock { buf: AlignedBuf::new(ALIGN), filled: 0 });
+        block.buf.as_mut_slice()[at..at + bytes.len()].copy_from_slice(bytes);
+        block.filled += bytes.len();
+        if block.filled < self.block_bytes(index) {
+            return None;
         }
+        split.remove(&index).map(|b| CompleteBlock { index, buf: b.buf })
     }
 
-    fn write_block(&self, fd: &OwnedFd, index: u64, buf: &AlignedBuf) -> rustix::io::Result<()> {
+    /// Writes a block [`BlockFile::put_piece`] completed (all-zero blocks stay holes).
+    pub fn write_block(&self, fd: &OwnedFd, block: &CompleteBlock) -> rustix::io::Result<()> {
+        self.write_block_at(fd, block.index, &block.buf)
+    }
+
+    fn write_block_at(&self, fd: &OwnedFd, index: u64, buf: &AlignedBuf) -> rustix::io::Result<()> {
         if crate::util::is_zero(buf.as_slice()) {
             return Ok(());
         }
@@ -235,7 +245,7 @@ impl BlockFile {
     pub fn finish(&self, fd: &OwnedFd) -> rustix::io::Result<()> {
         let waiting: Vec<(u64, SplitBlock)> = self.split.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
         for (index, block) in waiting {
-            self.write_block(fd, index, &block.buf)?;
+            self.write_block_at(fd, index, &block.buf)?;
         }
         if self.past_end.load(Ordering::Acquire) {
             rustix::fs::ftruncate(fd, self.size)?;
@@ -317,17 +327,33 @@ mod tests {
             }
             preallocate(&fd, blobs.iter().cloned());
             let file = BlockFile::new(size);
+            // Completed blocks are written by other threads, some long after: every other one
+            // waits here until just before `finish`.
+            let mut deferred = Vec::new();
+            let mut completed = 0;
             for &i in &order {
                 let r = &blobs[i];
                 let [head, body, tail] = split(r.start, r.end - r.start);
                 let bytes = |r: &Range<u64>| &expected[r.start as usize..r.end as usize];
-                file.put_piece(&fd, head.start, bytes(&head)).unwrap();
-                file.put_piece(&fd, tail.start, bytes(&tail)).unwrap();
+                for piece in [head, tail] {
+                    if let Some(block) = file.put_piece(piece.start, bytes(&piece)) {
+                        completed += 1;
+                        if completed % 2 == 0 {
+                            deferred.push(block);
+                        } else {
+                            file.write_block(&fd, &block).unwrap();
+                        }
+                    }
+                }
                 if !body.is_empty() {
                     let mut buf = AlignedBuf::new((body.end - body.start) as usize);
                     buf.as_mut_slice().copy_from_slice(bytes(&body));
                     write_blocks(&fd, buf.as_slice(), body.start).unwrap();
                 }
+            }
+            assert!(deferred.len() >= 2, "the blobs complete split blocks ({completed})");
+            for block in deferred.iter().rev() {
+                file.write_block(&fd, block).unwrap();
             }
             file.finish(&fd).unwrap();
             drop(fd);

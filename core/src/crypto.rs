@@ -144,6 +144,14 @@ impl Keys {
             .ok_or_else(|| Error::corrupt(ObjectKind::Blob, id.to_hex(), "authentication failed (damaged or tampered)"))
     }
 
+    /// [`Keys::open_blob`] into `out`, which must be exactly as long as the payload
+    /// (`sealed.len() - SEAL_OVERHEAD`): no copy of the sealed bytes is made. On an error `out`
+    /// holds garbage.
+    pub fn open_blob_into(&self, ty: SealType, id: &Id, sealed: &[u8], out: &mut [u8]) -> Result<()> {
+        open_into(&self.blob_key(id), &blob_aad(ty, id), sealed, out)
+            .ok_or_else(|| Error::corrupt(ObjectKind::Blob, id.to_hex(), "authentication failed (damaged or tampered)"))
+    }
+
     /// Seals a metadata object of the given type.
     pub fn seal_meta(&self, ty: SealType, plaintext: &[u8]) -> Result<Vec<u8>> {
         let n = self.meta_seals.fetch_add(1, Ordering::Relaxed);
@@ -200,6 +208,17 @@ pub(crate) fn open_with(key: &LessSafeKey, aad: &[u8], sealed: &[u8]) -> Option<
     let len = key.open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf).ok()?.len();
     buf.truncate(len);
     Some(buf)
+}
+
+/// Decrypts `nonce ‖ ct ‖ tag` into `out` (`ct`'s length); `None` if it does not authenticate.
+fn open_into(key: &LessSafeKey, aad: &[u8], sealed: &[u8], out: &mut [u8]) -> Option<()> {
+    let ct_end = sealed.len().checked_sub(TAG_LEN)?;
+    if ct_end < NONCE_LEN || out.len() != ct_end - NONCE_LEN {
+        return None;
+    }
+    let nonce = <[u8; NONCE_LEN]>::try_from(&sealed[..NONCE_LEN]).ok()?;
+    let (ct, tag) = (&sealed[NONCE_LEN..ct_end], &sealed[ct_end..]);
+    key.open_separate_gather(Nonce::assume_unique_for_key(nonce), Aad::from(aad), ct, tag, out).ok()
 }
 
 /// Argon2id parameters, stored in each key slot.
@@ -444,6 +463,30 @@ mod tests {
             let mut s = sealed.clone();
             s[i] ^= 0x40;
             assert!(k.open_blob(SealType::DataBlob, &id, &s).is_err(), "flip at {i}");
+        }
+    }
+
+    /// Opening into a caller's buffer gives what `open_blob` gives and refuses what it refuses,
+    /// and a buffer of the wrong length.
+    #[test]
+    fn blob_opens_into_a_buffer_like_into_a_vec() {
+        let k = keys();
+        let plain = hoard_testkit::random_bytes(10_000, 3);
+        let id = k.blob_id(&plain);
+        let mut sealed = Vec::new();
+        k.seal_blob(SealType::DataBlob, &id, &plain, &mut sealed);
+        let mut out = vec![0u8; plain.len()];
+        k.open_blob_into(SealType::DataBlob, &id, &sealed, &mut out).unwrap();
+        assert_eq!(out, plain);
+        assert!(k.open_blob_into(SealType::TreeBlob, &id, &sealed, &mut out).is_err());
+        for len in [0, plain.len() - 1, plain.len() + 1] {
+            assert!(k.open_blob_into(SealType::DataBlob, &id, &sealed, &mut vec![0u8; len]).is_err(), "len {len}");
+        }
+        assert!(k.open_blob_into(SealType::DataBlob, &id, &sealed[..SEAL_OVERHEAD - 1], &mut []).is_err());
+        for i in (0..sealed.len()).step_by(97).chain([sealed.len() - 1]) {
+            let mut s = sealed.clone();
+            s[i] ^= 0x40;
+            assert!(k.open_blob_into(SealType::DataBlob, &id, &s, &mut out).is_err(), "flip at {i}");
         }
     }
 

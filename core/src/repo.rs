@@ -413,16 +413,51 @@ impl Repository {
         raw_len: u32,
         sealed: &[u8],
     ) -> Result<Vec<u8>> {
-        let payload = self.keys.open_blob(ty.seal_type(), id, sealed)?;
         let plain = match compression {
-            Compression::None => payload,
-            Compression::Zstd => decompress(&payload, raw_len as usize)
-                .map_err(|e| Error::corrupt(ObjectKind::Blob, id.to_hex(), format!("decompression: {e}")))?,
+            Compression::None => self.keys.open_blob(ty.seal_type(), id, sealed)?,
+            Compression::Zstd => with_payload(&self.keys, ty, id, sealed, |payload| {
+                decompress(payload, raw_len as usize)
+                    .map_err(|e| Error::corrupt(ObjectKind::Blob, id.to_hex(), format!("decompression: {e}")))
+            })?,
         };
         if plain.len() != raw_len as usize || self.keys.blob_id(&plain) != *id {
             return Err(Error::corrupt(ObjectKind::Blob, id.to_hex(), "content does not match its id"));
         }
         Ok(plain)
+    }
+
+    /// [`Repository::unseal_blob`] into `out`, which must be exactly the blob's recorded raw
+    /// length: the blob is decrypted straight into `out`, or into a per-thread buffer that it is
+    /// decompressed from, so no allocation or copy is made per blob. Checked like
+    /// `unseal_blob` (authenticated, length, id); on an error `out` holds garbage.
+    pub fn unseal_blob_into(
+        &self,
+        id: &Id,
+        ty: BlobType,
+        compression: Compression,
+        sealed: &[u8],
+        out: &mut [u8],
+    ) -> Result<()> {
+        let corrupt = |why: String| Error::corrupt(ObjectKind::Blob, id.to_hex(), why);
+        match compression {
+            Compression::None => {
+                if sealed.len() != out.len() + crate::crypto::SEAL_OVERHEAD {
+                    return Err(corrupt("stored length does not match its recorded length".into()));
+                }
+                self.keys.open_blob_into(ty.seal_type(), id, sealed, out)?;
+            }
+            Compression::Zstd => {
+                with_payload(&self.keys, ty, id, sealed, |payload| match decompress_into(payload, out) {
+                    Ok(n) if n == out.len() => Ok(()),
+                    Ok(n) => Err(corrupt(format!("decompressed to {n} bytes, {} recorded", out.len()))),
+                    Err(e) => Err(corrupt(format!("decompression: {e}"))),
+                })?
+            }
+        }
+        if self.keys.blob_id(out) != *id {
+            return Err(corrupt("content does not match its id".into()));
+        }
+        Ok(())
     }
 
     /// Reads several blobs, one ranged request per pack (`Store::get_ranges`), several packs at
@@ -622,18 +657,62 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Decompresses at most `capacity` bytes (the blob's recorded length, itself bounded).
-fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+/// Scratch buffers up to this size are kept between blobs; larger ones are freed after use, so
+/// a few big blobs do not leave every thread holding their size.
+pub const SCRATCH_KEEP: usize = 1024 * 1024;
+
+/// Runs `f` with a blob's decrypted payload in a per-thread buffer (kept between blobs up to
+/// [`SCRATCH_KEEP`] bytes, so small blobs cost no allocation).
+fn with_payload<T>(keys: &Keys, ty: BlobType, id: &Id, sealed: &[u8], f: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
+    thread_local! {
+        static PAYLOAD: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let Some(len) = sealed.len().checked_sub(crate::crypto::SEAL_OVERHEAD) else {
+        return Err(Error::corrupt(ObjectKind::Blob, id.to_hex(), "shorter than its seal"));
+    };
+    PAYLOAD.with(|cell| {
+        // A nested use on this thread (none today) gets its own buffer instead of a panic.
+        let mut own = Vec::new();
+        let mut guard = cell.try_borrow_mut();
+        let buf = match &mut guard {
+            Ok(b) => &mut **b,
+            Err(_) => &mut own,
+        };
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        let result = keys.open_blob_into(ty.seal_type(), id, sealed, &mut buf[..len]).and_then(|()| f(&buf[..len]));
+        if buf.len() > SCRATCH_KEEP {
+            *buf = Vec::new();
+        }
+        result
+    })
+}
+
+/// Runs `f` with this thread's zstd context, reused across blobs.
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
     DECOMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
+        let mut slot = cell.try_borrow_mut().map_err(std::io::Error::other)?;
         if slot.is_none() {
             *slot = Some(zstd::bulk::Decompressor::new()?);
         }
         match slot.as_mut() {
-            Some(d) => d.decompress(data, capacity),
-            None => zstd::bulk::decompress(data, capacity),
+            Some(d) => f(d),
+            None => Err(std::io::Error::other("no zstd context")),
         }
     })
+}
+
+/// Decompresses at most `capacity` bytes (the blob's recorded length, itself bounded).
+fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    with_decompressor(|d| d.decompress(data, capacity))
+}
+
+/// Decompresses into `out`, failing if the frame is larger; returns the bytes written.
+fn decompress_into(data: &[u8], out: &mut [u8]) -> std::io::Result<usize> {
+    with_decompressor(|d| d.decompress_to_buffer(data, out))
 }
 
 async fn save_key_slot(store: &dyn Store, slot: &KeySlot) -> Result<Id> {

@@ -19,8 +19,13 @@
 //! * Files of at least [`crate::backup::DIRECT_MIN_FILE`] bytes are written with `O_DIRECT`
 //!   where the filesystem takes it ([`RestoreOptions::direct_io`]): their data extents are
 //!   reserved up front, workers gather adjacent blobs into whole aligned blocks
-//!   ([`crate::blockwrite`]) and writer threads write them while the workers go on. A restore
-//!   then neither copies every byte into the page cache nor evicts the node's cached data.
+//!   ([`crate::blockwrite`]) and writer threads write them, and each split block its last
+//!   piece completes, while the workers go on (a worker never waits for a direct write). A
+//!   restore then neither copies every byte into the page cache nor evicts the node's cached
+//!   data.
+//! * Copies: a blob with one target in such a file is decrypted (and decompressed) straight
+//!   into the gathering buffer; other blobs into a per-worker buffer kept between blobs up to
+//!   [`crate::repo::SCRATCH_KEEP`] bytes. Nothing is allocated per blob below that size.
 //! * Metadata (owner when root, mode, xattrs, times) is applied after content; a directory's
 //!   after everything inside it is done.
 //! * Every blob is authenticated and checked against its id. A file whose data cannot be read
@@ -879,36 +884,46 @@ impl Drop for Finisher<'_> {
 /// Whole blocks of one file for a writer thread.
 struct WriteOrder<'a> {
     file: Arc<FileState>,
-    buf: AlignedBuf,
-    /// File offset of the buffer's first byte.
-    buf_start: u64,
-    blocks: std::ops::Range<u64>,
-    /// The worker's buffers come back here.
-    home: Sender<AlignedBuf>,
+    blocks: OrderBlocks,
     _finisher: Arc<Finisher<'a>>,
 }
 
+enum OrderBlocks {
+    /// Blocks a worker gathered: `range` of the file, from `buf`, whose first byte is at file
+    /// offset `buf_start`; the buffer then goes back to its worker through `home`.
+    Gathered { buf: AlignedBuf, buf_start: u64, range: std::ops::Range<u64>, home: Sender<AlignedBuf> },
+    /// A split block its last piece completed.
+    Completed(blockwrite::CompleteBlock),
+}
+
 impl WriteOrder<'_> {
-    fn write(&self) {
-        let at = |offset: u64| (offset - self.buf_start) as usize;
-        if !self.file.has_failed()
-            && let Err(e) = blockwrite::write_blocks(
-                &self.file.fd,
-                &self.buf.as_slice()[at(self.blocks.start)..at(self.blocks.end)],
-                self.blocks.start,
-            )
-        {
-            self.file.mark_write_failed(e);
+    /// Writes the blocks (unless the file has failed) and hands a worker's buffer back.
+    fn write(self) {
+        let file = &self.file;
+        let result = match &self.blocks {
+            _ if file.has_failed() => Ok(()),
+            OrderBlocks::Gathered { buf, buf_start, range, .. } => {
+                let at = |offset: u64| (offset - buf_start) as usize;
+                blockwrite::write_blocks(&file.fd, &buf.as_slice()[at(range.start)..at(range.end)], range.start)
+            }
+            OrderBlocks::Completed(block) => match &file.blocks {
+                Some(blocks) => blocks.write_block(&file.fd, block),
+                None => Ok(()),
+            },
+        };
+        if let Err(e) = result {
+            file.mark_write_failed(e);
+        }
+        if let OrderBlocks::Gathered { buf, home, .. } = self.blocks {
+            let _ = home.send(buf);
         }
     }
 }
 
-/// Writes orders until every worker has gone; hands each buffer back to its worker.
+/// Writes orders until every worker has gone.
 fn writer(orders: &Receiver<WriteOrder<'_>>) {
     for order in orders.iter() {
         order.write();
-        let WriteOrder { buf, home, .. } = order;
-        let _ = home.send(buf);
     }
 }
 
@@ -970,24 +985,36 @@ impl<'a> Stage<'a> {
         self.home.1.recv().unwrap_or_else(|_| AlignedBuf::new(STAGE_BYTES))
     }
 
+    /// Hands `blocks` of file `f` to a writer: a direct write waits for the disk, and the worker
+    /// goes on meanwhile.
+    fn send(&mut self, f: &Arc<FileState>, blocks: OrderBlocks) {
+        let order = WriteOrder { file: Arc::clone(f), blocks, _finisher: Arc::clone(self.finisher()) };
+        // Writers outlive the workers; should they be gone, write here.
+        if let Err(crossbeam_channel::SendError(order)) = self.orders.send(order) {
+            order.write();
+        }
+    }
+
     /// Hands the whole blocks gathered to a writer. With `closing`, the run ends: its last
     /// split block goes to the file; otherwise that block's bytes start the next buffer.
     fn write_out(&mut self, closing: bool) {
         let Some(f) = self.file.clone() else { return };
         let run = self.start + self.skip as u64..self.start + self.len as u64;
         let [head, body, tail] = blockwrite::split(run.start, run.end - run.start);
-        let at = |offset: u64| (offset - self.start) as usize;
+        let buf_start = self.start;
+        let at = |offset: u64| (offset - buf_start) as usize;
+        let mut completed = [None, None];
         if let (Some(blocks), Some(buf)) = (&f.blocks, &self.buf)
             && !f.has_failed()
         {
             let bytes = buf.as_slice();
-            let mut r = blocks.put_piece(&f.fd, head.start, &bytes[at(head.start)..at(head.end)]);
-            if r.is_ok() && closing {
-                r = blocks.put_piece(&f.fd, tail.start, &bytes[at(tail.start)..at(tail.end)]);
+            completed[0] = blocks.put_piece(head.start, &bytes[at(head.start)..at(head.end)]);
+            if closing {
+                completed[1] = blocks.put_piece(tail.start, &bytes[at(tail.start)..at(tail.end)]);
             }
-            if let Err(e) = r {
-                f.mark_write_failed(e);
-            }
+        }
+        for block in completed.into_iter().flatten() {
+            self.send(&f, OrderBlocks::Completed(block));
         }
         let carried = if closing { 0..0 } else { at(tail.start)..at(tail.end) };
         if !body.is_empty()
@@ -996,20 +1023,8 @@ impl<'a> Stage<'a> {
             let mut next = self.take_buf();
             next.as_mut_slice()[..carried.len()].copy_from_slice(&buf.as_slice()[carried.clone()]);
             self.buf = Some(next);
-            let finisher = Arc::clone(self.finisher());
-            let order = WriteOrder {
-                file: Arc::clone(&f),
-                buf,
-                buf_start: self.start,
-                blocks: body,
-                home: self.home.0.clone(),
-                _finisher: finisher,
-            };
-            // Writers outlive the workers; should they be gone, write here.
-            if let Err(crossbeam_channel::SendError(order)) = self.orders.send(order) {
-                order.write();
-                let _ = self.home.0.send(order.buf);
-            }
+            let home = self.home.0.clone();
+            self.send(&f, OrderBlocks::Gathered { buf, buf_start: self.start, range: body, home });
         } else if let Some(buf) = &mut self.buf {
             buf.as_mut_slice().copy_within(carried.clone(), 0);
         }
@@ -1027,9 +1042,9 @@ impl<'a> Stage<'a> {
         self.finisher = None;
     }
 
-    /// Takes one target of a file written in whole blocks, continuing the run when it is the
-    /// next bytes of the same file, otherwise closing it and starting another.
-    fn put(&mut self, t: &Target, plain: &[u8]) {
+    /// Continues the run with target `t` when it is the next bytes of the same file, otherwise
+    /// closes the run and starts another at `t`.
+    fn begin(&mut self, t: &Target) {
         let continues =
             self.file.as_ref().is_some_and(|f| Arc::ptr_eq(f, &t.file)) && self.start + self.len as u64 == t.offset;
         if !continues {
@@ -1042,6 +1057,11 @@ impl<'a> Stage<'a> {
             self.skip = (t.offset - self.start) as usize;
             self.len = self.skip;
         }
+    }
+
+    /// Takes one target of a file written in whole blocks (see [`Stage::begin`]).
+    fn put(&mut self, t: &Target, plain: &[u8]) {
+        self.begin(t);
         let mut src = plain;
         while !src.is_empty() {
             if self.len == STAGE_BYTES {
@@ -1053,6 +1073,31 @@ impl<'a> Stage<'a> {
             self.len += n;
             src = &src[n..];
         }
+        self.taken(t);
+    }
+
+    /// Where target `t`'s bytes go in the buffer, to be filled in place (saving a copy) and then
+    /// taken with [`Stage::taken`] (or left: the next bytes overwrite them). `None` when they do
+    /// not fit in one buffer.
+    fn reserve(&mut self, t: &Target) -> Option<&mut [u8]> {
+        self.begin(t);
+        let len = t.len as usize;
+        if STAGE_BYTES - self.len < len {
+            self.write_out(false);
+        }
+        let start = self.len;
+        let buf = self.buf.as_mut()?;
+        buf.as_mut_slice().get_mut(start..start + len)
+    }
+
+    /// Takes the bytes [`Stage::reserve`] gave for target `t`, now filled in.
+    fn commit(&mut self, t: &Target) {
+        self.len += t.len as usize;
+        self.taken(t);
+    }
+
+    /// Counts target `t` as staged; it is finished when the pack job's blocks are written.
+    fn taken(&mut self, t: &Target) {
         t.file.written.fetch_add(t.len as u64, Ordering::Relaxed);
         self.ctx.progress.add_bytes(t.len as u64);
         self.finisher().files.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::clone(&t.file));
@@ -1061,7 +1106,8 @@ impl<'a> Stage<'a> {
 
 /// Fetches a pack job's blobs in one `get_ranges_once` call, opens each and writes it to its
 /// targets.
-fn run_job(ctx: &Ctx, job: PackJob, stage: &mut Stage<'_>) {
+/// `plain`: the worker's buffer for blobs that are not opened into the stage.
+fn run_job(ctx: &Ctx, job: PackJob, stage: &mut Stage<'_>, plain: &mut Vec<u8>) {
     let ranges: Vec<std::ops::Range<u64>> =
         job.blobs.iter().map(|b| b.loc.offset as u64..b.loc.offset as u64 + b.loc.stored_len as u64).collect();
     let fetched = ctx.handle.block_on(ctx.repo.store().get_ranges_once(&pack_key(&job.pack), &ranges));
@@ -1085,32 +1131,48 @@ fn run_job(ctx: &Ctx, job: PackJob, stage: &mut Stage<'_>) {
     order.sort_by_key(|&i| job.blobs[i].targets.first().map(|t| (Arc::as_ptr(&t.file) as usize, t.offset)));
     for i in order {
         let (b, sealed) = (&job.blobs[i], &datas[i]);
-        let plain = if sealed.len() != b.loc.stored_len as usize {
-            Err(format!("pack {} is truncated", job.pack.short()))
-        } else if b.targets.iter().all(|t| t.file.has_failed()) {
-            Err(String::new())
-        } else {
-            ctx.repo.unseal_blob(&b.id, b.loc.ty, b.loc.compression, b.loc.raw_len, sealed).map_err(|e| e.to_string())
-        };
-        match plain {
-            Ok(plain) => {
-                for t in &b.targets {
-                    write_target(ctx, t, &plain, &b.id, stage);
-                }
+        let loc = &b.loc;
+        if sealed.len() != loc.stored_len as usize {
+            let why = format!("pack {} is truncated", job.pack.short());
+            b.targets.iter().for_each(|t| give_up(ctx, t, &why));
+            continue;
+        }
+        if b.targets.iter().all(|t| t.file.has_failed()) {
+            b.targets.iter().for_each(|t| give_up(ctx, t, ""));
+            continue;
+        }
+        // A blob with one target in a file written in whole blocks is opened straight into the
+        // stage's buffer.
+        if let [t] = b.targets.as_slice()
+            && t.file.blocks.is_some()
+            && t.len == loc.raw_len
+            && let Some(dest) = stage.reserve(t)
+        {
+            match ctx.repo.unseal_blob_into(&b.id, loc.ty, loc.compression, sealed, dest) {
+                Ok(()) => stage.commit(t),
+                Err(e) => give_up(ctx, t, &e.to_string()),
             }
-            Err(why) => {
-                for t in &b.targets {
-                    give_up(ctx, t, &why);
-                }
-            }
+            continue;
+        }
+        if plain.len() < loc.raw_len as usize {
+            plain.resize(loc.raw_len as usize, 0);
+        }
+        let bytes = &mut plain[..loc.raw_len as usize];
+        match ctx.repo.unseal_blob_into(&b.id, loc.ty, loc.compression, sealed, bytes) {
+            Ok(()) => b.targets.iter().for_each(|t| write_target(ctx, t, bytes, &b.id, stage)),
+            Err(e) => b.targets.iter().for_each(|t| give_up(ctx, t, &e.to_string())),
+        }
+        if plain.len() > crate::repo::SCRATCH_KEEP {
+            *plain = Vec::new();
         }
     }
 }
 
 fn worker<'a>(ctx: &'a Ctx, mut jobs: JobSource<PackJob>, orders: Sender<WriteOrder<'a>>) {
     let mut stage = Stage::new(ctx, orders);
+    let mut plain = Vec::new();
     while let Some(job) = jobs.next() {
-        run_job(ctx, job, &mut stage);
+        run_job(ctx, job, &mut stage, &mut plain);
         stage.flush();
     }
 }

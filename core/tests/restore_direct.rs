@@ -115,3 +115,56 @@ async fn direct_and_cached_restores_give_the_same_files() {
         assert!(allocated < 2 * MIB as u64, "sparse.img (direct {direct_io}): {allocated} bytes allocated");
     }
 }
+
+/// Opening a blob into a caller's buffer (what restore does for most blobs) gives what
+/// `unseal_blob` gives, for stored and compressed blobs of sizes on both sides of the kept
+/// scratch, and refuses every damaged or mismatched blob.
+#[tokio::test]
+async fn blobs_unseal_into_a_buffer_like_into_a_vec() {
+    use hoard_core::pack::{BlobType, Compression};
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = repository(&tmp.path().join("repo")).await;
+    let keys = repo.keys();
+    let seal = |id: &hoard_core::Id, payload: &[u8]| {
+        let mut sealed = Vec::new();
+        keys.seal_blob(BlobType::Data.seal_type(), id, payload, &mut sealed);
+        sealed
+    };
+    let text = |n: usize| (0..n).map(|i| b"abcdefgh"[(i * 7 / 13) % 8]).collect::<Vec<u8>>();
+    for (plain, compression) in [
+        (random_bytes(70_000, 1), Compression::None),
+        (text(70_000), Compression::Zstd),
+        (text(3 * MIB), Compression::Zstd),
+        (text(100), Compression::Zstd),
+    ] {
+        let id = keys.blob_id(&plain);
+        let payload = match compression {
+            Compression::None => plain.clone(),
+            Compression::Zstd => zstd::bulk::compress(&plain, 1).unwrap(),
+        };
+        let sealed = seal(&id, &payload);
+        let raw_len = plain.len() as u32;
+        let mut out = vec![0u8; plain.len()];
+        repo.unseal_blob_into(&id, BlobType::Data, compression, &sealed, &mut out).unwrap();
+        assert_eq!(out, plain);
+        assert_eq!(repo.unseal_blob(&id, BlobType::Data, compression, raw_len, &sealed).unwrap(), plain);
+        // A flipped byte, another type, a buffer of the wrong length.
+        let mut flipped = sealed.clone();
+        flipped[sealed.len() / 2] ^= 1;
+        assert!(repo.unseal_blob_into(&id, BlobType::Data, compression, &flipped, &mut out).is_err());
+        assert!(repo.unseal_blob_into(&id, BlobType::Tree, compression, &sealed, &mut out).is_err());
+        for len in [plain.len() - 1, plain.len() + 1] {
+            let mut wrong = vec![0u8; len];
+            assert!(repo.unseal_blob_into(&id, BlobType::Data, compression, &sealed, &mut wrong).is_err(), "{len}");
+        }
+    }
+    // Sealed correctly but with content that is not the id's: refused after opening.
+    let (plain, other) = (text(5000), random_bytes(5000, 9));
+    let id = keys.blob_id(&plain);
+    let mut out = vec![0u8; 5000];
+    let err = repo.unseal_blob_into(&id, BlobType::Data, Compression::None, &seal(&id, &other), &mut out);
+    assert!(err.unwrap_err().to_string().contains("does not match its id"));
+    // A compressed payload that is not zstd.
+    let err = repo.unseal_blob_into(&id, BlobType::Data, Compression::Zstd, &seal(&id, &other), &mut out);
+    assert!(err.unwrap_err().to_string().contains("decompression"));
+}
