@@ -1077,12 +1077,14 @@ impl<'a> Stage<'a> {
     }
 
     /// Where target `t`'s bytes go in the buffer, to be filled in place (saving a copy) and then
-    /// taken with [`Stage::taken`] (or left: the next bytes overwrite them). `None` when they do
-    /// not fit in one buffer.
+    /// taken with [`Stage::commit`] (or left: the next bytes overwrite them). `None` when they
+    /// do not fit in the buffer.
     fn reserve(&mut self, t: &Target) -> Option<&mut [u8]> {
         self.begin(t);
         let len = t.len as usize;
-        if STAGE_BYTES - self.len < len {
+        // Only a run past its first block boundary is written out early: its carried tail then
+        // starts on a boundary, so the buffer stays aligned with the file.
+        if STAGE_BYTES - self.len < len && self.len > blockwrite::ALIGN {
             self.write_out(false);
         }
         let start = self.len;
