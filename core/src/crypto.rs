@@ -200,14 +200,9 @@ pub(crate) fn seal_with(key: &LessSafeKey, aad: &[u8], plaintext: &[u8], out: &m
 }
 
 pub(crate) fn open_with(key: &LessSafeKey, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
-    if sealed.len() < SEAL_OVERHEAD {
-        return None;
-    }
-    let nonce = <[u8; NONCE_LEN]>::try_from(&sealed[..NONCE_LEN]).ok()?;
-    let mut buf = sealed[NONCE_LEN..].to_vec();
-    let len = key.open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf).ok()?.len();
-    buf.truncate(len);
-    Some(buf)
+    let mut out = vec![0u8; sealed.len().checked_sub(SEAL_OVERHEAD)?];
+    open_into(key, aad, sealed, &mut out)?;
+    Some(out)
 }
 
 /// Decrypts `nonce ‖ ct ‖ tag` into `out` (`ct`'s length); `None` if it does not authenticate.
