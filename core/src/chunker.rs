@@ -155,15 +155,17 @@ impl Chunker {
 /// Where a file's previous version was cut, so that a re-read of a changed file recognises its
 /// unchanged chunks by their hash instead of searching for their boundaries again.
 ///
-/// Why this gives the same boundaries as the search: a boundary depends only on the bytes from
-/// the chunk's start up to the boundary (FastCDC scans forward and stops at the first match, or
-/// at `max`). A chunk of the previous version that starts where the new chunk starts and has the
-/// same bytes (same keyed hash) therefore ends where the search would end it, unless something
-/// other than its content ended it: the end of the file, or the end of a data region of a
-/// sparse file (a hole follows). Chunks followed by a hole or by the end are left out. A hole
-/// of a file that was not sparse is a run of all-zero chunks, merged: their boundaries are
-/// lost, but the chunks around them keep theirs. Both versions must use the same chunker (the
-/// caller checks the size class) and the new one must not be read by regions.
+/// Why this gives the same boundaries as the search: FastCDC scans forward and stops at the
+/// first position whose rolling hash matches, or at `max`, and the hash at a position covers the
+/// bytes up to it and the one byte after it. A chunk of the previous version that starts where
+/// the new chunk starts and has the same bytes (same keyed hash) therefore has no earlier cut
+/// in the new version either, and [`Chunker::next_cut`] repeats only the test at its end, with
+/// the new byte that follows. Chunks that something other than their content may have ended
+/// are left out: the last one (the end of the file) and those a hole follows (the end of a data
+/// region of a sparse file). A hole of a file that was not sparse is a run of all-zero chunks,
+/// merged: their boundaries are lost, but the chunks around them keep theirs. Both versions must
+/// use the same chunker (the caller checks the size class) and the new one must not be read by
+/// regions.
 #[derive(Debug, Clone, Default)]
 pub struct PreviousCuts {
     /// (offset, length, id) of each reusable chunk, by offset.
@@ -218,9 +220,10 @@ impl Cut {
 
 impl Chunker {
     /// The chunk that starts at `data[0]`, given the previous version's chunk starting at the
-    /// same offset, if any (`previous`: its length and id). When that chunk fits in `data` and
-    /// `hash` of the same bytes gives its id, it is the answer without a search (see
-    /// [`PreviousCuts`]); otherwise as [`Chunker::next_chunk_len`].
+    /// same offset, if any (`previous`: its length and id). When that chunk's bytes are in
+    /// `data` unchanged (`hash` of them gives its id) and the search would also end the chunk
+    /// there, it is the answer without a search (see [`PreviousCuts`]); otherwise as
+    /// [`Chunker::next_chunk_len`].
     pub fn next_cut(
         &self,
         data: &[u8],
@@ -229,19 +232,68 @@ impl Chunker {
         hash: impl FnOnce(&[u8]) -> Id,
     ) -> Option<Cut> {
         let mut hashed = None;
+        if let Some((len, _)) = previous
+            && !eof
+            && data.len() < len.saturating_add(2).min(self.max_size())
+        {
+            // Neither the reuse test nor the search can answer before more bytes arrive.
+            return None;
+        }
         if let Some((len, old)) = previous
             && len > 0
             && len <= data.len()
             && len <= self.max_size()
         {
             let id = hash(&data[..len]);
-            if id == old {
+            if id == old && self.search_ends_unchanged_chunk_at(data, eof, len) {
                 return Some(Cut::Reused { len, id });
             }
             hashed = Some((len, id));
         }
         let len = self.next_chunk_len(data, eof)?;
         Some(Cut::Searched { len, id: hashed.filter(|h| h.0 == len).map(|h| h.1) })
+    }
+
+    /// Whether a search over `data` (with `eof`) ends the first chunk at `len`, given that
+    /// `data[..len]` is a previous version's chunk that a search ended at `len` while more
+    /// bytes followed it. `false` when that is unknown until more bytes are read.
+    ///
+    /// Why the previous bytes are not enough: FastCDC 2020 decides a cut at `len` from a hash
+    /// that includes `data[len]`, the first byte after the chunk. No position before `len`
+    /// cuts (same bytes, and the mask at each of them is the same whatever follows), so only
+    /// the test at `len` itself is repeated here, over the last 64 bytes the rolling hash
+    /// still holds, in the same byte pairs as `v2020::cut_gear`.
+    fn search_ends_unchanged_chunk_at(&self, data: &[u8], eof: bool, len: usize) -> bool {
+        let (min, avg, max) = (self.params.min as usize, self.params.avg as usize, self.max_size());
+        if len < min {
+            // Only the end of the data cuts a chunk this short.
+            return eof && data.len() == len;
+        }
+        if len == max {
+            return true;
+        }
+        match data.len().min(max) - len {
+            // The window ends with the chunk: the search returns the whole window.
+            0 => eof,
+            // An odd window's last byte is never tested, so an even `len` here is cut only
+            // if this is the end of the window, and then it is not.
+            1 if len.is_multiple_of(2) => false,
+            _ => {
+                let (mask, mask_ls) =
+                    if len < avg { (self.mask_s, self.mask_s << 1) } else { (self.mask_l, self.mask_l << 1) };
+                let last_pair = len / 2;
+                let mut hash: u64 = 0;
+                for pair in (min / 2).max(last_pair.saturating_sub(33))..=last_pair {
+                    let a = pair * 2;
+                    hash = (hash << 2).wrapping_add(self.gear_ls[data[a] as usize]);
+                    if a == len {
+                        return hash & mask_ls == 0;
+                    }
+                    hash = hash.wrapping_add(self.gear[data[a + 1] as usize]);
+                }
+                hash & mask == 0
+            }
+        }
     }
 }
 
@@ -426,6 +478,39 @@ mod tests {
             let searched: Vec<usize> = c.chunks(&new).map(|r| r.len()).collect();
             let (lens, _) = cut_with_previous(&c, &new, split, PreviousCuts::from_content(&content_of(&c, &old)));
             prop_assert_eq!(lens, searched);
+        }
+
+        #[test]
+        fn the_test_at_an_unchanged_chunks_end_is_the_searchs(
+            len in 0usize..60_000,
+            dseed in any::<u64>(),
+            follow in any::<u8>(),
+        ) {
+            // Positions before a searched cut never cut, the cut itself does; and with the
+            // window ending right after it, or its next byte changed, the answer is the new
+            // search's, or "unknown" (false) while the search still needs bytes.
+            let c = Chunker::new(small(), 3).unwrap();
+            let data = pseudo_random(len, dseed);
+            for chunk in c.chunks(&data) {
+                let window = &data[chunk.start..];
+                let cut = chunk.len();
+                for at in 1..=cut {
+                    prop_assert_eq!(c.search_ends_unchanged_chunk_at(window, true, at), at == cut, "at {}", at);
+                }
+                for extra in 0..3 {
+                    let mut short = window[..(cut + extra).min(window.len())].to_vec();
+                    if extra > 0 && short.len() > cut {
+                        short[cut] = follow;
+                    }
+                    let searched = c.next_chunk_len(&short, true);
+                    prop_assert_eq!(c.search_ends_unchanged_chunk_at(&short, true, cut), searched == Some(cut));
+                    if c.search_ends_unchanged_chunk_at(&short, false, cut) {
+                        let mut longer = window.to_vec();
+                        longer[..short.len()].copy_from_slice(&short);
+                        prop_assert_eq!(c.next_chunk_len(&longer, true), Some(cut));
+                    }
+                }
+            }
         }
 
         #[test]
