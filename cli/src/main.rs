@@ -860,6 +860,8 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
                 combined.bytes += o.bytes;
                 combined.failed.extend(o.failed);
                 combined.target_full |= o.target_full;
+                combined.direct_files += o.direct_files;
+                combined.direct_refused += o.direct_refused;
                 combined.warnings.extend(o.warnings);
             }
             Err(e) => {

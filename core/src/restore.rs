@@ -171,6 +171,11 @@ pub struct RestoreOutcome {
     pub target_full: bool,
     /// Metadata that could not be applied and skipped entries.
     pub warnings: Vec<String>,
+    /// Files written in whole blocks past the page cache (`O_DIRECT`) to the end.
+    pub direct_files: u64,
+    /// Files opened for direct writes whose filesystem refused one of them, so that they were
+    /// finished through the page cache (same content, more system time).
+    pub direct_refused: u64,
 }
 
 /// What to restore.
@@ -504,7 +509,19 @@ fn finish_file(ctx: &Ctx, f: &Arc<FileState>) {
             for e in fsmeta::apply_fd(&f.fd, &f.node, ctx.as_root) {
                 ctx.warn(format!("{}: {e}", f.rel));
             }
-            ctx.count(|o| o.files += 1);
+            // A refused direct write turns the descriptor's flag off (`blockwrite::write_blocks`).
+            let direct = f
+                .blocks
+                .as_ref()
+                .map(|_| rustix::fs::fcntl_getfl(&f.fd).is_ok_and(|flags| flags.contains(rustix::fs::OFlags::DIRECT)));
+            ctx.count(|o| {
+                o.files += 1;
+                match direct {
+                    Some(true) => o.direct_files += 1,
+                    Some(false) => o.direct_refused += 1,
+                    None => {}
+                }
+            });
             ctx.bytes.fetch_add(f.written.load(Ordering::Relaxed), Ordering::Relaxed);
             ctx.progress.add_files(1);
         }

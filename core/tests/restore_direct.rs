@@ -103,6 +103,9 @@ async fn direct_and_cached_restores_give_the_same_files() {
         ropts.direct_io = direct_io;
         let r = restore(Arc::clone(&repo), RestoreSource::Tree(root), ropts).await.unwrap();
         assert!(r.failed.is_empty(), "{:?}", r.failed);
+        // Three files reach the size from which files are written directly.
+        let direct = if direct_io && takes_direct_io(tmp.path()) { 3 } else { 0 };
+        assert_eq!((r.direct_files, r.direct_refused), (direct, 0), "direct {direct_io}");
         for name in ["repeated.db", "sparse.img", "edge.bin", "small.txt"] {
             let (a, b) = (src.join(name), target.join(name));
             let (ma, mb) = (std::fs::metadata(&a).unwrap(), std::fs::metadata(&b).unwrap());
@@ -113,6 +116,54 @@ async fn direct_and_cached_restores_give_the_same_files() {
         // Holes stay holes: 705 KiB of data in a 16 MiB file.
         let allocated = std::fs::metadata(target.join("sparse.img")).unwrap().blocks() * 512;
         assert!(allocated < 2 * MIB as u64, "sparse.img (direct {direct_io}): {allocated} bytes allocated");
+    }
+}
+
+/// Blobs larger than the restore's staging buffer (chunks of up to 8 MiB, the default chunker)
+/// keep direct writes aligned: no file falls back to the page cache because a write was
+/// refused. (A run written out before its first block boundary once misaligned the rest.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_blobs_keep_direct_writes_aligned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let direct = takes_direct_io(tmp.path());
+    if !direct {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "the test directory's filesystem refuses O_DIRECT");
+        eprintln!("SKIPPED: {} refuses O_DIRECT", tmp.path().display());
+        return;
+    }
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut names = Vec::new();
+    for i in 0..6u64 {
+        // Odd sizes, so that blobs start off block boundaries.
+        let size = (5 + 2 * i as usize) * MIB + 777 * i as usize + 1;
+        let name = format!("medium-{i}.bin");
+        write_at(&src.join(&name), size as u64, &[(0, &random_bytes(size, 10 + i))]);
+        names.push(name);
+    }
+    let dir = tmp.path().join("repo");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir).unwrap();
+    let store: Arc<dyn Store> = Arc::new(ObjectStoreBackend::new(Arc::new(fs), "", dir.display().to_string()));
+    let params = RepoParams { large_files: None, ..RepoParams::default() };
+    assert!(params.chunker.max as usize >= 8 * MIB, "the default chunker's blobs reach 8 MiB");
+    let init = InitOptions { params, kdf: KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 } };
+    let repo = Arc::new(Repository::init(store, &Password::new("pw"), init).await.unwrap());
+    let opts = BackupOptions {
+        sources: vec![Source::Path { name: "data".into(), path: src.clone() }],
+        host: "direct-test".into(),
+        parent: ParentSelection::None,
+        scan_totals: false,
+        ..Default::default()
+    };
+    let out = backup(Arc::clone(&repo), opts).await.unwrap();
+    let root = out.snapshot.component("data").unwrap().root;
+    let target = tmp.path().join("restored");
+    let r = restore(Arc::clone(&repo), RestoreSource::Tree(root), RestoreOptions::new(&target)).await.unwrap();
+    assert!(r.failed.is_empty(), "{:?}", r.failed);
+    assert_eq!((r.direct_files, r.direct_refused), (names.len() as u64, 0));
+    for name in &names {
+        assert!(std::fs::read(src.join(name)).unwrap() == std::fs::read(target.join(name)).unwrap(), "{name}");
     }
 }
 
