@@ -36,25 +36,138 @@ const PAGE: usize = 4096;
 pub const MIN_DIRECT_HOLE: usize = 64 * 1024;
 
 /// A zeroed buffer whose usable part starts at an [`ALIGN`]-aligned address.
+///
+/// [`AlignedBuf::new_huge`] makes a buffer of [`HUGE_MIN`] bytes or more its own anonymous
+/// mapping, asked to be backed by 2 MiB pages: a direct write from it pins a few huge pages
+/// instead of hundreds of small ones, and it faults in a few pages instead of hundreds. For
+/// long-lived buffers: a fresh mapping costs a syscall and the kernel's clearing of its pages.
+/// Measured on the restore's stage buffers, 10 alternating cold restores of the 2 GiB bench
+/// repository: CPU 3.28 -> 3.10 s, wall 2.25 -> 2.15 s (medians). Mapping the short-lived
+/// pack-read buffers as well cut the wall further (2.07 s) and peak RSS (93 -> 77 MiB) but
+/// raised CPU (3.41 s): every read then cleared fresh huge pages.
 pub struct AlignedBuf {
-    vec: Vec<u8>,
-    pad: usize,
+    memory: Memory,
     len: usize,
 }
 
+enum Memory {
+    Heap { vec: Vec<u8>, pad: usize },
+    Mapped(Mapping),
+}
+
+/// [`AlignedBuf::new_huge`] buffers at least this large are mapped rather than allocated.
+pub const HUGE_MIN: usize = 1024 * 1024;
+const HUGE_PAGE: usize = 2 * 1024 * 1024;
+
+/// A private anonymous mapping, unmapped on drop.
+struct Mapping {
+    addr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by one `Mapping` and reached only through it, like a `Vec`'s
+// allocation.
+#[allow(unsafe_code)]
+unsafe impl Send for Mapping {}
+#[allow(unsafe_code)]
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// `len` bytes (a multiple of the page size) starting on a 2 MiB boundary, or `None`.
+    #[allow(unsafe_code)]
+    fn huge(len: usize) -> Option<Mapping> {
+        let reserve = len.checked_add(HUGE_PAGE)?;
+        // SAFETY: a private anonymous mapping at an address the kernel picks touches no
+        // existing memory; the result is checked before use.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reserve,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return None;
+        }
+        let base = base as usize;
+        let start = base.next_multiple_of(HUGE_PAGE);
+        let (head, tail) = (start - base, base + reserve - (start + len));
+        // SAFETY: both ranges lie inside the mapping just made and outside the part kept;
+        // madvise only changes how the kept part is backed (best effort).
+        unsafe {
+            if head > 0 {
+                libc::munmap(base as *mut libc::c_void, head);
+            }
+            if tail > 0 {
+                libc::munmap((start + len) as *mut libc::c_void, tail);
+            }
+            libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+        }
+        std::ptr::NonNull::new(start as *mut u8).map(|addr| Mapping { addr, len })
+    }
+
+    #[allow(unsafe_code)]
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` mapped bytes, readable and writable, live as long as `self`; anonymous
+        // pages start zero, so every byte is initialised.
+        unsafe { std::slice::from_raw_parts(self.addr.as_ptr(), self.len) }
+    }
+
+    #[allow(unsafe_code)]
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, and `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.addr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the range kept in `huge`; no reference into it outlives `self`.
+        unsafe {
+            libc::munmap(self.addr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
 impl AlignedBuf {
+    /// From the heap.
     pub fn new(len: usize) -> AlignedBuf {
+        Self::with_huge(len, false)
+    }
+
+    /// Mapped in huge pages from [`HUGE_MIN`] bytes on (from the heap when that fails).
+    pub fn new_huge(len: usize) -> AlignedBuf {
+        Self::with_huge(len, true)
+    }
+
+    fn with_huge(len: usize, huge: bool) -> AlignedBuf {
+        if huge
+            && len >= HUGE_MIN
+            && let Some(map) = Mapping::huge(len.next_multiple_of(PAGE))
+        {
+            return AlignedBuf { memory: Memory::Mapped(map), len };
+        }
         let vec = vec![0u8; len + ALIGN];
         let pad = (ALIGN - vec.as_ptr() as usize % ALIGN) % ALIGN;
-        AlignedBuf { vec, pad, len }
+        AlignedBuf { memory: Memory::Heap { vec, pad }, len }
     }
 
     pub fn as_slice(&self) -> &[u8] {
-        &self.vec[self.pad..self.pad + self.len]
+        match &self.memory {
+            Memory::Heap { vec, pad } => &vec[*pad..*pad + self.len],
+            Memory::Mapped(map) => &map.bytes()[..self.len],
+        }
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.vec[self.pad..self.pad + self.len]
+        match &mut self.memory {
+            Memory::Heap { vec, pad } => &mut vec[*pad..*pad + self.len],
+            Memory::Mapped(map) => &mut map.bytes_mut()[..self.len],
+        }
     }
 }
 
@@ -259,6 +372,20 @@ mod tests {
     use super::*;
 
     const A: u64 = ALIGN as u64;
+
+    #[test]
+    fn buffers_start_aligned_and_zeroed_mapped_or_not() {
+        let lens = [1, ALIGN, HUGE_MIN - 1, HUGE_MIN, 2 * 1024 * 1024, 3 * 1024 * 1024 + 5];
+        for (len, huge) in lens.into_iter().flat_map(|len| [(len, false), (len, true)]) {
+            let mut buf = if huge { AlignedBuf::new_huge(len) } else { AlignedBuf::new(len) };
+            assert_eq!(buf.as_slice().len(), len);
+            assert_eq!(buf.as_slice().as_ptr() as usize % ALIGN, 0, "{len}");
+            assert!(crate::util::is_zero(buf.as_slice()), "{len}");
+            assert_eq!(matches!(buf.memory, Memory::Mapped(_)), huge && len >= HUGE_MIN, "{len}");
+            buf.as_mut_slice().fill(7);
+            assert!(buf.as_slice().iter().all(|&b| b == 7));
+        }
+    }
 
     #[test]
     fn split_covers_the_range_in_order() {

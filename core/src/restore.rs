@@ -996,7 +996,7 @@ impl<'a> Stage<'a> {
         }
         if self.owned < STAGE_BUFFERS {
             self.owned += 1;
-            return AlignedBuf::new(STAGE_BYTES);
+            return AlignedBuf::new_huge(STAGE_BYTES);
         }
         // Every order hands its buffer back once written (see `writer`).
         self.home.1.recv().unwrap_or_else(|_| AlignedBuf::new(STAGE_BYTES))
