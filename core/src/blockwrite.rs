@@ -35,7 +35,7 @@ const PAGE: usize = 4096;
 /// splitting a direct write costs more than the pages (the original file had them allocated).
 pub const MIN_DIRECT_HOLE: usize = 64 * 1024;
 
-/// A zeroed buffer whose usable part starts at an [`ALIGN`]-aligned address.
+/// A buffer, zeroed when made, whose usable part starts at an [`ALIGN`]-aligned address.
 ///
 /// [`AlignedBuf::new_huge`] makes a buffer of [`HUGE_MIN`] bytes or more its own anonymous
 /// mapping, asked to be backed by 2 MiB pages: a direct write from it pins a few huge pages
@@ -154,6 +154,11 @@ impl AlignedBuf {
         let vec = vec![0u8; len + ALIGN];
         let pad = (ALIGN - vec.as_ptr() as usize % ALIGN) % ALIGN;
         AlignedBuf { memory: Memory::Heap { vec, pad }, len }
+    }
+
+    /// Whether it is its own mapping (see [`AlignedBuf::new_huge`]).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.memory, Memory::Mapped(_))
     }
 
     pub fn as_slice(&self) -> &[u8] {
@@ -381,7 +386,7 @@ mod tests {
             assert_eq!(buf.as_slice().len(), len);
             assert_eq!(buf.as_slice().as_ptr() as usize % ALIGN, 0, "{len}");
             assert!(crate::util::is_zero(buf.as_slice()), "{len}");
-            assert_eq!(matches!(buf.memory, Memory::Mapped(_)), huge && len >= HUGE_MIN, "{len}");
+            assert_eq!(buf.is_mapped(), huge && len >= HUGE_MIN, "{len}");
             buf.as_mut_slice().fill(7);
             assert!(buf.as_slice().iter().all(|&b| b == 7));
         }
