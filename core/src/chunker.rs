@@ -1,8 +1,8 @@
 //! Content-defined chunking (FastCDC 2020) with a secret, per-repository gear seed.
 //!
 //! Sans-IO: the chunker is fed byte slices and answers where the next chunk ends. The same input
-//! and parameters always produce the same boundaries; a boundary depends only on bytes inside
-//! the window `[min, max]` of the chunk, so an insertion shifts only nearby boundaries.
+//! and parameters always produce the same boundaries; a boundary depends only on the chunk's
+//! bytes from `min` on and the one byte after it, so an insertion shifts only nearby boundaries.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -275,8 +275,9 @@ impl Chunker {
         match data.len().min(max) - len {
             // The window ends with the chunk: the search returns the whole window.
             0 => eof,
-            // An odd window's last byte is never tested, so an even `len` here is cut only
-            // if this is the end of the window, and then it is not.
+            // One byte follows. `cut_gear` tests positions in pairs, so an even `len` is tested
+            // only if the window goes on past that byte: at the end the search takes the whole
+            // window, and before it the answer waits for more bytes.
             1 if len.is_multiple_of(2) => false,
             _ => {
                 let (mask, mask_ls) =
