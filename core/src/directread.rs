@@ -16,7 +16,8 @@
 //! * A filesystem that refuses `O_DIRECT`, at open or at a read (`EINVAL`), gets the same reads
 //!   through the page cache.
 //! * Spans of [`HUGE_MIN`] bytes and more are read into huge-page buffers that are kept for the
-//!   next reads once the last slice of them is dropped, at most [`KEPT_BYTES`] of them.
+//!   next reads once the last slice of them is dropped: at most [`KEPT_BYTES`] in all, held for
+//!   the life of the process (a long-running agent keeps them between restores).
 
 use std::io;
 use std::ops::Range;
