@@ -54,21 +54,47 @@ fn make_source(src: &Path) {
     write_at(&src.join("small.txt"), 3000, &[(0, &random_bytes(3000, 6))]);
 }
 
-async fn repository(dir: &Path) -> Arc<Repository> {
+/// Small chunks: many blob boundaries inside blocks.
+fn small_chunks() -> RepoParams {
+    RepoParams {
+        chunker: ChunkerParams { min: 16 * KIB as u32, avg: 64 * KIB as u32, max: 256 * KIB as u32 },
+        pack_size: 2 * MIB as u32,
+        compression_level: 1,
+        large_files: None,
+    }
+}
+
+async fn repository(dir: &Path, params: RepoParams) -> Arc<Repository> {
     std::fs::create_dir_all(dir).unwrap();
     let fs = object_store::local::LocalFileSystem::new_with_prefix(dir).unwrap();
     let store: Arc<dyn Store> = Arc::new(ObjectStoreBackend::new(Arc::new(fs), "", dir.display().to_string()));
-    let opts = InitOptions {
-        params: RepoParams {
-            // Small chunks: many blob boundaries inside blocks.
-            chunker: ChunkerParams { min: 16 * KIB as u32, avg: 64 * KIB as u32, max: 256 * KIB as u32 },
-            pack_size: 2 * MIB as u32,
-            compression_level: 1,
-            large_files: None,
-        },
-        kdf: KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 },
-    };
+    let opts = InitOptions { params, kdf: KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 } };
     Arc::new(Repository::init(store, &Password::new("pw"), opts).await.unwrap())
+}
+
+/// Backs up `src` as component `data`; the root tree of the snapshot.
+async fn backup_root(repo: &Arc<Repository>, src: &Path) -> hoard_core::Id {
+    let opts = BackupOptions {
+        sources: vec![Source::Path { name: "data".into(), path: src.to_path_buf() }],
+        host: "direct-test".into(),
+        parent: ParentSelection::None,
+        scan_totals: false,
+        ..Default::default()
+    };
+    let out = backup(Arc::clone(repo), opts).await.unwrap();
+    assert_eq!(out.snapshot.summary.warnings, 0, "{:?}", out.snapshot.warnings);
+    out.snapshot.component("data").unwrap().root
+}
+
+/// Whether `dir`'s filesystem takes `O_DIRECT`; in CI it must, so that the direct path is the
+/// one tested.
+fn direct_io_or_say_skipped(dir: &Path, what: &str) -> bool {
+    let direct = takes_direct_io(dir);
+    if !direct {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "the test directory's filesystem refuses O_DIRECT");
+        eprintln!("SKIPPED {what}: {} refuses O_DIRECT", dir.display());
+    }
+    direct
 }
 
 /// Whether `dir`'s filesystem takes `O_DIRECT` for a file written there.
@@ -82,21 +108,9 @@ async fn direct_and_cached_restores_give_the_same_files() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     make_source(&src);
-    if !takes_direct_io(tmp.path()) {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "the test directory's filesystem refuses O_DIRECT");
-        eprintln!("SKIPPED the direct half: {} refuses O_DIRECT", tmp.path().display());
-    }
-    let repo = repository(&tmp.path().join("repo")).await;
-    let opts = BackupOptions {
-        sources: vec![Source::Path { name: "data".into(), path: src.clone() }],
-        host: "direct-test".into(),
-        parent: ParentSelection::None,
-        scan_totals: false,
-        ..Default::default()
-    };
-    let out = backup(Arc::clone(&repo), opts).await.unwrap();
-    assert_eq!(out.snapshot.summary.warnings, 0, "{:?}", out.snapshot.warnings);
-    let root = out.snapshot.component("data").unwrap().root;
+    let takes_direct = direct_io_or_say_skipped(tmp.path(), "the direct half");
+    let repo = repository(&tmp.path().join("repo"), small_chunks()).await;
+    let root = backup_root(&repo, &src).await;
     for direct_io in [true, false] {
         let target = tmp.path().join(format!("restored-{direct_io}"));
         let mut ropts = RestoreOptions::new(&target);
@@ -104,7 +118,7 @@ async fn direct_and_cached_restores_give_the_same_files() {
         let r = restore(Arc::clone(&repo), RestoreSource::Tree(root), ropts).await.unwrap();
         assert!(r.failed.is_empty(), "{:?}", r.failed);
         // Three files reach the size from which files are written directly.
-        let direct = if direct_io && takes_direct_io(tmp.path()) { 3 } else { 0 };
+        let direct = if direct_io && takes_direct { 3 } else { 0 };
         assert_eq!((r.direct_files, r.direct_refused), (direct, 0), "direct {direct_io}");
         for name in ["repeated.db", "sparse.img", "edge.bin", "small.txt"] {
             let (a, b) = (src.join(name), target.join(name));
@@ -125,10 +139,7 @@ async fn direct_and_cached_restores_give_the_same_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_blobs_keep_direct_writes_aligned() {
     let tmp = tempfile::tempdir().unwrap();
-    let direct = takes_direct_io(tmp.path());
-    if !direct {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "the test directory's filesystem refuses O_DIRECT");
-        eprintln!("SKIPPED: {} refuses O_DIRECT", tmp.path().display());
+    if !direct_io_or_say_skipped(tmp.path(), "the test") {
         return;
     }
     let src = tmp.path().join("src");
@@ -141,23 +152,10 @@ async fn large_blobs_keep_direct_writes_aligned() {
         write_at(&src.join(&name), size as u64, &[(0, &random_bytes(size, 10 + i))]);
         names.push(name);
     }
-    let dir = tmp.path().join("repo");
-    std::fs::create_dir_all(&dir).unwrap();
-    let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir).unwrap();
-    let store: Arc<dyn Store> = Arc::new(ObjectStoreBackend::new(Arc::new(fs), "", dir.display().to_string()));
     let params = RepoParams { large_files: None, ..RepoParams::default() };
     assert!(params.chunker.max as usize >= 8 * MIB, "the default chunker's blobs reach 8 MiB");
-    let init = InitOptions { params, kdf: KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 } };
-    let repo = Arc::new(Repository::init(store, &Password::new("pw"), init).await.unwrap());
-    let opts = BackupOptions {
-        sources: vec![Source::Path { name: "data".into(), path: src.clone() }],
-        host: "direct-test".into(),
-        parent: ParentSelection::None,
-        scan_totals: false,
-        ..Default::default()
-    };
-    let out = backup(Arc::clone(&repo), opts).await.unwrap();
-    let root = out.snapshot.component("data").unwrap().root;
+    let repo = repository(&tmp.path().join("repo"), params).await;
+    let root = backup_root(&repo, &src).await;
     let target = tmp.path().join("restored");
     let r = restore(Arc::clone(&repo), RestoreSource::Tree(root), RestoreOptions::new(&target)).await.unwrap();
     assert!(r.failed.is_empty(), "{:?}", r.failed);
@@ -174,7 +172,7 @@ async fn large_blobs_keep_direct_writes_aligned() {
 async fn blobs_unseal_into_a_buffer_like_into_a_vec() {
     use hoard_core::pack::{BlobType, Compression};
     let tmp = tempfile::tempdir().unwrap();
-    let repo = repository(&tmp.path().join("repo")).await;
+    let repo = repository(&tmp.path().join("repo"), small_chunks()).await;
     let keys = repo.keys();
     let seal = |id: &hoard_core::Id, payload: &[u8]| {
         let mut sealed = Vec::new();
