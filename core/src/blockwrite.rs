@@ -52,86 +52,11 @@ pub struct AlignedBuf {
 
 enum Memory {
     Heap { vec: Vec<u8>, pad: usize },
-    Mapped(Mapping),
+    Mapped(crate::util::HugeMapping),
 }
 
 /// [`AlignedBuf::new_huge`] buffers at least this large are mapped rather than allocated.
 pub const HUGE_MIN: usize = 1024 * 1024;
-const HUGE_PAGE: usize = 2 * 1024 * 1024;
-
-/// A private anonymous mapping, unmapped on drop.
-struct Mapping {
-    addr: std::ptr::NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is owned by one `Mapping` and reached only through it, like a `Vec`'s
-// allocation.
-#[allow(unsafe_code)]
-unsafe impl Send for Mapping {}
-#[allow(unsafe_code)]
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    /// `len` bytes (a multiple of the page size) starting on a 2 MiB boundary, or `None`.
-    #[allow(unsafe_code)]
-    fn huge(len: usize) -> Option<Mapping> {
-        let reserve = len.checked_add(HUGE_PAGE)?;
-        // SAFETY: a private anonymous mapping at an address the kernel picks touches no
-        // existing memory; the result is checked before use.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                reserve,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return None;
-        }
-        let base = base as usize;
-        let start = base.next_multiple_of(HUGE_PAGE);
-        let (head, tail) = (start - base, base + reserve - (start + len));
-        // SAFETY: both ranges lie inside the mapping just made and outside the part kept;
-        // madvise only changes how the kept part is backed (best effort).
-        unsafe {
-            if head > 0 {
-                libc::munmap(base as *mut libc::c_void, head);
-            }
-            if tail > 0 {
-                libc::munmap((start + len) as *mut libc::c_void, tail);
-            }
-            libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
-        }
-        std::ptr::NonNull::new(start as *mut u8).map(|addr| Mapping { addr, len })
-    }
-
-    #[allow(unsafe_code)]
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: `len` mapped bytes, readable and writable, live as long as `self`; anonymous
-        // pages start zero, so every byte is initialised.
-        unsafe { std::slice::from_raw_parts(self.addr.as_ptr(), self.len) }
-    }
-
-    #[allow(unsafe_code)]
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `bytes`, and `&mut self` makes this the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.addr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for Mapping {
-    #[allow(unsafe_code)]
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the range kept in `huge`; no reference into it outlives `self`.
-        unsafe {
-            libc::munmap(self.addr.as_ptr().cast(), self.len);
-        }
-    }
-}
 
 impl AlignedBuf {
     /// From the heap.
@@ -147,7 +72,7 @@ impl AlignedBuf {
     fn with_huge(len: usize, huge: bool) -> AlignedBuf {
         if huge
             && len >= HUGE_MIN
-            && let Some(map) = Mapping::huge(len.next_multiple_of(PAGE))
+            && let Some(map) = crate::util::HugeMapping::new(len.next_multiple_of(PAGE), true)
         {
             return AlignedBuf { memory: Memory::Mapped(map), len };
         }

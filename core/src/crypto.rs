@@ -280,64 +280,30 @@ impl KdfParams {
 /// 6-140 ms. Measured, 8 alternating warm `hoard snapshots` each (64 MiB, 3 passes, 4 lanes):
 /// median 62 ms with a cleared `Vec`, 57 ms mapped.
 struct KdfMemory {
-    blocks: std::ptr::NonNull<argon2::Block>,
+    map: crate::util::HugeMapping,
     count: usize,
 }
 
 impl KdfMemory {
-    fn len(count: usize) -> Option<usize> {
-        count.checked_mul(std::mem::size_of::<argon2::Block>()).filter(|&len| len > 0)
-    }
-
     /// `None` when the pages cannot be mapped (the caller allocates instead).
-    #[allow(unsafe_code)]
     fn map(count: usize) -> Option<KdfMemory> {
-        let len = Self::len(count)?;
-        // SAFETY: a private anonymous mapping at an address the kernel picks touches no
-        // existing memory; the result is checked before use.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return None;
-        }
-        // SAFETY: the range is the mapping just made; MADV_HUGEPAGE changes only how its pages
-        // are backed. Best effort: without huge pages the blocks fault in 4 KiB pages.
-        unsafe {
-            libc::madvise(addr, len, libc::MADV_HUGEPAGE);
-        }
-        // Page-aligned, hence aligned for `Block` (64 bytes).
-        std::ptr::NonNull::new(addr.cast::<argon2::Block>()).map(|blocks| KdfMemory { blocks, count })
+        let len = count.checked_mul(std::mem::size_of::<argon2::Block>())?;
+        crate::util::HugeMapping::new(len, false).map(|map| KdfMemory { map, count })
     }
 
     #[allow(unsafe_code)]
     fn blocks(&mut self) -> &mut [argon2::Block] {
-        // SAFETY: `count` blocks fit in the mapping, which lives as long as `self` and is
-        // reachable only through it; its bytes start zero, a valid `Block`, and only `Block`s
-        // are written to it.
-        unsafe { std::slice::from_raw_parts_mut(self.blocks.as_ptr(), self.count) }
+        // SAFETY: `count` blocks fill the mapping, which is page-aligned (hence aligned for
+        // `Block`, 64 bytes), lives as long as `self` and is reachable only through it; its
+        // bytes start zero, a valid `Block`, and only `Block`s are written to it.
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().cast::<argon2::Block>(), self.count) }
     }
 }
 
 impl Drop for KdfMemory {
-    #[allow(unsafe_code)]
     fn drop(&mut self) {
-        // Wiped before unmapping: the kernel clears freed pages only when it reuses them.
+        // Wiped before the mapping goes: the kernel clears freed pages only when it reuses them.
         self.blocks().iter_mut().for_each(Zeroize::zeroize);
-        if let Some(len) = Self::len(self.count) {
-            // SAFETY: unmaps exactly the mapping made in `map`; no reference into it outlives
-            // `self`.
-            unsafe {
-                libc::munmap(self.blocks.as_ptr().cast(), len);
-            }
-        }
     }
 }
 

@@ -150,6 +150,101 @@ pub fn set_nofile_limit(n: u64) {
     );
 }
 
+/// A private anonymous mapping asked to be backed by 2 MiB pages (`MADV_HUGEPAGE`, best effort),
+/// unmapped on drop. Its bytes start zero: the kernel clears anonymous pages on first touch.
+#[derive(Debug)]
+pub struct HugeMapping {
+    addr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by one `HugeMapping` and reached only through it, like a `Vec`'s
+// allocation.
+#[allow(unsafe_code)]
+unsafe impl Send for HugeMapping {}
+#[allow(unsafe_code)]
+unsafe impl Sync for HugeMapping {}
+
+impl HugeMapping {
+    const HUGE_PAGE: usize = 2 * 1024 * 1024;
+
+    /// `len` bytes (non-zero), starting on a 2 MiB boundary with `aligned` (so that every whole
+    /// 2 MiB of it can be a huge page); `None` when the kernel refuses the mapping.
+    #[allow(unsafe_code)]
+    pub fn new(len: usize, aligned: bool) -> Option<HugeMapping> {
+        let reserve = if aligned { len.checked_add(Self::HUGE_PAGE)? } else { len };
+        if len == 0 {
+            return None;
+        }
+        // SAFETY: a private anonymous mapping at an address the kernel picks touches no
+        // existing memory; the result is checked before use.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                reserve,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return None;
+        }
+        let base = base as usize;
+        let start = if aligned { base.next_multiple_of(Self::HUGE_PAGE) } else { base };
+        let end = (start + len).next_multiple_of(page_size());
+        // SAFETY: both trimmed ranges lie inside the mapping just made and outside the part
+        // kept (page-aligned: `base` and `start` are, `end` is rounded up); madvise only changes
+        // how the kept part is backed.
+        unsafe {
+            if start > base {
+                libc::munmap(base as *mut libc::c_void, start - base);
+            }
+            if base + reserve > end {
+                libc::munmap(end as *mut libc::c_void, base + reserve - end);
+            }
+            libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+        }
+        std::ptr::NonNull::new(start as *mut u8).map(|addr| HugeMapping { addr, len })
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.addr.as_ptr()
+    }
+
+    #[allow(unsafe_code)]
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` mapped bytes, readable and writable, live as long as `self`; anonymous
+        // pages start zero, so every byte is initialised.
+        unsafe { std::slice::from_raw_parts(self.addr.as_ptr(), self.len) }
+    }
+
+    #[allow(unsafe_code)]
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, and `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.addr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for HugeMapping {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the range kept in `new` (the kernel rounds `len` up to whole
+        // pages, as it did when mapping); no reference into it outlives `self`.
+        unsafe {
+            libc::munmap(self.addr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn page_size() -> usize {
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096)
+}
+
 #[cfg(test)]
 mod tests {
     #[cfg(target_os = "linux")]
