@@ -871,6 +871,13 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
         }
     }
     reporter.stop().await;
+    if let Some(h) = hoard_core::util::heap_usage() {
+        tracing::debug!(
+            "heap after the restore: {} in use, {} free and held",
+            human_bytes(h.in_use as u64),
+            human_bytes(h.held_free as u64)
+        );
+    }
     result?;
     if g.json {
         print_json(&serde_json::json!({"message_type": "summary", "snapshot_id": id.to_hex(), "outcome": combined}));

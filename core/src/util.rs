@@ -103,6 +103,27 @@ pub fn hold_heap_memory() {
     }
 }
 
+/// The C heap's bytes in use and bytes free but held by the process (glibc's `mallinfo2`:
+/// all arenas, blocks mapped on their own counted as in use); `None` with other C libraries.
+#[allow(unsafe_code)]
+pub fn heap_usage() -> Option<HeapUsage> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics.
+        let m = unsafe { libc::mallinfo2() };
+        Some(HeapUsage { in_use: m.uordblks + m.hblkhd, held_free: m.fordblks })
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    None
+}
+
+/// See [`heap_usage`].
+#[derive(Debug, Clone, Copy)]
+pub struct HeapUsage {
+    pub in_use: usize,
+    pub held_free: usize,
+}
+
 /// [`hold_heap_memory`]'s mmap threshold: glibc's largest.
 pub const RESTORE_MMAP_THRESHOLD: libc::c_int = 32 * 1024 * 1024;
 /// [`hold_heap_memory`]'s trim threshold: free memory at an arena's top kept for reuse.
