@@ -125,7 +125,7 @@ fn read(path: &Path, ranges: &[Range<u64>]) -> io::Result<(Vec<Bytes>, bool)> {
     // Per span: the buffer holding it, where in the buffer it begins, and its first byte's
     // offset in the file (the span's start rounded down to a block).
     let mut read: Vec<(Bytes, usize, u64)> = Vec::with_capacity(spans.len());
-    let block_len = |s: &Range<u64>| (align_up(s.end) - align_down(s.start)) as usize;
+    let block_len = |s: &Range<u64>| block_len(s) as usize;
     let mut next = 0;
     while next < spans.len() {
         // Consecutive spans share one buffer while they fit in MAX_SPAN (a longer span is alone).
@@ -169,6 +169,53 @@ fn read(path: &Path, ranges: &[Range<u64>]) -> io::Result<(Vec<Bytes>, bool)> {
     Ok((sliced, direct))
 }
 
+/// Bytes of a span read in whole blocks.
+fn block_len(span: &Range<u64>) -> u64 {
+    align_up(span.end) - align_down(span.start)
+}
+
+/// The bytes of blocks a read of ranges takes, the ranges given in order of their start and
+/// merged into spans as [`read_ranges`] merges them: what its buffers hold. Kept within
+/// [`MAX_SPAN`], a request's spans are read into one buffer.
+#[derive(Debug, Default, Clone)]
+pub struct ReadFootprint {
+    /// Blocks of the spans before the current one.
+    closed: u64,
+    current: Option<Range<u64>>,
+}
+
+impl ReadFootprint {
+    /// The footprint's bytes once `range` is added.
+    pub fn with(&self, range: &Range<u64>) -> u64 {
+        match &self.current {
+            _ if range.is_empty() => self.bytes(),
+            Some(span) if range.start <= span.end.saturating_add(MAX_GAP) => {
+                self.closed + block_len(&(span.start..span.end.max(range.end)))
+            }
+            Some(span) => self.closed + block_len(span) + block_len(range),
+            None => block_len(range),
+        }
+    }
+
+    pub fn add(&mut self, range: &Range<u64>) {
+        if range.is_empty() {
+            return;
+        }
+        match &mut self.current {
+            Some(span) if range.start <= span.end.saturating_add(MAX_GAP) => span.end = span.end.max(range.end),
+            Some(span) => {
+                self.closed += block_len(span);
+                *span = range.clone();
+            }
+            None => self.current = Some(range.clone()),
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.closed + self.current.as_ref().map_or(0, block_len)
+    }
+}
+
 /// The non-empty ranges, sorted and merged into spans, and for each range the index of the span
 /// holding it (0 for an empty range). A range joins the span before it when it begins less than
 /// [`MAX_GAP`] after it and the span, read in whole blocks, stays within [`MAX_SPAN`] bytes (or
@@ -183,7 +230,7 @@ fn merge(ranges: &[Range<u64>]) -> (Vec<Range<u64>>, Vec<usize>) {
         match spans.last_mut() {
             Some(last)
                 if r.start <= last.end.saturating_add(MAX_GAP)
-                    && (r.end <= last.end || align_up(r.end) - align_down(last.start) <= MAX_SPAN as u64) =>
+                    && (r.end <= last.end || block_len(&(last.start..r.end)) <= MAX_SPAN as u64) =>
             {
                 last.end = last.end.max(r.end)
             }
@@ -314,6 +361,67 @@ mod tests {
             let apart = got[k + 1].as_ptr() as usize - got[k].as_ptr() as usize;
             assert_eq!(apart, blocks - in_block(&ranges[k]) + in_block(&ranges[k + 1]), "span {k}");
         }
+    }
+
+    #[test]
+    fn footprint_is_the_blocks_of_the_merged_spans() {
+        // Ranges in order of start: near ones (merged), far ones (new spans), overlapping,
+        // contained and empty ones, at unaligned offsets.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |bound: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % bound
+        };
+        for _ in 0..200 {
+            let mut ranges = Vec::new();
+            let mut at = next(10_000);
+            for _ in 0..next(40) + 1 {
+                let len = [0, 1, 300, 5_000, 70_000, 400_000][next(6) as usize];
+                let start = match next(4) {
+                    0 => at.saturating_sub(next(6_000)),
+                    1 => at + next(MAX_GAP),
+                    2 => at + MAX_GAP + 1 + next(200_000),
+                    _ => at,
+                };
+                ranges.push(start..start + len);
+                at = at.max(start + len);
+            }
+            ranges.sort_by_key(|r| r.start);
+            let mut footprint = ReadFootprint::default();
+            for (k, r) in ranges.iter().enumerate() {
+                let grown = footprint.with(r);
+                footprint.add(r);
+                assert_eq!(footprint.bytes(), grown);
+                let (spans, _) = merge(&ranges[..=k]);
+                let blocks: u64 = spans.iter().map(block_len).sum();
+                if blocks <= MAX_SPAN as u64 {
+                    assert_eq!(footprint.bytes(), blocks, "{:?}", &ranges[..=k]);
+                } else {
+                    // Capped spans overlap; the footprint counts what an uncapped read takes.
+                    assert!(footprint.bytes() <= blocks, "{:?}", &ranges[..=k]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_within_the_largest_span_is_read_into_one_buffer() {
+        let (_d, path, data) = file_of(6 * 1024 * 1024);
+        // Aligned spans far apart whose blocks add up to exactly MAX_SPAN.
+        let ranges: Vec<Range<u64>> =
+            (0..4u64).map(|i| i * 1_507_328 + 4096..i * 1_507_328 + 4096 + MAX_SPAN as u64 / 4).collect();
+        let mut footprint = ReadFootprint::default();
+        ranges.iter().for_each(|r| footprint.add(r));
+        assert_eq!(footprint.bytes(), MAX_SPAN as u64);
+        let (got, _) = read(&path, &ranges).unwrap();
+        for (r, b) in ranges.iter().zip(&got) {
+            assert_eq!(&b[..], &data[r.start as usize..r.end as usize], "{r:?}");
+        }
+        let first = got[0].as_ptr() as usize;
+        let last = got[3].as_ptr() as usize + got[3].len();
+        assert_eq!(last - first, MAX_SPAN, "the four spans lie in one buffer, back to back");
     }
 
     #[test]

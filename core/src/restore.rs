@@ -6,9 +6,9 @@
 //! * Content is planned by pack: the walker collects the blobs of a batch of files (at most
 //!   [`MAX_BATCH_FILES`] files and [`MAX_BATCH_BLOBS`] blobs), groups them by pack in offset
 //!   order, and a pool of workers fetches each pack's blobs with one `Store::get_ranges_once`
-//!   call per job of at most [`MAX_JOB_BYTES`] (on a filesystem: one open and one direct read
-//!   per span of nearby blobs; on object stores: few coalesced ranged requests), several packs
-//!   at once.
+//!   call per job reading at most [`MAX_JOB_BYTES`] (on a filesystem: one open and one direct
+//!   read per span of nearby blobs, all into one buffer; on object stores: few coalesced ranged
+//!   requests), several packs at once.
 //!   A blob is fetched once per batch however many files use it, then authenticated,
 //!   decompressed and written at each of its offsets by the same worker; a job's blobs are
 //!   opened in file order, so that adjacent bytes of a file make one write. Holes (and all-zero
@@ -55,6 +55,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use crate::blockwrite::{self, AlignedBuf, BlockFile};
+use crate::directread::ReadFootprint;
 use crate::error::{Error, IoContext, Result};
 use crate::fsmeta;
 use crate::id::Id;
@@ -71,9 +72,14 @@ pub const MAX_BATCH_BLOBS: usize = 16 * 1024;
 pub const MAX_BATCHES_IN_FLIGHT: usize = 8;
 /// Pack jobs waiting for a worker (the batch gate bounds what they hold).
 pub const MAX_QUEUED_JOBS: usize = 1024;
-/// Most stored bytes one pack job fetches (what a worker holds in memory at once, plus one blob);
-/// 8 MiB jobs took 12-20 MiB more peak memory than 4 MiB ones.
-pub const MAX_JOB_BYTES: u64 = 4 * 1024 * 1024;
+/// Most bytes one pack job reads, counted as a filesystem read takes them: its blobs in whole
+/// blocks, with the gaps between blobs read along ([`ReadFootprint`]); a larger blob is a job of
+/// its own. That is what a worker holds in memory at once, and it fits one read buffer
+/// ([`crate::directread::MAX_SPAN`]). 8 MiB jobs took 12-20 MiB more peak memory than 4 MiB ones.
+/// Jobs of 4 MiB of stored bytes often spilled into a second read buffer: restoring the
+/// bench's mutated 2 GiB snapshot peaked at 80.2 MiB against 75.5 counted this way (medians of
+/// 5 alternating cold runs, same wall and CPU time).
+pub const MAX_JOB_BYTES: u64 = crate::directread::MAX_SPAN as u64;
 /// Bytes of whole blocks a worker gathers for one direct write (see [`crate::blockwrite`]).
 pub const STAGE_BYTES: usize = 2 * 1024 * 1024;
 /// Buffers of [`STAGE_BYTES`] a worker owns: one it fills, the others being written.
@@ -832,18 +838,18 @@ impl Walker<'_> {
             let Some(mut blobs) = by_pack.remove(&pack) else { continue };
             blobs.sort_by_key(|b| b.loc.offset);
             let mut job = PackJob { pack, blobs: Vec::new(), _batch: Arc::clone(&ticket) };
-            let mut bytes = 0u64;
+            let mut footprint = ReadFootprint::default();
             for b in blobs {
-                let len = b.loc.stored_len as u64;
-                if !job.blobs.is_empty() && bytes + len > MAX_JOB_BYTES {
+                let range = b.loc.offset as u64..b.loc.offset as u64 + b.loc.stored_len as u64;
+                if !job.blobs.is_empty() && footprint.with(&range) > MAX_JOB_BYTES {
                     let next = PackJob { pack, blobs: Vec::new(), _batch: Arc::clone(&ticket) };
                     let full = std::mem::replace(&mut job, next);
                     if self.jobs.send(full).is_err() {
                         return;
                     }
-                    bytes = 0;
+                    footprint = ReadFootprint::default();
                 }
-                bytes += len;
+                footprint.add(&range);
                 job.blobs.push(b);
             }
             if !job.blobs.is_empty() && self.jobs.send(job).is_err() {
