@@ -75,10 +75,11 @@ pub const MAX_QUEUED_JOBS: usize = 1024;
 /// Most bytes one pack job reads, counted as a filesystem read takes them: its blobs in whole
 /// blocks, with the gaps between blobs read along ([`ReadFootprint`]); a larger blob is a job of
 /// its own. That is what a worker holds in memory at once, and it fits one read buffer
-/// ([`crate::directread::MAX_SPAN`]). 8 MiB jobs took 12-20 MiB more peak memory than 4 MiB ones.
-/// Jobs of 4 MiB of stored bytes often spilled into a second read buffer: restoring the
-/// bench's mutated 2 GiB snapshot peaked at 80.2 MiB against 75.5 counted this way (medians of
-/// 5 alternating cold runs, same wall and CPU time).
+/// ([`crate::directread::MAX_SPAN`], 2 MiB). 8 MiB jobs took 12-20 MiB more peak memory than
+/// 4 MiB ones, and 4 MiB ones 5-7 MiB more than 2 MiB ones, in the same time. Jobs of 4 MiB of
+/// stored bytes often spilled into a second read buffer: restoring the bench's mutated 2 GiB
+/// snapshot peaked at 80.2 MiB against 75.5 with 4 MiB jobs counted this way (medians of 5
+/// alternating cold runs, same wall and CPU time).
 pub const MAX_JOB_BYTES: u64 = crate::directread::MAX_SPAN as u64;
 /// Bytes of whole blocks a worker gathers for one direct write (see [`crate::blockwrite`]).
 pub const STAGE_BYTES: usize = 2 * 1024 * 1024;
