@@ -180,6 +180,11 @@ fn block_len(span: &Range<u64>) -> u64 {
     align_up(span.end) - align_down(span.start)
 }
 
+/// Whether `range` (not starting before `span`) is near enough to be read along with it.
+fn is_near(span: &Range<u64>, range: &Range<u64>) -> bool {
+    range.start <= span.end.saturating_add(MAX_GAP)
+}
+
 /// The bytes of blocks a read of ranges takes, the ranges given in order of their start and
 /// merged into spans as [`read_ranges`] merges them: what its buffers hold. Kept within
 /// [`MAX_SPAN`], a request's spans are read into one buffer.
@@ -193,14 +198,9 @@ pub struct ReadFootprint {
 impl ReadFootprint {
     /// The footprint's bytes once `range` is added.
     pub fn with(&self, range: &Range<u64>) -> u64 {
-        match &self.current {
-            _ if range.is_empty() => self.bytes(),
-            Some(span) if range.start <= span.end.saturating_add(MAX_GAP) => {
-                self.closed + block_len(&(span.start..span.end.max(range.end)))
-            }
-            Some(span) => self.closed + block_len(span) + block_len(range),
-            None => block_len(range),
-        }
+        let mut grown = self.clone();
+        grown.add(range);
+        grown.bytes()
     }
 
     pub fn add(&mut self, range: &Range<u64>) {
@@ -208,7 +208,7 @@ impl ReadFootprint {
             return;
         }
         match &mut self.current {
-            Some(span) if range.start <= span.end.saturating_add(MAX_GAP) => span.end = span.end.max(range.end),
+            Some(span) if is_near(span, range) => span.end = span.end.max(range.end),
             Some(span) => {
                 self.closed += block_len(span);
                 *span = range.clone();
@@ -235,8 +235,7 @@ fn merge(ranges: &[Range<u64>]) -> (Vec<Range<u64>>, Vec<usize>) {
         let r = &ranges[i];
         match spans.last_mut() {
             Some(last)
-                if r.start <= last.end.saturating_add(MAX_GAP)
-                    && (r.end <= last.end || block_len(&(last.start..r.end)) <= MAX_SPAN as u64) =>
+                if is_near(last, r) && (r.end <= last.end || block_len(&(last.start..r.end)) <= MAX_SPAN as u64) =>
             {
                 last.end = last.end.max(r.end)
             }
