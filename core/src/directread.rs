@@ -84,6 +84,7 @@ impl ReadBuf {
         }
         let reused = {
             let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+            // Best fit: a buffer kept from a blob longer than MAX_SPAN stays for the next one.
             let fit = kept
                 .iter()
                 .enumerate()
@@ -131,14 +132,14 @@ fn read(path: &Path, ranges: &[Range<u64>]) -> io::Result<(Vec<Bytes>, bool)> {
     // Per span: the buffer holding it, where in the buffer it begins, and its first byte's
     // offset in the file (the span's start rounded down to a block).
     let mut read: Vec<(Bytes, usize, u64)> = Vec::with_capacity(spans.len());
-    let block_len = |s: &Range<u64>| block_len(s) as usize;
+    let span_bytes = |s: &Range<u64>| block_len(s) as usize;
     let mut next = 0;
     while next < spans.len() {
         // Consecutive spans share one buffer while they fit in MAX_SPAN (a longer span is alone).
-        let mut total = block_len(&spans[next]);
+        let mut total = span_bytes(&spans[next]);
         let mut end = next + 1;
-        while end < spans.len() && total + block_len(&spans[end]) <= MAX_SPAN {
-            total += block_len(&spans[end]);
+        while end < spans.len() && total + span_bytes(&spans[end]) <= MAX_SPAN {
+            total += span_bytes(&spans[end]);
             end += 1;
         }
         let mut buf = ReadBuf::take(total);
@@ -146,7 +147,7 @@ fn read(path: &Path, ranges: &[Range<u64>]) -> io::Result<(Vec<Bytes>, bool)> {
         let mut at = 0;
         for span in &spans[next..end] {
             let start = align_down(span.start);
-            let len = block_len(span);
+            let len = span_bytes(span);
             let got = read_at(&file, &mut buf.as_mut_slice()[at..at + len], start, &mut direct)?;
             if (got as u64) < span.end - start {
                 return Err(io::Error::new(
