@@ -16,6 +16,7 @@
 //! * progress totals are the parent's (an estimate, no metadata scan) when the parent covers
 //!   every source, and counted otherwise.
 //! * a directory wider than the walk's batch of parent trees finds every one of them.
+//! * tree blobs and data blobs are stored in packs of their own, spooled or held in memory.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -478,6 +479,49 @@ async fn edited_files_are_cut_as_before_and_as_from_scratch() {
         "the tree cut with the parent's boundaries differs from the one cut from scratch"
     );
     restore_and_compare(&repo, &again, &src, &tmp.path().join("restored")).await;
+}
+
+/// Tree blobs never share a pack with data blobs, on a store that spools packs to files and on
+/// one that holds them in memory: several data packs of 1 MiB, the trees of 40 directories in a
+/// pack of their own, and the snapshot restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trees_and_data_never_share_a_pack() {
+    use hoard_core::pack::BlobType;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    for d in 0..40u64 {
+        let dir = src.join(format!("d{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("f"), random_bytes(100_000, 900 + d)).unwrap();
+    }
+    let spooling = {
+        let dir = tmp.path().join("spooling");
+        let opts = hoard_core::store::StoreOptions { create_dir: true, ..Default::default() };
+        hoard_core::store::open_store(dir.to_str().unwrap(), &opts).unwrap()
+    };
+    assert!(hoard_core::spool::SpoolDir::for_store(&*spooling).is_some());
+    let in_memory = store(&tmp.path().join("in-memory"), None);
+    assert!(hoard_core::spool::SpoolDir::for_store(&*in_memory).is_none());
+    for (name, store) in [("spooling", spooling), ("in memory", in_memory)] {
+        let repo = init(store, MIB as u32).await;
+        let out = backup_within(&repo, options(&src, 64 * MIB, 2), 120).await;
+        let mut types: std::collections::HashMap<_, Vec<BlobType>> = std::collections::HashMap::new();
+        for (_, loc) in repo.index().iter() {
+            types.entry(loc.pack).or_default().push(loc.ty);
+        }
+        let kind = |ty| types.values().filter(|t| t.iter().all(|&x| x == ty)).count();
+        let (data_packs, tree_packs) = (kind(BlobType::Data), kind(BlobType::Tree));
+        assert_eq!(data_packs + tree_packs, types.len(), "{name}: a pack holds trees and data: {types:?}");
+        assert!(data_packs >= 3, "{name}: {data_packs} data packs");
+        assert_eq!(tree_packs, 1, "{name}: {tree_packs} tree packs");
+        let trees: usize = types.values().flatten().filter(|&&t| t == BlobType::Tree).count();
+        assert_eq!(trees, 41, "{name}: the root's tree and one per directory");
+        let target = tmp.path().join(format!("restored-{}", name.replace(' ', "-")));
+        let root = out.snapshot.component("data").unwrap().root;
+        let r = restore(Arc::clone(&repo), RestoreSource::Tree(root), RestoreOptions::new(&target)).await.unwrap();
+        assert!(r.failed.is_empty(), "{name}: {:?}", r.failed);
+        assert_eq!(std::fs::read(target.join("d7/f")).unwrap(), random_bytes(100_000, 907), "{name}");
+    }
 }
 
 /// The parallel walk of an incremental backup and the one-thread walk of a backup without a
