@@ -66,6 +66,8 @@ def main(meta_p, meas_p, notes_p, out_p, results_md):
         r["cpu"].append(float(user) + float(sys_))
         r["rss"].append(int(rss_kb) / 1024)
         r["size"].append(int(size))
+    # statwalk (bench/statwalk.c) is not a backup tool: its row is the floor under phase (b).
+    floor = rows.pop(("statwalk", "b_floor"), None)
     tools = []
     for (t, _) in rows:
         if t not in tools:
@@ -122,6 +124,25 @@ def main(meta_p, meas_p, notes_p, out_p, results_md):
             f"- **{t}**: repository grew {growth / MiB:,.2f} MiB after mutate for {changed / MiB:,.2f} MiB changed "
             f"→ {growth / changed:.2f}× (no-change re-backup added {nochange / 1024:,.0f} KiB)"
         )
+    floor_lines = []
+    if floor is not None:
+        if floor.get("fail"):
+            floor_lines.append("- statwalk failed: no floor for this run.")
+        else:
+            w = med(floor["wall"])
+            rng = f" ({min(floor['wall']):.2f}–{max(floor['wall']):.2f})" if len(floor["wall"]) > 1 else ""
+            floor_lines.append(
+                f"- `bench/statwalk.c`, 16 threads that list and lstat every entry of the dataset and do "
+                f"nothing else, page cache dropped: {w:.2f} s{rng}, CPU {med(floor['cpu']):.2f} s. "
+                f"A no-change backup must do at least this."
+            )
+            b_restic, b_hoard = stats("restic", "b_nochange"), stats("hoard", "b_nochange")
+            if b_restic:
+                floor_lines.append(
+                    f"- 0.1× restic's (b) = {b_restic['wall'] / 10:.2f} s = {b_restic['wall'] / 10 / w:.2f}× the floor."
+                )
+            if b_hoard:
+                floor_lines.append(f"- hoard's (b) = {b_hoard['wall']:.2f} s = {b_hoard['wall'] / w:.2f}× the floor.")
     ver = []
     for t in tools:
         v = verify.get(t, [])
@@ -155,6 +176,7 @@ def main(meta_p, meas_p, notes_p, out_p, results_md):
         + table
         + "\n\nIncremental efficiency (repository growth after mutate vs bytes changed):\n\n"
         + "\n".join(inc)
+        + ("\n\nCold metadata floor under (b):\n\n" + "\n".join(floor_lines) if floor_lines else "")
         + "\n\nRestore verification:\n\n"
         + "\n".join(ver)
         + ("\n\nNotes:\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")

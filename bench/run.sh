@@ -154,6 +154,13 @@ DATA_ALLOC=$(du -sB1 "$DATA" | cut -f1)
 DATA_FILES=$(find "$DATA" -type f | wc -l)
 log "dataset: $DATA_FILES files, $DATA_APPARENT bytes apparent, $DATA_ALLOC allocated"
 
+# The floor under phase (b): list and lstat every entry, nothing else (see statwalk.c).
+STATWALK="$WORK/statwalk"
+if ! cc -O2 -pthread -o "$STATWALK" "$HERE/statwalk.c" >>"$LOG" 2>&1; then
+  note "statwalk could not be built (no C compiler?): no metadata floor for (b)"
+  STATWALK=""
+fi
+
 # ---------------------------------------------------------------- helpers
 DROP_OK=1
 drop_caches() {
@@ -224,6 +231,7 @@ export -f tool_backup tool_restore
 } >"$WORK/meta-$STAMP.txt"
 
 for rep in $(seq 1 "$REPS"); do
+  [ -z "$STATWALK" ] || measure "$rep" statwalk b_floor - -- "$STATWALK" "$DATA" 16
   for tool in $ACTIVE; do
     repo="$WORK/repo-$tool" target="$WORK/restore-$tool"
     rm -rf "$repo" "$target" "$RESTIC_CACHE_DIR" "$RUSTIC_CACHE" "$BORG_BASE_DIR"
