@@ -28,6 +28,9 @@ pub struct Progress {
     pub bytes_read: AtomicU64,
     /// The part of `bytes_read` read through io_uring.
     pub bytes_read_io_uring: AtomicU64,
+    /// Small files brought into the page cache in batches through io_uring before they were
+    /// read ([`crate::uring::SmallFilePrefetch`]); their bytes count in `bytes_read` once.
+    pub files_prefetched: AtomicU64,
     /// The part of `bytes_read` read ahead of the chunker (large files read directly through
     /// io_uring, while the segment before was cut).
     pub bytes_read_ahead: AtomicU64,

@@ -1,6 +1,7 @@
 //! The io_uring reader against plain reads, and direct reads against reads through the page
 //! cache: the same input gives the same snapshot trees, and both restore byte-identical. Also:
-//! backups sharing one memory budget, and sparse files.
+//! backups sharing one memory budget, sparse files, batches of small files, and linked files
+//! read once by concurrent readers.
 //!
 //! On hosts without io_uring the tests fail unless `HOARD_TEST_NO_IO_URING` is set (then the
 //! io_uring side is a second plain-read run, and says so).
@@ -144,6 +145,111 @@ async fn io_uring_and_plain_reads_make_the_same_snapshot() {
         restore_to(&repo, o, &t).await;
         let diffs = compare(&before, &manifest(&t));
         assert!(diffs.is_empty(), "{name}: {}", diffs.join("\n"));
+    }
+}
+
+/// Small files that wait for a reader are opened together and read into the page cache with one
+/// io_uring submission per batch; the files are then read as without it, so the snapshot is the
+/// one plain reads make. The reader is held on its first file for a moment so that the walk
+/// queues the rest (batches only take files already waiting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_are_prefetched_in_batches() {
+    let expect_ring = io_uring_expected();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let mut nonempty = 0u64;
+    for d in 0..4 {
+        let dir = src.join(format!("d{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..100usize {
+            let seed = (d * 1000 + i) as u64;
+            let len = match i {
+                0 => 0,
+                1 => URING_MIN_FILE as usize - 1,
+                _ => 1 + (i * 7919 + d * 131) % 20_000,
+            };
+            let data = if i % 3 == 0 { random_bytes(len, seed) } else { text_bytes(len, seed) };
+            std::fs::write(dir.join(format!("f{i:03}")), data).unwrap();
+            nonempty += u64::from(len > 0);
+        }
+    }
+    // One large file among them: it is read on its own, between batches.
+    std::fs::write(src.join("d1/large.bin"), random_bytes(URING_MIN_FILE as usize + 1, 99)).unwrap();
+    let repo = init(&tmp.path().join("repo")).await;
+
+    let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ring, ring_p) = run_with(&repo, &src, |o| {
+        o.read_concurrency = 1;
+        o.hooks.before_open = Some(Arc::new(move |_: &str| {
+            if !held.swap(true, Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
+        }));
+    })
+    .await;
+    let (plain, plain_p) = run(&repo, &src, false).await;
+
+    let prefetched = ring_p.files_prefetched.load(Ordering::Relaxed);
+    assert_eq!(plain_p.files_prefetched.load(Ordering::Relaxed), 0);
+    if expect_ring {
+        // All but the files of a first or last batch of one, and of batches cut short by the
+        // large file.
+        let slack = 3 * hoard_core::uring::PREFETCH_FILES as u64;
+        assert!(prefetched + slack >= nonempty && prefetched <= nonempty, "{prefetched} of {nonempty}");
+    } else {
+        assert_eq!(prefetched, 0);
+    }
+    for o in [&ring, &plain] {
+        assert_eq!(o.snapshot.summary.warnings, 0, "{:?}", o.snapshot.warnings);
+    }
+    assert_eq!(ring.snapshot.components[0].root, plain.snapshot.components[0].root);
+    assert_eq!(ring.snapshot.summary.bytes_read, plain.snapshot.summary.bytes_read);
+    assert_eq!(ring_p.bytes_read.load(Ordering::Relaxed), ring.snapshot.summary.bytes_read);
+    let t = tmp.path().join("restored");
+    restore_to(&repo, &ring, &t).await;
+    let diffs = compare(&manifest(&src), &manifest(&t));
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
+
+/// Many links of one inode, read by several readers at once (small ones in batches, large
+/// ones through the ring): the data is read once; the other links wait for that read and take
+/// its content. The reader of the first link is held until the others have been handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linked_files_are_read_once_by_concurrent_readers() {
+    io_uring_expected();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("a")).unwrap();
+    let small = text_bytes(5000, 1);
+    let large = random_bytes(URING_MIN_FILE as usize * 3, 2);
+    std::fs::write(src.join("a/small"), &small).unwrap();
+    std::fs::write(src.join("a/large"), &large).unwrap();
+    for i in 0..12 {
+        std::fs::hard_link(src.join("a/small"), src.join(format!("a/small-{i:02}"))).unwrap();
+        std::fs::hard_link(src.join("a/large"), src.join(format!("a/large-{i:02}"))).unwrap();
+    }
+    let repo = init(&tmp.path().join("repo")).await;
+    for io_uring in [true, false] {
+        let first = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let (out, p) = run_with(&repo, &src, |o| {
+            o.io_uring = io_uring;
+            o.read_concurrency = 4;
+            // The first reader of each inode is slow, so the other links' readers find it busy.
+            o.hooks.after_read = Some(Arc::new(move |rel: &str| {
+                let group = if rel.contains("small") { "small" } else { "large" };
+                if first.lock().unwrap().insert(group) {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+            }));
+        })
+        .await;
+        assert_eq!(out.snapshot.summary.warnings, 0, "{:?}", out.snapshot.warnings);
+        let once = (small.len() + large.len()) as u64;
+        assert_eq!(p.bytes_read.load(Ordering::Relaxed), once, "io_uring {io_uring}: each inode read once");
+        let t = tmp.path().join(format!("restored-{io_uring}"));
+        restore_to(&repo, &out, &t).await;
+        let diffs = compare(&manifest(&src), &manifest(&t));
+        assert!(diffs.is_empty(), "{}", diffs.join("\n"));
     }
 }
 
