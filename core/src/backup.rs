@@ -834,13 +834,6 @@ impl Ctx {
         Ok((extents, total))
     }
 
-    fn read_file(&self, job: &FileJob, previous: Option<(u64, PreviousCuts)>) -> FileOutcome {
-        match self.open_job(job) {
-            Some((fd, st)) => self.read_open_file(job, fd, &st, previous),
-            None => FileOutcome { skip: true, ..Default::default() },
-        }
-    }
-
     /// Opens the job's file and checks that it is still the regular file the walk saw; `None`
     /// (with a warning) when it cannot be opened or was replaced.
     fn open_job(&self, job: &FileJob) -> Option<(OwnedFd, rustix::fs::Stat)> {
@@ -1399,14 +1392,11 @@ fn finisher(ctx: &Ctx, plans: &Receiver<DirPlan>) -> Result<HashMap<u64, Id>> {
 }
 
 fn reader_loop(ctx: &Ctx, jobs: &Receiver<FileJob>) {
-    // A ring of this thread's own for batches of small files; none without io_uring, or under
-    // a low limit on open descriptors (a batch holds its files open together, and a file that
-    // cannot be opened is skipped with a warning).
-    let mut prefetch = ctx
-        .uring
-        .as_ref()
-        .filter(|_| crate::util::nofile_limit().0 >= PREFETCH_MIN_NOFILE)
-        .and_then(|_| crate::uring::SmallFilePrefetch::new().ok());
+    // Batches of small files use a ring of this thread's own, set up at the first batch; none
+    // without io_uring, or under a low limit on open descriptors (a batch holds its files open
+    // together, and a file that cannot be opened is skipped with a warning).
+    let batching = ctx.uring.is_some() && crate::util::nofile_limit().0 >= PREFETCH_MIN_NOFILE;
+    let mut prefetch: Option<Option<crate::uring::SmallFilePrefetch>> = None;
     let is_small = |j: &FileJob| j.size < URING_MIN_FILE;
     // A job taken while filling a batch that does not belong in it: the next one to run.
     let mut held: Option<FileJob> = None;
@@ -1418,59 +1408,48 @@ fn reader_loop(ctx: &Ctx, jobs: &Receiver<FileJob>) {
                 Err(_) => return,
             },
         };
-        let Some(p) = prefetch.as_mut().filter(|_| is_small(&job)) else {
-            read_one(ctx, job);
-            continue;
-        };
-        // Only the small files already waiting join: a batch never waits for more work.
-        let mut bytes = job.size;
         let mut batch = vec![job];
-        while batch.len() < crate::uring::PREFETCH_FILES {
-            match jobs.try_recv() {
-                Ok(j) if is_small(&j) && bytes + j.size <= crate::uring::PREFETCH_BYTES as u64 => {
-                    bytes += j.size;
-                    batch.push(j);
+        if batching && is_small(&batch[0]) {
+            // Only the small files already waiting join: a batch never waits for more work.
+            let mut bytes = batch[0].size;
+            while batch.len() < crate::uring::PREFETCH_FILES {
+                match jobs.try_recv() {
+                    Ok(j) if is_small(&j) && bytes + j.size <= crate::uring::PREFETCH_BYTES as u64 => {
+                        bytes += j.size;
+                        batch.push(j);
+                    }
+                    Ok(j) => {
+                        held = Some(j);
+                        break;
+                    }
+                    Err(_) => break,
                 }
-                Ok(j) => {
-                    held = Some(j);
-                    break;
-                }
-                Err(_) => break,
             }
         }
-        if batch.len() == 1 {
-            batch.into_iter().for_each(|j| read_one(ctx, j));
+        let ring = if batch.len() > 1 {
+            prefetch.get_or_insert_with(|| crate::uring::SmallFilePrefetch::new().ok()).as_mut()
         } else {
-            read_batch(ctx, p, batch);
-        }
+            None
+        };
+        read_jobs(ctx, ring, batch);
     }
 }
 
-/// Reads one job's file and sends the outcome to the walker.
-fn read_one(ctx: &Ctx, mut job: FileJob) {
-    let previous = job.previous.take();
-    let out = if ctx.sink.has_failed() {
-        FileOutcome { skip: true, ..Default::default() }
-    } else {
-        ctx.read_file(&job, previous)
-    };
-    let _ = job.reply.send(out);
-}
-
-/// Opens a batch of small files, brings them into the page cache with one io_uring submission,
-/// then reads each as [`read_one`] would (the prefetch changes when the disk is read, not what
-/// is stored).
-fn read_batch(ctx: &Ctx, prefetch: &mut crate::uring::SmallFilePrefetch, batch: Vec<FileJob>) {
-    let opened: Vec<_> = batch.iter().map(|job| if ctx.sink.has_failed() { None } else { ctx.open_job(job) }).collect();
-    let reads: Vec<_> = opened
-        .iter()
-        .flatten()
-        .map(|(fd, st)| (fd.as_fd(), usize::try_from(st.st_size.max(0)).unwrap_or(usize::MAX)))
-        .collect();
-    let fetched = prefetch.prefetch(&reads);
-    drop(reads);
-    ctx.progress.files_prefetched.fetch_add(fetched as u64, Ordering::Relaxed);
-    for (mut job, file) in batch.into_iter().zip(opened) {
+/// Opens the jobs' files; with `prefetch`, brings them into the page cache with one io_uring
+/// submission; then reads each and sends its outcome to the walker. The prefetch changes when
+/// the disk is read, not what is stored.
+fn read_jobs(ctx: &Ctx, prefetch: Option<&mut crate::uring::SmallFilePrefetch>, jobs: Vec<FileJob>) {
+    let opened: Vec<_> = jobs.iter().map(|job| if ctx.sink.has_failed() { None } else { ctx.open_job(job) }).collect();
+    if let Some(p) = prefetch {
+        let reads: Vec<_> = opened
+            .iter()
+            .flatten()
+            .map(|(fd, st)| (fd.as_fd(), usize::try_from(st.st_size.max(0)).unwrap_or(usize::MAX)))
+            .collect();
+        let fetched = p.prefetch(&reads);
+        ctx.progress.files_prefetched.fetch_add(fetched as u64, Ordering::Relaxed);
+    }
+    for (mut job, file) in jobs.into_iter().zip(opened) {
         let previous = job.previous.take();
         let out = match file {
             Some((fd, st)) if !ctx.sink.has_failed() => ctx.read_open_file(&job, fd, &st, previous),
