@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: starts the real services the tests use (an S3 server and the Azure Blob
-# emulator on loopback, a kube-apiserver built from its Go module), runs the workspace's tests, and stops the services.
+# emulator on loopback, a kube-apiserver and a CSI snapshot stack built from their Go modules),
+# runs the workspace's tests, and stops the services.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source hack/env.sh
@@ -13,11 +14,16 @@ trap 'hack/s3-down.sh "$HOARD_S3_DIR"; hack/azure-down.sh "$HOARD_AZURE_DIR"' EX
 if [ "${HOARD_SKIP_KUBE:-0}" != 1 ]; then
   echo "== control plane (hack/kube): build or reuse, start, smoke test"
   hack/kube/build.sh
-  eval "$(hack/kube/up.sh --with-controller-manager)"
+  # --with-csi: + KCM, snapshot CRDs, snapshot-controller and the hostpath CSI driver stack.
+  eval "$(hack/kube/up.sh --with-csi)"
   trap 'hack/s3-down.sh "$HOARD_S3_DIR"; hack/azure-down.sh "$HOARD_AZURE_DIR"; hack/kube/down.sh --rm' EXIT
   hack/kube/smoke.sh
-  # Tests that need an API server use this cluster (each in namespaces of its own).
-  export HOARD_TEST_KUBECONFIG="$KUBECONFIG" HOARD_TEST_KUBE_DIR="$HOARD_KUBE_DIR"
+  # Tests that need an API server use this cluster (each in namespaces of its own). CSI tests
+  # create their own VolumeSnapshotClass; HOARD_TEST_KUBE_BIN_DIR lets them start further
+  # driver stacks under other driver names.
+  export HOARD_TEST_KUBECONFIG="$KUBECONFIG" HOARD_TEST_KUBE_DIR="$HOARD_KUBE_DIR" \
+    HOARD_TEST_KUBE_BIN_DIR="$HOARD_KUBE_BIN_DIR" HOARD_TEST_CSI_DRIVER="$HOARD_CSI_DRIVER" \
+    HOARD_TEST_CSI_STORAGE_CLASS="$HOARD_CSI_STORAGE_CLASS" HOARD_TEST_CSI_STATE_DIR="$HOARD_CSI_STATE_DIR"
   unset KUBECONFIG
 fi
 

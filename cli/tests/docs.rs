@@ -276,12 +276,12 @@ async fn inline_commands_of_docs_concepts_md_run() {
     for block in CONCEPTS.split("```yaml\n").skip(1).map(|b| b.split("```").next().unwrap()) {
         for document in serde_yaml::Deserializer::from_str(block) {
             let v: serde_json::Value = serde::Deserialize::deserialize(document).unwrap();
-            if v["kind"] == "BackupConfiguration" {
+            if v["kind"] == "BackupConfiguration" && v["metadata"]["name"] == "postgres" {
                 config = Some(v);
             }
         }
     }
-    let mut config = config.expect("docs/concepts.md has a BackupConfiguration");
+    let mut config = config.expect("docs/concepts.md has the BackupConfiguration postgres");
     config["metadata"]["namespace"] = ns.as_str().into();
     create::<BackupConfiguration>(&c, &ns, config).await;
 

@@ -14,9 +14,11 @@ pub const NAMESPACE_CALLS: &[(&str, &str, &[&str])] =
 /// Cluster-wide calls: (API group, resource, verbs).
 pub const CALLS: &[(&str, &str, &[&str])] = &[
     // Workload pods and agent pods (listed by selector), the target's volumes; a restore into
-    // a claim no pod mounts creates (and afterwards deletes) a helper pod that mounts it.
+    // a claim no pod mounts, a backup of one, and a backup through a VolumeSnapshot create (and
+    // afterwards list by label and delete) an exposer pod that mounts the claim or the clone.
     ("", "pods", &["get", "list", "create", "delete"]),
-    ("", "persistentvolumeclaims", &["get"]),
+    // The snapshot path's clone claims are created, then listed by label and deleted.
+    ("", "persistentvolumeclaims", &["get", "list", "create", "delete"]),
     ("", "persistentvolumes", &["get"]),
     // Repository passwords and object-store keys (read only, never logged).
     ("", "secrets", &["get"]),
@@ -28,6 +30,10 @@ pub const CALLS: &[(&str, &str, &[&str])] = &[
     ("apps", "daemonsets", &["get"]),
     ("apps", "replicasets", &["get"]),
     ("events.k8s.io", "events", &["create", "patch"]),
+    // CSI snapshot path: a session's VolumeSnapshots (created, listed by label, deleted) and the
+    // classes to choose from.
+    ("snapshot.storage.k8s.io", "volumesnapshots", &["get", "list", "create", "delete"]),
+    ("snapshot.storage.k8s.io", "volumesnapshotclasses", &["list"]),
     ("hoard.dev", "backupstorages", &["get", "list", "watch"]),
     ("hoard.dev", "backupstorages/status", &["patch"]),
     ("hoard.dev", "retentionpolicies", &["get"]),

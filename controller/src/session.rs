@@ -7,7 +7,8 @@
 //!    ▼
 //! Running ── dispatch orders (≤ --max-orders-per-node per node) ── collect results
 //!    │          failed component: retried after retryConfig.delay, at most maxRetry times,
-//!    │          unless the agent classed the failure invalid/refused/permanent
+//!    │          unless the agent classed the failure invalid/refused/permanent;
+//!    │          a volume still being prepared (snapshot path) waits, keeping the session busy
 //!    │  all components Succeeded → retention per repository → Succeeded
 //!    │  a component failed for good and nothing else is running → Failed
 //!    └─ backupTimeout passed → Failed (in-flight orders are cancelled)
@@ -41,6 +42,9 @@ pub struct WorkView {
     pub status: ComponentStatus,
     /// An order for it is in flight in this controller process.
     pub in_flight: bool,
+    /// Its volume is not readable yet (a VolumeSnapshot, clone or exposer pod on the way):
+    /// not dispatched, but the session is busy with it.
+    pub waiting: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -157,6 +161,9 @@ pub fn next_step(v: &SessionView, load: &BTreeMap<String, usize>, cap: usize, no
             continue;
         }
         busy = true;
+        if w.waiting {
+            continue;
+        }
         let used = load.entry(w.node.clone()).or_default();
         if *used < cap {
             *used += 1;
@@ -211,6 +218,7 @@ mod tests {
             node: node.into(),
             status: ComponentStatus { phase: Some(phase), ..Default::default() },
             in_flight: false,
+            waiting: false,
         }
     }
 
@@ -295,6 +303,28 @@ mod tests {
             Step::Fail(m) => assert!(m.contains("r/a: disk on fire"), "{m}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_volume_being_prepared_keeps_the_session_busy_without_dispatch() {
+        let mut a = work("r", "a", "", ComponentPhase::Pending);
+        a.waiting = true;
+        match next_step(
+            &running(vec![a.clone(), work("r", "b", "n1", ComponentPhase::Pending)]),
+            &BTreeMap::new(),
+            2,
+            now(),
+        ) {
+            Step::Work { dispatch, .. } => {
+                assert_eq!(dispatch.iter().map(|k| k.component.as_str()).collect::<Vec<_>>(), ["b"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let f = work("r", "c", "n1", ComponentPhase::Failed);
+        assert!(
+            matches!(next_step(&running(vec![a, f]), &BTreeMap::new(), 2, now()), Step::Work { .. }),
+            "a final failure waits for the volume being prepared"
+        );
     }
 
     #[test]

@@ -42,12 +42,7 @@ impl TargetVolume {
     }
 }
 
-/// Whether the pod is a usable source: Running, on a node, not terminating.
-pub fn pod_is_usable(pod: &Pod) -> bool {
-    let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).is_some_and(|n| !n.is_empty());
-    running && node && pod.metadata.deletion_timestamp.is_none() && pod.metadata.uid.is_some()
-}
+pub use hoard_csi::exposer::pod_is_usable;
 
 /// A label selector in the API server's query syntax (`a=b,c in (d,e),!f`).
 pub fn selector_string(sel: &LabelSelector) -> Result<String> {
@@ -70,6 +65,15 @@ pub fn selector_string(sel: &LabelSelector) -> Result<String> {
         return Err(Error::invalid("selector", "the workload has an empty selector"));
     }
     Ok(parts.join(","))
+}
+
+/// How the agent recognises `pv`'s mount: its CSI driver, or its in-tree plugin; `None` for
+/// types hoard cannot read (hostPath, unknown).
+pub fn pv_plugin(pv: &PersistentVolume) -> Option<Plugin> {
+    match pv.spec.as_ref().and_then(|s| s.csi.as_ref()) {
+        Some(csi) => Some(Plugin::CsiDriver(csi.driver.clone())),
+        None => in_tree_plugin(pv).map(|p| Plugin::InTreePlugin(p.into())),
+    }
 }
 
 fn in_tree_plugin(pv: &PersistentVolume) -> Option<&'static str> {
@@ -129,20 +133,12 @@ pub fn resolve(
                     .filter(|n| !n.is_empty())
                     .ok_or_else(|| Error::Transient(format!("claim {} is not bound yet", pvc.claim_name)))?;
                 let pv = pvs.get(&pv_name).ok_or_else(|| Error::NotFound(format!("PersistentVolume {pv_name}")))?;
-                let plugin = match pv.spec.as_ref().and_then(|s| s.csi.as_ref()) {
-                    Some(csi) => Plugin::CsiDriver(csi.driver.clone()),
-                    None => match in_tree_plugin(pv) {
-                        Some(p) => Plugin::InTreePlugin(p.into()),
-                        None => {
-                            return Err(Error::invalid(
-                                "volume",
-                                format!(
-                                    "PersistentVolume {pv_name} has a type hoard cannot read (hostPath or unknown)"
-                                ),
-                            ));
-                        }
-                    },
-                };
+                let plugin = pv_plugin(pv).ok_or_else(|| {
+                    Error::invalid(
+                        "volume",
+                        format!("PersistentVolume {pv_name} has a type hoard cannot read (hostPath or unknown)"),
+                    )
+                })?;
                 let source = Source::Pvc(PersistentVolumeSource {
                     claim_name: pvc.claim_name.clone(),
                     pv_name,

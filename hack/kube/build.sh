@@ -1,27 +1,48 @@
 #!/usr/bin/env bash
-# Build kube-apiserver, kube-controller-manager and etcd from their published Go
-# modules, at pinned versions, into a cache directory outside the repository:
+# Build kube-apiserver, kube-controller-manager, kubectl, etcd and a CSI snapshot stack
+# (snapshot-controller, csi-snapshotter, csi-provisioner and a hostpath driver) from
+# their published Go modules, at pinned versions, into a cache directory outside the
+# repository:
 #
 #   ${HOARD_CACHE:-$HOME/.cache/hoard}/kube/<k8s-version>/bin/
 #
 # Nothing is written into the repository. If the binaries are already there the
-# script only prints their paths. See hack/kube/README.md.
+# script only prints their paths; otherwise it builds only what is missing or stale.
+# See hack/kube/README.md.
 #
 # Environment:
 #   HOARD_CACHE   cache root (default: $HOME/.cache/hoard)
 #   K8S_VERSION   k8s.io/kubernetes tag (default below; must build with the local Go)
 #   ETCD_VERSION  go.etcd.io/etcd/server/v3 tag (default: the etcd client k8s pins)
+#   SNAPSHOTTER_VERSION, SNAPSHOTTER_CLIENT_VERSION, PROVISIONER_VERSION  CSI sidecar tags
 #   HOARD_KUBE_FORCE=1   rebuild even if the binaries exist
 set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 K8S_VERSION=${K8S_VERSION:-v1.36.3}
 # k8s v1.36.3's go.mod pins go.etcd.io/etcd/client/v3 v3.6.8; run the same server.
 ETCD_VERSION=${ETCD_VERSION:-v3.6.8}
+# CSI: snapshotter v8.4.0 goes with client/v8 v8.4.0 (identical client tree); provisioner
+# v6.0-v6.2 declare module .../v5 and cannot be fetched, v6.3.0 is built for k8s 1.36.
+SNAPSHOTTER_VERSION=${SNAPSHOTTER_VERSION:-v8.4.0}
+SNAPSHOTTER_CLIENT_VERSION=${SNAPSHOTTER_CLIENT_VERSION:-v8.4.0}
+PROVISIONER_VERSION=${PROVISIONER_VERSION:-v6.3.0}
+# The hostpath driver is hoard's own (hack/kube/hostpathplugin): the upstream module is not
+# served here. Its source hash goes into the stamp so an edit rebuilds it.
+HOSTPATH_SRC=${HERE}/hostpathplugin/main.go
+HOSTPATH_HASH=$(sha256sum "${HOSTPATH_SRC}" | cut -c1-12)
 
 CACHE_ROOT=${HOARD_CACHE:-$HOME/.cache/hoard}/kube/${K8S_VERSION}
 BIN=${CACHE_ROOT}/bin
-BINARIES=(kube-apiserver kube-controller-manager kubectl etcd)
-STAMP="k8s=${K8S_VERSION} etcd=${ETCD_VERSION}"
+KUBE_BINARIES=(kube-apiserver kube-controller-manager kubectl)
+CSI_BINARIES=(snapshot-controller csi-snapshotter csi-provisioner hostpathplugin)
+BINARIES=("${KUBE_BINARIES[@]}" etcd "${CSI_BINARIES[@]}")
+CRD_DIR=${BIN}/crds/snapshot
+CRDS=(snapshot.storage.k8s.io_volumesnapshotclasses.yaml snapshot.storage.k8s.io_volumesnapshotcontents.yaml
+  snapshot.storage.k8s.io_volumesnapshots.yaml)
+CSI_STAMP="snapshotter=${SNAPSHOTTER_VERSION} snapshot-client=${SNAPSHOTTER_CLIENT_VERSION} provisioner=${PROVISIONER_VERSION} hostpath=${HOSTPATH_HASH}"
+STAMP="k8s=${K8S_VERSION} etcd=${ETCD_VERSION} ${CSI_STAMP}"
 
 log() { printf '[build.sh] %s\n' "$*" >&2; }
 
@@ -37,6 +58,9 @@ have_all() {
   [[ -f ${BIN}/.versions && "$(cat "${BIN}/.versions")" == "${STAMP}" ]] || return 1
   for b in "${BINARIES[@]}"; do
     [[ -x ${BIN}/${b} ]] || return 1
+  done
+  for b in "${CRDS[@]}"; do
+    [[ -f ${CRD_DIR}/${b} ]] || return 1
   done
 }
 
@@ -58,7 +82,7 @@ export CGO_ENABLED=0
 
 SRC=${CACHE_ROOT}/src
 STAGE=${CACHE_ROOT}/stage
-mkdir -p "${BIN}" "${SRC}/kube" "${SRC}/etcd" "${STAGE}" "${GOMODCACHE}" "${GOCACHE}"
+mkdir -p "${BIN}" "${SRC}/kube" "${SRC}/etcd" "${SRC}/csi" "${STAGE}" "${GOMODCACHE}" "${GOCACHE}"
 
 GO_LOCAL=$(go env GOVERSION)
 log "go ${GO_LOCAL}; k8s ${K8S_VERSION}; etcd ${ETCD_VERSION}; cache ${CACHE_ROOT}"
@@ -67,31 +91,54 @@ log "go ${GO_LOCAL}; k8s ${K8S_VERSION}; etcd ${ETCD_VERSION}; cache ${CACHE_ROO
 NICE=(nice -n 15)
 
 # ---------------------------------------------------------------------------
-# 1. kube-apiserver + kube-controller-manager from k8s.io/kubernetes
+# The staging replaces. The published go.mod of the tag is the source of truth:
+# every `k8s.io/X => ./staging/src/k8s.io/X` must become `k8s.io/X => k8s.io/X v0.N.P`.
+# Sets STAGING, STAGING_VERSION and GODEBUG_LINE (once).
 # ---------------------------------------------------------------------------
-build_kube() {
-  local t0=$SECONDS dir=${SRC}/kube
-  local kmod staging godebug minor
-  # The published go.mod of the tag is the source of truth for the staging list:
-  # every `k8s.io/X => ./staging/src/k8s.io/X` must become `k8s.io/X => k8s.io/X v0.N.P`.
-  kmod=$(cd "${dir}" && go mod download -json "k8s.io/kubernetes@${K8S_VERSION}" |
+STAGING=
+k8s_replaces() {
+  [[ -z ${STAGING} ]] || return 0
+  local kmod
+  kmod=$(cd "${SRC}/kube" && go mod download -json "k8s.io/kubernetes@${K8S_VERSION}" |
     sed -n 's/^\s*"GoMod": "\(.*\)",\?$/\1/p')
   [[ -f ${kmod} ]] || { log "could not download k8s.io/kubernetes@${K8S_VERSION} go.mod"; return 1; }
-  staging=$(sed -n 's|^\s*\(k8s.io/[^ ]*\) => \./staging/.*|\1|p' "${kmod}")
-  [[ -n ${staging} ]] || { log "no staging replaces found in ${kmod}"; return 1; }
+  STAGING=$(sed -n 's|^\s*\(k8s.io/[^ ]*\) => \./staging/.*|\1|p' "${kmod}")
+  [[ -n ${STAGING} ]] || { log "no staging replaces found in ${kmod}"; return 1; }
+  STAGING_VERSION="v0.${K8S_VERSION#v1.}"
   # k/k sets e.g. `godebug default=go1.26`; godebug only applies in the main module.
-  godebug=$(grep -E '^godebug ' "${kmod}" || true)
+  GODEBUG_LINE=$(grep -E '^godebug ' "${kmod}" || true)
+}
+
+# mod_header MODULE: the top of a throwaway go.mod (module, go, godebug).
+mod_header() {
+  echo "// Generated by hoard hack/kube/build.sh - throwaway module, do not edit."
+  echo "module $1"
+  echo
+  echo "go ${GO_LOCAL#go}"
+  [[ -z ${GODEBUG_LINE:-} ]] || { echo; echo "${GODEBUG_LINE}"; }
+  echo
+}
+
+# mod_replaces: the staging replace block, all at STAGING_VERSION.
+mod_replaces() {
+  local m
+  echo "replace ("
+  for m in ${STAGING}; do
+    echo "	${m} => ${m} ${STAGING_VERSION}"
+  done
+  echo ")"
+}
+
+# ---------------------------------------------------------------------------
+# 1. kube-apiserver + kube-controller-manager + kubectl from k8s.io/kubernetes
+# ---------------------------------------------------------------------------
+build_kube() {
+  local t0=$SECONDS dir=${SRC}/kube minor
+  k8s_replaces
   minor=${K8S_VERSION#v1.}
   minor=${minor%%.*}
-  local staging_version="v0.${K8S_VERSION#v1.}"
-
   {
-    echo "// Generated by hoard hack/kube/build.sh - throwaway module, do not edit."
-    echo "module localbuild/kube"
-    echo
-    echo "go ${GO_LOCAL#go}"
-    [[ -n ${godebug} ]] && { echo; echo "${godebug}"; }
-    echo
+    mod_header localbuild/kube
     echo "tool ("
     echo "	k8s.io/kubernetes/cmd/kube-apiserver"
     echo "	k8s.io/kubernetes/cmd/kube-controller-manager"
@@ -100,14 +147,9 @@ build_kube() {
     echo
     echo "require k8s.io/kubernetes ${K8S_VERSION}"
     echo
-    echo "replace ("
-    local m
-    for m in ${staging}; do
-      echo "	${m} => ${m} ${staging_version}"
-    done
-    echo ")"
+    mod_replaces
   } >"${dir}/go.mod"
-  log "kube: $(wc -w <<<"${staging}") staging replaces at ${staging_version}"
+  log "kube: $(wc -w <<<"${STAGING}") staging replaces at ${STAGING_VERSION}"
 
   log "kube: go mod tidy"
   (cd "${dir}" && "${NICE[@]}" go mod tidy)
@@ -147,6 +189,73 @@ build_etcd() {
   log "etcd: done in $((SECONDS - t0))s"
 }
 
+# ---------------------------------------------------------------------------
+# 3. The CSI snapshot stack: snapshot-controller + csi-snapshotter (external-snapshotter/v8
+#    with its client/v8 module), csi-provisioner (external-provisioner/v6) and hoard's
+#    hostpathplugin, in one throwaway module of their own. Not in localbuild/kube:
+#    provisioner v6.3.0 requires newer grpc, otel, x/net, etcd client ... than k8s v1.36.3
+#    pins, and MVS would move kube-apiserver onto them too. The same staging replaces keep
+#    every k8s.io library at the control plane's release; GOCACHE/GOMODCACHE are shared.
+# ---------------------------------------------------------------------------
+build_csi() {
+  local t0=$SECONDS dir=${SRC}/csi
+  local snap=github.com/kubernetes-csi/external-snapshotter/v8
+  local client=github.com/kubernetes-csi/external-snapshotter/client/v8
+  local prov=github.com/kubernetes-csi/external-provisioner/v6
+  k8s_replaces
+  mkdir -p "${dir}/cmd/hostpathplugin"
+  cp "${HOSTPATH_SRC}" "${dir}/cmd/hostpathplugin/main.go"
+  {
+    mod_header localbuild/csi
+    echo "tool ("
+    echo "	${snap}/cmd/snapshot-controller"
+    echo "	${snap}/cmd/csi-snapshotter"
+    echo "	${prov}/cmd/csi-provisioner"
+    echo ")"
+    echo
+    echo "require ("
+    # Pins k8s.io/kubernetes (required by the provisioner's go.mod) to the control plane's tag.
+    echo "	k8s.io/kubernetes ${K8S_VERSION}"
+    echo "	${snap} ${SNAPSHOTTER_VERSION}"
+    # The snapshotter's own go.mod replaces this with ./client, which only works in its repo.
+    echo "	${client} ${SNAPSHOTTER_CLIENT_VERSION}"
+    echo "	${prov} ${PROVISIONER_VERSION}"
+    echo ")"
+    echo
+    mod_replaces
+  } >"${dir}/go.mod"
+  log "csi: go mod tidy"
+  (cd "${dir}" && "${NICE[@]}" go mod tidy)
+
+  # The snapshot CRDs ship in the client module's zip.
+  local cdir
+  cdir=$(cd "${dir}" && go mod download -json "${client}@${SNAPSHOTTER_CLIENT_VERSION}" |
+    sed -n 's/^\s*"Dir": "\(.*\)",\?$/\1/p')
+  [[ -d ${cdir}/config/crd ]] || { log "no config/crd in ${client}@${SNAPSHOTTER_CLIENT_VERSION}"; return 1; }
+  mkdir -p "${CRD_DIR}"
+  local c
+  for c in "${CRDS[@]}"; do
+    install -m 644 "${cdir}/config/crd/${c}" "${CRD_DIR}/${c}"
+  done
+
+  # Separate builds so each main package gets its own version string; they share GOCACHE.
+  log "csi: go build snapshot-controller csi-snapshotter (${SNAPSHOTTER_VERSION})"
+  (cd "${dir}" && "${NICE[@]}" go build -trimpath -ldflags "-s -w -X main.version=${SNAPSHOTTER_VERSION}" \
+    -o "${STAGE}/" "${snap}/cmd/snapshot-controller" "${snap}/cmd/csi-snapshotter")
+  log "csi: go build csi-provisioner (${PROVISIONER_VERSION})"
+  (cd "${dir}" && "${NICE[@]}" go build -trimpath -ldflags "-s -w -X main.version=${PROVISIONER_VERSION}" \
+    -o "${STAGE}/" "${prov}/cmd/csi-provisioner")
+  log "csi: go build hostpathplugin (hoard's, ${HOSTPATH_HASH})"
+  (cd "${dir}" && "${NICE[@]}" go build -trimpath -ldflags "-s -w" -o "${STAGE}/" ./cmd/hostpathplugin)
+  local b
+  for b in "${CSI_BINARIES[@]}"; do
+    mv -f "${STAGE}/${b}" "${BIN}/${b}"
+  done
+  echo "${CSI_STAMP}" >"${BIN}/.csi-versions"
+  log "csi: done in $((SECONDS - t0))s"
+}
+
+# Build only what is missing or stale: an existing control-plane build is kept.
 rm -f "${BIN}/.versions"
 if [[ ${HOARD_KUBE_FORCE:-0} == 1 || ! -x ${BIN}/etcd || ! -f ${SRC}/etcd/go.mod ]] ||
   ! grep -q "server/v3 ${ETCD_VERSION}\$" "${SRC}/etcd/go.mod"; then
@@ -154,6 +263,15 @@ if [[ ${HOARD_KUBE_FORCE:-0} == 1 || ! -x ${BIN}/etcd || ! -f ${SRC}/etcd/go.mod
 fi
 if [[ ${HOARD_KUBE_FORCE:-0} == 1 || ! -x ${BIN}/kube-apiserver || ! -x ${BIN}/kube-controller-manager || ! -x ${BIN}/kubectl ]]; then
   build_kube
+fi
+csi_fresh() {
+  local b
+  [[ -f ${BIN}/.csi-versions && "$(cat "${BIN}/.csi-versions")" == "${CSI_STAMP}" ]] || return 1
+  for b in "${CSI_BINARIES[@]}"; do [[ -x ${BIN}/${b} ]] || return 1; done
+  for b in "${CRDS[@]}"; do [[ -f ${CRD_DIR}/${b} ]] || return 1; done
+}
+if [[ ${HOARD_KUBE_FORCE:-0} == 1 ]] || ! csi_fresh; then
+  build_csi
 fi
 echo "${STAMP}" >"${BIN}/.versions"
 

@@ -26,8 +26,9 @@ done
 [[ -f ${DIR}/.hoard-kube ]] || die "${DIR} is not a hoard kube state dir"
 
 failed=0
-# Reverse start order: controller-manager, apiserver, etcd.
-for name in kube-controller-manager kube-apiserver etcd; do
+# Reverse start order: CSI sidecars, the driver, snapshot-controller, KCM, apiserver, etcd.
+for ((c = ${#COMPONENTS[@]} - 1; c >= 0; c--)); do
+  name=${COMPONENTS[c]}
   pid=$(running_pid "${DIR}" "${name}") || { rm -f "${DIR}/pids/${name}.pid"; continue; }
   log "stopping ${name} (pid ${pid})"
   kill -TERM "${pid}" 2>/dev/null || true

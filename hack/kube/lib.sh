@@ -32,3 +32,7 @@ free_port() {
   done
   die "no free port found after 200 tries"
 }
+
+# Every process up.sh may start, in start order; down.sh stops them in reverse.
+COMPONENTS=(etcd kube-apiserver kube-controller-manager
+  snapshot-controller hostpathplugin csi-provisioner csi-snapshotter)

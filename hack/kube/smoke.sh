@@ -4,8 +4,9 @@
 # Usage:
 #   hack/kube/smoke.sh                      # uses $HOARD_KUBE_DIR (or $KUBECONFIG)
 #   hack/kube/smoke.sh --dir DIR
-#   hack/kube/smoke.sh --up [--with-controller-manager]
+#   hack/kube/smoke.sh --up [--with-controller-manager | --with-csi]
 #                                           # start a throwaway cluster, test, stop it
+# The CSI checks run when the cluster was started with --with-csi (DIR/csi.env exists).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -21,7 +22,8 @@ while (($#)); do
     --dir=*) DIR=${1#--dir=}; shift ;;
     --up) UP=1; shift ;;
     --with-controller-manager | --kcm) UP_ARGS+=(--with-controller-manager); shift ;;
-    -h | --help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
+    --with-csi) UP_ARGS+=(--with-csi); shift ;;
+    -h | --help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
     *) die "unknown argument: $1" ;;
   esac
 done
@@ -38,6 +40,13 @@ fi
 
 KCM_RUNNING=0
 if [[ -n ${DIR} ]] && running_pid "${DIR}" kube-controller-manager >/dev/null; then KCM_RUNNING=1; fi
+# up.sh --with-csi writes csi.env (HOARD_CSI_DRIVER, _STORAGE_CLASS, _STATE_DIR).
+CSI_ON=0
+if [[ -n ${DIR} && -f ${DIR}/csi.env ]]; then
+  # shellcheck disable=SC1091
+  source "${DIR}/csi.env"
+  CSI_ON=1
+fi
 
 FAILS=0
 PASSES=0
@@ -78,11 +87,17 @@ eventually() {
 }
 
 NS=hoard-smoke-$(date +%s)-${RANDOM}
+CSI_NS=${NS/smoke/smoke-csi}
+CSI_VSC=${CSI_NS} # cluster-scoped: unique per run, so parallel runs never share a class
 CRD=widgets.smoke.hoard.dev
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/hoard-smoke-work.XXXXXX")
 cleanup() {
   k delete namespace "${NS}" --wait=false --ignore-not-found >/dev/null 2>&1 || true
   k delete crd "${CRD}" --wait=false --ignore-not-found >/dev/null 2>&1 || true
+  if ((CSI_ON)); then
+    k delete namespace "${CSI_NS}" --wait=false --ignore-not-found >/dev/null 2>&1 || true
+    k delete volumesnapshotclass "${CSI_VSC}" --wait=false --ignore-not-found >/dev/null 2>&1 || true
+  fi
   rm -rf -- "${WORK}"
 }
 if ((UP)); then
@@ -92,7 +107,7 @@ else
 fi
 
 echo "# cluster: $(k config view --minify -o jsonpath='{.clusters[0].cluster.server}')" \
-  "controller-manager: $( ((KCM_RUNNING)) && echo yes || echo no)"
+  "controller-manager: $( ((KCM_RUNNING)) && echo yes || echo no)" "csi: $( ((CSI_ON)) && echo yes || echo no)"
 
 # --- basics ---------------------------------------------------------------------
 check "apiserver /readyz" k get --raw /readyz
@@ -238,6 +253,105 @@ if ((KCM_RUNNING)); then
   check "controller-manager: namespace deletion completes" k delete namespace "${NS}" --timeout=90s
 else
   echo "skip controller-manager checks (not running; start up.sh with --with-controller-manager)"
+fi
+
+# --- CSI snapshot stack (only if up.sh ran with --with-csi) ----------------------------------
+if ((CSI_ON)); then
+  csi_running() {
+    local n
+    for n in snapshot-controller hostpathplugin csi-provisioner csi-snapshotter; do
+      running_pid "${DIR}" "${n}" >/dev/null || { echo "${n} is not running"; return 1; }
+    done
+  }
+  check "CSI: snapshot-controller, hostpathplugin, csi-provisioner, csi-snapshotter run" csi_running
+  sc_ok() {
+    [[ $(k get storageclass "${HOARD_CSI_STORAGE_CLASS}" -o jsonpath='{.provisioner} {.volumeBindingMode} {.reclaimPolicy}') == \
+      "${HOARD_CSI_DRIVER} Immediate Delete" ]]
+  }
+  check "CSI: StorageClass ${HOARD_CSI_STORAGE_CLASS} (${HOARD_CSI_DRIVER}, Immediate, Delete)" sc_ok
+  check "CSI: snapshot CRDs are Established" k wait --for=condition=Established --timeout=30s \
+    crd/volumesnapshotclasses.snapshot.storage.k8s.io crd/volumesnapshotcontents.snapshot.storage.k8s.io \
+    crd/volumesnapshots.snapshot.storage.k8s.io
+  check "CSI: create namespace ${CSI_NS}" k create namespace "${CSI_NS}"
+
+  pvc() { # NAME [DATASOURCE-YAML]
+    printf 'apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: %s, namespace: %s}\n' "$1" "${CSI_NS}"
+    printf 'spec:\n  storageClassName: %s\n  accessModes: [ReadWriteOnce]\n' "${HOARD_CSI_STORAGE_CLASS}"
+    printf '  resources: {requests: {storage: 1Mi}}\n'
+    [[ -z ${2:-} ]] || printf '  dataSource: %s\n' "$2"
+  }
+  pvc_bound() { [[ $(k -n "${CSI_NS}" get pvc "$1" -o jsonpath='{.status.phase}') == Bound ]]; }
+  # volume_dir PVC: the driver's directory for the PVC's volume (PV.spec.csi.volumeHandle).
+  volume_dir() {
+    local pv handle
+    pv=$(k -n "${CSI_NS}" get pvc "$1" -o jsonpath='{.spec.volumeName}') && [[ -n ${pv} ]] || return 1
+    handle=$(k get pv "${pv}" -o jsonpath='{.spec.csi.volumeHandle}') && [[ -n ${handle} ]] || return 1
+    echo "${HOARD_CSI_STATE_DIR}/${handle}"
+  }
+
+  pvc src >"${WORK}/src.yaml"
+  check "CSI: create PVC src on ${HOARD_CSI_STORAGE_CLASS}" k apply -f "${WORK}/src.yaml"
+  eventually "CSI: PVC src is Bound (provisioned by csi-provisioner, bound by KCM)" 120 pvc_bound src
+  SRC_DIR=$(volume_dir src || true)
+  check "CSI: PVC src's volume is the directory ${SRC_DIR:-?}" test -n "${SRC_DIR}" -a -d "${SRC_DIR:-/nonexistent}"
+  MARK_ORIG="original-${RANDOM}${RANDOM}"
+  write_marker() { [[ -d ${SRC_DIR} ]] && printf '%s\n' "$1" >"${SRC_DIR}/marker" && mkdir -p "${SRC_DIR}/sub" &&
+    printf '%s\n' "$1" >"${SRC_DIR}/sub/nested"; }
+  check "CSI: write a marker into the source volume" write_marker "${MARK_ORIG}"
+
+  cat >"${WORK}/vsc.yaml" <<EOF
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotClass
+metadata: {name: ${CSI_VSC}}
+driver: ${HOARD_CSI_DRIVER}
+deletionPolicy: Delete
+EOF
+  cat >"${WORK}/snap.yaml" <<EOF
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: snap, namespace: ${CSI_NS}}
+spec:
+  volumeSnapshotClassName: ${CSI_VSC}
+  source: {persistentVolumeClaimName: src}
+EOF
+  check "CSI: create VolumeSnapshotClass ${CSI_VSC} (deletionPolicy Delete)" k apply -f "${WORK}/vsc.yaml"
+  check "CSI: create VolumeSnapshot snap of PVC src" k apply -f "${WORK}/snap.yaml"
+  snap_ready() { [[ $(k -n "${CSI_NS}" get volumesnapshot snap -o jsonpath='{.status.readyToUse}') == true ]]; }
+  eventually "CSI: VolumeSnapshot snap is readyToUse" 120 snap_ready
+  CONTENT=$(k -n "${CSI_NS}" get volumesnapshot snap -o jsonpath='{.status.boundVolumeSnapshotContentName}' 2>/dev/null || true)
+  SNAP_HANDLE=$( [[ -z ${CONTENT} ]] || k get volumesnapshotcontent "${CONTENT}" -o jsonpath='{.status.snapshotHandle}' 2>/dev/null || true)
+  SNAP_FILE=${HOARD_CSI_STATE_DIR}/${SNAP_HANDLE:-none}.snap
+  check "CSI: snapshot ${SNAP_HANDLE:-?} is the archive ${SNAP_FILE}" test -n "${SNAP_HANDLE}" -a -s "${SNAP_FILE}"
+  restore_size() { [[ $(k -n "${CSI_NS}" get volumesnapshot snap -o jsonpath='{.status.restoreSize}') == 1Mi ]]; }
+  check "CSI: VolumeSnapshot reports restoreSize 1Mi" restore_size
+
+  MARK_NEW="changed-${RANDOM}${RANDOM}"
+  check "CSI: change the marker in the source volume after the snapshot" write_marker "${MARK_NEW}"
+  pvc restored '{apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: snap}' >"${WORK}/restored.yaml"
+  pvc cloned '{kind: PersistentVolumeClaim, name: src}' >"${WORK}/cloned.yaml"
+  check "CSI: create PVC restored from VolumeSnapshot snap" k apply -f "${WORK}/restored.yaml"
+  check "CSI: create PVC cloned from PVC src" k apply -f "${WORK}/cloned.yaml"
+  eventually "CSI: PVC restored is Bound" 120 pvc_bound restored
+  eventually "CSI: PVC cloned is Bound" 120 pvc_bound cloned
+  RESTORED_DIR=$(volume_dir restored || true)
+  CLONED_DIR=$(volume_dir cloned || true)
+  holds() { [[ -n $1 && $1 != "${SRC_DIR}" && $(<"$1/marker") == "$2" && $(<"$1/sub/nested") == "$2" ]]; }
+  check "CSI: restored volume holds the ORIGINAL marker (point in time)" holds "${RESTORED_DIR}" "${MARK_ORIG}"
+  check "CSI: cloned volume holds the current marker" holds "${CLONED_DIR}" "${MARK_NEW}"
+
+  gone() { [[ ! -e $1 ]]; }
+  check "CSI: delete VolumeSnapshot snap" k -n "${CSI_NS}" delete volumesnapshot snap --timeout=90s
+  # A failing get is not "gone": only a successful, empty answer is.
+  content_gone() { local out; out=$(k get volumesnapshotcontent "$1" --ignore-not-found -o name) && [[ -z ${out} ]]; }
+  eventually "CSI: its VolumeSnapshotContent is deleted" 90 content_gone "${CONTENT:-none}"
+  eventually "CSI: the snapshot archive is removed (deletionPolicy Delete)" 90 gone "${SNAP_FILE}"
+  check "CSI: delete the three PVCs" k -n "${CSI_NS}" delete pvc src restored cloned --timeout=90s
+  dirs_gone() { local d; for d in "${SRC_DIR}" "${RESTORED_DIR}" "${CLONED_DIR}"; do [[ -n $d && ! -e $d ]] || return 1; done; }
+  eventually "CSI: the three volume directories are removed (reclaimPolicy Delete)" 120 dirs_gone
+  check "CSI: delete VolumeSnapshotClass ${CSI_VSC}" k delete volumesnapshotclass "${CSI_VSC}" --timeout=60s
+  check "CSI: namespace deletion completes" k delete namespace "${CSI_NS}" --timeout=90s
+else
+  echo "skip CSI checks (start up.sh with --with-csi)"
 fi
 
 echo "# ${PASSES} passed, ${FAILS} failed"

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Start a real Kubernetes control plane on loopback: etcd + kube-apiserver
 # (+ kube-controller-manager with --with-controller-manager), with generated
-# certificates, RBAC and the ServiceAccount token issuer.
+# certificates, RBAC and the ServiceAccount token issuer. --with-csi (implies
+# --with-controller-manager) adds the snapshot CRDs, snapshot-controller and one
+# CSI driver stack (hostpathplugin + csi-provisioner + csi-snapshotter) for the
+# driver hostpath.csi.k8s.io, and the StorageClass hoard-hostpath.
 #
 # Usage:
-#   eval "$(hack/kube/up.sh [--dir DIR] [--with-controller-manager])"
-#   hack/kube/up.sh --foreground [--dir DIR] [--with-controller-manager]
+#   eval "$(hack/kube/up.sh [--dir DIR] [--with-controller-manager | --with-csi])"
+#   hack/kube/up.sh --foreground [--dir DIR] [--with-controller-manager | --with-csi]
 #   hack/kube/down.sh            # stops what up.sh started (by recorded pid)
 #
 # stdout carries only `export ...` lines; progress goes to stderr.
 # State dir: --dir, else $HOARD_KUBE_DIR, else a fresh mktemp dir.
 #
 # Environment:
-#   HOARD_KUBE_BIN            directory with etcd/kube-apiserver/kube-controller-manager
-#                             (default: whatever hack/kube/build.sh prints; builds if missing)
+#   HOARD_KUBE_BIN            directory with the binaries (default: whatever
+#                             hack/kube/build.sh prints; builds if missing)
 #   HOARD_KUBE_READY_TIMEOUT  seconds to wait for each component (default 180)
 set -euo pipefail
 
@@ -23,15 +26,18 @@ source "${HERE}/lib.sh"
 
 DIR=${HOARD_KUBE_DIR:-}
 WITH_KCM=0
+WITH_CSI=0
 FOREGROUND=0
 READY_TIMEOUT=${HOARD_KUBE_READY_TIMEOUT:-180}
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; }
 while (($#)); do
   case $1 in
     --dir) DIR=${2:?--dir needs a value}; shift 2 ;;
     --dir=*) DIR=${1#--dir=}; shift ;;
     --with-controller-manager | --kcm) WITH_KCM=1; shift ;;
+    # Provisioning needs KCM's PV binder: it annotates PVCs for the provisioner and binds them.
+    --with-csi) WITH_CSI=1; WITH_KCM=1; shift ;;
     --foreground) FOREGROUND=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) log "unknown argument: $1"; usage; exit 2 ;;
@@ -47,11 +53,26 @@ if [[ -z ${HOARD_KUBE_BIN:-} ]]; then
   apiserver_path=$("${HERE}/build.sh" | grep '/kube-apiserver$') || die "hack/kube/build.sh failed"
   HOARD_KUBE_BIN=$(dirname "${apiserver_path}")
 fi
+HOARD_KUBE_BIN=$(cd "${HOARD_KUBE_BIN}" && pwd)
 ETCD_BIN=${HOARD_KUBE_BIN}/etcd
 APISERVER_BIN=${HOARD_KUBE_BIN}/kube-apiserver
 KCM_BIN=${HOARD_KUBE_BIN}/kube-controller-manager
+SNAPSHOT_CONTROLLER_BIN=${HOARD_KUBE_BIN}/snapshot-controller
+HOSTPATH_BIN=${HOARD_KUBE_BIN}/hostpathplugin
+PROVISIONER_BIN=${HOARD_KUBE_BIN}/csi-provisioner
+SNAPSHOTTER_BIN=${HOARD_KUBE_BIN}/csi-snapshotter
+CRD_DIR=${HOARD_KUBE_BIN}/crds/snapshot
 for b in "${ETCD_BIN}" "${APISERVER_BIN}"; do [[ -x $b ]] || die "missing binary $b"; done
 ((WITH_KCM == 0)) || [[ -x ${KCM_BIN} ]] || die "missing binary ${KCM_BIN}"
+if ((WITH_CSI)); then
+  for b in "${SNAPSHOT_CONTROLLER_BIN}" "${HOSTPATH_BIN}" "${PROVISIONER_BIN}" "${SNAPSHOTTER_BIN}"; do
+    [[ -x $b ]] || die "missing binary $b (run hack/kube/build.sh)"
+  done
+  [[ -d ${CRD_DIR} ]] || die "missing ${CRD_DIR} (run hack/kube/build.sh)"
+  # kubectl of the same release as the apiserver; the machine's may be far older.
+  KUBECTL=${HOARD_KUBE_BIN}/kubectl
+  [[ -x ${KUBECTL} ]] || KUBECTL=$(command -v kubectl) || die "no kubectl in ${HOARD_KUBE_BIN} or on PATH"
+fi
 
 # --- state dir -----------------------------------------------------------------
 if [[ -z ${DIR} ]]; then
@@ -64,7 +85,7 @@ DIR=$(cd "${DIR}" && pwd)
 touch "${DIR}/.hoard-kube"
 mkdir -p "${DIR}/pki" "${DIR}/logs" "${DIR}/pids" "${DIR}/etcd"
 chmod 700 "${DIR}" "${DIR}/pki" "${DIR}/etcd"
-for name in etcd kube-apiserver kube-controller-manager; do
+for name in "${COMPONENTS[@]}"; do
   if pid=$(running_pid "${DIR}" "${name}"); then
     die "${name} is already running from ${DIR} (pid ${pid}); run hack/kube/down.sh --dir ${DIR} first"
   fi
@@ -182,6 +203,8 @@ start() {
   local name=$1 bin=$2
   shift 2
   printf '%q ' "${bin}" "$@" >"${DIR}/logs/${name}.cmdline"
+  # Logs append across restarts: log_since only looks past this offset.
+  stat -c %s "${DIR}/logs/${name}.log" >"${DIR}/logs/${name}.offset" 2>/dev/null || echo 0 >"${DIR}/logs/${name}.offset"
   # setsid does not fork here (a background job is not a group leader), so $!
   # is the component's own pid.
   setsid "${bin}" "$@" </dev/null >>"${DIR}/logs/${name}.log" 2>&1 &
@@ -195,6 +218,13 @@ start() {
     sleep 0.1
   done
   log "started ${name} (pid ${pid}, log ${DIR}/logs/${name}.log)"
+}
+
+# log_since NAME ERE: this run's part of NAME's log matches ERE.
+log_since() {
+  local off
+  off=$(<"${DIR}/logs/$1.offset")
+  tail -c +"$((off + 1))" "${DIR}/logs/$1.log" | grep -Eq -- "$2"
 }
 
 # wait_until NAME DESCRIPTION CMD...: bounded by READY_TIMEOUT seconds and a try count.
@@ -309,10 +339,92 @@ if ((WITH_KCM)); then
     curl -fsSk --max-time 5 "https://127.0.0.1:${KCM_PORT}/healthz"
 fi
 
+# --- CSI snapshot stack (optional) ------------------------------------------------------
+CSI_DRIVER=hostpath.csi.k8s.io
+CSI_STORAGE_CLASS=hoard-hostpath
+CSI_STATE_DIR=${DIR}/csi/hostpath/data
+CSI_SOCK=${DIR}/csi/hostpath/csi.sock
+rm -f "${DIR}/csi.env"
+if ((WITH_CSI)); then
+  # csi-provisioner prefers $KUBECONFIG over its --kubeconfig flag: a caller's cluster
+  # must never leak into these processes.
+  export KUBECONFIG=${DIR}/kubeconfig
+  kc() { timeout 60 "${KUBECTL}" --kubeconfig="${DIR}/kubeconfig" --request-timeout=30s "$@"; }
+  # sun_path holds 108 bytes.
+  ((${#CSI_SOCK} < 100)) || die "CSI socket path ${CSI_SOCK} is too long for a unix socket; use a shorter --dir"
+  mkdir -p "${CSI_STATE_DIR}"
+  chmod 700 "${DIR}/csi"
+
+  # Server-side apply: idempotent on a restart, and no last-applied annotation (the
+  # CRDs are large).
+  log "applying the snapshot CRDs from ${CRD_DIR}"
+  kc apply --server-side --force-conflicts \
+    -f "${CRD_DIR}/snapshot.storage.k8s.io_volumesnapshotclasses.yaml" \
+    -f "${CRD_DIR}/snapshot.storage.k8s.io_volumesnapshotcontents.yaml" \
+    -f "${CRD_DIR}/snapshot.storage.k8s.io_volumesnapshots.yaml" >&2
+  kc wait --for=condition=Established --timeout=60s \
+    crd/volumesnapshotclasses.snapshot.storage.k8s.io \
+    crd/volumesnapshotcontents.snapshot.storage.k8s.io \
+    crd/volumesnapshots.snapshot.storage.k8s.io >&2
+
+  # Test infrastructure: every CSI process uses the cluster-admin kubeconfig instead of
+  # ServiceAccounts with the upstream RBAC. --retry-interval-max: upstream's 5 min backoff
+  # would stall tests that race a PVC's binding; 10 s keeps retries quick.
+  start snapshot-controller "${SNAPSHOT_CONTROLLER_BIN}" \
+    --kubeconfig="${DIR}/kubeconfig" \
+    --leader-election=false \
+    --retry-interval-max=10s
+  wait_until snapshot-controller "started" log_since snapshot-controller 'Starting snapshot controller'
+
+  # A socket left by a killed driver would pass the readiness check below.
+  rm -f "${CSI_SOCK}"
+  start hostpathplugin "${HOSTPATH_BIN}" \
+    --drivername="${CSI_DRIVER}" \
+    --nodeid=hoard-csi-node \
+    --endpoint="unix://${CSI_SOCK}" \
+    --statedir="${CSI_STATE_DIR}"
+  wait_until hostpathplugin "socket ${CSI_SOCK}" test -S "${CSI_SOCK}"
+
+  # --timeout: a snapshot or restore of a big volume runs inside one RPC (tar).
+  start csi-provisioner "${PROVISIONER_BIN}" \
+    --csi-address="${CSI_SOCK}" \
+    --kubeconfig="${DIR}/kubeconfig" \
+    --leader-election=false \
+    --timeout=60s \
+    --retry-interval-max=10s
+  wait_until csi-provisioner "started" log_since csi-provisioner 'Started provisioner controller'
+  start csi-snapshotter "${SNAPSHOTTER_BIN}" \
+    --csi-address="${CSI_SOCK}" \
+    --kubeconfig="${DIR}/kubeconfig" \
+    --leader-election=false \
+    --timeout=60s \
+    --retry-interval-max=10s
+  wait_until csi-snapshotter "started" log_since csi-snapshotter 'Starting CSI snapshotter'
+
+  # Immediate binding: there are no nodes or CSINode objects for WaitForFirstConsumer.
+  # No VolumeSnapshotClass: tests create their own (class selection is under test).
+  kc apply -f - >&2 <<EOF
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: ${CSI_STORAGE_CLASS}
+provisioner: ${CSI_DRIVER}
+reclaimPolicy: Delete
+volumeBindingMode: Immediate
+EOF
+  cat >"${DIR}/csi.env" <<EOF
+export HOARD_CSI_DRIVER=${CSI_DRIVER}
+export HOARD_CSI_STORAGE_CLASS=${CSI_STORAGE_CLASS}
+export HOARD_CSI_STATE_DIR=${CSI_STATE_DIR}
+EOF
+fi
+
 cat >"${DIR}/env" <<EOF
 export KUBECONFIG=${DIR}/kubeconfig
 export HOARD_KUBE_DIR=${DIR}
+export HOARD_KUBE_BIN_DIR=${HOARD_KUBE_BIN}
 EOF
+if ((WITH_CSI)); then cat "${DIR}/csi.env" >>"${DIR}/env"; fi
 log "control plane up: ${APISERVER_URL} (state ${DIR})"
 if ((FOREGROUND)); then
   # Install the final traps before printing anything, so no signal slips through.

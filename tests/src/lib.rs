@@ -21,6 +21,8 @@ use serde_json::json;
 
 pub use hoard_testkit::kube::{FakeNode, TestCluster};
 
+pub mod simkubelet;
+
 /// A binary of the workspace, built next to this test (`cargo test --workspace` builds them).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -96,8 +98,22 @@ pub fn start_agent(node: &str, kubelet_root: &Path, pki: &Path, work: &Path) -> 
 
 /// Starts `hoard-controller` as a separate process with `kubeconfig` (a ServiceAccount token).
 pub fn start_controller(kubeconfig: &Path, namespace: &str, pki: &Path, work: &Path, metrics_port: u16) -> Proc {
+    start_controller_with(kubeconfig, namespace, pki, work, metrics_port, &[])
+}
+
+/// [`start_controller`] with more arguments (`--helper-image`, say). The log is appended to,
+/// so a restarted controller keeps its predecessor's lines.
+pub fn start_controller_with(
+    kubeconfig: &Path,
+    namespace: &str,
+    pki: &Path,
+    work: &Path,
+    metrics_port: u16,
+    extra: &[&str],
+) -> Proc {
     std::fs::create_dir_all(work).unwrap();
     let log = work.join("controller.log");
+    let append = |p: &Path| std::fs::OpenOptions::new().create(true).append(true).open(p).unwrap();
     let child = Command::new(bin("hoard-controller"))
         .arg("--kubeconfig")
         .arg(kubeconfig)
@@ -109,10 +125,11 @@ pub fn start_controller(kubeconfig: &Path, namespace: &str, pki: &Path, work: &P
         .arg("--tls-key")
         .arg(pki.join("controller-key.pem"))
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+        .args(extra)
         .env("HOARD_LOG", "info,hoard_controller=debug")
         .stdin(Stdio::null())
-        .stdout(std::fs::File::create(work.join("controller.stdout")).unwrap())
-        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(append(&work.join("controller.stdout")))
+        .stderr(append(&log))
         .spawn()
         .unwrap();
     Proc { child, log }
@@ -154,6 +171,13 @@ pub fn from_json<T: DeserializeOwned>(v: serde_json::Value) -> T {
 pub async fn run_pod(client: &Client, namespace: &str, pod: serde_json::Value) -> Pod {
     let pods = Api::<Pod>::namespaced(client.clone(), namespace);
     let created = pods.create(&PostParams::default(), &from_json(pod)).await.unwrap();
+    mark_running(client, namespace, &created).await
+}
+
+/// Marks `created` Running and Ready (pod IP 127.0.0.1), as the kubelet would once its
+/// containers started.
+pub async fn mark_running(client: &Client, namespace: &str, created: &Pod) -> Pod {
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
     let name = created.metadata.name.clone().unwrap();
     let now = now_rfc3339();
     let containers: Vec<serde_json::Value> = created

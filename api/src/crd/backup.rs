@@ -85,6 +85,46 @@ pub struct SessionConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub session_history_limit: Option<u32>,
+    /// Read each PVC-backed volume from a CSI VolumeSnapshot (a point-in-time copy) instead of
+    /// the live mount: snapshot → clone claim → a short-lived pod mounts the clone on a node
+    /// with an agent → the agent backs the clone up → all three are deleted when the session
+    /// ends. Volumes that are not CSI claims are read live. Absent: live reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot: Option<VolumeSnapshotPolicy>,
+}
+
+/// How a session uses CSI VolumeSnapshots.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSnapshotPolicy {
+    /// The VolumeSnapshotClass for every volume; absent: the class annotated
+    /// `snapshot.storage.kubernetes.io/is-default-class: "true"` whose driver is the volume's
+    /// CSI driver (none, or more than one, fails the volume with a message naming them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub class_name: Option<String>,
+    /// Per pod volume name: a class that wins over `className` for that volume.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub volume_classes: BTreeMap<String, String>,
+    /// StorageClass of the clone claims; default: the source claim's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// How long a VolumeSnapshot may take to become ready to use, and then its clone to be
+    /// bound and mounted, e.g. `10m` (default). Past it the volume fails and is cleaned up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
+    pub ready_timeout: Option<String>,
+    /// What to do when no VolumeSnapshotClass can be chosen for a volume: `Fail` (default) or
+    /// `Live` (read the live mount instead, and say so in the component's status).
+    #[serde(default)]
+    pub fallback: SnapshotFallback,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum SnapshotFallback {
+    #[default]
+    Fail,
+    Live,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

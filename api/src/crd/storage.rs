@@ -421,6 +421,16 @@ pub struct ComponentStatus {
     pub pod: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<String>,
+    /// The source claim, for PVC-backed volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<String>,
+    /// How the data is read (absent: `Live`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_from: Option<ReadFrom>,
+    /// Where the data was read from when not from the live mount: the CSI VolumeSnapshot,
+    /// its class and when it was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot: Option<VolumeSnapshotSource>,
     /// The repository snapshot id (`hoard snapshots` shows it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_id: Option<String>,
@@ -441,6 +451,31 @@ pub struct ComponentStatus {
     /// a failure that is final.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<String>,
+}
+
+/// Where a component's data is read.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ReadFrom {
+    /// The mount of the workload's pod, as it changes.
+    Live,
+    /// A clone of a CSI VolumeSnapshot (one point in time), mounted by a short-lived pod.
+    VolumeSnapshot,
+    /// A claim no pod mounts, mounted by a short-lived pod.
+    Claim,
+}
+
+/// The CSI VolumeSnapshot a component's data came from.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSnapshotSource {
+    /// The VolumeSnapshot's name (same namespace); it is deleted after the upload unless the
+    /// session's policy keeps it.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_name: Option<String>,
+    /// When the storage system cut the snapshot (RFC 3339): the point in time of the data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_time: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

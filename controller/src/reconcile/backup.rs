@@ -8,25 +8,34 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use hoard_api::agent::v1::{BackupOrder, Phase, Progress};
+use hoard_api::agent::v1::persistent_volume_source::Plugin;
+use hoard_api::agent::v1::volume_identity::Source;
+use hoard_api::agent::v1::{BackupOrder, PersistentVolumeSource, Phase, Progress};
 use hoard_api::crd::{
-    BackupConfiguration, BackupSession, ComponentPhase, ComponentProgress, ComponentStatus, Repository,
+    BackupConfiguration, BackupSession, ComponentPhase, ComponentProgress, ComponentStatus, ReadFrom, Repository,
     RetentionApplied, RetentionPhase, RetentionPolicy, SessionConfig, SessionPhase, SessionSnapshot, Snapshot,
-    SnapshotPhase, SnapshotSpec, SnapshotStatus, parse_duration,
+    SnapshotPhase, SnapshotSpec, SnapshotStatus, TargetKind, parse_duration,
 };
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 
 use crate::error::{Error, Result, is_not_found};
 use crate::orders::Order;
+use crate::reconcile::snapshots::{self, Prepared, Wanted};
 use crate::reconcile::{agent_endpoints, repo, resolve_target};
 use crate::schedule::{fmt_time, parse_time};
 use crate::session::{SessionView, Step, WorkKey, WorkView, next_step, order_id, retry_at};
+use crate::target::TargetVolume;
 use crate::{
     BACKUP_SESSION_LABEL, CONFIG_LABEL, Context, FIELD_MANAGER, REPOSITORY_LABEL, SESSION_LABEL, SNAPSHOT_LABEL,
     apply_status,
 };
+
+/// On a repository snapshot read from a CSI VolumeSnapshot: its name, and when it was cut.
+pub const VOLUME_SNAPSHOT_LABEL: &str = "hoard.dev/volume-snapshot";
+pub const VOLUME_SNAPSHOT_TIME_LABEL: &str = "hoard.dev/volume-snapshot-time";
 
 pub fn snapshot_name(repository: &str, session: &str) -> String {
     format!("{repository}-{session}")
@@ -114,6 +123,13 @@ pub async fn reconcile(bs: Arc<BackupSession>, ctx: Arc<Context>) -> Result<Acti
     }
     ctx.metrics.orders_in_flight.set(ctx.orders.count() as i64);
 
+    // 1b. Volumes read through an exposer pod (snapshot path): one step each.
+    let prepared = if status.phase == Some(SessionPhase::Running) {
+        prepare_exposed(&ctx, &bs, &mut l, now).await?
+    } else {
+        BTreeMap::new()
+    };
+
     // 2. Decide.
     let work: Vec<WorkView> = l
         .snapshots
@@ -121,10 +137,16 @@ pub async fn reconcile(bs: Arc<BackupSession>, ctx: Arc<Context>) -> Result<Acti
         .flat_map(|(repo_name, snap)| {
             let uid = uid.clone();
             let ctx = Arc::clone(&ctx);
+            let prepared = &prepared;
             snap.status.iter().flat_map(|s| s.components.iter()).map(move |(comp, c)| {
                 let key = WorkKey { repository: repo_name.clone(), component: comp.clone() };
                 let in_flight = ctx.orders.in_flight(&order_id(&uid, &key, c.attempts));
-                WorkView { key, node: c.node.clone().unwrap_or_default(), status: c.clone(), in_flight }
+                let (waiting, node) = match prepared.get(comp) {
+                    Some(Prepared::Ready { identity, .. }) => (false, identity.node_name.clone()),
+                    Some(_) => (true, String::new()),
+                    None => (false, c.node.clone().unwrap_or_default()),
+                };
+                WorkView { key, node, status: c.clone(), in_flight, waiting }
             })
         })
         .collect();
@@ -168,7 +190,7 @@ pub async fn reconcile(bs: Arc<BackupSession>, ctx: Arc<Context>) -> Result<Acti
         },
         Step::Work { dispatch, wake } => {
             if !dispatch.is_empty() {
-                send(&ctx, &bs, &mut l, &dispatch, delay, retry.max_retry, now).await?;
+                send(&ctx, &bs, &mut l, &prepared, &dispatch, delay, retry.max_retry, now).await?;
             }
             Ok(Action::requeue(wake))
         }
@@ -264,7 +286,43 @@ async fn start(ctx: &Context, bs: &BackupSession, l: &Loaded, now: DateTime<Utc>
         return Err(Error::NotFound("BackupConfiguration session".into()));
     };
     let volumes = resolve_target(ctx, &ns, &config.spec.target, &scfg.volumes).await?;
-    if volumes.is_empty() {
+    let via_snapshot = scfg.volume_snapshot.is_some();
+    let mut planned: Vec<(String, ComponentStatus)> = volumes
+        .iter()
+        .map(|v| {
+            let csi_claim = matches!(
+                &v.identity.source,
+                Some(Source::Pvc(PersistentVolumeSource { plugin: Some(Plugin::CsiDriver(_)), .. }))
+            );
+            let snapshot = via_snapshot && csi_claim;
+            let status = ComponentStatus {
+                phase: Some(ComponentPhase::Pending),
+                node: (!snapshot).then(|| v.identity.node_name.clone()),
+                pod: (!snapshot).then(|| v.identity.pod_name.clone()),
+                volume: Some(v.identity.volume_name.clone()),
+                claim: v.claim.clone(),
+                read_from: Some(if snapshot { ReadFrom::VolumeSnapshot } else { ReadFrom::Live }),
+                ..Default::default()
+            };
+            (v.component.clone(), status)
+        })
+        .collect();
+    if planned.is_empty() && config.spec.target.kind == TargetKind::PersistentVolumeClaim {
+        // A claim no running pod mounts: an exposer pod mounts it (or its snapshot's clone).
+        let claim = &config.spec.target.name;
+        Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(claim)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("PersistentVolumeClaim {ns}/{claim}")))?;
+        let status = ComponentStatus {
+            phase: Some(ComponentPhase::Pending),
+            claim: Some(claim.clone()),
+            read_from: Some(if via_snapshot { ReadFrom::VolumeSnapshot } else { ReadFrom::Claim }),
+            ..Default::default()
+        };
+        planned.push((claim.clone(), status));
+    }
+    if planned.is_empty() {
         return Err(Error::invalid("target", "the target has no volumes to back up (is it running?)"));
     }
     let repos: Api<Repository> = Api::namespaced(ctx.client.clone(), &ns);
@@ -304,21 +362,7 @@ async fn start(ctx: &Context, bs: &BackupSession, l: &Loaded, now: DateTime<Utc>
             obj.metadata.finalizers = Some(vec![repo::SNAPSHOT_FINALIZER.to_string()]);
         }
         let created = snaps.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&obj)).await?;
-        let components: BTreeMap<String, ComponentStatus> = volumes
-            .iter()
-            .map(|v| {
-                (
-                    v.component.clone(),
-                    ComponentStatus {
-                        phase: Some(ComponentPhase::Pending),
-                        node: Some(v.identity.node_name.clone()),
-                        pod: Some(v.identity.pod_name.clone()),
-                        volume: Some(v.identity.volume_name.clone()),
-                        ..Default::default()
-                    },
-                )
-            })
-            .collect();
+        let components: BTreeMap<String, ComponentStatus> = planned.iter().cloned().collect();
         let st = SnapshotStatus {
             phase: Some(SnapshotPhase::Running),
             snapshot_time: Some(fmt_time(now)),
@@ -350,17 +394,19 @@ async fn start(ctx: &Context, bs: &BackupSession, l: &Loaded, now: DateTime<Utc>
         bs,
         false,
         "Running",
-        format!("backing up {} volume(s) into {} repository(ies)", volumes.len(), s.total_snapshots.unwrap_or(0)),
+        format!("backing up {} volume(s) into {} repository(ies)", planned.len(), s.total_snapshots.unwrap_or(0)),
     )
     .await;
     Ok(())
 }
 
 /// Sends the orders for `keys` and marks their components Running.
+#[allow(clippy::too_many_arguments)]
 async fn send(
     ctx: &Context,
     bs: &BackupSession,
     l: &mut Loaded,
+    prepared: &BTreeMap<String, Prepared>,
     keys: &[WorkKey],
     delay: chrono::Duration,
     max_retry: u32,
@@ -369,7 +415,18 @@ async fn send(
     let ns = bs.namespace().unwrap_or_default();
     let uid = bs.uid().unwrap_or_default();
     let (Some(config), Some(scfg)) = (&l.config, &l.session_cfg) else { return Ok(()) };
-    let volumes = resolve_target(ctx, &ns, &config.spec.target, &scfg.volumes).await?;
+    // Live volumes come from the target's pods; the others from their exposer pods.
+    let live_needed = keys.iter().any(|k| !matches!(prepared.get(&k.component), Some(Prepared::Ready { .. })));
+    let mut volumes: Vec<TargetVolume> =
+        if live_needed { resolve_target(ctx, &ns, &config.spec.target, &scfg.volumes).await? } else { Vec::new() };
+    let mut provenance = BTreeMap::new();
+    for (component, p) in prepared {
+        if let Prepared::Ready { identity, provenance: from } = p {
+            volumes.retain(|v| &v.component != component);
+            volumes.push(TargetVolume { component: component.clone(), identity: identity.clone(), claim: None });
+            provenance.insert(component.clone(), from.clone());
+        }
+    }
     let agents = agent_endpoints(ctx).await?;
     let repos: Api<Repository> = Api::namespaced(ctx.client.clone(), &ns);
     let snaps: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
@@ -403,14 +460,23 @@ async fn send(
                     continue;
                 }
             };
-            let labels = [
+            let mut labels: BTreeMap<String, String> = [
                 (crate::retention::COMPONENT_LABEL.to_string(), key.component.clone()),
                 (SNAPSHOT_LABEL.to_string(), snap.name_any()),
                 (SESSION_LABEL.to_string(), bs.spec.session.clone()),
                 (BACKUP_SESSION_LABEL.to_string(), bs.name_any()),
                 (CONFIG_LABEL.to_string(), config.name_any()),
                 ("hoard.dev/namespace".to_string(), ns.clone()),
-            ];
+            ]
+            .into();
+            let from = provenance.get(&key.component).cloned().flatten();
+            if let Some(vs) = &from {
+                // The repository snapshot says which point in time it holds.
+                labels.insert(VOLUME_SNAPSHOT_LABEL.into(), vs.name.clone());
+                if let Some(t) = &vs.creation_time {
+                    labels.insert(VOLUME_SNAPSHOT_TIME_LABEL.into(), t.clone());
+                }
+            }
             let order = BackupOrder {
                 order_id: oid,
                 volume: Some(vol.identity.clone()),
@@ -426,6 +492,9 @@ async fn send(
             c.phase = Some(ComponentPhase::Running);
             c.node = Some(vol.node().to_string());
             c.pod = Some(vol.identity.pod_name.clone());
+            if from.is_some() {
+                c.volume_snapshot = from;
+            }
             c.error = None;
             c.retry_after = None;
         }
@@ -436,6 +505,95 @@ async fn send(
     }
     ctx.metrics.orders_in_flight.set(ctx.orders.count() as i64);
     Ok(())
+}
+
+/// Whether any component is read through an exposer pod (so the session may own objects to
+/// clean up).
+fn uses_exposer(l: &Loaded) -> bool {
+    l.snapshots
+        .values()
+        .flat_map(|s| s.status.iter().flat_map(|st| st.components.values()))
+        .any(|c| matches!(c.read_from, Some(ReadFrom::VolumeSnapshot | ReadFrom::Claim)))
+}
+
+/// One step of the snapshot path for every component read through an exposer that still has
+/// work to do. Components that cannot be read that way fail for good (or, with
+/// `fallback: Live`, switch to the live mount); both are written to the Snapshot objects.
+async fn prepare_exposed(
+    ctx: &Context,
+    bs: &BackupSession,
+    l: &mut Loaded,
+    now: DateTime<Utc>,
+) -> Result<BTreeMap<String, Prepared>> {
+    let uid = bs.uid().unwrap_or_default();
+    let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
+    for (repo_name, snap) in &l.snapshots {
+        for (comp, c) in snap.status.iter().flat_map(|s| s.components.iter()) {
+            let (Some(read_from @ (ReadFrom::VolumeSnapshot | ReadFrom::Claim)), Some(claim)) = (c.read_from, &c.claim)
+            else {
+                continue;
+            };
+            let key = WorkKey { repository: repo_name.clone(), component: comp.clone() };
+            let needs_volume = match c.phase {
+                Some(ComponentPhase::Pending) | None => true,
+                Some(ComponentPhase::Failed) => c.retry_after.is_some(),
+                Some(ComponentPhase::Running) => !ctx.orders.in_flight(&order_id(&uid, &key, c.attempts)),
+                _ => false,
+            };
+            if needs_volume {
+                wanted.insert(comp.clone(), Wanted { component: comp.clone(), claim: claim.clone(), read_from });
+            }
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let policy = l.session_cfg.as_ref().and_then(|s| s.volume_snapshot.clone());
+    let timeout = policy
+        .as_ref()
+        .and_then(|p| p.ready_timeout.as_deref())
+        .and_then(parse_duration)
+        .unwrap_or(snapshots::DEFAULT_READY_TIMEOUT);
+    let started = bs.status.as_ref().and_then(|s| s.start_time.as_deref()).and_then(parse_time).unwrap_or(now);
+    let deadline = started + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+    let wanted: Vec<Wanted> = wanted.into_values().collect();
+    let prepared = snapshots::prepare(ctx, bs, policy.as_ref(), &wanted, deadline, now).await?;
+
+    let ns = bs.namespace().unwrap_or_default();
+    let snaps_api: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    for snap in l.snapshots.values_mut() {
+        let mut st = snap.status.clone().unwrap_or_default();
+        let mut changed = false;
+        for (comp, c) in st.components.iter_mut() {
+            match prepared.get(comp) {
+                Some(Prepared::Failed(m)) if c.phase != Some(ComponentPhase::Succeeded) => {
+                    c.phase = Some(ComponentPhase::Failed);
+                    c.error = Some(m.clone());
+                    c.retry_after = None;
+                    changed = true;
+                }
+                Some(Prepared::Live(m)) => {
+                    c.read_from = Some(ReadFrom::Live);
+                    c.warnings.push(m.clone());
+                    changed = true;
+                }
+                _ => {}
+            }
+        }
+        if changed {
+            st.last_update_time = Some(fmt_time(now));
+            apply_status(&snaps_api, &*snap, serde_json::to_value(&st)?).await?;
+            snap.status = Some(st);
+        }
+    }
+    for (comp, p) in &prepared {
+        match p {
+            Prepared::Failed(m) => ctx.event(bs, true, "VolumeNotReadable", format!("{comp}: {m}")).await,
+            Prepared::Live(m) => ctx.event(bs, true, "LiveRead", format!("{comp}: {m}")).await,
+            _ => {}
+        }
+    }
+    Ok(prepared.into_iter().filter(|(_, p)| matches!(p, Prepared::Waiting(_) | Prepared::Ready { .. })).collect())
 }
 
 /// Applies each repository's retention policy; failures are recorded, never fatal to the
@@ -534,6 +692,19 @@ async fn finish(
 ) -> Result<Action> {
     let ns = bs.namespace().unwrap_or_default();
     let uid = bs.uid().unwrap_or_default();
+    if uses_exposer(l) {
+        // Before the status: a pass that fails here runs finish again.
+        let n = snapshots::cleanup(ctx, bs).await?;
+        if n > 0 {
+            ctx.event(
+                bs,
+                false,
+                "CleanedUp",
+                format!("deleted {n} exposer pod(s), clone claim(s) and VolumeSnapshot(s)"),
+            )
+            .await;
+        }
+    }
     let snaps: Api<Snapshot> = Api::namespaced(ctx.client.clone(), &ns);
     let mut listed = Vec::new();
     for (repo_name, snap) in &l.snapshots {

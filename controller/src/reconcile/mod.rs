@@ -5,6 +5,7 @@ pub mod backup;
 pub mod config;
 pub mod repo;
 pub mod restore;
+pub mod snapshots;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,0 +1,216 @@
+//! The short-lived, unprivileged pod that mounts a claim on a node with a hoard agent, so the
+//! agent can read it (a snapshot's clone, or a claim no pod mounts) or write it (a restore into
+//! a claim no pod mounts). It sleeps until the controller deletes it. Pure: which node, the Pod
+//! object, and where the pod stands.
+//!
+//! Node choice, in order: the claim's `volume.kubernetes.io/selected-node` annotation (the
+//! scheduler already bound a WaitForFirstConsumer claim there); the bound PersistentVolume's
+//! required node affinity on `kubernetes.io/hostname` (local volumes); otherwise the first node
+//! (by name) that runs a Ready agent. The pod is bound with `nodeName` — it bypasses the
+//! scheduler, so the chosen node must be able to attach the volume; volumes restricted by
+//! other topology keys (zones) should be pre-bound with the annotation.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::Resource;
+use serde_json::json;
+
+pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
+pub const HOSTNAME: &str = "kubernetes.io/hostname";
+/// Where the pod mounts the claim (the agent reads the kubelet's mount, not this path).
+pub const MOUNT_PATH: &str = "/data";
+
+/// The node the helper pod is bound to; `agents` are the nodes with a Ready agent.
+pub fn node_for(
+    claim: &PersistentVolumeClaim,
+    pv: Option<&PersistentVolume>,
+    agents: &[String],
+) -> Result<String, String> {
+    if agents.is_empty() {
+        return Err("no node has a Ready hoard agent".into());
+    }
+    if let Some(n) = claim.metadata.annotations.as_ref().and_then(|a| a.get(SELECTED_NODE)) {
+        return if agents.contains(n) {
+            Ok(n.clone())
+        } else {
+            Err(format!("the claim is bound to node {n}, which has no Ready hoard agent"))
+        };
+    }
+    let terms = pv
+        .and_then(|p| p.spec.as_ref())
+        .and_then(|s| s.node_affinity.as_ref())
+        .and_then(|a| a.required.as_ref())
+        .map(|r| r.node_selector_terms.clone())
+        .unwrap_or_default();
+    let mut hosts: Vec<String> = terms
+        .iter()
+        .flat_map(|t| t.match_expressions.iter().flatten())
+        .filter(|e| e.key == HOSTNAME && e.operator == "In")
+        .flat_map(|e| e.values.iter().flatten().cloned())
+        .collect();
+    if !hosts.is_empty() {
+        hosts.sort();
+        return hosts
+            .into_iter()
+            .find(|h| agents.contains(h))
+            .ok_or_else(|| "the volume's node affinity names no node with a Ready hoard agent".into());
+    }
+    let mut sorted = agents.to_vec();
+    sorted.sort();
+    Ok(sorted.swap_remove(0))
+}
+
+/// What the exposer pod mounts and where it runs.
+#[derive(Debug, Clone)]
+pub struct ExposerSpec<'a> {
+    pub name: &'a str,
+    pub claim: &'a str,
+    /// The pod volume's name (the agent's work order names it).
+    pub volume: &'a str,
+    pub node: &'a str,
+    pub image: &'a str,
+    pub args: &'a [String],
+    /// Mount the claim read-only (backups); restores need it writable.
+    pub read_only: bool,
+    /// Labels besides `app.kubernetes.io/name` and `managed-by`.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The exposer Pod, owned (as controller) by `owner`: least privilege, tiny requests, sleeps
+/// (`image` with `args`) until deleted.
+pub fn pod<K: Resource<DynamicType = ()>>(owner: &K, spec: &ExposerSpec<'_>) -> Result<Pod, serde_json::Error> {
+    let mut labels = spec.labels.clone();
+    labels.insert("app.kubernetes.io/name".into(), "hoard-exposer".into());
+    labels.insert("app.kubernetes.io/managed-by".into(), crate::MANAGED_BY.into());
+    let owner_ref = owner.controller_owner_ref(&());
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": spec.name,
+            "namespace": owner.meta().namespace,
+            "labels": labels,
+            "ownerReferences": owner_ref.map(|o| vec![o]).unwrap_or_default(),
+        },
+        "spec": {
+            "nodeName": spec.node,
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": false,
+            "enableServiceLinks": false,
+            "terminationGracePeriodSeconds": 1,
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "hold",
+                "image": spec.image,
+                "args": spec.args,
+                "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                                    "capabilities": {"drop": ["ALL"]}},
+                "resources": {"requests": {"cpu": "1m", "memory": "8Mi"}, "limits": {"memory": "32Mi"}},
+                "volumeMounts": [{"name": spec.volume, "mountPath": MOUNT_PATH, "readOnly": spec.read_only}],
+            }],
+            "volumes": [{"name": spec.volume,
+                         "persistentVolumeClaim": {"claimName": spec.claim, "readOnly": spec.read_only}}],
+        },
+    }))
+}
+
+/// Where the exposer stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExposerState {
+    /// Running on a node: its volume can be named in a work order.
+    Running,
+    /// Created, not running yet (message for status).
+    Waiting(String),
+    /// Ended or being deleted: it cannot serve this restore.
+    Gone(String),
+}
+
+/// Whether a pod can serve as a volume's source: Running, on a node, not terminating, with a
+/// UID.
+pub fn pod_is_usable(pod: &Pod) -> bool {
+    let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).is_some_and(|n| !n.is_empty());
+    running && node && pod.metadata.deletion_timestamp.is_none() && pod.metadata.uid.is_some()
+}
+
+pub fn state(p: &Pod) -> ExposerState {
+    let name = p.metadata.name.clone().unwrap_or_default();
+    if p.metadata.deletion_timestamp.is_some() {
+        return ExposerState::Gone(format!("exposer pod {name} is being deleted"));
+    }
+    match p.status.as_ref().and_then(|s| s.phase.as_deref()) {
+        Some("Running") if pod_is_usable(p) => ExposerState::Running,
+        Some(ph @ ("Succeeded" | "Failed")) => ExposerState::Gone(format!("exposer pod {name} ended ({ph})")),
+        ph => ExposerState::Waiting(format!("waiting for exposer pod {name} ({})", ph.unwrap_or("Pending"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(selected: Option<&str>) -> PersistentVolumeClaim {
+        let mut c: PersistentVolumeClaim =
+            serde_json::from_value(json!({"metadata": {"name": "c", "namespace": "ns"}})).unwrap();
+        if let Some(n) = selected {
+            c.metadata.annotations = Some([(SELECTED_NODE.to_string(), n.to_string())].into());
+        }
+        c
+    }
+
+    fn local_pv(hosts: &[&str]) -> PersistentVolume {
+        serde_json::from_value(json!({"metadata": {"name": "pv"}, "spec": {"nodeAffinity": {"required": {
+            "nodeSelectorTerms": [{"matchExpressions": [{"key": HOSTNAME, "operator": "In", "values": hosts}]}]}}}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn node_choice() {
+        let agents = vec!["n2".to_string(), "n1".to_string(), "n3".to_string()];
+        assert_eq!(node_for(&claim(None), None, &agents), Ok("n1".into()), "any agent node, by name");
+        assert_eq!(node_for(&claim(Some("n3")), None, &agents), Ok("n3".into()), "the selected node");
+        assert!(node_for(&claim(Some("n9")), None, &agents).is_err(), "selected node without an agent");
+        assert_eq!(node_for(&claim(None), Some(&local_pv(&["n9", "n2"])), &agents), Ok("n2".into()));
+        assert!(node_for(&claim(None), Some(&local_pv(&["n9"])), &agents).is_err());
+        assert!(node_for(&claim(None), None, &[]).is_err());
+    }
+
+    #[test]
+    fn exposer_pod_shape() {
+        let rs: hoard_api::crd::RestoreSession = serde_json::from_value(json!({
+            "apiVersion": "hoard.dev/v1alpha1", "kind": "RestoreSession",
+            "metadata": {"name": "back", "namespace": "ns", "uid": "u-1"},
+            "spec": {"target": {"kind": "PersistentVolumeClaim", "name": "c"},
+                     "dataSource": {"repository": "r", "snapshot": "latest"}}}))
+        .unwrap();
+        let args = ["--pause".to_string()];
+        let spec = ExposerSpec {
+            name: "hoard-restore-back",
+            claim: "c",
+            volume: "data",
+            node: "n1",
+            image: "img:1",
+            args: &args,
+            read_only: true,
+            labels: [("hoard.dev/restore-session".to_string(), "back".to_string())].into(),
+        };
+        let p = pod(&rs, &spec).unwrap();
+        assert_eq!(p.metadata.name.as_deref(), Some("hoard-restore-back"));
+        let pod_spec = p.spec.clone().unwrap();
+        assert_eq!(pod_spec.node_name.as_deref(), Some("n1"));
+        let volume = &pod_spec.volumes.unwrap()[0];
+        let claim = volume.persistent_volume_claim.as_ref().unwrap();
+        assert_eq!((claim.claim_name.as_str(), claim.read_only), ("c", Some(true)));
+        let container = &pod_spec.containers[0];
+        assert_eq!(container.args.as_deref(), Some(&args[..]));
+        assert_eq!(container.volume_mounts.as_ref().unwrap()[0].read_only, Some(true));
+        let owner = &p.metadata.owner_references.clone().unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("RestoreSession", "u-1", Some(true)));
+        let labels = p.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels["hoard.dev/restore-session"], "back");
+        assert_eq!(labels["app.kubernetes.io/managed-by"], crate::MANAGED_BY);
+        assert!(matches!(state(&p), ExposerState::Waiting(_)));
+    }
+}
