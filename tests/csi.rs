@@ -209,12 +209,24 @@ impl Harness {
             .unwrap();
     }
 
+    /// Waits (bounded) until session `name` has finished; on timeout panics with its status and
+    /// the controller's log.
     async fn finished(&self, name: &str, timeout: Duration) -> BackupSession {
         let api = Api::<BackupSession>::namespaced(self.client.clone(), &self.ns);
-        wait_for(&api, name, timeout, |s| {
-            s.status.as_ref().and_then(|st| st.phase).is_some_and(SessionPhase::is_finished)
-        })
-        .await
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let bs = api.get_opt(name).await.unwrap();
+            let status = bs.as_ref().and_then(|b| b.status.clone());
+            if let Some(bs) =
+                bs.filter(|_| status.as_ref().and_then(|s| s.phase).is_some_and(SessionPhase::is_finished))
+            {
+                return bs;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("{name} not finished after {timeout:?}: {status:#?}\n{}", self.controller_log());
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
     }
 
     /// A claim of the hostpath driver's StorageClass, bound by the real provisioner; returns
@@ -605,4 +617,126 @@ async fn wait_running(h: &Harness, name: &str) -> Pod {
         p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
     })
     .await
+}
+
+/// Snapshot-only (`upload: false, keepLast: 2`): each session's VolumeSnapshot is the backup —
+/// no clone, no exposer, nothing uploaded — and retention keeps the newest two (the oldest
+/// Snapshot object goes with its VolumeSnapshot). A RestoreSession from a kept VolumeSnapshot
+/// fills a new claim with the content of that time, and refuses an existing claim. Combined
+/// (`keepLast: 1`, uploading): the VolumeSnapshot is kept and the repository has the data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_snapshots_retention_and_restore_into_a_new_claim() {
+    let Some(mut h) = Harness::new("csi-keep").await else { return };
+    let class = format!("{}-keep", h.ns);
+    let driver = h.csi.driver.clone();
+    h.snapshot_class(&class, &driver, false).await;
+    let data = h.claim("data").await;
+    let target = json!({"kind": "PersistentVolumeClaim", "name": "data"});
+    h.configuration("only", target.clone(), "only-repo", json!({"className": class, "upload": false, "keepLast": 2}))
+        .await;
+    h.start_controller();
+    let snaps = Api::<VolumeSnapshot>::namespaced(h.client.clone(), &h.ns);
+    let mut generations = Vec::new();
+    for i in 1..=3u64 {
+        write_tree(&data, 10 * i, &format!("generation {i}"));
+        generations.push(tree_contents(&data));
+        let bs = format!("only-{i}");
+        h.trigger("only", &bs).await;
+        let done = h.finished(&bs, Duration::from_secs(120)).await;
+        let st = done.status.clone().unwrap();
+        assert_eq!(st.phase, Some(SessionPhase::Succeeded), "{st:#?}\n{}", h.controller_log());
+        let c = snapshot_of(&h, &done).await.status.unwrap().components["data"].clone();
+        assert_eq!((c.phase, c.read_from), (Some(ComponentPhase::Succeeded), Some(ReadFrom::VolumeSnapshot)));
+        assert!(c.snapshot_id.is_none(), "snapshot-only uploads nothing: {c:#?}");
+        let from = c.volume_snapshot.expect("names its VolumeSnapshot");
+        assert_eq!((from.name.as_str(), from.kept), (format!("hoard-{bs}-data").as_str(), true));
+        // Kept: no owner, so neither cleanup nor the garbage collector takes it with the session.
+        let vs = snaps.get(&from.name).await.unwrap();
+        assert!(vs.metadata.owner_references.unwrap_or_default().is_empty());
+        // Nothing else was made: no clone claim, no exposer pod.
+        let lp = ListParams::default().labels(&format!("hoard.dev/backup-session={bs}"));
+        assert!(Api::<Pod>::namespaced(h.client.clone(), &h.ns).list(&lp).await.unwrap().items.is_empty());
+        assert!(
+            Api::<PersistentVolumeClaim>::namespaced(h.client.clone(), &h.ns).list(&lp).await.unwrap().items.is_empty()
+        );
+    }
+    // Retention: the newest two are kept; the first and its Snapshot object are gone.
+    let kept_names = || async {
+        let lp = ListParams::default().labels("hoard.dev/kept=only.now");
+        let mut names: Vec<String> = snaps
+            .list(&lp)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|s| s.metadata.deletion_timestamp.is_none())
+            .map(|s| name_of(&s.metadata))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(kept_names().await, ["hoard-only-2-data", "hoard-only-3-data"]);
+    let hoard_snaps = Api::<Snapshot>::namespaced(h.client.clone(), &h.ns);
+    let mut first_gone = false;
+    for _ in 0..60 {
+        if hoard_snaps.get_opt("only-repo-only-1").await.unwrap().is_none() {
+            first_gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(first_gone, "the Snapshot object of the deleted VolumeSnapshot stays");
+    assert!(hoard_snaps.get_opt("only-repo-only-2").await.unwrap().is_some());
+
+    // Restore the second generation into a new claim (the volume has moved on to the third).
+    let restores = Api::<RestoreSession>::namespaced(h.client.clone(), &h.ns);
+    let restore = |name: &str, claim: &str, vs: &str| -> RestoreSession {
+        serde_json::from_value(json!({
+            "apiVersion": "hoard.dev/v1alpha1", "kind": "RestoreSession", "metadata": {"name": name},
+            "spec": {"target": {"kind": "PersistentVolumeClaim", "name": claim},
+                     "dataSource": {"volumeSnapshot": vs}}}))
+        .unwrap()
+    };
+    restores.create(&PostParams::default(), &restore("gen-2", "gen-2", "hoard-only-2-data")).await.unwrap();
+    let done = wait_for(&restores, "gen-2", Duration::from_secs(120), |r| {
+        r.status.as_ref().and_then(|s| s.phase).is_some_and(RestorePhase::is_finished)
+    })
+    .await;
+    let st = done.status.unwrap();
+    assert_eq!(st.phase, Some(RestorePhase::Succeeded), "{st:#?}\n{}", h.controller_log());
+    let restored = h.volume_dir("gen-2", Duration::from_secs(10)).await;
+    assert!(tree_contents(&restored) == generations[1], "the new claim differs from generation 2");
+    // Into an existing claim: refused, and the claim is untouched.
+    restores.create(&PostParams::default(), &restore("over", "data", "hoard-only-2-data")).await.unwrap();
+    let refused = wait_for(&restores, "over", Duration::from_secs(60), |r| {
+        r.status.as_ref().and_then(|s| s.phase).is_some_and(RestorePhase::is_finished)
+    })
+    .await
+    .status
+    .unwrap();
+    assert_eq!(refused.phase, Some(RestorePhase::Invalid), "{refused:#?}");
+    assert!(refused.message.as_deref().unwrap_or_default().contains("exists"), "{refused:#?}");
+    assert!(tree_contents(&data) == generations[2]);
+
+    // Combined: uploaded and kept.
+    h.configuration("both", target, "both-repo", json!({"className": class, "keepLast": 1})).await;
+    h.trigger("both", "both-1").await;
+    let done = h.finished("both-1", Duration::from_secs(180)).await;
+    assert_eq!(done.status.as_ref().unwrap().phase, Some(SessionPhase::Succeeded), "{}", h.controller_log());
+    let c = snapshot_of(&h, &done).await.status.unwrap().components["data"].clone();
+    assert!(c.snapshot_id.is_some(), "{c:#?}");
+    assert!(c.volume_snapshot.as_ref().is_some_and(|v| v.kept && v.name == "hoard-both-1-data"), "{c:#?}");
+    assert!(snaps.get_opt("hoard-both-1-data").await.unwrap().is_some());
+    let lp = ListParams::default().labels("hoard.dev/backup-session=both-1");
+    for _ in 0..60 {
+        let pods = Api::<Pod>::namespaced(h.client.clone(), &h.ns).list(&lp).await.unwrap().items;
+        let claims = Api::<PersistentVolumeClaim>::namespaced(h.client.clone(), &h.ns).list(&lp).await.unwrap().items;
+        if pods.is_empty() && claims.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let restored = restore_into_new_claim(&h, "both-repo", "both-copy").await;
+    assert!(tree_contents(&restored) == generations[2]);
+    h.finish().await;
 }

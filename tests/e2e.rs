@@ -504,7 +504,7 @@ async fn concepts_doc_examples_are_accepted() {
             created += 1;
         }
     }
-    assert_eq!(created, 7, "objects in the examples");
+    assert_eq!(created, 10, "objects in the examples");
     // Discovery may lag the CRDs applied just before (the `hoard` category): retry, bounded.
     let kube_cache = tempfile::tempdir().unwrap();
     let mut listed = String::new();

@@ -30,9 +30,9 @@ pub const CALLS: &[(&str, &str, &[&str])] = &[
     ("apps", "daemonsets", &["get"]),
     ("apps", "replicasets", &["get"]),
     ("events.k8s.io", "events", &["create", "patch"]),
-    // CSI snapshot path: a session's VolumeSnapshots (created, listed by label, deleted) and the
-    // classes to choose from.
-    ("snapshot.storage.k8s.io", "volumesnapshots", &["get", "list", "create", "delete"]),
+    // CSI snapshot path: a session's VolumeSnapshots (created, listed by label, kept by a patch
+    // that drops the session's owner reference, deleted) and the classes to choose from.
+    ("snapshot.storage.k8s.io", "volumesnapshots", &["get", "list", "create", "patch", "delete"]),
     ("snapshot.storage.k8s.io", "volumesnapshotclasses", &["list"]),
     ("hoard.dev", "backupstorages", &["get", "list", "watch"]),
     ("hoard.dev", "backupstorages/status", &["patch"]),

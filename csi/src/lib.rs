@@ -7,13 +7,15 @@
 //!   a clear error, never a silent live read);
 //! * [`objects`]: names, labels and bodies of the VolumeSnapshot and its clone claim;
 //! * [`exposer`]: the unprivileged pod that mounts a claim on a node with an agent;
-//! * [`plan`]: the next step of one volume (snapshot → clone → exposer → ready), bounded in time.
+//! * [`plan`]: the next step of one volume (snapshot → clone → exposer → ready), bounded in time;
+//! * [`keep`]: VolumeSnapshots kept after their session, and which of them retention deletes.
 //!
 //! The agent never talks to the Kubernetes API: it gets an ordinary work order that names the
 //! exposer pod's volume by identity.
 
 pub mod class;
 pub mod exposer;
+pub mod keep;
 pub mod objects;
 pub mod plan;
 pub mod types;

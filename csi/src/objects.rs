@@ -107,34 +107,53 @@ pub fn clone_claim<K: Resource<DynamicType = ()>>(
     storage_class: Option<&str>,
 ) -> Result<PersistentVolumeClaim, serde_json::Error> {
     let session = owner.meta().name.clone().unwrap_or_default();
-    let requested = source
-        .spec
-        .as_ref()
+    let mut pvc = claim_from_snapshot(&object_name(&session, component), snapshot, Some(source), storage_class, None)?;
+    pvc.metadata.namespace = owner.meta().namespace.clone();
+    pvc.metadata.labels = Some(labels(&session, component));
+    pvc.metadata.owner_references = owner.controller_owner_ref(&()).map(|o| vec![o]);
+    Ok(pvc)
+}
+
+/// A claim `name` the CSI driver fills from `snapshot` (in the snapshot's namespace): the size
+/// is the larger of the source claim's request and the snapshot's restore size (1Gi when
+/// neither is known); the storage class is `storage_class`, else the source claim's (else the
+/// cluster's default); access modes are `access_modes`, else ReadWriteOnce.
+pub fn claim_from_snapshot(
+    name: &str,
+    snapshot: &VolumeSnapshot,
+    source: Option<&PersistentVolumeClaim>,
+    storage_class: Option<&str>,
+    access_modes: Option<&[String]>,
+) -> Result<PersistentVolumeClaim, serde_json::Error> {
+    let source_spec = source.and_then(|s| s.spec.as_ref());
+    let requested = source_spec
         .and_then(|s| s.resources.as_ref())
         .and_then(|r| r.requests.as_ref())
         .and_then(|r| r.get("storage"))
         .cloned();
     let restore_size = snapshot.status.as_ref().and_then(|s| s.restore_size.clone());
     let size = larger(requested, restore_size).unwrap_or_else(|| Quantity("1Gi".into()));
-    let class =
-        storage_class.map(str::to_string).or_else(|| source.spec.as_ref().and_then(|s| s.storage_class_name.clone()));
+    let class = storage_class.map(str::to_string).or_else(|| source_spec.and_then(|s| s.storage_class_name.clone()));
+    let modes: Vec<String> = access_modes.map(<[String]>::to_vec).unwrap_or_else(|| vec!["ReadWriteOnce".into()]);
     let snapshot_name = snapshot.metadata.name.clone().unwrap_or_default();
     serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": {
-            "name": object_name(&session, component),
-            "namespace": owner.meta().namespace,
-            "labels": labels(&session, component),
-            "ownerReferences": owner.controller_owner_ref(&()).map(|o| vec![o]).unwrap_or_default(),
-        },
+        "metadata": {"name": name, "namespace": snapshot.metadata.namespace},
         "spec": {
-            "accessModes": ["ReadWriteOnce"],
+            "accessModes": modes,
             "storageClassName": class,
             "resources": {"requests": {"storage": size}},
             "dataSource": {"apiGroup": crate::types::GROUP, "kind": "VolumeSnapshot", "name": snapshot_name},
         },
     }))
+}
+
+/// Whether `claim` was made from VolumeSnapshot `snapshot` (its `dataSource` names it).
+pub fn restored_from(claim: &PersistentVolumeClaim, snapshot: &str) -> bool {
+    claim.spec.as_ref().and_then(|s| s.data_source.as_ref()).is_some_and(|d| {
+        d.kind == "VolumeSnapshot" && d.name == snapshot && d.api_group.as_deref() == Some(crate::types::GROUP)
+    })
 }
 
 /// The larger of two quantities when both parse as plain byte counts with a binary or decimal

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! Snapshot source:  VolumeSnapshot ─ready─▶ clone claim ─Bound─▶ exposer pod ─Running─▶ Ready
+//! Snapshot-only:    VolumeSnapshot ─ready─▶ SnapshotReady
 //! Claim source:                                  (the claim) ──▶ exposer pod ─Running─▶ Ready
 //! ```
 //!
@@ -25,6 +26,8 @@ pub enum Source {
     Snapshot,
     /// The claim itself (a claim no pod mounts, read or written live).
     Claim,
+    /// A VolumeSnapshot that is the backup itself (snapshot-only): nothing is cloned or read.
+    SnapshotOnly,
 }
 
 /// What exists now for the volume.
@@ -53,6 +56,8 @@ pub enum Step {
     /// Nothing to do but wait; the message says for what (for status).
     Wait(String),
     Ready(Exposed),
+    /// Snapshot-only: the VolumeSnapshot is ready to use, and that is the backup.
+    SnapshotReady,
     /// The volume cannot be read this way; clean up and fail it with this message.
     Fail(String),
 }
@@ -66,7 +71,7 @@ pub fn next(source: &Source, seen: Observed<'_>, deadline: DateTime<Utc>, now: D
 
     let claim = match source {
         Source::Claim => None,
-        Source::Snapshot => {
+        Source::Snapshot | Source::SnapshotOnly => {
             let Some(vs) = seen.snapshot else { return Step::CreateSnapshot };
             let name = vs.metadata.name.clone().unwrap_or_default();
             if vs.metadata.deletion_timestamp.is_some() {
@@ -77,6 +82,9 @@ pub fn next(source: &Source, seen: Observed<'_>, deadline: DateTime<Utc>, now: D
                     Some(e) => wait(format!("VolumeSnapshot {name} is not ready to use: {e}")),
                     None => wait(format!("waiting for VolumeSnapshot {name} to be ready to use")),
                 };
+            }
+            if *source == Source::SnapshotOnly {
+                return Step::SnapshotReady;
             }
             let Some(clone) = seen.clone else { return Step::CreateClone };
             let clone_name = clone.metadata.name.clone().unwrap_or_default();
@@ -228,6 +236,17 @@ mod tests {
         let mut deleting = snapshot(true, None);
         deleting.metadata.deletion_timestamp = serde_json::from_value(json!(created(3))).expect("time");
         assert!(matches!(step(&s, Observed { snapshot: Some(&deleting), ..Default::default() }, 4), Step::Fail(_)));
+    }
+
+    #[test]
+    fn snapshot_only_ends_at_a_ready_snapshot() {
+        let s = Source::SnapshotOnly;
+        assert_eq!(step(&s, Observed::default(), 0), Step::CreateSnapshot);
+        let (pending, ready) = (snapshot(false, None), snapshot(true, None));
+        assert!(matches!(step(&s, Observed { snapshot: Some(&pending), ..Default::default() }, 1), Step::Wait(_)));
+        let seen = Observed { snapshot: Some(&pending), ..Default::default() };
+        assert!(matches!(step(&s, seen, TIMEOUT + 1), Step::Fail(m) if m.contains("readyTimeout")));
+        assert_eq!(step(&s, Observed { snapshot: Some(&ready), ..Default::default() }, 2), Step::SnapshotReady);
     }
 
     #[test]

@@ -94,7 +94,7 @@ pub struct SessionConfig {
 }
 
 /// How a session uses CSI VolumeSnapshots.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeSnapshotPolicy {
     /// The VolumeSnapshotClass for every volume; absent: the class annotated
@@ -118,6 +118,42 @@ pub struct VolumeSnapshotPolicy {
     /// `Live` (read the live mount instead, and say so in the component's status).
     #[serde(default)]
     pub fallback: SnapshotFallback,
+    /// Keep the newest this many VolumeSnapshots per volume of this session after it succeeds,
+    /// as fast local restore points (restore: RestoreSession `dataSource.volumeSnapshot`);
+    /// older kept ones are deleted. 0 (default): each is deleted when its session ends.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(max = 1000))]
+    pub keep_last: u32,
+    /// `false`: snapshot-only — the VolumeSnapshot is the backup; nothing is read or uploaded
+    /// (needs `keepLast` ≥ 1). Default `true`: every VolumeSnapshot is also uploaded.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub upload: bool,
+}
+
+impl Default for VolumeSnapshotPolicy {
+    fn default() -> Self {
+        Self {
+            class_name: None,
+            volume_classes: BTreeMap::new(),
+            storage_class_name: None,
+            ready_timeout: None,
+            fallback: SnapshotFallback::Fail,
+            keep_last: 0,
+            upload: true,
+        }
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -424,8 +460,14 @@ pub struct DataSource {
     /// Namespace of the Repository and Snapshot (default: the RestoreSession's own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    /// Repository object name.
+    /// Repository object name (empty with `volumeSnapshot`).
+    #[serde(default)]
     pub repository: String,
+    /// Instead of a repository: a VolumeSnapshot (same namespace) restored by the CSI driver
+    /// into a new claim, the target PersistentVolumeClaim, which must not exist yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub volume_snapshot: Option<String>,
     /// Snapshot object name, or `latest` (the newest Succeeded snapshot of the repository).
     #[serde(default = "latest")]
     pub snapshot: String,

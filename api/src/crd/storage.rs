@@ -476,6 +476,10 @@ pub struct VolumeSnapshotSource {
     /// When the storage system cut the snapshot (RFC 3339): the point in time of the data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_time: Option<String>,
+    /// The VolumeSnapshot was kept after the session (`volumeSnapshot.keepLast`) and can be
+    /// restored into a new claim until retention deletes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -461,6 +461,7 @@ pub async fn restore(ctx: &Ctx, a: RestoreArgs) -> anyhow::Result<u8> {
             data_source: DataSource {
                 namespace: None,
                 repository: repository.clone(),
+                volume_snapshot: None,
                 snapshot: snapshot.clone(),
                 components: a.components.clone(),
                 volume_map: BTreeMap::new(),

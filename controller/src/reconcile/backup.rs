@@ -285,6 +285,12 @@ async fn start(ctx: &Context, bs: &BackupSession, l: &Loaded, now: DateTime<Utc>
     let (Some(config), Some(scfg)) = (&l.config, &l.session_cfg) else {
         return Err(Error::NotFound("BackupConfiguration session".into()));
     };
+    if scfg.volume_snapshot.as_ref().is_some_and(|p| !p.upload && p.keep_last == 0) {
+        return Err(Error::invalid(
+            "volumeSnapshot",
+            "upload: false (snapshot-only) needs keepLast of 1 or more, or nothing would be kept",
+        ));
+    }
     let volumes = resolve_target(ctx, &ns, &config.spec.target, &scfg.volumes).await?;
     let via_snapshot = scfg.volume_snapshot.is_some();
     let mut planned: Vec<(String, ComponentStatus)> = volumes
@@ -577,6 +583,13 @@ async fn prepare_exposed(
                     c.warnings.push(m.clone());
                     changed = true;
                 }
+                Some(Prepared::SnapshotReady(from)) if c.phase != Some(ComponentPhase::Succeeded) => {
+                    c.phase = Some(ComponentPhase::Succeeded);
+                    c.volume_snapshot = Some(from.clone());
+                    c.error = None;
+                    c.retry_after = None;
+                    changed = true;
+                }
                 _ => {}
             }
         }
@@ -590,6 +603,9 @@ async fn prepare_exposed(
         match p {
             Prepared::Failed(m) => ctx.event(bs, true, "VolumeNotReadable", format!("{comp}: {m}")).await,
             Prepared::Live(m) => ctx.event(bs, true, "LiveRead", format!("{comp}: {m}")).await,
+            Prepared::SnapshotReady(from) => {
+                ctx.event(bs, false, "VolumeSnapshotReady", format!("{comp}: {} is the backup", from.name)).await
+            }
             _ => {}
         }
     }
@@ -682,6 +698,63 @@ async fn apply_retention(
     Ok(remove.len() as u32)
 }
 
+/// With `volumeSnapshot.keepLast`, keeps the VolumeSnapshot of every component that succeeded
+/// in all of the session's repositories, then deletes the session's kept ones beyond the newest
+/// `keepLast` per volume. Returns the names of this session's kept VolumeSnapshots.
+async fn keep_snapshots(ctx: &Context, bs: &BackupSession, l: &Loaded) -> Result<BTreeSet<String>> {
+    let (Some(config), Some(scfg)) = (&l.config, &l.session_cfg) else { return Ok(BTreeSet::new()) };
+    let Some(policy) = scfg.volume_snapshot.as_ref().filter(|p| p.keep_last > 0) else { return Ok(BTreeSet::new()) };
+    let mut succeeded: BTreeMap<&str, bool> = BTreeMap::new();
+    for st in l.snapshots.values().filter_map(|s| s.status.as_ref()) {
+        for (comp, c) in &st.components {
+            if c.read_from == Some(ReadFrom::VolumeSnapshot) {
+                let ok = c.phase == Some(ComponentPhase::Succeeded);
+                *succeeded.entry(comp.as_str()).or_insert(true) &= ok;
+            }
+        }
+    }
+    let components: Vec<String> = succeeded.into_iter().filter(|(_, ok)| *ok).map(|(c, _)| c.to_string()).collect();
+    if components.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let group = hoard_csi::keep::keep_group(&config.name_any(), &bs.spec.session);
+    let kept = snapshots::keep(ctx, bs, &group, &components).await?;
+    let ns = bs.namespace().unwrap_or_default();
+    let deleted = snapshots::retain_kept(ctx, &ns, &group, policy.keep_last).await?;
+    if !kept.is_empty() {
+        let note = format!("kept {} (keepLast {})", kept.join(", "), policy.keep_last);
+        ctx.event(bs, false, "VolumeSnapshotsKept", note).await;
+    }
+    if !deleted.is_empty() {
+        ctx.event(bs, false, "VolumeSnapshotsDeleted", format!("retention deleted {}", deleted.join(", "))).await;
+        if !policy.upload {
+            forget_snapshot_only(ctx, &ns, &deleted).await?;
+        }
+    }
+    Ok(kept.into_iter().collect())
+}
+
+/// Snapshot-only: a Snapshot object whose every component's VolumeSnapshot retention deleted
+/// describes nothing any more, and goes too.
+async fn forget_snapshot_only(ctx: &Context, ns: &str, deleted: &[String]) -> Result<()> {
+    let snaps: Api<Snapshot> = Api::namespaced(ctx.client.clone(), ns);
+    for s in snaps.list(&ListParams::default()).await?.items {
+        let Some(st) = &s.status else { continue };
+        let gone = !st.components.is_empty()
+            && st.components.values().all(|c| {
+                c.snapshot_id.is_none() && c.volume_snapshot.as_ref().is_some_and(|v| deleted.contains(&v.name))
+            });
+        if gone {
+            match snaps.delete(&s.name_any(), &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn finish(
     ctx: &Context,
     bs: &BackupSession,
@@ -692,6 +765,9 @@ async fn finish(
 ) -> Result<Action> {
     let ns = bs.namespace().unwrap_or_default();
     let uid = bs.uid().unwrap_or_default();
+    // Before the cleanup (which would delete them) and the status: a pass that fails here runs
+    // finish again, and keeping is idempotent.
+    let kept = keep_snapshots(ctx, bs, l).await?;
     if uses_exposer(l) {
         // Before the status: a pass that fails here runs finish again.
         let n = snapshots::cleanup(ctx, bs).await?;
@@ -722,6 +798,9 @@ async fn finish(
                 if c.error.is_none() {
                     c.error = Some(msg.to_string());
                 }
+            }
+            if let Some(from) = c.volume_snapshot.as_mut() {
+                from.kept = kept.contains(&from.name);
             }
         }
         let was = snap.status.as_ref().and_then(|s| s.phase);

@@ -39,6 +39,9 @@ pub async fn reconcile(rs: Arc<RestoreSession>, ctx: Arc<Context>) -> Result<Act
         return Ok(Action::await_change());
     }
     let now = ctx.now();
+    if let Some(vs) = rs.spec.data_source.volume_snapshot.clone() {
+        return from_volume_snapshot(&ctx, &rs, &api, st, &vs, now).await;
+    }
     if st.phase != Some(RestorePhase::Running) {
         return match start(&ctx, &rs, &mut st, now).await {
             Ok(Some(waiting)) => {
@@ -164,6 +167,9 @@ pub async fn reconcile(rs: Arc<RestoreSession>, ctx: Arc<Context>) -> Result<Act
 async fn source(ctx: &Context, rs: &RestoreSession) -> Result<(Repository, Snapshot)> {
     let ns = rs.namespace().unwrap_or_default();
     let ds = &rs.spec.data_source;
+    if ds.repository.is_empty() {
+        return Err(Error::invalid("dataSource", "name a repository (or a volumeSnapshot)"));
+    }
     let src_ns = ds.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| ns.clone());
     let repo = Api::<Repository>::namespaced(ctx.client.clone(), &src_ns)
         .get_opt(&ds.repository)
@@ -377,4 +383,140 @@ async fn dispatch(ctx: &Context, rs: &RestoreSession, st: &mut RestoreSessionSta
         c.error = None;
     }
     Ok(())
+}
+
+/// Bound on a restore from a VolumeSnapshot without `restoreTimeout`.
+const SNAPSHOT_RESTORE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Restore from a VolumeSnapshot: the CSI driver fills a new claim — the target — from it;
+/// hoard creates the claim (size, storage class and access modes of the snapshot's source
+/// claim) and waits, bounded by `restoreTimeout`, until it is bound. No agent takes part. The
+/// claim outlives the RestoreSession (no owner reference); a restarted controller recognises
+/// it by its `dataSource`.
+async fn from_volume_snapshot(
+    ctx: &Context,
+    rs: &RestoreSession,
+    api: &Api<RestoreSession>,
+    mut st: RestoreSessionStatus,
+    vs_name: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Action> {
+    let started = st.start_time.as_deref().and_then(parse_time).unwrap_or(now);
+    let timeout = rs.spec.restore_timeout.as_deref().and_then(parse_duration).unwrap_or(SNAPSHOT_RESTORE_TIMEOUT);
+    let deadline = started + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+    st.start_time = Some(fmt_time(started));
+    st.restore_deadline = Some(fmt_time(deadline));
+    let claim = rs.spec.target.name.clone();
+    let step = snapshot_restore_step(ctx, rs, vs_name).await;
+    let (phase, msg) = match step {
+        Ok(SnapshotRestore::Bound(from)) => {
+            let c = ComponentStatus {
+                phase: Some(ComponentPhase::Succeeded),
+                claim: Some(claim.clone()),
+                read_from: Some(hoard_api::crd::ReadFrom::VolumeSnapshot),
+                volume_snapshot: Some(from),
+                ..Default::default()
+            };
+            st.components = [(claim.clone(), c)].into();
+            st.total_components = Some(1);
+            (RestorePhase::Succeeded, format!("claim {claim} restored from VolumeSnapshot {vs_name}"))
+        }
+        Ok(SnapshotRestore::Waiting(m)) if now > deadline => {
+            (RestorePhase::Failed, format!("{m}: not done within the restoreTimeout"))
+        }
+        Ok(SnapshotRestore::Waiting(m)) => (RestorePhase::Running, m),
+        Err(e) if e.is_retryable() && now <= deadline => (RestorePhase::Running, e.to_string()),
+        Err(e) if e.is_retryable() => (RestorePhase::Failed, format!("{e}: not done within the restoreTimeout")),
+        Err(e) => (RestorePhase::Invalid, e.to_string()),
+    };
+    let first = st.phase.is_none();
+    st.phase = Some(phase);
+    st.target_found = Some(true);
+    st.message = Some(msg.clone());
+    if phase.is_finished() {
+        st.duration = Some(format!("{:.1}s", (now - started).num_milliseconds() as f64 / 1000.0));
+    }
+    apply_status(api, rs, serde_json::to_value(&st)?).await?;
+    if first {
+        ctx.metrics.restore_phase("Running");
+        ctx.event(rs, false, "Running", format!("restoring claim {claim} from VolumeSnapshot {vs_name}")).await;
+    }
+    if phase.is_finished() {
+        ctx.metrics.restore_phase(&format!("{phase:?}"));
+        ctx.event(rs, phase != RestorePhase::Succeeded, &format!("{phase:?}"), msg).await;
+        return Ok(Action::await_change());
+    }
+    Ok(Action::requeue(Duration::from_secs(2)))
+}
+
+enum SnapshotRestore {
+    Waiting(String),
+    Bound(hoard_api::crd::VolumeSnapshotSource),
+}
+
+async fn snapshot_restore_step(ctx: &Context, rs: &RestoreSession, vs_name: &str) -> Result<SnapshotRestore> {
+    use hoard_csi::objects::{claim_from_snapshot, restored_from};
+    use hoard_csi::types::VolumeSnapshot;
+
+    let ns = rs.namespace().unwrap_or_default();
+    let ds = &rs.spec.data_source;
+    if rs.spec.target.kind != TargetKind::PersistentVolumeClaim {
+        return Err(Error::invalid(
+            "target",
+            "a VolumeSnapshot restores into a new claim: target.kind must be PersistentVolumeClaim",
+        ));
+    }
+    if !ds.repository.is_empty() {
+        return Err(Error::invalid("dataSource", "name either a repository or a volumeSnapshot, not both"));
+    }
+    if ds.namespace.as_deref().is_some_and(|n| n != ns) {
+        return Err(Error::invalid("dataSource", "a VolumeSnapshot restores only into its own namespace"));
+    }
+    let snapshots: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    let target = &rs.spec.target.name;
+    let vs = snapshots
+        .get_opt(vs_name)
+        .await?
+        .ok_or_else(|| Error::invalid("dataSource", format!("VolumeSnapshot {ns}/{vs_name} does not exist")))?;
+    let from = hoard_api::crd::VolumeSnapshotSource {
+        name: vs_name.to_string(),
+        class_name: vs.spec.volume_snapshot_class_name.clone(),
+        creation_time: vs.status.as_ref().and_then(|s| s.creation_time.clone()),
+        kept: false,
+    };
+    if let Some(existing) = claims.get_opt(target).await? {
+        if !restored_from(&existing, vs_name) {
+            return Err(Error::invalid(
+                "target",
+                format!("claim {target} exists; a VolumeSnapshot restores only into a new claim"),
+            ));
+        }
+        return Ok(match existing.status.as_ref().and_then(|s| s.phase.as_deref()) {
+            Some("Bound") => SnapshotRestore::Bound(from),
+            Some("Lost") => return Err(Error::invalid("target", format!("claim {target} lost its volume"))),
+            _ => SnapshotRestore::Waiting(format!("waiting for claim {target} to be bound")),
+        });
+    }
+    if vs.metadata.deletion_timestamp.is_some() {
+        return Err(Error::invalid("dataSource", format!("VolumeSnapshot {vs_name} is being deleted")));
+    }
+    if !vs.ready() {
+        let why = vs.error_message().map(|e| format!(": {e}")).unwrap_or_default();
+        return Ok(SnapshotRestore::Waiting(format!("VolumeSnapshot {vs_name} is not ready to use{why}")));
+    }
+    let source = match vs.spec.source.persistent_volume_claim_name.as_deref() {
+        Some(c) => claims.get_opt(c).await?,
+        None => None,
+    };
+    let modes = source.as_ref().and_then(|c| c.spec.as_ref()).and_then(|s| s.access_modes.clone());
+    let mut pvc = claim_from_snapshot(target, &vs, source.as_ref(), None, modes.as_deref())?;
+    pvc.metadata.labels = Some([(helper::HELPER_LABEL.to_string(), rs.name_any())].into());
+    match claims.create(&PostParams::default(), &pvc).await {
+        Ok(_) => {}
+        Err(e) if is_conflict(&e) => {}
+        Err(e) => return Err(e.into()),
+    }
+    ctx.event(rs, false, "ClaimCreated", format!("claim {target} from VolumeSnapshot {vs_name}")).await;
+    Ok(SnapshotRestore::Waiting(format!("claim {target} created from VolumeSnapshot {vs_name}")))
 }

@@ -11,11 +11,12 @@ use hoard_api::agent::v1::{PersistentVolumeSource, VolumeIdentity, volume_identi
 use hoard_api::crd::{BackupSession, ReadFrom, SnapshotFallback, VolumeSnapshotPolicy, VolumeSnapshotSource};
 use hoard_csi::class::select_class;
 use hoard_csi::exposer::{self, ExposerSpec};
+use hoard_csi::keep;
 use hoard_csi::objects::{self, EXPOSED_VOLUME};
 use hoard_csi::plan::{self, Observed, Step};
 use hoard_csi::types::{VolumeSnapshot, VolumeSnapshotClass};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 
 use crate::Context;
@@ -43,6 +44,8 @@ pub enum Prepared {
         identity: VolumeIdentity,
         provenance: Option<VolumeSnapshotSource>,
     },
+    /// Snapshot-only: the VolumeSnapshot is ready, and it is the backup.
+    SnapshotReady(VolumeSnapshotSource),
     /// Cannot be read this way; the component fails for good.
     Failed(String),
     /// No class could be chosen and the policy falls back to the live mount (the message says why).
@@ -93,11 +96,13 @@ async fn prepare_one(
         .ok_or_else(|| Error::invalid("target", format!("PersistentVolumeClaim {} does not exist", w.claim)))?;
     let source_pv = bound_pv(&pvs, &source_claim).await?;
     let source = match w.read_from {
+        ReadFrom::VolumeSnapshot if policy.is_some_and(|p| !p.upload) => plan::Source::SnapshotOnly,
         ReadFrom::VolumeSnapshot => plan::Source::Snapshot,
         _ => plan::Source::Claim,
     };
     let (snapshot, clone) = match source {
         plan::Source::Snapshot => (snapshots.get_opt(&name).await?, claims.get_opt(&name).await?),
+        plan::Source::SnapshotOnly => (snapshots.get_opt(&name).await?, None),
         plan::Source::Claim => (None, None),
     };
     let pod = pods.get_opt(&name).await?;
@@ -174,6 +179,10 @@ async fn prepare_one(
             create(&pods, &exposer::pod(bs, &spec)?).await?;
             Ok(Prepared::Waiting(format!("exposer pod {name} created on node {node}")))
         }
+        Step::SnapshotReady => {
+            let Some(vs) = &snapshot else { return Ok(Prepared::Waiting("snapshot gone".into())) };
+            Ok(Prepared::SnapshotReady(provenance_of(vs)))
+        }
         Step::Wait(m) => Ok(Prepared::Waiting(m)),
         Step::Fail(m) => Ok(Prepared::Failed(m)),
         Step::Ready(e) => {
@@ -193,13 +202,18 @@ async fn prepare_one(
                     plugin: Some(plugin),
                 })),
             };
-            let provenance = snapshot.as_ref().map(|vs| VolumeSnapshotSource {
-                name: vs.name_any(),
-                class_name: vs.spec.volume_snapshot_class_name.clone(),
-                creation_time: vs.status.as_ref().and_then(|s| s.creation_time.clone()),
-            });
+            let provenance = snapshot.as_ref().map(provenance_of);
             Ok(Prepared::Ready { identity, provenance })
         }
+    }
+}
+
+fn provenance_of(vs: &VolumeSnapshot) -> VolumeSnapshotSource {
+    VolumeSnapshotSource {
+        name: vs.name_any(),
+        class_name: vs.spec.volume_snapshot_class_name.clone(),
+        creation_time: vs.status.as_ref().and_then(|s| s.creation_time.clone()),
+        kept: false,
     }
 }
 
@@ -265,4 +279,46 @@ where
         }
     }
     Ok(n)
+}
+
+/// Keeps the VolumeSnapshots of `components` (this session's, by fixed name) in `group`: drops
+/// the session's owner reference so neither [`cleanup`] nor the garbage collector deletes them,
+/// and labels them kept. Idempotent; returns the names kept.
+pub async fn keep(ctx: &Context, bs: &BackupSession, group: &str, components: &[String]) -> Result<Vec<String>> {
+    let ns = bs.namespace().unwrap_or_default();
+    let api: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut kept = Vec::new();
+    for component in components {
+        let name = objects::object_name(&bs.name_any(), component);
+        let Some(vs) = api.get_opt(&name).await? else { continue };
+        let already = vs.labels().get(keep::KEPT_LABEL).is_some_and(|g| g == group);
+        if !already && !owned_by(&vs.metadata, bs) {
+            continue;
+        }
+        if !already || vs.metadata.owner_references.as_ref().is_some_and(|o| !o.is_empty()) {
+            // A merge patch replaces ownerReferences as a whole: an empty list removes the session's.
+            let patch = serde_json::json!({
+                "metadata": {"ownerReferences": [], "labels": keep::kept_labels(group)}
+            });
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        }
+        kept.push(name);
+    }
+    Ok(kept)
+}
+
+/// Deletes the kept VolumeSnapshots of `group` beyond the newest `keep_last` per volume, and
+/// returns their names.
+pub async fn retain_kept(ctx: &Context, ns: &str, group: &str, keep_last: u32) -> Result<Vec<String>> {
+    let api: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), ns);
+    let listed = api.list(&ListParams::default().labels(&format!("{}={group}", keep::KEPT_LABEL))).await?.items;
+    let doomed = keep::to_delete(&listed, group, keep_last);
+    for name in &doomed {
+        match api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(doomed)
 }
