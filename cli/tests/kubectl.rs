@@ -269,6 +269,21 @@ async fn restore_creates_a_restore_session() {
     assert!(stderr(&out).contains("needs its repository"));
     kh_expect(&c, &ns, &["restore", "--repository", "app-repo", "--to", "daemonset/x"], 2);
     kh_expect(&c, &ns, &["restore", "--repository", "nope", "--to", "pvc/data"], 21);
+
+    // From a CSI VolumeSnapshot: into a new claim only.
+    let v = json(&kh_expect(
+        &c,
+        &ns,
+        &["restore", "--from-volume-snapshot", "hoard-s-1-data", "--to", "pvc/fresh", "-o", "json"],
+        0,
+    ));
+    assert_eq!(v["spec"]["dataSource"]["volumeSnapshot"], "hoard-s-1-data");
+    assert_eq!(v["spec"]["target"]["name"], "fresh");
+    assert!(v["spec"]["dataSource"].get("repository").is_none_or(|r| r == ""), "{v}");
+    let out = kh_expect(&c, &ns, &["restore", "--from-volume-snapshot", "s", "--to", "pvc/data"], 2);
+    assert!(stderr(&out).contains("restores only into a new claim"), "{}", stderr(&out));
+    kh_expect(&c, &ns, &["restore", "--from-volume-snapshot", "s", "--to", "deployment/app"], 2);
+    kh_expect(&c, &ns, &["restore", "--from-volume-snapshot", "s", "--repository", "r", "--to", "pvc/x"], 2);
 }
 
 /// Starts `watch` in the background.

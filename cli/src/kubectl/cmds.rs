@@ -343,6 +343,15 @@ pub fn describe_snapshot_text(s: &Snapshot) -> String {
                 ),
             );
         }
+        if let Some(from) = c.read_from {
+            let claim = c.claim.as_deref().map(|c| format!(" (claim {c})")).unwrap_or_default();
+            sub(&mut o, "Read From", format!("{from:?}{claim}"));
+        }
+        if let Some(vs) = &c.volume_snapshot {
+            let class = vs.class_name.as_deref().map(|c| format!(", class {c}")).unwrap_or_default();
+            let kept = if vs.kept { ", kept" } else { "" };
+            sub(&mut o, "CSI Snapshot", format!("{} cut at {}{class}{kept}", vs.name, dash(vs.creation_time.clone())));
+        }
         if let Some(p) = &c.progress {
             sub(
                 &mut o,
@@ -410,6 +419,9 @@ pub fn parse_target(to: &str) -> Result<(TargetKind, String), PluginError> {
 pub async fn restore(ctx: &Ctx, a: RestoreArgs) -> anyhow::Result<u8> {
     let ns = ctx.namespace.as_str();
     let (kind, target) = parse_target(&a.to)?;
+    if let Some(vs) = &a.from_volume_snapshot {
+        return restore_volume_snapshot(ctx, vs, kind, &target).await;
+    }
     let snapshot = a.snapshot.clone().unwrap_or_else(|| "latest".into());
     let repository = if snapshot == "latest" {
         let Some(r) = a.repository.clone() else {
@@ -479,9 +491,57 @@ pub async fn restore(ctx: &Ctx, a: RestoreArgs) -> anyhow::Result<u8> {
         labels: Some([("hoard.dev/repository".to_string(), repository.clone())].into()),
         ..Default::default()
     };
+    create_restore(ctx, &rs).await
+}
+
+/// `restore --from-volume-snapshot NAME --to pvc/NEW`: the CSI driver fills the new claim.
+async fn restore_volume_snapshot(ctx: &Ctx, vs: &str, kind: TargetKind, target: &str) -> anyhow::Result<u8> {
+    let ns = ctx.namespace.as_str();
+    if kind != TargetKind::PersistentVolumeClaim {
+        return Err(PluginError::Usage(
+            "a VolumeSnapshot restores into a new claim: use --to pvc/NAME (a claim that does not exist yet)".into(),
+        )
+        .into());
+    }
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    if claims.get_opt(target).await.map_err(|e| api_error(e, Verb::Get, &PVC, Some(target), Some(ns)))?.is_some() {
+        return Err(PluginError::Usage(format!(
+            "claim \"{target}\" exists; a VolumeSnapshot restores only into a new claim: name another with --to pvc/NAME"
+        ))
+        .into());
+    }
+    let mut rs = RestoreSession::new(
+        "",
+        RestoreSessionSpec {
+            target: TargetRef { api_group: Some(kind.api_group().to_string()), kind, name: target.to_string() },
+            data_source: DataSource {
+                namespace: None,
+                repository: String::new(),
+                volume_snapshot: Some(vs.to_string()),
+                snapshot: "latest".into(),
+                components: Vec::new(),
+                volume_map: BTreeMap::new(),
+                include: Vec::new(),
+                exclude: Vec::new(),
+                encryption_secret: None,
+            },
+            restore_timeout: None,
+            overwrite: false,
+        },
+    );
+    rs.metadata = ObjectMeta {
+        generate_name: Some(generate_prefix(&["restore", target])),
+        namespace: Some(ns.to_string()),
+        ..Default::default()
+    };
+    create_restore(ctx, &rs).await
+}
+
+async fn create_restore(ctx: &Ctx, rs: &RestoreSession) -> anyhow::Result<u8> {
+    let ns = ctx.namespace.as_str();
     let api: Api<RestoreSession> = Api::namespaced(ctx.client.clone(), ns);
     let created = api
-        .create(&PostParams::default(), &rs)
+        .create(&PostParams::default(), rs)
         .await
         .map_err(|e| api_error(e, Verb::Create, &RESTORE_SESSION, None, Some(ns)))?;
     let name = name_of(&created);
@@ -493,4 +553,29 @@ pub async fn restore(ctx: &Ctx, a: RestoreArgs) -> anyhow::Result<u8> {
         o => print::print_object(&created, o)?,
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_names_the_volume_snapshot_behind_a_component() {
+        let s: Snapshot = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hoard.dev/v1alpha1", "kind": "Snapshot",
+            "metadata": {"name": "repo-s-1", "namespace": "ns"},
+            "spec": {"repository": "repo"},
+            "status": {"phase": "Succeeded", "components": {"data": {
+                "phase": "Succeeded", "claim": "data", "readFrom": "VolumeSnapshot",
+                "volumeSnapshot": {"name": "hoard-s-1-data", "className": "csi-snap",
+                                   "creationTime": "2026-12-07T09:00:00Z", "kept": true}}}}
+        }))
+        .expect("snapshot");
+        let text = describe_snapshot_text(&s);
+        assert!(text.contains("Read From:     VolumeSnapshot (claim data)"), "{text}");
+        assert!(
+            text.contains("CSI Snapshot:  hoard-s-1-data cut at 2026-12-07T09:00:00Z, class csi-snap, kept"),
+            "{text}"
+        );
+    }
 }

@@ -116,6 +116,10 @@ pub struct RestoreArgs {
     /// Repository object name (needed with `latest`; derived from --snapshot otherwise).
     #[arg(long)]
     pub repository: Option<String>,
+    /// Instead of a repository snapshot: a CSI VolumeSnapshot, restored by its driver into a new
+    /// claim (`--to pvc/NEW`, which must not exist).
+    #[arg(long, conflicts_with_all = ["snapshot", "repository", "components", "include", "exclude", "overwrite"])]
+    pub from_volume_snapshot: Option<String>,
     /// What to restore into: `pvc/NAME`, `deployment/NAME` or `statefulset/NAME`.
     #[arg(long)]
     pub to: String,
