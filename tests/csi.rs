@@ -441,6 +441,17 @@ async fn snapshot_backup_holds_the_point_in_time() {
     // The workload goes on writing after the snapshot.
     write_tree(&data, 100, "written after the snapshot");
     std::fs::write(data.join("new-file"), b"not in the snapshot").unwrap();
+    // The component says what it waits for: the held exposer pod.
+    let hoard_snaps = Api::<Snapshot>::namespaced(h.client.clone(), &h.ns);
+    let waiting = wait_for(&hoard_snaps, "app-repo-pit-1", Duration::from_secs(60), |s| {
+        s.status
+            .as_ref()
+            .and_then(|st| st.components.get("data"))
+            .and_then(|c| c.waiting_for.as_deref())
+            .is_some_and(|w| w.starts_with("waiting for exposer pod hoard-pit-1-data"))
+    })
+    .await;
+    assert_eq!(waiting.status.unwrap().components["data"].phase, Some(ComponentPhase::Pending));
     h.kubelet.as_ref().unwrap().hold_exposers.store(false, Ordering::SeqCst);
 
     let done = h.finished("pit-1", Duration::from_secs(180)).await;
@@ -450,6 +461,7 @@ async fn snapshot_backup_holds_the_point_in_time() {
     let c = &snap.status.as_ref().unwrap().components["data"];
     assert_eq!(c.phase, Some(ComponentPhase::Succeeded), "{c:#?}");
     assert_eq!(c.read_from, Some(ReadFrom::VolumeSnapshot));
+    assert_eq!(c.waiting_for, None, "cleared once the order went out");
     let from = c.volume_snapshot.clone().expect("the component names its VolumeSnapshot");
     assert_eq!((from.name.as_str(), from.class_name.as_deref()), ("hoard-pit-1-data", Some(class.as_str())));
     assert!(from.creation_time.is_some(), "{from:?}");

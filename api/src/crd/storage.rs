@@ -451,6 +451,10 @@ pub struct ComponentStatus {
     /// a failure that is final.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<String>,
+    /// Before its work order is sent: the step of the snapshot path it waits for (a
+    /// VolumeSnapshot to be ready to use, a clone to be bound, the exposer pod to run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
 }
 
 /// Where a component's data is read.

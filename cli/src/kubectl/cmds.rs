@@ -352,6 +352,9 @@ pub fn describe_snapshot_text(s: &Snapshot) -> String {
             let kept = if vs.kept { ", kept" } else { "" };
             sub(&mut o, "CSI Snapshot", format!("{} cut at {}{class}{kept}", vs.name, dash(vs.creation_time.clone())));
         }
+        if let Some(w) = &c.waiting_for {
+            sub(&mut o, "Waiting For", w.clone());
+        }
         if let Some(p) = &c.progress {
             sub(
                 &mut o,

@@ -503,6 +503,7 @@ async fn send(
             }
             c.error = None;
             c.retry_after = None;
+            c.waiting_for = None;
         }
         summarise(&mut st);
         st.last_update_time = Some(fmt_time(now));
@@ -576,6 +577,12 @@ async fn prepare_exposed(
                     c.phase = Some(ComponentPhase::Failed);
                     c.error = Some(m.clone());
                     c.retry_after = None;
+                    c.waiting_for = None;
+                    changed = true;
+                }
+                // Written only when it changes: polls that see the same wait write nothing.
+                Some(Prepared::Waiting(m)) if c.waiting_for.as_ref() != Some(m) => {
+                    c.waiting_for = Some(m.clone());
                     changed = true;
                 }
                 Some(Prepared::Live(m)) => {
@@ -586,6 +593,7 @@ async fn prepare_exposed(
                 Some(Prepared::SnapshotReady(from)) if c.phase != Some(ComponentPhase::Succeeded) => {
                     c.phase = Some(ComponentPhase::Succeeded);
                     c.volume_snapshot = Some(from.clone());
+                    c.waiting_for = None;
                     c.error = None;
                     c.retry_after = None;
                     changed = true;
