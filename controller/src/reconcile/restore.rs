@@ -479,12 +479,7 @@ async fn snapshot_restore_step(ctx: &Context, rs: &RestoreSession, vs_name: &str
         .get_opt(vs_name)
         .await?
         .ok_or_else(|| Error::invalid("dataSource", format!("VolumeSnapshot {ns}/{vs_name} does not exist")))?;
-    let from = hoard_api::crd::VolumeSnapshotSource {
-        name: vs_name.to_string(),
-        class_name: vs.spec.volume_snapshot_class_name.clone(),
-        creation_time: vs.status.as_ref().and_then(|s| s.creation_time.clone()),
-        kept: false,
-    };
+    let from = crate::reconcile::snapshots::provenance_of(&vs);
     if let Some(existing) = claims.get_opt(target).await? {
         if !restored_from(&existing, vs_name) {
             return Err(Error::invalid(
@@ -512,11 +507,7 @@ async fn snapshot_restore_step(ctx: &Context, rs: &RestoreSession, vs_name: &str
     let modes = source.as_ref().and_then(|c| c.spec.as_ref()).and_then(|s| s.access_modes.clone());
     let mut pvc = claim_from_snapshot(target, &vs, source.as_ref(), None, modes.as_deref())?;
     pvc.metadata.labels = Some([(helper::HELPER_LABEL.to_string(), rs.name_any())].into());
-    match claims.create(&PostParams::default(), &pvc).await {
-        Ok(_) => {}
-        Err(e) if is_conflict(&e) => {}
-        Err(e) => return Err(e.into()),
-    }
+    crate::reconcile::snapshots::create(&claims, &pvc).await?;
     ctx.event(rs, false, "ClaimCreated", format!("claim {target} from VolumeSnapshot {vs_name}")).await;
     Ok(SnapshotRestore::Waiting(format!("claim {target} created from VolumeSnapshot {vs_name}")))
 }

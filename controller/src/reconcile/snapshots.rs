@@ -208,7 +208,8 @@ async fn prepare_one(
     }
 }
 
-fn provenance_of(vs: &VolumeSnapshot) -> VolumeSnapshotSource {
+/// What a component (or a restore) records of the VolumeSnapshot it came from.
+pub fn provenance_of(vs: &VolumeSnapshot) -> VolumeSnapshotSource {
     VolumeSnapshotSource {
         name: vs.name_any(),
         class_name: vs.spec.volume_snapshot_class_name.clone(),
@@ -234,7 +235,7 @@ fn owned_by(meta: &kube::api::ObjectMeta, bs: &BackupSession) -> bool {
 }
 
 /// Creates `obj`; one that exists already (an earlier pass, before a restart) is fine.
-async fn create<K>(api: &Api<K>, obj: &K) -> Result<()>
+pub async fn create<K>(api: &Api<K>, obj: &K) -> Result<()>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
