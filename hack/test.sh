@@ -13,6 +13,8 @@ trap 'hack/s3-down.sh "$HOARD_S3_DIR"; hack/azure-down.sh "$HOARD_AZURE_DIR"' EX
 
 if [ "${HOARD_SKIP_KUBE:-0}" != 1 ]; then
   echo "== control plane (hack/kube): build or reuse, start, smoke test"
+  # The real node's Debian packages (containerd, libseccomp-dev for runc, CNI, busybox).
+  hack/kube/node-deps.sh
   hack/kube/build.sh
   # --with-csi: + KCM, snapshot CRDs, snapshot-controller and the hostpath CSI driver stack.
   eval "$(hack/kube/up.sh --with-csi)"
@@ -20,7 +22,8 @@ if [ "${HOARD_SKIP_KUBE:-0}" != 1 ]; then
   hack/kube/smoke.sh
   # Tests that need an API server use this cluster (each in namespaces of its own). CSI tests
   # create their own VolumeSnapshotClass; HOARD_TEST_KUBE_BIN_DIR lets them start further
-  # driver stacks under other driver names.
+  # driver stacks under other driver names, and the real-node test (tests/node.rs) a cluster
+  # of its own with a kubelet (up.sh --with-node).
   export HOARD_TEST_KUBECONFIG="$KUBECONFIG" HOARD_TEST_KUBE_DIR="$HOARD_KUBE_DIR" \
     HOARD_TEST_KUBE_BIN_DIR="$HOARD_KUBE_BIN_DIR" HOARD_TEST_CSI_DRIVER="$HOARD_CSI_DRIVER" \
     HOARD_TEST_CSI_STORAGE_CLASS="$HOARD_CSI_STORAGE_CLASS" HOARD_TEST_CSI_STATE_DIR="$HOARD_CSI_STATE_DIR"

@@ -278,7 +278,10 @@ def assert_render(rendered, values):
     pod = ds["spec"]["template"]["spec"]
     labels = ds["spec"]["template"]["metadata"]["labels"]
     check(labels.get("app.kubernetes.io/name") == "hoard-agent", "agent pods carry app.kubernetes.io/name=hoard-agent")
-    check(pod.get("hostNetwork") is False, "agent hostNetwork is false")
+    host_network = a.get("hostNetwork", False)
+    check(pod.get("hostNetwork") is host_network, f"agent hostNetwork is {host_network}")
+    dns = "ClusterFirstWithHostNet" if host_network else "ClusterFirst"
+    check(pod.get("dnsPolicy") == dns, f"agent dnsPolicy {dns}")
     check(pod.get("automountServiceAccountToken") is False, "agent has no API token")
     if "tolerations" not in a:
         check({"operator": "Exists"} in pod.get("tolerations", []), "agent tolerates every taint by default")
@@ -322,7 +325,10 @@ def assert_render(rendered, values):
     (ctl,) = cpod["containers"]
     csc = ctl["securityContext"]
     check(cpod["securityContext"]["runAsNonRoot"] is True and csc["readOnlyRootFilesystem"] is True, "controller non-root, read-only root")
-    check({p["name"]: p["containerPort"] for p in ctl["ports"]} == {"metrics": 8080}, "controller metrics port")
+    c = values.get("controller", {})
+    check(cpod.get("hostNetwork", False) is c.get("hostNetwork", False), "controller hostNetwork as set")
+    metrics = c.get("metricsPort", 8080)
+    check({p["name"]: p["containerPort"] for p in ctl["ports"]} == {"metrics": metrics}, "controller metrics port")
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         check(ctl[probe]["httpGet"]["path"] == path and ctl[probe]["httpGet"]["port"] == "metrics", f"controller {probe}")
     check("--leader-elect=true" in ctl["args"], "leader election on")

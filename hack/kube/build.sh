@@ -15,6 +15,7 @@
 #   K8S_VERSION   k8s.io/kubernetes tag (default below; must build with the local Go)
 #   ETCD_VERSION  go.etcd.io/etcd/server/v3 tag (default: the etcd client k8s pins)
 #   SNAPSHOTTER_VERSION, SNAPSHOTTER_CLIENT_VERSION, PROVISIONER_VERSION  CSI sidecar tags
+#   RUNC_VERSION, HELM_VERSION  the node's runtime and helm
 #   HOARD_KUBE_FORCE=1   rebuild even if the binaries exist
 set -euo pipefail
 
@@ -31,18 +32,25 @@ PROVISIONER_VERSION=${PROVISIONER_VERSION:-v6.3.0}
 # The hostpath driver is hoard's own (hack/kube/hostpathplugin): the upstream module is not
 # served here. Its source hash goes into the stamp so an edit rebuilds it.
 HOSTPATH_SRC=${HERE}/hostpathplugin/main.go
+# The real node (up.sh --with-node): kubelet + kube-scheduler from the same k8s tag; runc
+# 1.5 (Debian's 1.1.5 fails pod sandboxes on this kernel, see hack/kube/README.md), built
+# with cgo and libseccomp; helm 4 for a real `helm install` of the chart.
+RUNC_VERSION=${RUNC_VERSION:-v1.5.3}
+HELM_VERSION=${HELM_VERSION:-v4.3.2}
 HOSTPATH_HASH=$(sha256sum "${HOSTPATH_SRC}" | cut -c1-12)
 
 CACHE_ROOT=${HOARD_CACHE:-$HOME/.cache/hoard}/kube/${K8S_VERSION}
 BIN=${CACHE_ROOT}/bin
 KUBE_BINARIES=(kube-apiserver kube-controller-manager kubectl)
 CSI_BINARIES=(snapshot-controller csi-snapshotter csi-provisioner hostpathplugin)
-BINARIES=("${KUBE_BINARIES[@]}" etcd "${CSI_BINARIES[@]}")
+NODE_BINARIES=(kubelet kube-scheduler runc helm)
+BINARIES=("${KUBE_BINARIES[@]}" etcd "${CSI_BINARIES[@]}" "${NODE_BINARIES[@]}")
 CRD_DIR=${BIN}/crds/snapshot
 CRDS=(snapshot.storage.k8s.io_volumesnapshotclasses.yaml snapshot.storage.k8s.io_volumesnapshotcontents.yaml
   snapshot.storage.k8s.io_volumesnapshots.yaml)
 CSI_STAMP="snapshotter=${SNAPSHOTTER_VERSION} snapshot-client=${SNAPSHOTTER_CLIENT_VERSION} provisioner=${PROVISIONER_VERSION} hostpath=${HOSTPATH_HASH}"
-STAMP="k8s=${K8S_VERSION} etcd=${ETCD_VERSION} ${CSI_STAMP}"
+NODE_STAMP="k8s=${K8S_VERSION} runc=${RUNC_VERSION} helm=${HELM_VERSION}"
+STAMP="k8s=${K8S_VERSION} etcd=${ETCD_VERSION} ${CSI_STAMP} ${NODE_STAMP#k8s=* }"
 
 log() { printf '[build.sh] %s\n' "$*" >&2; }
 
@@ -82,7 +90,8 @@ export CGO_ENABLED=0
 
 SRC=${CACHE_ROOT}/src
 STAGE=${CACHE_ROOT}/stage
-mkdir -p "${BIN}" "${SRC}/kube" "${SRC}/etcd" "${SRC}/csi" "${STAGE}" "${GOMODCACHE}" "${GOCACHE}"
+mkdir -p "${BIN}" "${SRC}/kube" "${SRC}/etcd" "${SRC}/csi" "${SRC}/node" "${SRC}/runc" "${SRC}/helm" \
+  "${STAGE}" "${GOMODCACHE}" "${GOCACHE}"
 
 GO_LOCAL=$(go env GOVERSION)
 log "go ${GO_LOCAL}; k8s ${K8S_VERSION}; etcd ${ETCD_VERSION}; cache ${CACHE_ROOT}"
@@ -130,40 +139,41 @@ mod_replaces() {
 }
 
 # ---------------------------------------------------------------------------
-# 1. kube-apiserver + kube-controller-manager + kubectl from k8s.io/kubernetes
+# k8s_commands LABEL MODULE CMD...: builds k8s.io/kubernetes/cmd/<CMD> for each CMD in the
+# throwaway module localbuild/MODULE (staging replaces at the tag) into BIN.
 # ---------------------------------------------------------------------------
-build_kube() {
-  local t0=$SECONDS dir=${SRC}/kube minor
+k8s_commands() {
+  local t0=$SECONDS label=$1 dir=${SRC}/$2 minor c
+  shift 2
   k8s_replaces
   minor=${K8S_VERSION#v1.}
   minor=${minor%%.*}
+  mkdir -p "${dir}"
   {
-    mod_header localbuild/kube
+    mod_header "localbuild/${dir##*/}"
     echo "tool ("
-    echo "	k8s.io/kubernetes/cmd/kube-apiserver"
-    echo "	k8s.io/kubernetes/cmd/kube-controller-manager"
-    echo "	k8s.io/kubernetes/cmd/kubectl"
+    for c in "$@"; do echo "	k8s.io/kubernetes/cmd/${c}"; done
     echo ")"
     echo
     echo "require k8s.io/kubernetes ${K8S_VERSION}"
     echo
     mod_replaces
   } >"${dir}/go.mod"
-  log "kube: $(wc -w <<<"${STAGING}") staging replaces at ${STAGING_VERSION}"
-
-  log "kube: go mod tidy"
+  log "${label}: $(wc -w <<<"${STAGING}") staging replaces at ${STAGING_VERSION}; go mod tidy"
   (cd "${dir}" && "${NICE[@]}" go mod tidy)
 
   local P=k8s.io/component-base/version
   local ldflags="-s -w -X ${P}.gitVersion=${K8S_VERSION} -X ${P}.gitMajor=1 -X ${P}.gitMinor=${minor}"
   ldflags+=" -X ${P}.gitTreeState=clean -X ${P}.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  # kubectl too: Debian has no package of it, and CI machines without one use this build.
-  log "kube: go build kube-apiserver kube-controller-manager kubectl (slow on a cold cache)"
-  (cd "${dir}" && "${NICE[@]}" go build -trimpath -ldflags "${ldflags}" -o "${STAGE}/" \
-    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl)
-  mv -f "${STAGE}/kube-apiserver" "${STAGE}/kube-controller-manager" "${STAGE}/kubectl" "${BIN}/"
-  log "kube: done in $((SECONDS - t0))s"
+  log "${label}: go build $* (slow on a cold cache)"
+  (cd "${dir}" && "${NICE[@]}" go build -trimpath -ldflags "${ldflags}" -o "${STAGE}/" "${@/#/k8s.io/kubernetes/cmd/}")
+  for c in "$@"; do mv -f "${STAGE}/${c}" "${BIN}/"; done
+  log "${label}: done in $((SECONDS - t0))s"
 }
+
+# 1. The control plane. kubectl too: Debian has no package of it, and CI machines without
+#    one use this build.
+build_kube() { k8s_commands kube kube kube-apiserver kube-controller-manager kubectl; }
 
 # ---------------------------------------------------------------------------
 # 2. etcd from go.etcd.io/etcd/server/v3 (its own go.mod has ../ replaces, so
@@ -255,6 +265,50 @@ build_csi() {
   log "csi: done in $((SECONDS - t0))s"
 }
 
+# ---------------------------------------------------------------------------
+# 4. The node: kubelet + kube-scheduler (own throwaway module beside localbuild/kube, same
+#    replaces and caches, so most packages come from the API server's build cache), runc
+#    and helm.
+# ---------------------------------------------------------------------------
+build_node_kube() { k8s_commands node node kubelet kube-scheduler; }
+
+# tool_module DIR NAME MODULE VERSION TOOL: a throwaway module whose only tool is TOOL.
+tool_module() {
+  {
+    echo "// Generated by hoard hack/kube/build.sh - throwaway module, do not edit."
+    echo "module localbuild/$2"
+    echo
+    echo "go ${GO_LOCAL#go}"
+    echo
+    echo "tool $5"
+    echo
+    echo "require $3 $4"
+  } >"$1/go.mod"
+  (cd "$1" && "${NICE[@]}" go mod tidy)
+}
+
+build_runc() {
+  local t0=$SECONDS dir=${SRC}/runc m=github.com/opencontainers/runc
+  # libseccomp-dev: node-deps.sh installs it (and the node's other packages) when missing.
+  [[ -f /usr/include/seccomp.h ]] || "${HERE}/node-deps.sh" || { log "runc: needs libseccomp-dev (Debian package)"; return 1; }
+  tool_module "${dir}" runc "${m}" "${RUNC_VERSION}" "${m}"
+  log "runc: go build ${RUNC_VERSION} (cgo, seccomp)"
+  (cd "${dir}" && CGO_ENABLED=1 "${NICE[@]}" go build -trimpath -tags seccomp \
+    -ldflags "-s -w -X main.version=${RUNC_VERSION#v}" -o "${STAGE}/runc" "${m}")
+  mv -f "${STAGE}/runc" "${BIN}/runc"
+  log "runc: done in $((SECONDS - t0))s"
+}
+
+build_helm() {
+  local t0=$SECONDS dir=${SRC}/helm m=helm.sh/helm/v4
+  tool_module "${dir}" helm "${m}" "${HELM_VERSION}" "${m}/cmd/helm"
+  log "helm: go build ${HELM_VERSION}"
+  (cd "${dir}" && "${NICE[@]}" go build -trimpath \
+    -ldflags "-s -w -X ${m}/internal/version.version=${HELM_VERSION}" -o "${STAGE}/helm" "${m}/cmd/helm")
+  mv -f "${STAGE}/helm" "${BIN}/helm"
+  log "helm: done in $((SECONDS - t0))s"
+}
+
 # Build only what is missing or stale: an existing control-plane build is kept.
 rm -f "${BIN}/.versions"
 if [[ ${HOARD_KUBE_FORCE:-0} == 1 || ! -x ${BIN}/etcd || ! -f ${SRC}/etcd/go.mod ]] ||
@@ -273,6 +327,19 @@ csi_fresh() {
 if [[ ${HOARD_KUBE_FORCE:-0} == 1 ]] || ! csi_fresh; then
   build_csi
 fi
+node_part_fresh() { # NAME BINARY: stamp line NAME matches and BINARY exists
+  [[ -x ${BIN}/$2 && -f ${BIN}/.node-versions ]] && grep -qx "$1" "${BIN}/.node-versions"
+}
+node_done=()
+if [[ ${HOARD_KUBE_FORCE:-0} == 1 ]] || ! node_part_fresh "k8s=${K8S_VERSION}" kubelet || [[ ! -x ${BIN}/kube-scheduler ]]; then
+  build_node_kube
+fi
+node_done+=("k8s=${K8S_VERSION}")
+if [[ ${HOARD_KUBE_FORCE:-0} == 1 ]] || ! node_part_fresh "runc=${RUNC_VERSION}" runc; then build_runc; fi
+node_done+=("runc=${RUNC_VERSION}")
+if [[ ${HOARD_KUBE_FORCE:-0} == 1 ]] || ! node_part_fresh "helm=${HELM_VERSION}" helm; then build_helm; fi
+node_done+=("helm=${HELM_VERSION}")
+printf '%s\n' "${node_done[@]}" >"${BIN}/.node-versions"
 echo "${STAMP}" >"${BIN}/.versions"
 
 # Not `| head -1`: under pipefail, head closing the pipe early kills etcd with SIGPIPE and

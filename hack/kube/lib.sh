@@ -35,4 +35,5 @@ free_port() {
 
 # Every process up.sh may start, in start order; down.sh stops them in reverse.
 COMPONENTS=(etcd kube-apiserver kube-controller-manager
-  snapshot-controller hostpathplugin csi-provisioner csi-snapshotter)
+  snapshot-controller hostpathplugin csi-provisioner csi-snapshotter
+  kube-scheduler containerd kubelet)

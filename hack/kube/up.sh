@@ -4,11 +4,14 @@
 # certificates, RBAC and the ServiceAccount token issuer. --with-csi (implies
 # --with-controller-manager) adds the snapshot CRDs, snapshot-controller and one
 # CSI driver stack (hostpathplugin + csi-provisioner + csi-snapshotter) for the
-# driver hostpath.csi.k8s.io, and the StorageClass hoard-hostpath.
+# driver hostpath.csi.k8s.io, and the StorageClass hoard-hostpath. --with-node (implies
+# --with-controller-manager) adds a real node: kube-scheduler, containerd (Debian's) with
+# runc and CNI from build.sh, and a kubelet, all on loopback; with --with-csi too, the
+# hostpath driver registers with that kubelet, which then publishes CSI volumes into pods.
 #
 # Usage:
-#   eval "$(hack/kube/up.sh [--dir DIR] [--with-controller-manager | --with-csi])"
-#   hack/kube/up.sh --foreground [--dir DIR] [--with-controller-manager | --with-csi]
+#   eval "$(hack/kube/up.sh [--dir DIR] [--with-controller-manager | --with-csi] [--with-node])"
+#   hack/kube/up.sh --foreground [--dir DIR] [--with-controller-manager | --with-csi] [--with-node]
 #   hack/kube/down.sh            # stops what up.sh started (by recorded pid)
 #
 # stdout carries only `export ...` lines; progress goes to stderr.
@@ -27,6 +30,8 @@ source "${HERE}/lib.sh"
 DIR=${HOARD_KUBE_DIR:-}
 WITH_KCM=0
 WITH_CSI=0
+WITH_NODE=0
+NODE_NAME=${HOARD_NODE_NAME:-hoard-node}
 FOREGROUND=0
 READY_TIMEOUT=${HOARD_KUBE_READY_TIMEOUT:-180}
 
@@ -38,6 +43,8 @@ while (($#)); do
     --with-controller-manager | --kcm) WITH_KCM=1; shift ;;
     # Provisioning needs KCM's PV binder: it annotates PVCs for the provisioner and binds them.
     --with-csi) WITH_CSI=1; WITH_KCM=1; shift ;;
+    # DaemonSets, Deployments and StatefulSets need KCM's controllers.
+    --with-node) WITH_NODE=1; WITH_KCM=1; shift ;;
     --foreground) FOREGROUND=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) log "unknown argument: $1"; usage; exit 2 ;;
@@ -62,6 +69,10 @@ HOSTPATH_BIN=${HOARD_KUBE_BIN}/hostpathplugin
 PROVISIONER_BIN=${HOARD_KUBE_BIN}/csi-provisioner
 SNAPSHOTTER_BIN=${HOARD_KUBE_BIN}/csi-snapshotter
 CRD_DIR=${HOARD_KUBE_BIN}/crds/snapshot
+SCHEDULER_BIN=${HOARD_KUBE_BIN}/kube-scheduler
+KUBELET_BIN=${HOARD_KUBE_BIN}/kubelet
+RUNC_BIN=${HOARD_KUBE_BIN}/runc
+CONTAINERD_BIN=$(command -v containerd || true)
 for b in "${ETCD_BIN}" "${APISERVER_BIN}"; do [[ -x $b ]] || die "missing binary $b"; done
 ((WITH_KCM == 0)) || [[ -x ${KCM_BIN} ]] || die "missing binary ${KCM_BIN}"
 if ((WITH_CSI)); then
@@ -69,6 +80,18 @@ if ((WITH_CSI)); then
     [[ -x $b ]] || die "missing binary $b (run hack/kube/build.sh)"
   done
   [[ -d ${CRD_DIR} ]] || die "missing ${CRD_DIR} (run hack/kube/build.sh)"
+fi
+if ((WITH_NODE)); then
+  for b in "${SCHEDULER_BIN}" "${KUBELET_BIN}" "${RUNC_BIN}"; do
+    [[ -x $b ]] || die "missing binary $b (run hack/kube/build.sh)"
+  done
+  [[ -n ${CONTAINERD_BIN} ]] || die "containerd not found (Debian package containerd)"
+  for b in ctr containerd-shim-runc-v2 nsenter ip /usr/bin/python3 /usr/lib/cni/host-local /usr/lib/cni/loopback; do
+    command -v "$b" >/dev/null || die "$b not found (Debian packages containerd, containernetworking-plugins)"
+  done
+  ((EUID == 0)) || die "--with-node needs root (containerd, kubelet and mounts)"
+fi
+if ((WITH_CSI || WITH_NODE)); then
   # kubectl of the same release as the apiserver; the machine's may be far older.
   KUBECTL=${HOARD_KUBE_BIN}/kubectl
   [[ -x ${KUBECTL} ]] || KUBECTL=$(command -v kubectl) || die "no kubectl in ${HOARD_KUBE_BIN} or on PATH"
@@ -96,6 +119,11 @@ if [[ -f ${DIR}/ports.env ]]; then
   # Restart on an existing state dir: keep the ports etcd's data knows about.
   # shellcheck disable=SC1091
   source "${DIR}/ports.env"
+  # State dirs from before --with-node lack the node's ports.
+  : "${SCHEDULER_PORT:=$(free_port "${APISERVER_PORT}" "${KCM_PORT}")}"
+  : "${KUBELET_PORT:=$(free_port "${APISERVER_PORT}" "${KCM_PORT}" "${SCHEDULER_PORT}")}"
+  : "${KUBELET_HEALTHZ_PORT:=$(free_port "${APISERVER_PORT}" "${KCM_PORT}" "${SCHEDULER_PORT}" "${KUBELET_PORT}")}"
+  : "${NODE_IP:=198.18.$((RANDOM % 256)).$((1 + RANDOM % 254))}"
   for p in "${ETCD_CLIENT_PORT}" "${ETCD_PEER_PORT}" "${APISERVER_PORT}" "${KCM_PORT}"; do
     port_free "$p" || die "port $p from ${DIR}/ports.env is in use"
   done
@@ -104,12 +132,23 @@ else
   ETCD_CLIENT_PORT=$(free_port "${taken[@]}"); taken+=("${ETCD_CLIENT_PORT}")
   ETCD_PEER_PORT=$(free_port "${taken[@]}"); taken+=("${ETCD_PEER_PORT}")
   APISERVER_PORT=$(free_port "${taken[@]}"); taken+=("${APISERVER_PORT}")
-  KCM_PORT=$(free_port "${taken[@]}")
+  KCM_PORT=$(free_port "${taken[@]}"); taken+=("${KCM_PORT}")
+  SCHEDULER_PORT=$(free_port "${taken[@]}"); taken+=("${SCHEDULER_PORT}")
+  KUBELET_PORT=$(free_port "${taken[@]}"); taken+=("${KUBELET_PORT}")
+  KUBELET_HEALTHZ_PORT=$(free_port "${taken[@]}")
+  # The kubelet refuses a loopback node IP. The node's address is a /32 on the loopback
+  # device from 198.18.0.0/15 (reserved for benchmarks, RFC 2544), so traffic to it never
+  # leaves the machine; one per state dir, added by the node part and removed by down.sh.
+  NODE_IP=198.18.$((RANDOM % 256)).$((1 + RANDOM % 254))
   cat >"${DIR}/ports.env" <<EOF
 ETCD_CLIENT_PORT=${ETCD_CLIENT_PORT}
 ETCD_PEER_PORT=${ETCD_PEER_PORT}
 APISERVER_PORT=${APISERVER_PORT}
 KCM_PORT=${KCM_PORT}
+SCHEDULER_PORT=${SCHEDULER_PORT}
+KUBELET_PORT=${KUBELET_PORT}
+KUBELET_HEALTHZ_PORT=${KUBELET_HEALTHZ_PORT}
+NODE_IP=${NODE_IP}
 EOF
 fi
 SERVICE_CIDR=10.96.0.0/12
@@ -152,6 +191,15 @@ subjectAltName=IP:127.0.0.1,DNS:localhost,IP:${SERVICE_IP},DNS:kubernetes,DNS:ku
   sign_cert admin ca "/O=system:masters/CN=hoard-admin" "${client}"
   # kube-controller-manager's own identity (RBAC bootstrap role system:kube-controller-manager)
   sign_cert controller-manager ca "/CN=system:kube-controller-manager" "${client}"
+  sign_cert scheduler ca "/CN=system:kube-scheduler" "${client}"
+  # The node's kubelet (Node authorizer + NodeRestriction) and its serving certificate.
+  sign_cert kubelet ca "/O=system:nodes/CN=system:node:${NODE_NAME}" "${client}"
+  sign_cert kubelet-serving ca "/CN=${NODE_NAME}" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=IP:127.0.0.1,IP:${NODE_IP},DNS:${NODE_NAME}"
+  # apiserver -> kubelets (logs, exec)
+  sign_cert apiserver-kubelet-client ca "/O=system:masters/CN=kube-apiserver-kubelet-client" "${client}"
   # apiserver -> aggregated apiservers
   sign_cert front-proxy-client front-proxy-ca "/CN=front-proxy-client" "${client}"
   # ServiceAccount token signing key pair
@@ -191,6 +239,8 @@ EOF
 }
 write_kubeconfig "${DIR}/kubeconfig" admin
 write_kubeconfig "${DIR}/controller-manager.kubeconfig" controller-manager
+write_kubeconfig "${DIR}/scheduler.kubeconfig" scheduler
+write_kubeconfig "${DIR}/kubelet.kubeconfig" kubelet
 
 # --- process management -------------------------------------------------------
 stop_all() { "${HERE}/down.sh" --dir "${DIR}" >&2 || true; }
@@ -308,6 +358,10 @@ start kube-apiserver "${APISERVER_BIN}" \
   --requestheader-username-headers=X-Remote-User \
   --proxy-client-cert-file="${PKI}/front-proxy-client.crt" \
   --proxy-client-key-file="${PKI}/front-proxy-client.key" \
+  --kubelet-client-certificate="${PKI}/apiserver-kubelet-client.crt" \
+  --kubelet-client-key="${PKI}/apiserver-kubelet-client.key" \
+  --kubelet-certificate-authority="${PKI}/ca.crt" \
+  --kubelet-preferred-address-types=InternalIP \
   --endpoint-reconciler-type=none \
   --audit-policy-file="${DIR}/audit-policy.yaml" \
   --audit-log-path="${DIR}/logs/audit.log" \
@@ -339,12 +393,20 @@ if ((WITH_KCM)); then
     curl -fsSk --max-time 5 "https://127.0.0.1:${KCM_PORT}/healthz"
 fi
 
+KUBELET_ROOT=${DIR}/kubelet
+CONTAINERD_DIR=${DIR}/containerd
+CONTAINERD_SOCK=${CONTAINERD_DIR}/containerd.sock
+CNI_DIR=${DIR}/cni
+IMAGE_DIR=${DIR}/images
+# Pods that are not hostNetwork get an interface no traffic leaves: see the CNI config below.
+POD_CIDR=10.88.0.0/16
+
 # --- CSI snapshot stack (optional) ------------------------------------------------------
 CSI_DRIVER=hostpath.csi.k8s.io
 CSI_STORAGE_CLASS=hoard-hostpath
 CSI_STATE_DIR=${DIR}/csi/hostpath/data
 CSI_SOCK=${DIR}/csi/hostpath/csi.sock
-rm -f "${DIR}/csi.env"
+rm -f "${DIR}/csi.env" "${DIR}/node.env"
 if ((WITH_CSI)); then
   # csi-provisioner prefers $KUBECONFIG over its --kubeconfig flag: a caller's cluster
   # must never leak into these processes.
@@ -378,9 +440,14 @@ if ((WITH_CSI)); then
 
   # A socket left by a killed driver would pass the readiness check below.
   rm -f "${CSI_SOCK}"
+  hostpath_node_args=(--nodeid=hoard-csi-node)
+  if ((WITH_NODE)); then
+    # The kubelet's plugin watcher finds the registration socket (also on a later start).
+    hostpath_node_args=(--nodeid="${NODE_NAME}" --kubelet-registration-dir="${KUBELET_ROOT}/plugins_registry")
+  fi
   start hostpathplugin "${HOSTPATH_BIN}" \
     --drivername="${CSI_DRIVER}" \
-    --nodeid=hoard-csi-node \
+    "${hostpath_node_args[@]}" \
     --endpoint="unix://${CSI_SOCK}" \
     --statedir="${CSI_STATE_DIR}"
   wait_until hostpathplugin "socket ${CSI_SOCK}" test -S "${CSI_SOCK}"
@@ -419,12 +486,167 @@ export HOARD_CSI_STATE_DIR=${CSI_STATE_DIR}
 EOF
 fi
 
+# --- the node (optional): kube-scheduler, containerd + runc, kubelet ----------------------
+if ((WITH_NODE)); then
+  kc() { timeout 60 "${KUBECTL}" --kubeconfig="${DIR}/kubeconfig" --request-timeout=30s "$@"; }
+  ((${#CONTAINERD_SOCK} < 100)) || die "containerd socket path ${CONTAINERD_SOCK} is too long; use a shorter --dir"
+
+  if ! ip -o addr show dev lo | grep -q " ${NODE_IP}/32 "; then
+    ip addr add "${NODE_IP}/32" dev lo
+    echo "${NODE_IP}" >"${DIR}/node-ip.added"
+  fi
+
+  start kube-scheduler "${SCHEDULER_BIN}" \
+    --kubeconfig="${DIR}/scheduler.kubeconfig" \
+    --authentication-kubeconfig="${DIR}/scheduler.kubeconfig" \
+    --authorization-kubeconfig="${DIR}/scheduler.kubeconfig" \
+    --bind-address=127.0.0.1 \
+    --secure-port="${SCHEDULER_PORT}" \
+    --leader-elect=false \
+    --profiling=false
+  wait_until kube-scheduler "/healthz ok" curl -fsSk --max-time 5 "https://127.0.0.1:${SCHEDULER_PORT}/healthz"
+
+  # CNI: pods that are not hostNetwork get their own network namespace with an address
+  # from POD_CIDR on eth0 (containerd wants one) and no link out of it (hack/kube/cni-isolated.py):
+  # no pod traffic leaves its namespace. Pods that must be reached (the agent, the
+  # controller) use hostNetwork, on the node's address.
+  mkdir -p "${CNI_DIR}/bin" "${CNI_DIR}/conf" "${CNI_DIR}/ipam"
+  ln -sfn "${HERE}/cni-isolated.py" "${CNI_DIR}/bin/hoard-isolated"
+  ln -sfn /usr/lib/cni/host-local "${CNI_DIR}/bin/host-local"
+  ln -sfn /usr/lib/cni/loopback "${CNI_DIR}/bin/loopback"
+  cat >"${CNI_DIR}/conf/10-hoard-isolated.conflist" <<CNI
+{
+  "cniVersion": "1.0.0",
+  "name": "hoard-isolated",
+  "plugins": [
+    {"type": "hoard-isolated", "ipam": {"type": "host-local", "dataDir": "${CNI_DIR}/ipam",
+      "ranges": [[{"subnet": "${POD_CIDR}"}]]}}
+  ]
+}
+CNI
+
+  # containerd: every path of its own under the state dir (containerd-shim-runc-v2 still
+  # puts its sockets in /run/containerd/s). restrict_oom_score_adj: root here lacks
+  # CAP_SYS_RESOURCE, and runc fails to raise oom_score_adj without it.
+  mkdir -p "${CONTAINERD_DIR}/root" "${CONTAINERD_DIR}/state" "${CONTAINERD_DIR}/opt"
+  cat >"${CONTAINERD_DIR}/config.toml" <<TOML
+version = 2
+root = "${CONTAINERD_DIR}/root"
+state = "${CONTAINERD_DIR}/state"
+[grpc]
+  address = "${CONTAINERD_SOCK}"
+[ttrpc]
+  address = "${CONTAINERD_SOCK}.ttrpc"
+[debug]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "${CONTAINERD_DIR}/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "localhost/pause:1"
+  restrict_oom_score_adj = true
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        BinaryName = "${RUNC_BIN}"
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "${CNI_DIR}/bin"
+    conf_dir = "${CNI_DIR}/conf"
+    max_conf_num = 1
+TOML
+  rm -f "${CONTAINERD_SOCK}"
+  start containerd "${CONTAINERD_BIN}" --config="${CONTAINERD_DIR}/config.toml"
+  ctr_() { timeout 120 ctr --address "${CONTAINERD_SOCK}" -n k8s.io "$@"; }
+  wait_until containerd "socket ${CONTAINERD_SOCK}" ctr_ version
+
+  # The sandbox ("pause") image and a workload image, made locally: no registry is reached.
+  mkdir -p "${IMAGE_DIR}"
+  python3 "${HERE}/images.py" --out "${IMAGE_DIR}/pause.tar" --tag localhost/pause:1 \
+    --busybox --entrypoint '["/bin/sleep", "2147483647"]' >&2
+  python3 "${HERE}/images.py" --out "${IMAGE_DIR}/busybox.tar" --tag localhost/busybox:1 \
+    --busybox --entrypoint '["/bin/sh"]' >&2
+  ctr_ images import "${IMAGE_DIR}/pause.tar" >&2
+  ctr_ images import "${IMAGE_DIR}/busybox.tar" >&2
+
+  mkdir -p "${KUBELET_ROOT}" "${DIR}/pod-logs"
+  cat >"${DIR}/kubelet-config.yaml" <<YAML
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+# This machine: cgroup v1 only, cgroupfs, no swap accounting, no CAP_SYS_RESOURCE.
+failCgroupV1: false
+cgroupDriver: cgroupfs
+cgroupsPerQOS: false
+enforceNodeAllocatable: []
+failSwapOn: false
+localStorageCapacityIsolation: false
+evictionHard: {}
+containerRuntimeEndpoint: unix://${CONTAINERD_SOCK}
+podLogsDir: ${DIR}/pod-logs
+address: ${NODE_IP}
+port: ${KUBELET_PORT}
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: ${KUBELET_HEALTHZ_PORT}
+tlsCertFile: ${PKI}/kubelet-serving.crt
+tlsPrivateKeyFile: ${PKI}/kubelet-serving.key
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: false}
+  x509: {clientCAFile: ${PKI}/ca.crt}
+# Only clients with a certificate of the cluster CA get past authentication.
+authorization: {mode: AlwaysAllow}
+clusterDomain: cluster.local
+serializeImagePulls: false
+registerNode: true
+YAML
+  start kubelet "${KUBELET_BIN}" \
+    --config="${DIR}/kubelet-config.yaml" \
+    --kubeconfig="${DIR}/kubelet.kubeconfig" \
+    --root-dir="${KUBELET_ROOT}" \
+    --hostname-override="${NODE_NAME}" \
+    --node-ip="${NODE_IP}"
+  wait_until kubelet "/healthz ok" curl -fsS --max-time 5 "http://127.0.0.1:${KUBELET_HEALTHZ_PORT}/healthz"
+  node_ready() {
+    [[ $(kc get node "${NODE_NAME}" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}') == True ]]
+  }
+  wait_until kubelet "node ${NODE_NAME} Ready" node_ready
+  if ((WITH_CSI)); then
+    # attachRequired false: no external-attacher runs; the kubelet publishes directly.
+    kc apply -f - >&2 <<YAML
+apiVersion: storage.k8s.io/v1
+kind: CSIDriver
+metadata:
+  name: ${CSI_DRIVER}
+spec:
+  attachRequired: false
+  podInfoOnMount: false
+  volumeLifecycleModes: [Persistent]
+YAML
+    csi_registered() {
+      [[ $(kc get csinode "${NODE_NAME}" -o jsonpath='{.spec.drivers[*].name}') == *"${CSI_DRIVER}"* ]]
+    }
+    wait_until kubelet "CSI driver ${CSI_DRIVER} registered on ${NODE_NAME}" csi_registered
+  fi
+  cat >"${DIR}/node.env" <<ENV
+export HOARD_NODE_NAME=${NODE_NAME}
+export HOARD_KUBELET_ROOT=${KUBELET_ROOT}
+export HOARD_CONTAINERD_SOCK=${CONTAINERD_SOCK}
+export HOARD_NODE_IP=${NODE_IP}
+export HOARD_APISERVER_PORT=${APISERVER_PORT}
+ENV
+fi
+
 cat >"${DIR}/env" <<EOF
 export KUBECONFIG=${DIR}/kubeconfig
 export HOARD_KUBE_DIR=${DIR}
 export HOARD_KUBE_BIN_DIR=${HOARD_KUBE_BIN}
 EOF
 if ((WITH_CSI)); then cat "${DIR}/csi.env" >>"${DIR}/env"; fi
+if ((WITH_NODE)); then cat "${DIR}/node.env" >>"${DIR}/env"; fi
 log "control plane up: ${APISERVER_URL} (state ${DIR})"
 if ((FOREGROUND)); then
   # Install the final traps before printing anything, so no signal slips through.

@@ -21,6 +21,7 @@ use serde_json::json;
 
 pub use hoard_testkit::kube::{FakeNode, TestCluster};
 
+pub mod realnode;
 pub mod simkubelet;
 
 /// A binary of the workspace, built next to this test (`cargo test --workspace` builds them).

@@ -8,11 +8,17 @@
 //	<statedir>/<snapshot id>.snap  a snapshot is a gzip'd tar of that directory, taken at CreateSnapshot
 //	<statedir>/state.json          the list of volumes and snapshots (survives restarts)
 //
-// Only controller-side RPCs are implemented (no kubelet runs here, so nothing is ever staged or
-// published): CreateVolume (empty, from a snapshot, or cloned from a volume), DeleteVolume,
-// CreateSnapshot, DeleteSnapshot, ListSnapshots, ValidateVolumeCapabilities, plus Identity and
-// NodeGetInfo. Filesystem volumes only. Archives are written and read with Go's archive/tar,
-// so no external tar is needed.
+// Controller RPCs: CreateVolume (empty, from a snapshot, or cloned from a volume), DeleteVolume,
+// CreateSnapshot, DeleteSnapshot, ListSnapshots, ValidateVolumeCapabilities, plus Identity.
+// Node RPCs (used when a real kubelet runs, `up.sh --with-node`): NodeGetInfo, and
+// NodePublishVolume / NodeUnpublishVolume, which bind-mount the volume's directory at the
+// kubelet's target path (read-only when asked); no staging. Filesystem volumes only. Archives
+// are written and read with Go's archive/tar, so no external tar is needed.
+//
+// With --kubelet-registration-dir it also registers itself with the kubelet the way
+// node-driver-registrar does (that module is not served here either): a
+// pluginregistration.v1 Registration service on <dir>/<driver>-reg.sock whose GetInfo names
+// the CSI endpoint.
 //
 // Built by hack/kube/build.sh inside its throwaway module; not part of hoard itself.
 package main
@@ -46,6 +52,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
+	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 )
 
 const vendorVersion = "hoard-hostpath-1"
@@ -101,6 +108,7 @@ func main() {
 	nodeID := flag.String("nodeid", "", "node id (required)")
 	stateDir := flag.String("statedir", "", "directory for volumes, snapshots and state.json (required)")
 	showVersion := flag.Bool("version", false, "print the version and exit")
+	registrationDir := flag.String("kubelet-registration-dir", "", "the kubelet's plugins_registry directory; empty: do not register")
 	flag.Parse()
 	if *showVersion {
 		fmt.Println(filepath.Base(os.Args[0]), vendorVersion)
@@ -152,8 +160,19 @@ func main() {
 		}
 	}()
 
+	var regSrv *grpc.Server
+	if *registrationDir != "" {
+		regSrv, err = register(*registrationDir, d.name, sock)
+		if err != nil {
+			log.Fatal(err)
+		}
+	}
+
 	log.Printf("driver %s (node %s, %s) serving on %s, state in %s", d.name, d.nodeID, vendorVersion, sock, d.stateDir)
 	err = srv.Serve(lis)
+	if regSrv != nil {
+		regSrv.Stop()
+	}
 	_ = os.Remove(sock)
 	if err != nil {
 		log.Fatal(err)
@@ -277,7 +296,7 @@ func (d *driver) GetPluginInfo(context.Context, *csi.GetPluginInfoRequest) (*csi
 }
 
 func (d *driver) GetPluginCapabilities(context.Context, *csi.GetPluginCapabilitiesRequest) (*csi.GetPluginCapabilitiesResponse, error) {
-	// No VOLUME_ACCESSIBILITY_CONSTRAINTS: without a kubelet there are no CSINode objects, and
+	// No VOLUME_ACCESSIBILITY_CONSTRAINTS: the control plane may run without a kubelet (no CSINode), and
 	// PVs without node affinity are simpler for tests.
 	return &csi.GetPluginCapabilitiesResponse{Capabilities: []*csi.PluginCapability{{
 		Type: &csi.PluginCapability_Service_{Service: &csi.PluginCapability_Service{
@@ -290,7 +309,55 @@ func (d *driver) Probe(context.Context, *csi.ProbeRequest) (*csi.ProbeResponse, 
 	return &csi.ProbeResponse{}, nil
 }
 
-// --- node (identity only: nothing is ever mounted) ---------------------------------------------
+// --- kubelet plugin registration ---------------------------------------------------------------
+
+// registration answers the kubelet's plugin watcher, as node-driver-registrar does.
+type registration struct {
+	registerapi.UnimplementedRegistrationServer
+	name, endpoint string
+}
+
+func (r *registration) GetInfo(context.Context, *registerapi.InfoRequest) (*registerapi.PluginInfo, error) {
+	return &registerapi.PluginInfo{
+		Type: registerapi.CSIPlugin, Name: r.name, Endpoint: r.endpoint, SupportedVersions: []string{"1.0.0"},
+	}, nil
+}
+
+func (r *registration) NotifyRegistrationStatus(_ context.Context, s *registerapi.RegistrationStatus) (*registerapi.RegistrationStatusResponse, error) {
+	if s.PluginRegistered {
+		log.Printf("kubelet registered %s", r.name)
+	} else {
+		log.Printf("kubelet refused %s: %s", r.name, s.Error)
+	}
+	return &registerapi.RegistrationStatusResponse{}, nil
+}
+
+// register serves the Registration service on <dir>/<name>-reg.sock; the kubelet finds it there.
+func register(dir, name, endpoint string) (*grpc.Server, error) {
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return nil, err
+	}
+	sock := filepath.Join(dir, name+"-reg.sock")
+	if err := os.Remove(sock); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, err
+	}
+	lis, err := net.Listen("unix", sock)
+	if err != nil {
+		return nil, err
+	}
+	srv := grpc.NewServer()
+	registerapi.RegisterRegistrationServer(srv, &registration{name: name, endpoint: endpoint})
+	go func() {
+		if err := srv.Serve(lis); err != nil {
+			log.Printf("registration socket: %v", err)
+		}
+		_ = os.Remove(sock)
+	}()
+	log.Printf("registration socket %s", sock)
+	return srv, nil
+}
+
+// --- node: publish = bind mount of the volume directory, no staging ----------------------------
 
 func (d *driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
 	return &csi.NodeGetInfoResponse{NodeId: d.nodeID}, nil
@@ -298,6 +365,87 @@ func (d *driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.Nod
 
 func (d *driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
 	return &csi.NodeGetCapabilitiesResponse{}, nil
+}
+
+// isMountPoint: path is the root of a mount (its device differs from its parent's, or
+// /proc/self/mountinfo lists it: a bind mount of a directory on the same device).
+func isMountPoint(path string) (bool, error) {
+	clean := filepath.Clean(path)
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return false, err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 4 && unescapeMountPath(f[4]) == clean {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+func unescapeMountPath(s string) string {
+	r := strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`)
+	return r.Replace(s)
+}
+
+func (d *driver) NodePublishVolume(_ context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
+	id, target := req.GetVolumeId(), req.GetTargetPath()
+	if id == "" || target == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id and target path are required")
+	}
+	if req.GetVolumeCapability().GetMount() == nil {
+		return nil, status.Error(codes.InvalidArgument, "only filesystem volumes are supported")
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	_, v := d.volumeByID(id)
+	if v == nil {
+		return nil, status.Errorf(codes.NotFound, "volume %s not found", id)
+	}
+	if err := os.MkdirAll(target, 0o750); err != nil {
+		return nil, status.Errorf(codes.Internal, "target %s: %v", target, err)
+	}
+	mounted, err := isMountPoint(target)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "mountinfo: %v", err)
+	}
+	if mounted { // idempotent: the kubelet retries after timeouts
+		return &csi.NodePublishVolumeResponse{}, nil
+	}
+	if err := syscall.Mount(v.VolPath, target, "", syscall.MS_BIND, ""); err != nil {
+		return nil, status.Errorf(codes.Internal, "bind mount %s on %s: %v", v.VolPath, target, err)
+	}
+	if req.GetReadonly() {
+		flags := uintptr(syscall.MS_BIND | syscall.MS_REMOUNT | syscall.MS_RDONLY)
+		if err := syscall.Mount("", target, "", flags, ""); err != nil {
+			_ = syscall.Unmount(target, 0)
+			return nil, status.Errorf(codes.Internal, "read-only remount of %s: %v", target, err)
+		}
+	}
+	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+func (d *driver) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
+	target := req.GetTargetPath()
+	if req.GetVolumeId() == "" || target == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id and target path are required")
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	mounted, err := isMountPoint(target)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "mountinfo: %v", err)
+	}
+	if mounted {
+		if err := syscall.Unmount(target, 0); err != nil {
+			return nil, status.Errorf(codes.Internal, "unmount %s: %v", target, err)
+		}
+	}
+	if err := os.Remove(target); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, status.Errorf(codes.Internal, "remove %s: %v", target, err)
+	}
+	return &csi.NodeUnpublishVolumeResponse{}, nil
 }
 
 // --- controller -------------------------------------------------------------------------------
