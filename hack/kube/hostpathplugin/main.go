@@ -10,9 +10,10 @@
 //
 // Controller RPCs: CreateVolume (empty, from a snapshot, or cloned from a volume), DeleteVolume,
 // CreateSnapshot, DeleteSnapshot, ListSnapshots, ValidateVolumeCapabilities, plus Identity.
-// Node RPCs (used when a real kubelet runs, `up.sh --with-node`): NodeGetInfo, and
-// NodePublishVolume / NodeUnpublishVolume, which bind-mount the volume's directory at the
-// kubelet's target path (read-only when asked); no staging. Filesystem volumes only. Archives
+// Node RPCs (used when a real kubelet runs, `up.sh --with-node`): NodeGetInfo; NodeStageVolume
+// bind-mounts the volume's directory at the kubelet's staging path, NodePublishVolume the
+// staged mount at the pod's target path (read-only when asked); the Unstage/Unpublish pair
+// undoes them. Filesystem volumes only. Archives
 // are written and read with Go's archive/tar, so no external tar is needed.
 //
 // With --kubelet-registration-dir it also registers itself with the kubelet the way
@@ -357,14 +358,18 @@ func register(dir, name, endpoint string) (*grpc.Server, error) {
 	return srv, nil
 }
 
-// --- node: publish = bind mount of the volume directory, no staging ----------------------------
+// --- node: stage = bind mount of the volume directory, publish = bind mount of the stage -------
 
 func (d *driver) NodeGetInfo(context.Context, *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
 	return &csi.NodeGetInfoResponse{NodeId: d.nodeID}, nil
 }
 
 func (d *driver) NodeGetCapabilities(context.Context, *csi.NodeGetCapabilitiesRequest) (*csi.NodeGetCapabilitiesResponse, error) {
-	return &csi.NodeGetCapabilitiesResponse{}, nil
+	return &csi.NodeGetCapabilitiesResponse{Capabilities: []*csi.NodeServiceCapability{{
+		Type: &csi.NodeServiceCapability_Rpc{Rpc: &csi.NodeServiceCapability_RPC{
+			Type: csi.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME,
+		}},
+	}}}, nil
 }
 
 // isMountPoint: path is the root of a mount (its device differs from its parent's, or
@@ -389,10 +394,56 @@ func unescapeMountPath(s string) string {
 	return r.Replace(s)
 }
 
-func (d *driver) NodePublishVolume(_ context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
-	id, target := req.GetVolumeId(), req.GetTargetPath()
-	if id == "" || target == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume id and target path are required")
+// bindMount mounts src at target (created if missing), read-only when asked; a target that
+// is already a mount point is left as it is (the kubelet retries after timeouts).
+func bindMount(src, target string, readOnly bool) error {
+	if err := os.MkdirAll(target, 0o750); err != nil {
+		return status.Errorf(codes.Internal, "target %s: %v", target, err)
+	}
+	mounted, err := isMountPoint(target)
+	if err != nil {
+		return status.Errorf(codes.Internal, "mountinfo: %v", err)
+	}
+	if mounted {
+		return nil
+	}
+	if err := syscall.Mount(src, target, "", syscall.MS_BIND, ""); err != nil {
+		return status.Errorf(codes.Internal, "bind mount %s on %s: %v", src, target, err)
+	}
+	if readOnly {
+		flags := uintptr(syscall.MS_BIND | syscall.MS_REMOUNT | syscall.MS_RDONLY)
+		if err := syscall.Mount("", target, "", flags, ""); err != nil {
+			_ = syscall.Unmount(target, 0)
+			return status.Errorf(codes.Internal, "read-only remount of %s: %v", target, err)
+		}
+	}
+	return nil
+}
+
+// unmount undoes bindMount; with remove, the target directory goes too (publish targets).
+func unmount(target string, remove bool) error {
+	mounted, err := isMountPoint(target)
+	if err != nil {
+		return status.Errorf(codes.Internal, "mountinfo: %v", err)
+	}
+	if mounted {
+		if err := syscall.Unmount(target, 0); err != nil {
+			return status.Errorf(codes.Internal, "unmount %s: %v", target, err)
+		}
+	}
+	if remove {
+		if err := os.Remove(target); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return status.Errorf(codes.Internal, "remove %s: %v", target, err)
+		}
+	}
+	return nil
+}
+
+// NodeStageVolume mounts the volume's directory at the node-wide staging path.
+func (d *driver) NodeStageVolume(_ context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
+	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
+	if id == "" || staging == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id and staging target path are required")
 	}
 	if req.GetVolumeCapability().GetMount() == nil {
 		return nil, status.Error(codes.InvalidArgument, "only filesystem volumes are supported")
@@ -403,25 +454,44 @@ func (d *driver) NodePublishVolume(_ context.Context, req *csi.NodePublishVolume
 	if v == nil {
 		return nil, status.Errorf(codes.NotFound, "volume %s not found", id)
 	}
-	if err := os.MkdirAll(target, 0o750); err != nil {
-		return nil, status.Errorf(codes.Internal, "target %s: %v", target, err)
+	if err := bindMount(v.VolPath, staging, false); err != nil {
+		return nil, err
 	}
-	mounted, err := isMountPoint(target)
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "mountinfo: %v", err)
+	return &csi.NodeStageVolumeResponse{}, nil
+}
+
+func (d *driver) NodeUnstageVolume(_ context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
+	if req.GetVolumeId() == "" || req.GetStagingTargetPath() == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id and staging target path are required")
 	}
-	if mounted { // idempotent: the kubelet retries after timeouts
-		return &csi.NodePublishVolumeResponse{}, nil
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := unmount(req.GetStagingTargetPath(), false); err != nil {
+		return nil, err
 	}
-	if err := syscall.Mount(v.VolPath, target, "", syscall.MS_BIND, ""); err != nil {
-		return nil, status.Errorf(codes.Internal, "bind mount %s on %s: %v", v.VolPath, target, err)
+	return &csi.NodeUnstageVolumeResponse{}, nil
+}
+
+// NodePublishVolume bind-mounts the staged volume at the pod's target path.
+func (d *driver) NodePublishVolume(_ context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
+	id, staging, target := req.GetVolumeId(), req.GetStagingTargetPath(), req.GetTargetPath()
+	if id == "" || target == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id and target path are required")
 	}
-	if req.GetReadonly() {
-		flags := uintptr(syscall.MS_BIND | syscall.MS_REMOUNT | syscall.MS_RDONLY)
-		if err := syscall.Mount("", target, "", flags, ""); err != nil {
-			_ = syscall.Unmount(target, 0)
-			return nil, status.Errorf(codes.Internal, "read-only remount of %s: %v", target, err)
-		}
+	if req.GetVolumeCapability().GetMount() == nil {
+		return nil, status.Error(codes.InvalidArgument, "only filesystem volumes are supported")
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, v := d.volumeByID(id); v == nil {
+		return nil, status.Errorf(codes.NotFound, "volume %s not found", id)
+	}
+	staged, err := isMountPoint(staging)
+	if err != nil || staging == "" || !staged {
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged at %q", id, staging)
+	}
+	if err := bindMount(staging, target, req.GetReadonly()); err != nil {
+		return nil, err
 	}
 	return &csi.NodePublishVolumeResponse{}, nil
 }
@@ -433,17 +503,8 @@ func (d *driver) NodeUnpublishVolume(_ context.Context, req *csi.NodeUnpublishVo
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	mounted, err := isMountPoint(target)
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "mountinfo: %v", err)
-	}
-	if mounted {
-		if err := syscall.Unmount(target, 0); err != nil {
-			return nil, status.Errorf(codes.Internal, "unmount %s: %v", target, err)
-		}
-	}
-	if err := os.Remove(target); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, status.Errorf(codes.Internal, "remove %s: %v", target, err)
+	if err := unmount(target, true); err != nil {
+		return nil, err
 	}
 	return &csi.NodeUnpublishVolumeResponse{}, nil
 }
