@@ -245,24 +245,57 @@ pub fn apply_fd(fd: impl AsFd, n: &Node, as_root: bool) -> Vec<String> {
     errs
 }
 
-/// Applies owner, mode and times to an entry that is not opened (symlinks, devices, FIFOs).
+/// Applies owner, mode and times to an entry that is not opened for data (symlinks, devices,
+/// FIFOs, sockets). The entry is pinned first with `O_PATH | O_NOFOLLOW` and must still be of
+/// `n`'s kind: if someone swapped it (for a symlink, say) after it was created, nothing is set.
+/// The mode is set through the pinned descriptor (`/proc/self/fd/N`, as glibc's
+/// `fchmodat(AT_SYMLINK_NOFOLLOW)` does), so it never lands on a link's target.
 pub fn apply_at(dir: BorrowedFd<'_>, name: &CStr, n: &Node, as_root: bool) -> Vec<String> {
     let mut errs = Vec::new();
+    let pinned = match rustix::fs::openat(dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            errs.push(format!("open: {e}"));
+            return errs;
+        }
+    };
+    match rustix::fs::fstat(&pinned) {
+        Ok(st) if kind_of(&st) == n.kind => {}
+        Ok(st) => {
+            errs.push(format!(
+                "replaced while being restored (now {:?}, expected {:?}): owner, mode and times not set",
+                kind_of(&st),
+                n.kind
+            ));
+            return errs;
+        }
+        Err(e) => {
+            errs.push(format!("stat: {e}"));
+            return errs;
+        }
+    }
     if as_root
         && let Err(e) = rustix::fs::chownat(
-            dir,
-            name,
+            &pinned,
+            c"",
             Some(rustix::fs::Uid::from_raw(n.uid)),
             Some(rustix::fs::Gid::from_raw(n.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
+            AtFlags::EMPTY_PATH,
         )
     {
         errs.push(format!("chown: {e}"));
     }
-    if n.kind != NodeKind::Symlink
-        && let Err(e) = rustix::fs::chmodat(dir, name, Mode::from_raw_mode(n.mode & 0o7777), AtFlags::empty())
-    {
-        errs.push(format!("chmod: {e}"));
+    // Symlinks have no mode of their own on Linux.
+    if n.kind != NodeKind::Symlink {
+        let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&pinned));
+        if let Err(e) = rustix::fs::chmodat(
+            rustix::fs::CWD,
+            proc_path.as_str(),
+            Mode::from_raw_mode(n.mode & 0o7777),
+            AtFlags::empty(),
+        ) {
+            errs.push(format!("chmod (through {proc_path}): {e}"));
+        }
     }
     if let Err(e) = rustix::fs::utimensat(dir, name, &times(n), AtFlags::SYMLINK_NOFOLLOW) {
         errs.push(format!("utimes: {e}"));

@@ -108,6 +108,22 @@ pub struct RestoreOptions {
     /// Write files of at least [`crate::backup::DIRECT_MIN_FILE`] bytes with `O_DIRECT` where
     /// the filesystem allows it, bypassing the page cache (see [`crate::blockwrite`]).
     pub direct_io: bool,
+    pub hooks: RestoreRaceHooks,
+}
+
+/// Callbacks at the moments someone else could change the target under a restore, so tests
+/// can do it deterministically instead of racing.
+#[derive(Clone, Default)]
+pub struct RestoreRaceHooks {
+    /// A FIFO, socket or device node has just been created (path relative to the target);
+    /// its owner, mode and times are set next.
+    pub after_create_special: Option<crate::backup::FileHook>,
+}
+
+impl std::fmt::Debug for RestoreRaceHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreRaceHooks").field("after_create_special", &self.after_create_special.is_some()).finish()
+    }
 }
 
 impl RestoreOptions {
@@ -122,6 +138,7 @@ impl RestoreOptions {
             target_dir: None,
             one_file_system: false,
             direct_io: true,
+            hooks: RestoreRaceHooks::default(),
         }
     }
 }
@@ -377,6 +394,7 @@ struct Ctx {
     /// With `one_file_system`: the target root's mount (set once the root is open).
     root_mount: std::sync::OnceLock<MountKey>,
     direct_io: bool,
+    hooks: RestoreRaceHooks,
 }
 
 /// Include or exclude patterns. A pattern with a `/` matches snapshot paths (as `ls` shows them,
@@ -706,6 +724,9 @@ impl Walker<'_> {
                 {
                     ctx.fail_io(&rel, "mknod", e);
                     return Ok(());
+                }
+                if let Some(h) = &ctx.hooks.after_create_special {
+                    h(&rel);
                 }
                 for e in fsmeta::apply_at(dir.fd.as_fd(), &name, node, ctx.as_root) {
                     ctx.warn(format!("{rel}: {e}"));
@@ -1222,6 +1243,7 @@ pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: Res
         links: Mutex::new(HashMap::new()),
         root_mount: std::sync::OnceLock::new(),
         direct_io: opts.direct_io,
+        hooks: opts.hooks.clone(),
     });
     let one_file_system = opts.one_file_system;
     let target = opts.target.clone();

@@ -99,3 +99,49 @@ async fn hostile_names_never_escape_the_target() {
         assert!(!tmp.path().join("outside-escaped").exists());
     }
 }
+
+/// A tenant who can write into the target races the restore: right after the agent creates a
+/// FIFO, the tenant replaces it with a symlink to a file of someone else's. Setting the FIFO's
+/// mode must not change that file (the hook stands for the tenant, deterministically).
+#[tokio::test]
+async fn a_special_file_swapped_for_a_symlink_does_not_redirect_chmod() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let store =
+        open_store(tmp.path().join("repo").to_str().unwrap(), &StoreOptions { create_dir: true, ..Default::default() })
+            .unwrap();
+    let kdf = KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
+    let repo = Arc::new(
+        Repository::init(store, &Password::new("pw"), InitOptions { kdf, ..Default::default() }).await.unwrap(),
+    );
+    let writer = BlobWriter::start(Arc::clone(&repo), WriterConfig::default());
+    let sink = writer.sink();
+    let mut fifo = Node::new(b"pipe".to_vec(), NodeKind::Fifo);
+    fifo.mode = 0o4777; // what a crafted snapshot would ask for
+    let tree = Tree { nodes: vec![fifo] }.encode().unwrap();
+    let root =
+        tokio::task::spawn_blocking(move || sink.add_bytes(BlobType::Tree, Bytes::from(tree))).await.unwrap().unwrap();
+    writer.finish().await.unwrap();
+
+    let victim = tmp.path().join("victim");
+    std::fs::write(&victim, b"secret").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let target = tmp.path().join("target");
+    let mut opts = RestoreOptions::new(&target);
+    let (t, v) = (target.clone(), victim.clone());
+    opts.hooks.after_create_special = Some(Arc::new(move |rel: &str| {
+        let p = t.join(rel.trim_start_matches('/'));
+        std::fs::remove_file(&p).unwrap();
+        std::os::unix::fs::symlink(&v, &p).unwrap();
+    }));
+    let outcome = restore(Arc::clone(&repo), RestoreSource::Tree(root), opts).await.unwrap();
+
+    let mode = std::fs::metadata(&victim).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o600, "the restore changed the mode of a file the symlink points to");
+    assert!(
+        outcome.warnings.iter().any(|w| w.contains("replaced while being restored")),
+        "the swap is reported: {:?}",
+        outcome.warnings
+    );
+}
