@@ -76,7 +76,7 @@ use crate::repo::Repository;
 use crate::scan::{MetadataScan, ScanRoot, ScanRules};
 use crate::snapshot::{Component, ComponentKind, Snapshot, Summary, valid_component_name};
 use crate::spool::SpoolDir;
-use crate::tree::{Extent, Node, NodeKind, Timestamp, Tree};
+use crate::tree::{Extent, MAX_DEPTH, Node, NodeKind, Timestamp, Tree};
 use crate::writer::{BlobSink, BlobWriter, WriterConfig};
 
 /// Warnings kept in a snapshot; the count is always exact.
@@ -1191,6 +1191,9 @@ impl Walker<'_> {
         if ctx.sink.has_failed() {
             return Err(Error::Internal("backup aborted".into()));
         }
+        // Levels below the root (names cannot hold `/`): the walk holds one descriptor and one
+        // stack frame per level, so subdirectories deeper than MAX_DEPTH are left out.
+        let depth = if rel.is_empty() { 0 } else { rel.matches('/').count() + 1 };
         let names = match fsmeta::list_dir(dir.as_fd()) {
             Ok(n) => n,
             Err(e) if !rel.is_empty() => {
@@ -1225,6 +1228,12 @@ impl Walker<'_> {
             let mut old = parent.as_mut().and_then(|t| t.find_mut(cname.as_bytes()));
             match node.kind {
                 NodeKind::Dir => {
+                    if depth >= MAX_DEPTH {
+                        ctx.warn(format!(
+                            "{child_rel}: deeper than {MAX_DEPTH} directory levels, not backed up (nor anything in it)"
+                        ));
+                        continue;
+                    }
                     ctx.stats.dirs.fetch_add(1, Ordering::Relaxed);
                     if ctx.one_file_system && (st.st_dev != self.root_dev || self.other_mount(&dir, &cname)) {
                         if child_sel != Selection::All {

@@ -62,7 +62,7 @@ use crate::id::Id;
 use crate::index::BlobLocation;
 use crate::progress::Progress;
 use crate::repo::{Repository, pack_key};
-use crate::tree::{Extent, Node, NodeKind, Tree};
+use crate::tree::{Extent, MAX_DEPTH, Node, NodeKind, Tree};
 
 /// Most files in one planning batch (each holds a descriptor until its content is written).
 pub const MAX_BATCH_FILES: usize = 1024;
@@ -636,6 +636,14 @@ impl Walker<'_> {
         }
         match node.kind {
             NodeKind::Dir => {
+                // One descriptor and one stack frame per level: a crafted snapshot's depth bomb
+                // stops here (the same limit as the backup's).
+                if rel.trim_start_matches('/').matches('/').count() >= MAX_DEPTH {
+                    ctx.warn(format!(
+                        "{rel}: deeper than {MAX_DEPTH} directory levels, not restored (nor anything in it)"
+                    ));
+                    return Ok(());
+                }
                 let mkdir = || rustix::fs::mkdirat(&dir.fd, name.as_c_str(), Mode::from_raw_mode(0o700));
                 let made = match mkdir() {
                     Err(rustix::io::Errno::EXIST) => match clear_name(&dir.fd, &name) {

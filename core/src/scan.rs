@@ -42,9 +42,8 @@ use crate::progress::Progress;
 pub const SCAN_THREADS: usize = 8;
 /// Open directories waiting in the shared queue.
 pub const MAX_QUEUED: usize = 256;
-/// Directory levels below a root that are walked (the backup stops deeper trees by its own
-/// descriptor and stack limits).
-pub const MAX_DEPTH: usize = 4096;
+/// Directory levels below a root that are walked: the same limit as backup and restore.
+pub use crate::tree::MAX_DEPTH;
 
 /// Stack for scan threads: a thread walking a deep tree itself recurses once per level.
 const SCAN_STACK: usize = 64 * 1024 * 1024;

@@ -5,6 +5,11 @@
 //! no NUL, not `.` or `..`, not empty), names are strictly increasing (unique), directories
 //! name a subtree, and file extents add up to the file size.
 
+/// Directory levels below a root that backup, restore and the metadata scan go into. Each
+/// level costs a walk one descriptor and one stack frame; a deeper directory is left out with a
+/// warning naming it, so a depth bomb in a volume or a crafted snapshot cannot exhaust either.
+pub const MAX_DEPTH: usize = 4096;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ObjectKind, Result};
