@@ -232,21 +232,52 @@ impl Default for KdfParams {
 }
 
 impl KdfParams {
-    /// Upper bounds on what a key slot may ask for, so a hostile slot cannot exhaust memory.
-    const MAX_MEMORY_KIB: u32 = 4 * 1024 * 1024;
-    const MAX_ITERATIONS: u32 = 64;
+    /// Default ceilings on what a key slot may ask for before it is tried at all. Key slots
+    /// live in the bucket, which is hostile ground: a planted slot asking for 4 GiB × 64 passes
+    /// would make every open exhaust an agent's memory (its default limit is 1 GiB) or stall it
+    /// for minutes. hoard's own default is 64 MiB × 3 passes. `HOARD_KDF_MAX_MEMORY_MIB` and
+    /// `HOARD_KDF_MAX_ITERATIONS` raise the ceilings for repositories made with bigger slots.
+    pub const MAX_MEMORY_KIB: u32 = 512 * 1024;
+    pub const MAX_ITERATIONS: u32 = 16;
+    pub const MAX_PARALLELISM: u32 = 16;
+    /// Below this nothing is accepted (Argon2id's own minimum is far lower).
+    pub const MIN_MEMORY_KIB: u32 = 8 * 1024;
+
+    /// The ceilings in force: the defaults, or the environment's larger or smaller values.
+    pub fn ceilings() -> (u32, u32) {
+        static CEILINGS: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+        *CEILINGS.get_or_init(|| {
+            let env = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse::<u32>().ok());
+            let memory = env("HOARD_KDF_MAX_MEMORY_MIB")
+                .map_or(Self::MAX_MEMORY_KIB, |mib| mib.saturating_mul(1024).max(Self::MIN_MEMORY_KIB));
+            let iterations = env("HOARD_KDF_MAX_ITERATIONS").map_or(Self::MAX_ITERATIONS, |i| i.max(1));
+            (memory, iterations)
+        })
+    }
 
     pub fn validate(&self) -> Result<()> {
-        if self.memory_kib < 8 * 1024
-            || self.memory_kib > Self::MAX_MEMORY_KIB
+        let (max_memory, max_iterations) = Self::ceilings();
+        if self.memory_kib < Self::MIN_MEMORY_KIB
+            || self.memory_kib > max_memory
             || self.iterations == 0
-            || self.iterations > Self::MAX_ITERATIONS
+            || self.iterations > max_iterations
             || self.parallelism == 0
-            || self.parallelism > 64
+            || self.parallelism > Self::MAX_PARALLELISM
         {
-            return Err(Error::InvalidArgument(format!("unacceptable key derivation parameters {self:?}")));
+            return Err(Error::InvalidArgument(format!(
+                "key derivation parameters {self:?} are outside the accepted range (memory {} MiB..{} MiB, \
+                 1..{max_iterations} passes, 1..{} lanes; HOARD_KDF_MAX_MEMORY_MIB / HOARD_KDF_MAX_ITERATIONS raise the ceilings)",
+                Self::MIN_MEMORY_KIB / 1024,
+                max_memory / 1024,
+                Self::MAX_PARALLELISM
+            )));
         }
         Ok(())
+    }
+
+    /// What deriving costs, for ordering: memory × passes.
+    pub fn cost(&self) -> u64 {
+        u64::from(self.memory_kib) * u64::from(self.iterations)
     }
 
     pub fn derive(&self, password: &[u8], salt: &[u8]) -> Result<SecretKey> {

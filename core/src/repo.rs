@@ -722,9 +722,21 @@ async fn save_key_slot(store: &dyn Store, slot: &KeySlot) -> Result<Id> {
     Ok(id)
 }
 
-/// The first slot that `password` opens, with the master key it wraps.
+/// Per process: the key slot that last opened each repository, tried first next time.
+fn last_opened_slot() -> &'static Mutex<std::collections::HashMap<Id, Id>> {
+    static LAST: std::sync::OnceLock<Mutex<std::collections::HashMap<Id, Id>>> = std::sync::OnceLock::new();
+    LAST.get_or_init(Mutex::default)
+}
+
+/// The first slot that `password` opens, with the master key it wraps. Slots are tried in this
+/// order: the one that last opened this repository in this process, then cheapest derivation
+/// first, so a costly slot planted in the bucket is tried last (and one beyond the ceilings of
+/// [`KdfParams::validate`] never).
 fn unwrap_any_slot(slots: &[(Id, Result<KeySlot>)], password: &Password, repo_id: &Id) -> Option<(Id, SecretKey)> {
-    for (slot_id, slot) in slots {
+    let last = last_opened_slot().lock().unwrap_or_else(|p| p.into_inner()).get(repo_id).copied();
+    let mut order: Vec<&(Id, Result<KeySlot>)> = slots.iter().collect();
+    order.sort_by_key(|(id, slot)| (Some(*id) != last, slot.as_ref().map_or(u64::MAX, |s| s.kdf.cost()), *id));
+    for (slot_id, slot) in order {
         let slot = match slot {
             Ok(s) => s,
             Err(e) => {
@@ -732,8 +744,15 @@ fn unwrap_any_slot(slots: &[(Id, Result<KeySlot>)], password: &Password, repo_id
                 continue;
             }
         };
+        if let Err(e) = slot.kdf.validate() {
+            tracing::warn!("skipping key slot {}: {e}", slot_id.short());
+            continue;
+        }
         match slot.unwrap_key(password.as_bytes(), repo_id) {
-            Ok(Some(master)) => return Some((*slot_id, master)),
+            Ok(Some(master)) => {
+                last_opened_slot().lock().unwrap_or_else(|p| p.into_inner()).insert(*repo_id, *slot_id);
+                return Some((*slot_id, master));
+            }
             Ok(None) => {}
             Err(e) => tracing::warn!("skipping key slot {}: {e}", slot_id.short()),
         }
@@ -746,6 +765,11 @@ async fn list_key_slots(store: &dyn Store) -> Result<Vec<(Id, Result<KeySlot>)>>
     let mut out = Vec::new();
     for o in objs {
         let Some(id) = o.key.rsplit('/').next().and_then(|n| Id::from_hex(n).ok()) else { continue };
+        // The listing's size first: an oversized object is not downloaded.
+        if o.size > MAX_KEY_LEN as u64 {
+            out.push((id, Err(Error::corrupt(ObjectKind::Key, &o.key, "too large for a key slot"))));
+            continue;
+        }
         let raw = store.get(&o.key).await?;
         let slot = if raw.len() > MAX_KEY_LEN || Id::of_bytes(&raw) != id {
             Err(Error::corrupt(ObjectKind::Key, &o.key, "content does not match its name"))

@@ -145,3 +145,46 @@ async fn a_special_file_swapped_for_a_symlink_does_not_redirect_chmod() {
         outcome.warnings
     );
 }
+
+/// Key slots live in the bucket. A bucket writer plants slots that ask Argon2id for 4 GiB ×
+/// 64 passes (the old ceiling) and for 512 MiB × 16 (within the ceilings, but costly), named to
+/// be listed before the real slot. Opening must neither try the first nor derive the second
+/// before the cheap real slot: it finishes at once instead of allocating gigabytes for minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planted_costly_key_slots_are_not_tried_first() {
+    use hoard_core::crypto::KeySlot;
+    use hoard_core::store::Store;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let store =
+        open_store(tmp.path().join("repo").to_str().unwrap(), &StoreOptions { create_dir: true, ..Default::default() })
+            .unwrap();
+    let kdf = KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
+    let repo = Repository::init(Arc::clone(&store), &Password::new("pw"), InitOptions { kdf, ..Default::default() })
+        .await
+        .unwrap();
+    let real = repo.key_id().to_hex();
+    let real_slot: KeySlot = serde_json::from_slice(&store.get(&format!("keys/{real}")).await.unwrap()).unwrap();
+    for (memory_kib, iterations) in [(4 * 1024 * 1024, 64), (512 * 1024, 16)] {
+        // A wrong wrapped key: the slot opens nothing, it only costs its derivation.
+        let mut planted = real_slot.clone();
+        planted.kdf = KdfParams { memory_kib, iterations, parallelism: 4 };
+        let name = (0u32..)
+            .find_map(|i| {
+                planted.salt = [i.to_le_bytes().to_vec(), vec![7; 28]].concat();
+                let bytes = serde_json::to_vec_pretty(&planted).unwrap();
+                let id = hoard_core::Id::of_bytes(&bytes).to_hex();
+                (id < real).then_some((id, bytes))
+            })
+            .unwrap();
+        store.put(&format!("keys/{}", name.0), Bytes::from(name.1)).await.unwrap();
+    }
+    let opened = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        Repository::open(Arc::clone(&store), &Password::new("pw")),
+    )
+    .await
+    .expect("open derived a planted slot's key (minutes of Argon2id over gigabytes) before the real one")
+    .unwrap();
+    assert_eq!(opened.key_id().to_hex(), real);
+}
