@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use hoard_api::agent::v1::{self as pb, Phase};
 use hoard_core::backup::{BackupOptions, Source};
-use hoard_core::restore::{RestoreOptions, RestoreSource};
+use hoard_core::restore::{Fidelity, RestoreOptions, RestoreSource};
 use hoard_core::store::{ObjectInfo, Store};
 use hoard_core::{Password, Repository};
 
@@ -384,6 +384,8 @@ struct RestoreSpec<'a> {
     component: &'a str,
     includes: Vec<String>,
     excludes: Vec<String>,
+    /// Everything the snapshot records; otherwise a confined restore (`Fidelity::Confined`).
+    full_metadata: bool,
 }
 
 /// Restores one component of a snapshot below `target` (a directory the caller opened).
@@ -421,6 +423,9 @@ async fn restore_into(
     opts.progress = Arc::clone(&ctx.progress);
     // Nothing is written into a mount inside the target (see hoard-core's restore).
     opts.one_file_system = true;
+    // A workload's volume gets no set-id bits, device nodes, file capabilities or root-owned
+    // entries unless the controller says an administrator allowed them for its namespace.
+    opts.fidelity = if spec.full_metadata { Fidelity::Full } else { Fidelity::Confined };
     let out = hoard_core::restore::restore(repo, RestoreSource::Tree(comp.root), opts).await?;
     let result = pb::Result {
         snapshot_id: id.to_hex(),
@@ -542,6 +547,7 @@ async fn restore_in_volume(
         component: &order.component,
         includes: order.includes.clone(),
         excludes: order.excludes.clone(),
+        full_metadata: order.full_metadata,
     };
     let r = restore_into(env, ctx, spec, (vol.path, vol.dir)).await;
     // Finished one way or another (done, failed, cancelled): only a crash leaves the marker.
@@ -573,6 +579,8 @@ pub async fn verify(env: JobEnv, ctx: OrderCtx, mut order: Wiped<pb::VerifyOrder
             component: &order.component,
             includes: Vec::new(),
             excludes: Vec::new(),
+            // Verification needs the data, not privileges, in the agent's scratch directory.
+            full_metadata: false,
         };
         restore_into(&env, &ctx, spec, (dir.clone(), fd)).await
     }

@@ -350,6 +350,12 @@ struct RestoreArgs {
     /// with O_DIRECT where the filesystem allows it, sparing the page cache).
     #[arg(long)]
     no_direct_io: bool,
+    /// Restore as into someone else's volume (what hoard's agent does): no set-user-id or
+    /// set-group-id bits, no device nodes, no `security.*` / `trusted.*` extended attributes,
+    /// and entries owned by root get the target directory's owner. Default: everything the
+    /// snapshot records.
+    #[arg(long)]
+    confined: bool,
 }
 
 fn main() -> ExitCode {
@@ -852,6 +858,9 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
         opts.excludes = a.excludes.clone();
         opts.progress = Arc::clone(&progress);
         opts.direct_io = !a.no_direct_io;
+        if a.confined {
+            opts.fidelity = hoard_core::restore::Fidelity::Confined;
+        }
         match hoard_core::restore::restore(Arc::clone(&repo), source, opts).await {
             Ok(o) => {
                 combined.files += o.files;

@@ -41,6 +41,10 @@ pub const FIELD_MANAGER: &str = "hoard-controller";
 pub const CONFIG_LABEL: &str = "hoard.dev/configuration";
 pub const SESSION_LABEL: &str = "hoard.dev/session";
 pub const REPOSITORY_LABEL: &str = "hoard.dev/repository";
+/// Namespace label (value `full`) with which an administrator lets restores into that
+/// namespace recreate everything a snapshot records (set-id bits, device nodes, file
+/// capabilities, root ownership). Namespaces are cluster-scoped: tenants cannot set it.
+pub const RESTORE_METADATA_LABEL: &str = "hoard.dev/restore-metadata";
 pub const BACKUP_SESSION_LABEL: &str = "hoard.dev/backup-session";
 /// Label on repository snapshots: the Snapshot object they belong to.
 pub const SNAPSHOT_LABEL: &str = "hoard.dev/snapshot";

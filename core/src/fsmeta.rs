@@ -215,18 +215,68 @@ fn times(n: &Node) -> Timestamps {
     Timestamps { last_access: timespec(n.mtime), last_modification: timespec(n.mtime) }
 }
 
-/// Applies owner (when root), mode, xattrs and times to an open file or directory.
-/// Returns a description of what failed, if anything.
-pub fn apply_fd(fd: impl AsFd, n: &Node, as_root: bool) -> Vec<String> {
+/// Which recorded metadata a restore recreates, and whether it may change owners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetaPolicy {
+    /// The process may change owners (it is root).
+    pub as_root: bool,
+    /// A confined restore, with the owner (uid, gid) of the target's root directory: set-user-id
+    /// and set-group-id bits are cleared, `security.*` and `trusted.*` extended attributes
+    /// (file capabilities, SELinux labels) are left out, and an owner or group 0 becomes the
+    /// target root's. `None`: everything as recorded.
+    pub confined: Option<(u32, u32)>,
+}
+
+impl MetaPolicy {
+    fn owner(&self, n: &Node) -> (u32, u32) {
+        match self.confined {
+            Some((uid, gid)) => (if n.uid == 0 { uid } else { n.uid }, if n.gid == 0 { gid } else { n.gid }),
+            None => (n.uid, n.gid),
+        }
+    }
+
+    fn mode(&self, n: &Node) -> u32 {
+        if self.confined.is_some() { n.mode & 0o1777 } else { n.mode & 0o7777 }
+    }
+
+    fn xattr_allowed(&self, name: &[u8]) -> bool {
+        self.confined.is_none() || !(name.starts_with(b"security.") || name.starts_with(b"trusted."))
+    }
+
+    /// What a confined restore leaves out of `n`, for the restore's warnings.
+    pub fn left_out(&self, n: &Node) -> Option<String> {
+        self.confined?;
+        let mut out = Vec::new();
+        if n.mode & 0o6000 != 0 {
+            out.push("set-user-id/set-group-id bits".to_string());
+        }
+        let xattrs: Vec<String> = n
+            .xattrs
+            .iter()
+            .filter(|x| !self.xattr_allowed(&x.name))
+            .map(|x| String::from_utf8_lossy(&x.name).into_owned())
+            .collect();
+        if !xattrs.is_empty() {
+            out.push(format!("extended attributes {}", xattrs.join(", ")));
+        }
+        (!out.is_empty()).then(|| format!("confined restore: {} not restored", out.join(" and ")))
+    }
+}
+
+/// Applies owner (when root), mode, xattrs and times to an open file or directory, within
+/// `policy`. Returns a description of what failed, if anything.
+pub fn apply_fd(fd: impl AsFd, n: &Node, policy: &MetaPolicy) -> Vec<String> {
     let fd = fd.as_fd();
+    let as_root = policy.as_root;
     let mut errs = Vec::new();
+    let (uid, gid) = policy.owner(n);
     if as_root
         && let Err(e) =
-            rustix::fs::fchown(fd, Some(rustix::fs::Uid::from_raw(n.uid)), Some(rustix::fs::Gid::from_raw(n.gid)))
+            rustix::fs::fchown(fd, Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(gid)))
     {
         errs.push(format!("chown: {e}"));
     }
-    for x in &n.xattrs {
+    for x in n.xattrs.iter().filter(|x| policy.xattr_allowed(&x.name)) {
         if let Ok(name) = std::ffi::CString::new(x.name.clone())
             && let Err(e) = rustix::fs::fsetxattr(fd, name.as_c_str(), &x.value, rustix::fs::XattrFlags::empty())
             // Security and system namespaces need privileges; not having them is not an error.
@@ -236,7 +286,7 @@ pub fn apply_fd(fd: impl AsFd, n: &Node, as_root: bool) -> Vec<String> {
         }
     }
     // chown clears set-id bits, so the mode comes after it.
-    if let Err(e) = rustix::fs::fchmod(fd, Mode::from_raw_mode(n.mode & 0o7777)) {
+    if let Err(e) = rustix::fs::fchmod(fd, Mode::from_raw_mode(policy.mode(n))) {
         errs.push(format!("chmod: {e}"));
     }
     if let Err(e) = rustix::fs::futimens(fd, &times(n)) {
@@ -250,7 +300,7 @@ pub fn apply_fd(fd: impl AsFd, n: &Node, as_root: bool) -> Vec<String> {
 /// `n`'s kind: if someone swapped it (for a symlink, say) after it was created, nothing is set.
 /// The mode is set through the pinned descriptor (`/proc/self/fd/N`, as glibc's
 /// `fchmodat(AT_SYMLINK_NOFOLLOW)` does), so it never lands on a link's target.
-pub fn apply_at(dir: BorrowedFd<'_>, name: &CStr, n: &Node, as_root: bool) -> Vec<String> {
+pub fn apply_at(dir: BorrowedFd<'_>, name: &CStr, n: &Node, policy: &MetaPolicy) -> Vec<String> {
     let mut errs = Vec::new();
     let pinned = match rustix::fs::openat(dir, name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
         Ok(fd) => fd,
@@ -274,12 +324,13 @@ pub fn apply_at(dir: BorrowedFd<'_>, name: &CStr, n: &Node, as_root: bool) -> Ve
             return errs;
         }
     }
-    if as_root
+    let (uid, gid) = policy.owner(n);
+    if policy.as_root
         && let Err(e) = rustix::fs::chownat(
             &pinned,
             c"",
-            Some(rustix::fs::Uid::from_raw(n.uid)),
-            Some(rustix::fs::Gid::from_raw(n.gid)),
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
             AtFlags::EMPTY_PATH,
         )
     {
@@ -291,7 +342,7 @@ pub fn apply_at(dir: BorrowedFd<'_>, name: &CStr, n: &Node, as_root: bool) -> Ve
         if let Err(e) = rustix::fs::chmodat(
             rustix::fs::CWD,
             proc_path.as_str(),
-            Mode::from_raw_mode(n.mode & 0o7777),
+            Mode::from_raw_mode(policy.mode(n)),
             AtFlags::empty(),
         ) {
             errs.push(format!("chmod (through {proc_path}): {e}"));

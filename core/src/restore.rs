@@ -109,6 +109,21 @@ pub struct RestoreOptions {
     /// the filesystem allows it, bypassing the page cache (see [`crate::blockwrite`]).
     pub direct_io: bool,
     pub hooks: RestoreRaceHooks,
+    pub fidelity: Fidelity,
+}
+
+/// How much of what a snapshot records a restore recreates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fidelity {
+    /// Everything: owners, set-id bits, device nodes, all extended attributes. For a user
+    /// restoring their own data (the CLI's default).
+    #[default]
+    Full,
+    /// What a workload's volume may receive without bypassing Pod Security (the agent's
+    /// default): no device nodes; set-user-id and set-group-id bits cleared; no `security.*` or
+    /// `trusted.*` extended attributes (file capabilities, SELinux labels); owner or group 0
+    /// becomes the target root directory's. Each left-out item is a warning.
+    Confined,
 }
 
 /// Callbacks at the moments someone else could change the target under a restore, so tests
@@ -139,6 +154,7 @@ impl RestoreOptions {
             one_file_system: false,
             direct_io: true,
             hooks: RestoreRaceHooks::default(),
+            fidelity: Fidelity::Full,
         }
     }
 }
@@ -395,6 +411,19 @@ struct Ctx {
     root_mount: std::sync::OnceLock<MountKey>,
     direct_io: bool,
     hooks: RestoreRaceHooks,
+    /// Set once the target root is open (a confined restore needs its owner).
+    meta: std::sync::OnceLock<fsmeta::MetaPolicy>,
+}
+
+impl Ctx {
+    /// Until the root is open nothing is written; confined is the safe answer meanwhile.
+    fn meta(&self) -> fsmeta::MetaPolicy {
+        self.meta.get().copied().unwrap_or(fsmeta::MetaPolicy { as_root: self.as_root, confined: Some((0, 0)) })
+    }
+
+    fn confined(&self) -> bool {
+        self.meta().confined.is_some()
+    }
 }
 
 /// Include or exclude patterns. A pattern with a `/` matches snapshot paths (as `ls` shows them,
@@ -508,7 +537,8 @@ fn finish_dir(ctx: &Ctx, dir: &Arc<DirState>) {
         return;
     }
     if let Some(node) = &dir.node {
-        for e in fsmeta::apply_fd(&dir.fd, node, ctx.as_root) {
+        let meta = ctx.meta();
+        for e in fsmeta::apply_fd(&dir.fd, node, &meta).into_iter().chain(meta.left_out(node)) {
             ctx.warn(format!("{}: {e}", dir.rel));
         }
     }
@@ -531,7 +561,8 @@ fn finish_file(ctx: &Ctx, f: &Arc<FileState>) {
     match failed {
         Some(why) => ctx.fail_for_space(&f.rel, why, f.no_space.load(Ordering::Relaxed)),
         None => {
-            for e in fsmeta::apply_fd(&f.fd, &f.node, ctx.as_root) {
+            let meta = ctx.meta();
+            for e in fsmeta::apply_fd(&f.fd, &f.node, &meta).into_iter().chain(meta.left_out(&f.node)) {
                 ctx.warn(format!("{}: {e}", f.rel));
             }
             // A refused direct write turns the descriptor's flag off (`blockwrite::write_blocks`).
@@ -711,7 +742,8 @@ impl Walker<'_> {
                     ctx.fail_io(&rel, "symlink", e);
                     return Ok(());
                 }
-                for e in fsmeta::apply_at(dir.fd.as_fd(), &name, node, ctx.as_root) {
+                let meta = ctx.meta();
+                for e in fsmeta::apply_at(dir.fd.as_fd(), &name, node, &meta).into_iter().chain(meta.left_out(node)) {
                     ctx.warn(format!("{rel}: {e}"));
                 }
                 ctx.count(|o| o.other += 1);
@@ -728,6 +760,10 @@ impl Walker<'_> {
                     ctx.warn(format!("{rel}: device nodes are restored only as root, skipped"));
                     return Ok(());
                 }
+                if is_dev && ctx.confined() {
+                    ctx.warn(format!("{rel}: confined restore: device node not restored"));
+                    return Ok(());
+                }
                 if let Err(e) = rustix::fs::mknodat(&dir.fd, name.as_c_str(), ft, Mode::from_raw_mode(0o600), node.rdev)
                 {
                     ctx.fail_io(&rel, "mknod", e);
@@ -736,7 +772,8 @@ impl Walker<'_> {
                 if let Some(h) = &ctx.hooks.after_create_special {
                     h(&rel);
                 }
-                for e in fsmeta::apply_at(dir.fd.as_fd(), &name, node, ctx.as_root) {
+                let meta = ctx.meta();
+                for e in fsmeta::apply_at(dir.fd.as_fd(), &name, node, &meta).into_iter().chain(meta.left_out(node)) {
                     ctx.warn(format!("{rel}: {e}"));
                 }
                 ctx.count(|o| o.other += 1);
@@ -1252,7 +1289,9 @@ pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: Res
         root_mount: std::sync::OnceLock::new(),
         direct_io: opts.direct_io,
         hooks: opts.hooks.clone(),
+        meta: std::sync::OnceLock::new(),
     });
+    let fidelity = opts.fidelity;
     let one_file_system = opts.one_file_system;
     let target = opts.target.clone();
     let target_dir = opts.target_dir.take();
@@ -1272,6 +1311,14 @@ pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: Res
             let m = MountKey::of(root_fd.as_fd()).ctx(|| format!("stat {}", target.display()))?;
             let _ = ctx.root_mount.set(m);
         }
+        let confined = match fidelity {
+            Fidelity::Full => None,
+            Fidelity::Confined => {
+                let st = rustix::fs::fstat(&root_fd).ctx(|| format!("stat {}", target.display()))?;
+                Some((st.st_uid, st.st_gid))
+            }
+        };
+        let _ = ctx.meta.set(fsmeta::MetaPolicy { as_root: ctx.as_root, confined });
         let root = Arc::new(DirState {
             fd: root_fd,
             node: None,

@@ -188,3 +188,99 @@ async fn planted_costly_key_slots_are_not_tried_first() {
     .unwrap();
     assert_eq!(opened.key_id().to_hex(), real);
 }
+
+/// A crafted snapshot restored by root into a tenant's volume: a set-user-id root binary with
+/// a file capability, a device node, a `trusted.*` attribute. A confined restore (the agent's
+/// default) recreates none of them and gives root's files to the volume's owner; a full one
+/// (the CLI's default, a user restoring their own data) recreates everything.
+#[tokio::test]
+async fn a_confined_restore_recreates_no_privilege() {
+    use hoard_core::restore::Fidelity;
+    use hoard_core::tree::Xattr;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+
+    if !rustix::process::geteuid().is_root() {
+        assert!(std::env::var("CI").is_err(), "this test restores as root; CI runs it as root");
+        eprintln!("SKIP: not root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store =
+        open_store(tmp.path().join("repo").to_str().unwrap(), &StoreOptions { create_dir: true, ..Default::default() })
+            .unwrap();
+    let kdf = KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
+    let repo = Arc::new(
+        Repository::init(store, &Password::new("pw"), InitOptions { kdf, ..Default::default() }).await.unwrap(),
+    );
+    // VFS_CAP_REVISION_2 with the effective bit, CAP_NET_RAW permitted.
+    let mut cap = 0x0200_0001u32.to_le_bytes().to_vec();
+    cap.extend(0x2000u32.to_le_bytes());
+    cap.extend([0u8; 12]);
+    let mut suid = Node::new(b"suid".to_vec(), NodeKind::File);
+    suid.mode = 0o4755;
+    suid.xattrs = vec![
+        Xattr { name: b"security.capability".to_vec(), value: cap },
+        Xattr { name: b"trusted.note".to_vec(), value: b"t".to_vec() },
+        Xattr { name: b"user.keep".to_vec(), value: b"u".to_vec() },
+    ];
+    let mut dev = Node::new(b"null".to_vec(), NodeKind::CharDevice);
+    dev.mode = 0o666;
+    dev.rdev = rustix::fs::makedev(1, 3);
+    let mut sgid_dir = Node::new(b"shared".to_vec(), NodeKind::Dir);
+    sgid_dir.mode = 0o2775;
+    let writer = BlobWriter::start(Arc::clone(&repo), WriterConfig::default());
+    let sink = writer.sink();
+    let root = tokio::task::spawn_blocking(move || {
+        sgid_dir.subtree =
+            Some(sink.add_bytes(BlobType::Tree, Bytes::from(Tree::default().encode().unwrap())).unwrap());
+        let tree = Tree { nodes: vec![dev, sgid_dir, suid] }.encode().unwrap();
+        sink.add_bytes(BlobType::Tree, Bytes::from(tree)).unwrap()
+    })
+    .await
+    .unwrap();
+    writer.finish().await.unwrap();
+
+    let xattr = |p: &std::path::Path, name: &str| {
+        let mut buf = [0u8; 64];
+        rustix::fs::getxattr(p, name, &mut buf).ok().map(|n| buf[..n].to_vec())
+    };
+    for fidelity in [Fidelity::Full, Fidelity::Confined] {
+        let target = tmp.path().join(format!("{fidelity:?}"));
+        std::fs::create_dir(&target).unwrap();
+        // The tenant's volume: owned by the pod's user.
+        rustix::fs::chown(&target, Some(rustix::fs::Uid::from_raw(1234)), Some(rustix::fs::Gid::from_raw(1234)))
+            .unwrap();
+        let mut opts = RestoreOptions::new(&target);
+        opts.fidelity = fidelity;
+        let out = restore(Arc::clone(&repo), RestoreSource::Tree(root), opts).await.unwrap();
+        let f = target.join("suid");
+        let meta = std::fs::metadata(&f).unwrap();
+        let mode = meta.permissions().mode() & 0o7777;
+        let shared_mode = std::fs::metadata(target.join("shared")).unwrap().permissions().mode() & 0o7777;
+        let device = std::fs::symlink_metadata(target.join("null")).map(|m| m.file_type().is_char_device());
+        match fidelity {
+            Fidelity::Full => {
+                assert_eq!((mode, shared_mode, meta.uid()), (0o4755, 0o2775, 0), "{:?}", out.warnings);
+                assert!(xattr(&f, "security.capability").is_some(), "file capability restored");
+                assert_eq!(xattr(&f, "trusted.note").as_deref(), Some(&b"t"[..]));
+                assert!(device.unwrap(), "device node restored");
+            }
+            Fidelity::Confined => {
+                assert_eq!((mode, shared_mode), (0o755, 0o775), "set-id bits cleared: {:?}", out.warnings);
+                assert_eq!((meta.uid(), meta.gid()), (1234, 1234), "root's file belongs to the volume's owner");
+                assert_eq!(xattr(&f, "security.capability"), None, "no file capability");
+                assert_eq!(xattr(&f, "trusted.note"), None);
+                assert_eq!(xattr(&f, "user.keep").as_deref(), Some(&b"u"[..]), "ordinary attributes kept");
+                assert!(device.is_err(), "no device node");
+                let w = out.warnings.join("\n");
+                for expected in [
+                    "null: confined restore: device node not restored",
+                    "suid: confined restore",
+                    "shared: confined restore",
+                ] {
+                    assert!(w.contains(expected), "warning {expected:?} missing:\n{w}");
+                }
+            }
+        }
+    }
+}

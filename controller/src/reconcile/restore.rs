@@ -13,7 +13,7 @@ use hoard_api::crd::{
     ComponentPhase, ComponentStatus, Repository, RestorePhase, RestoreSession, RestoreSessionStatus, Snapshot,
     SnapshotPhase, TargetKind, parse_duration,
 };
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::Action;
@@ -23,7 +23,7 @@ use crate::helper::{self, HelperState};
 use crate::orders::Order;
 use crate::reconcile::{agent_endpoints, repo, resolve_target, target_pods};
 use crate::schedule::{fmt_time, parse_time};
-use crate::{Context, REPOSITORY_LABEL, apply_status};
+use crate::{Context, REPOSITORY_LABEL, RESTORE_METADATA_LABEL, apply_status};
 
 fn order_id(uid: &str, component: &str) -> String {
     format!("{uid}/restore/{component}")
@@ -342,6 +342,7 @@ async fn dispatch(ctx: &Context, rs: &RestoreSession, st: &mut RestoreSessionSta
     let ds = &rs.spec.data_source;
     // Restores share the per-node cap with backups: a node's agent is never sent more than
     // `--max-orders-per-node` orders by this controller, whatever their kind.
+    let full_metadata = full_metadata_allowed(ctx, &ns).await?;
     let mut load = ctx.orders.load();
     for comp in pending {
         let Some(c) = st.components.get_mut(comp) else { continue };
@@ -374,6 +375,7 @@ async fn dispatch(ctx: &Context, rs: &RestoreSession, st: &mut RestoreSessionSta
             includes: ds.include.clone(),
             excludes: ds.exclude.clone(),
             overwrite: rs.spec.overwrite,
+            full_metadata,
         };
         ctx.orders.start(vol.node(), addr, Order::Restore(order));
         c.phase = Some(ComponentPhase::Running);
@@ -383,6 +385,14 @@ async fn dispatch(ctx: &Context, rs: &RestoreSession, st: &mut RestoreSessionSta
         c.error = None;
     }
     Ok(())
+}
+
+/// Whether an administrator labelled namespace `ns` with `hoard.dev/restore-metadata=full`.
+async fn full_metadata_allowed(ctx: &Context, ns: &str) -> Result<bool> {
+    let namespace = Api::<Namespace>::all(ctx.client.clone()).get_opt(ns).await?;
+    Ok(namespace
+        .and_then(|n| n.metadata.labels)
+        .is_some_and(|l| l.get(RESTORE_METADATA_LABEL).is_some_and(|v| v == "full")))
 }
 
 /// Bound on a restore from a VolumeSnapshot without `restoreTimeout`.
