@@ -36,6 +36,7 @@ if [ ! -f /data/MANIFEST ]; then
   while [ $i -lt 30 ]; do head -c $((i * 4099 + 1)) /dev/urandom > /data/sub/f$i; i=$((i + 1)); done
   head -c 3000000 /dev/urandom > /data/sub/deeper/big
   echo "written by $(hostname)" > /data/hello.txt
+  touch /data/sub/suid && chmod 4755 /data/sub/suid
   cd /data && find . -type f | sort | xargs md5sum > /tmp/MANIFEST && mv /tmp/MANIFEST /data/MANIFEST
 fi
 exec sleep 2147483647
@@ -49,6 +50,7 @@ files=$(find . -type f ! -name MANIFEST | wc -l)
 listed=$(wc -l < MANIFEST)
 [ "$files" -eq "$listed" ] || { echo "found $files files, MANIFEST lists $listed"; exit 1; }
 echo "CHECKED $listed files"
+echo "MODE $(stat -c %a sub/suid)"
 "#;
 
 fn busybox_container(name: &str, script: &str, read_only: bool) -> Value {
@@ -155,8 +157,9 @@ async fn snapshot_components(node: &RealNode, session: &BackupSession) -> (Strin
     (name, json["components"].as_object().cloned().unwrap_or_default())
 }
 
-/// `kubectl hoard restore --snapshot S --to pvc/C` + watch, then a pod checks the claim.
-async fn restore_and_check(node: &RealNode, snapshot: &str, claim_name: &str) {
+/// `kubectl hoard restore --snapshot S --to pvc/C` + watch, then a pod checks the claim;
+/// returns the checker's output.
+async fn restore_and_check(node: &RealNode, snapshot: &str, claim_name: &str) -> String {
     apply(node, &[claim(claim_name)]);
     // The check can fail: on the empty claim it does.
     let (phase, logs) = check_claim(node, &format!("precheck-{claim_name}"), claim_name).await;
@@ -178,7 +181,8 @@ async fn restore_and_check(node: &RealNode, snapshot: &str, claim_name: &str) {
     );
     let (phase, logs) = check_claim(node, &format!("check-{claim_name}"), claim_name).await;
     assert_eq!(phase, "Succeeded", "restored {snapshot} into {claim_name}, the pod's check failed:\n{logs}");
-    assert!(logs.contains("CHECKED 32 files"), "{logs}");
+    assert!(logs.contains("CHECKED 33 files"), "{logs}");
+    logs
 }
 
 /// The agent container's process as the runtime started it: uid, effective capabilities,
@@ -364,9 +368,15 @@ async fn helm_installed_hoard_backs_up_and_restores_workloads_on_a_real_node() {
     // Never restarted: same pods, no container restarts.
     assert_eq!(workload_pods(&node).await, before, "backups must not restart or replace workload pods");
 
-    // Restores into new claims, checked by new pods.
-    restore_and_check(&node, &db_snapshot, "db-restored").await;
-    restore_and_check(&node, &web_snapshot, "web-restored").await;
+    // Restores into new claims, checked by new pods. Confined by default: the set-user-id bit
+    // of sub/suid is not recreated; once an administrator labels the namespace, it is.
+    let confined = restore_and_check(&node, &db_snapshot, "db-restored").await;
+    assert!(confined.contains("MODE 755"), "a confined restore clears set-id bits: {confined}");
+    let mut label = node.kubectl();
+    label.args(["label", "namespace", NS, "hoard.dev/restore-metadata=full"]);
+    run(label, Duration::from_secs(60));
+    let full = restore_and_check(&node, &web_snapshot, "web-restored").await;
+    assert!(full.contains("MODE 4755"), "with the namespace label everything is restored: {full}");
 
     // helm upgrade reuses the generated CAs (the chart's `lookup` path) and rolls the agent.
     let secrets = Api::<Secret>::namespaced(node.client.clone(), SYSTEM_NS);

@@ -913,7 +913,7 @@ func extractArchive(archive, dir string) error {
 		default:
 			continue
 		}
-		if err := setMeta(p, hdr.Typeflag == tar.TypeSymlink, fs.FileMode(hdr.Mode).Perm(), hdr.Uid, hdr.Gid, hdr.ModTime); err != nil {
+		if err := setMeta(p, hdr.Typeflag == tar.TypeSymlink, modeBits(hdr.FileInfo().Mode()), hdr.Uid, hdr.Gid, hdr.ModTime); err != nil {
 			return err
 		}
 	}
@@ -921,7 +921,7 @@ func extractArchive(archive, dir string) error {
 	for i := len(dirs) - 1; i >= 0; i-- {
 		h := dirs[i]
 		p := filepath.Join(dir, h.Name)
-		if err := setMeta(p, false, fs.FileMode(h.Mode).Perm(), h.Uid, h.Gid, h.ModTime); err != nil {
+		if err := setMeta(p, false, modeBits(h.FileInfo().Mode()), h.Uid, h.Gid, h.ModTime); err != nil {
 			return err
 		}
 	}
@@ -973,14 +973,14 @@ func copyTree(src, dst string) error {
 			return nil
 		}
 		uid, gid := owner(info)
-		return setMeta(q, info.Mode()&fs.ModeSymlink != 0, info.Mode().Perm(), uid, gid, info.ModTime())
+		return setMeta(q, info.Mode()&fs.ModeSymlink != 0, modeBits(info.Mode()), uid, gid, info.ModTime())
 	})
 	if err != nil {
 		return err
 	}
 	for i := len(dirs) - 1; i >= 0; i-- {
 		uid, gid := owner(dirs[i].info)
-		if err := setMeta(dirs[i].path, false, dirs[i].info.Mode().Perm(), uid, gid, dirs[i].info.ModTime()); err != nil {
+		if err := setMeta(dirs[i].path, false, modeBits(dirs[i].info.Mode()), uid, gid, dirs[i].info.ModTime()); err != nil {
 			return err
 		}
 	}
@@ -1009,6 +1009,12 @@ func owner(info fs.FileInfo) (int, int) {
 		return int(st.Uid), int(st.Gid)
 	}
 	return -1, -1
+}
+
+// modeBits keeps permissions and the set-user-id, set-group-id and sticky bits, as a real
+// driver's copy (tar, cp -a) does.
+func modeBits(m fs.FileMode) fs.FileMode {
+	return m & (fs.ModePerm | fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky)
 }
 
 // setMeta restores ownership (only as root; others cannot chown), mode and mtime.
