@@ -343,13 +343,33 @@ pub async fn repair_index(repo: Arc<Repository>) -> Result<(usize, Vec<String>)>
     Ok((n, problems))
 }
 
-/// Indexes packs that are stored but named by no index file — left by an interrupted backup —
-/// so the next backup reuses them instead of uploading their blobs again. Packs are written
-/// whole (object stores and the filesystem backend commit atomically), so every listed pack is
-/// complete; an unreadable one is skipped and left for `check` and `prune`. Returns how many
-/// packs were adopted.
+/// Largest orphan pack downloaded for adoption (packs are normally `pack_size`, at most one
+/// blob of [`crate::pack::MAX_BLOB_LEN`] more).
+const MAX_ADOPTED_PACK: u64 = 256 * 1024 * 1024;
+
+/// Makes the loaded index agree with the packs the store holds, before a backup dedups against
+/// it; returns how many packs were adopted.
+///
+/// * Index entries whose pack is not listed are dropped (their blobs are stored again): an
+///   index file replayed into the bucket after a prune deleted its packs, or a pack deleted
+///   by hand, must not make a backup reference data that is gone.
+/// * Packs named by no index file — left by an interrupted backup — are indexed so the backup
+///   reuses them instead of uploading their blobs again, but only after the whole pack was
+///   downloaded and its BLAKE3 matched its name: a pack whose header decrypts but whose body was
+///   swapped is not adopted. An unreadable or oversized one is left for `check` and `prune`.
 pub async fn adopt_unindexed_packs(repo: &Repository, lease: Option<&crate::lock::Lease>) -> Result<usize> {
     let objs = repo.store().list("packs/").await?;
+    let listed: HashSet<Id> =
+        objs.iter().filter_map(|o| o.key.rsplit('/').next().and_then(|n| Id::from_hex(n).ok())).collect();
+    let missing: HashSet<Id> = repo.index().packs().filter(|id| !listed.contains(id)).copied().collect();
+    if !missing.is_empty() {
+        let dropped = repo.index_mut().forget_packs(&missing);
+        tracing::warn!(
+            "the index names {} pack(s) the repository does not hold; their {dropped} blob(s) are stored again \
+             (run `hoard check`)",
+            missing.len()
+        );
+    }
     let known: HashSet<Id> = repo.index().packs().copied().collect();
     let orphans: Vec<_> = objs
         .into_iter()
@@ -359,15 +379,15 @@ pub async fn adopt_unindexed_packs(repo: &Repository, lease: Option<&crate::lock
         return Ok(0);
     }
     let read: Vec<Result<IndexPack>> = futures::stream::iter(orphans)
-        .map(|o| async move { read_pack_header(repo, &o.key, o.size).await })
-        .buffer_unordered(8)
+        .map(|o| async move { read_verified_pack(repo, &o.key, o.size).await })
+        .buffer_unordered(4)
         .collect()
         .await;
     let mut file = IndexFile::default();
     for r in read {
         match r {
             Ok(p) => file.packs.push(p),
-            Err(e) => tracing::warn!("leaving an unreadable unindexed pack alone: {e}"),
+            Err(e) => tracing::warn!("leaving an unindexed pack alone: {e}"),
         }
     }
     let n = file.packs.len();
@@ -379,7 +399,8 @@ pub async fn adopt_unindexed_packs(repo: &Repository, lease: Option<&crate::lock
     Ok(n)
 }
 
-async fn read_pack_header(repo: &Repository, key: &str, size: u64) -> Result<IndexPack> {
+/// The id a pack's key names, if the key and size can be a pack at all.
+fn pack_name(key: &str, size: u64) -> Result<Id> {
     let id = key
         .rsplit('/')
         .next()
@@ -388,10 +409,38 @@ async fn read_pack_header(repo: &Repository, key: &str, size: u64) -> Result<Ind
     if size < 4 {
         return Err(Error::corrupt(ObjectKind::Pack, key, "too short"));
     }
+    Ok(id)
+}
+
+/// Reads a pack's header only (two ranged reads): `repair index` over every pack. Unlike
+/// adoption it does not check the body; `check --read-data` does.
+async fn read_pack_header(repo: &Repository, key: &str, size: u64) -> Result<IndexPack> {
+    let id = pack_name(key, size)?;
     let trailer = repo.store().get_range(key, size - 4..size).await?;
     let range = pack::header_range(size, &trailer)?;
     let sealed = repo.store().get_range(key, range.clone()).await?;
     let entries = pack::decode_header(repo.keys(), key, &sealed, size)?;
+    Ok(IndexPack::from_entries(id, &entries))
+}
+
+/// Downloads a whole pack, checks that it hashes to its name, and reads its header.
+async fn read_verified_pack(repo: &Repository, key: &str, size: u64) -> Result<IndexPack> {
+    let id = pack_name(key, size)?;
+    if size > MAX_ADOPTED_PACK {
+        return Err(Error::corrupt(
+            ObjectKind::Pack,
+            key,
+            format!("{size} bytes is larger than any pack hoard writes"),
+        ));
+    }
+    let bytes = repo.store().get(key).await?;
+    if bytes.len() as u64 != size || Id::of_bytes(&bytes) != id {
+        return Err(Error::corrupt(ObjectKind::Pack, key, "content does not match its name"));
+    }
+    let trailer = &bytes[bytes.len() - 4..];
+    let range = pack::header_range(size, trailer)?;
+    let sealed = &bytes[range.start as usize..range.end as usize];
+    let entries = pack::decode_header(repo.keys(), key, sealed, size)?;
     Ok(IndexPack::from_entries(id, &entries))
 }
 
