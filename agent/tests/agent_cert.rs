@@ -297,3 +297,34 @@ fn chart_rendered_secrets() {
     check(&pki, out.path(), "chart-node").expect("chart-generated TLS works end to end");
     assert!(check(&pki, out.path(), "other-node").is_err());
 }
+
+/// `tls.mode=certManager`: one issuer signs the controller certificate and the agent CA, an
+/// intermediate whose key is on every node. Root on one node mints a `hoard-controller`
+/// certificate with it and presents it with the intermediate: the agents must refuse it, since
+/// they accept only a controller certificate signed directly by the CA they trust.
+#[test]
+fn a_controller_certificate_minted_with_a_nodes_intermediate_agent_ca_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = ca("issuer root");
+    let agent_ca =
+        CertifiedIssuer::signed_by(ca_params("hoard agent CA"), KeyPair::generate().unwrap(), &root).unwrap();
+    let (ccert, ckey) = controller_cert(&root);
+    let out = dir.path().join("out");
+    let ca_cert = write(dir.path(), "tls.crt", &agent_ca.pem());
+    let ca_key = write(dir.path(), "tls.key", &agent_ca.key().serialize_pem());
+    let o = run_cert("worker-1", &ca_cert, &ca_key, &out, None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pki = Pki {
+        agent_trust: root.pem().into_bytes(),
+        controller_ca: root.pem().into_bytes(),
+        controller_cert: ccert.into_bytes(),
+        controller_key: ckey.into_bytes(),
+    };
+    check(&pki, &out, "worker-1").expect("the real controller is accepted");
+
+    let (forged, forged_key) = controller_cert(&agent_ca);
+    let chain = format!("{forged}{}", agent_ca.pem());
+    let forged = Pki { controller_cert: chain.into_bytes(), controller_key: forged_key.into_bytes(), ..pki };
+    let err = check(&forged, &out, "worker-1").expect_err("a controller certificate from the agent CA is refused");
+    assert!(matches!(err, rustls::Error::InvalidCertificate(_)), "{err:?}");
+}

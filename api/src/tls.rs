@@ -123,7 +123,8 @@ fn require_identity(cert: &CertificateDer<'_>, want: &str) -> Result<(), rustls:
     }
 }
 
-/// Server side: CA chain (client-auth usage) plus a required identity.
+/// Server side (the agent): the controller's certificate, signed directly by a trusted CA
+/// (client-auth usage), carrying the required identity.
 #[derive(Debug)]
 struct ControllerVerifier {
     inner: Arc<dyn ClientCertVerifier>,
@@ -143,10 +144,16 @@ impl ClientCertVerifier for ControllerVerifier {
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
+        _intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        // Pinned issuer: the controller certificate must be signed directly by a trusted CA.
+        // With cert-manager one issuer signs it and the agent CA, an intermediate whose key is
+        // on every node; any intermediate the client sends is therefore ignored, so nothing
+        // that key signs reaches a trust anchor (separate roots are impossible with one
+        // issuer, URI name constraints cannot express `node:` identities, and EKUs on
+        // intermediates are not enforced by webpki).
+        self.inner.verify_client_cert(end_entity, &[], now)?;
         require_identity(end_entity, &self.identity)?;
         Ok(ClientCertVerified::assertion())
     }
