@@ -662,9 +662,12 @@ async fn kept_snapshots_retention_and_restore_into_a_new_claim() {
         assert!(c.snapshot_id.is_none(), "snapshot-only uploads nothing: {c:#?}");
         let from = c.volume_snapshot.expect("names its VolumeSnapshot");
         assert_eq!((from.name.as_str(), from.kept), (format!("hoard-{bs}-data").as_str(), true));
-        // Kept: no owner, so neither cleanup nor the garbage collector takes it with the session.
+        // Kept: owned by its Snapshot object, not the session, so neither cleanup nor the garbage
+        // collector takes it with the session.
         let vs = snaps.get(&from.name).await.unwrap();
-        assert!(vs.metadata.owner_references.unwrap_or_default().is_empty());
+        let owners: Vec<(String, String)> =
+            vs.metadata.owner_references.unwrap_or_default().into_iter().map(|o| (o.kind, o.name)).collect();
+        assert_eq!(owners, [("Snapshot".to_string(), format!("only-repo-{bs}"))]);
         // Nothing else was made: no clone claim, no exposer pod.
         let lp = ListParams::default().labels(&format!("hoard.dev/backup-session={bs}"));
         assert!(Api::<Pod>::namespaced(h.client.clone(), &h.ns).list(&lp).await.unwrap().items.is_empty());
@@ -750,5 +753,18 @@ async fn kept_snapshots_retention_and_restore_into_a_new_claim() {
     }
     let restored = restore_into_new_claim(&h, "both-repo", "both-copy").await;
     assert!(tree_contents(&restored) == generations[2]);
+
+    // Deleting the Snapshot object that describes a kept VolumeSnapshot deletes it too (the
+    // garbage collector follows the owner reference).
+    hoard_snaps.delete("both-repo-both-1", &Default::default()).await.unwrap();
+    let mut vs_gone = false;
+    for _ in 0..120 {
+        if snaps.get_opt("hoard-both-1-data").await.unwrap().is_none_or(|v| v.metadata.deletion_timestamp.is_some()) {
+            vs_gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(vs_gone, "the kept VolumeSnapshot outlived its Snapshot object\n{}", h.controller_log());
     h.finish().await;
 }

@@ -2,7 +2,8 @@
 //! kept, and which kept ones retention deletes. Pure.
 //!
 //! A kept VolumeSnapshot loses its owner reference to the BackupSession (so neither the
-//! session's cleanup nor the garbage collector deletes it with the session) and gains
+//! session's cleanup nor the garbage collector deletes it with the session), is owned instead by
+//! the Snapshot objects that describe it (so it goes once the last of them is deleted), and gains
 //! [`KEPT_LABEL`] with the value of [`keep_group`]: one group per BackupConfiguration session.
 //! Retention keeps the newest `keepLast` of each volume (component) in a group, by the time the
 //! storage system cut them, and deletes the rest — never one of another group.

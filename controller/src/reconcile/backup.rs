@@ -17,6 +17,7 @@ use hoard_api::crd::{
     SnapshotPhase, SnapshotSpec, SnapshotStatus, TargetKind, parse_duration,
 };
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
@@ -726,7 +727,26 @@ async fn keep_snapshots(ctx: &Context, bs: &BackupSession, l: &Loaded) -> Result
         return Ok(BTreeSet::new());
     }
     let group = hoard_csi::keep::keep_group(&config.name_any(), &bs.spec.session);
-    let kept = snapshots::keep(ctx, bs, &group, &components).await?;
+    // Owned by the Snapshot objects that describe them (not as their controller): deleting the
+    // last of those lets the garbage collector delete the VolumeSnapshot too.
+    let owners: Vec<OwnerReference> = l
+        .snapshots
+        .values()
+        .filter(|s| {
+            s.status.as_ref().is_some_and(|st| {
+                st.components
+                    .iter()
+                    .any(|(c, cs)| components.contains(c) && cs.read_from == Some(ReadFrom::VolumeSnapshot))
+            })
+        })
+        .filter_map(|s| {
+            let mut o = s.controller_owner_ref(&())?;
+            o.controller = Some(false);
+            o.block_owner_deletion = Some(false);
+            Some(o)
+        })
+        .collect();
+    let kept = snapshots::keep(ctx, bs, &group, &components, &owners).await?;
     let ns = bs.namespace().unwrap_or_default();
     let deleted = snapshots::retain_kept(ctx, &ns, &group, policy.keep_last).await?;
     if !kept.is_empty() {

@@ -16,6 +16,7 @@ use hoard_csi::objects::{self, EXPOSED_VOLUME};
 use hoard_csi::plan::{self, Observed, Step};
 use hoard_csi::types::{VolumeSnapshot, VolumeSnapshotClass};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 
@@ -282,10 +283,18 @@ where
     Ok(n)
 }
 
-/// Keeps the VolumeSnapshots of `components` (this session's, by fixed name) in `group`: drops
-/// the session's owner reference so neither [`cleanup`] nor the garbage collector deletes them,
-/// and labels them kept. Idempotent; returns the names kept.
-pub async fn keep(ctx: &Context, bs: &BackupSession, group: &str, components: &[String]) -> Result<Vec<String>> {
+/// Keeps the VolumeSnapshots of `components` (this session's, by fixed name) in `group`: the
+/// session's owner reference is replaced by `owners` (the Snapshot objects that describe them),
+/// so neither [`cleanup`] nor the garbage collector deletes them with the session, while the
+/// garbage collector deletes one once every Snapshot object describing it is gone. Labels them
+/// kept. Idempotent; returns the names kept.
+pub async fn keep(
+    ctx: &Context,
+    bs: &BackupSession,
+    group: &str,
+    components: &[String],
+    owners: &[OwnerReference],
+) -> Result<Vec<String>> {
     let ns = bs.namespace().unwrap_or_default();
     let api: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
     let mut kept = Vec::new();
@@ -296,10 +305,10 @@ pub async fn keep(ctx: &Context, bs: &BackupSession, group: &str, components: &[
         if !already && !owned_by(&vs.metadata, bs) {
             continue;
         }
-        if !already || vs.metadata.owner_references.as_ref().is_some_and(|o| !o.is_empty()) {
-            // A merge patch replaces ownerReferences as a whole: an empty list removes the session's.
+        if !already || vs.metadata.owner_references.as_deref().unwrap_or_default() != owners {
+            // A merge patch replaces ownerReferences as a whole: the session's goes.
             let patch = serde_json::json!({
-                "metadata": {"ownerReferences": [], "labels": keep::kept_labels(group)}
+                "metadata": {"ownerReferences": owners, "labels": keep::kept_labels(group)}
             });
             api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
         }
