@@ -3,12 +3,15 @@
 //! a claim no pod mounts). It sleeps until the controller deletes it. Pure: which node, the Pod
 //! object, and where the pod stands.
 //!
-//! Node choice, in order: the claim's `volume.kubernetes.io/selected-node` annotation (the
-//! scheduler already bound a WaitForFirstConsumer claim there); the bound PersistentVolume's
-//! required node affinity on `kubernetes.io/hostname` (local volumes); otherwise the first node
-//! (by name) that runs a Ready agent. The pod is bound with `nodeName` — it bypasses the
-//! scheduler, so the chosen node must be able to attach the volume; volumes restricted by
-//! other topology keys (zones) should be pre-bound with the annotation.
+//! Node choice. The claim's `volume.kubernetes.io/selected-node` annotation is written by the
+//! scheduler, but a tenant can write it too, and the pod is bound with `nodeName` (it bypasses
+//! the scheduler and its taints), so the annotation only counts where the volume's own topology
+//! cannot say: a bound PersistentVolume's required node affinity on `kubernetes.io/hostname`
+//! (local volumes) decides among its nodes (the annotation only picks one of them); a bound
+//! volume with no required node affinity (network storage) goes to the first node (by name)
+//! with a Ready agent, whatever the annotation says; the annotation is followed for a claim not
+//! bound yet (WaitForFirstConsumer) and for volumes restricted by other topology keys (zones),
+//! which hoard cannot check without reading Node objects.
 
 use std::collections::BTreeMap;
 
@@ -30,13 +33,7 @@ pub fn node_for(
     if agents.is_empty() {
         return Err("no node has a Ready hoard agent".into());
     }
-    if let Some(n) = claim.metadata.annotations.as_ref().and_then(|a| a.get(SELECTED_NODE)) {
-        return if agents.contains(n) {
-            Ok(n.clone())
-        } else {
-            Err(format!("the claim is bound to node {n}, which has no Ready hoard agent"))
-        };
-    }
+    let selected = claim.metadata.annotations.as_ref().and_then(|a| a.get(SELECTED_NODE));
     let terms = pv
         .and_then(|p| p.spec.as_ref())
         .and_then(|s| s.node_affinity.as_ref())
@@ -51,10 +48,22 @@ pub fn node_for(
         .collect();
     if !hosts.is_empty() {
         hosts.sort();
+        hosts.retain(|h| agents.contains(h));
+        if let Some(n) = selected.filter(|n| hosts.contains(n)) {
+            return Ok(n.clone());
+        }
         return hosts
             .into_iter()
-            .find(|h| agents.contains(h))
+            .next()
             .ok_or_else(|| "the volume's node affinity names no node with a Ready hoard agent".into());
+    }
+    // Unbound (the scheduler's choice is all there is) or zone-restricted: the annotation.
+    if let Some(n) = selected.filter(|_| pv.is_none() || !terms.is_empty()) {
+        return if agents.contains(n) {
+            Ok(n.clone())
+        } else {
+            Err(format!("the claim is bound to node {n}, which has no Ready hoard agent"))
+        };
     }
     let mut sorted = agents.to_vec();
     sorted.sort();
@@ -175,6 +184,27 @@ mod tests {
         assert_eq!(node_for(&claim(None), Some(&local_pv(&["n9", "n2"])), &agents), Ok("n2".into()));
         assert!(node_for(&claim(None), Some(&local_pv(&["n9"])), &agents).is_err());
         assert!(node_for(&claim(None), None, &[]).is_err());
+    }
+
+    #[test]
+    fn the_annotation_cannot_steer_a_bound_volume_outside_its_topology() {
+        let agents = vec!["n1".to_string(), "n2".to_string(), "n3".to_string(), "x-control-plane".to_string()];
+        let network_pv: PersistentVolume =
+            serde_json::from_value(json!({"metadata": {"name": "pv"}, "spec": {}})).unwrap();
+        let steered = claim(Some("x-control-plane"));
+        assert_eq!(
+            node_for(&steered, Some(&network_pv), &agents),
+            Ok("n1".into()),
+            "network storage: annotation ignored"
+        );
+        assert_eq!(node_for(&steered, Some(&local_pv(&["n2"])), &agents), Ok("n2".into()), "a local volume's node");
+        assert_eq!(node_for(&claim(Some("n3")), Some(&local_pv(&["n2", "n3"])), &agents), Ok("n3".into()));
+        let zonal: PersistentVolume =
+            serde_json::from_value(json!({"metadata": {"name": "pv"}, "spec": {"nodeAffinity":
+            {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["z1"]}]}]}}}}))
+            .unwrap();
+        assert_eq!(node_for(&claim(Some("n3")), Some(&zonal), &agents), Ok("n3".into()), "zones: the scheduler's pick");
     }
 
     #[test]
