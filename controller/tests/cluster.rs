@@ -842,9 +842,14 @@ async fn tenancy_retention_wipeout_and_repository_sync_against_a_real_api_server
     let kept = open_repo(&s3, &prefix, &format!("{tenant}/kept")).await;
     let (id, _) = kept.list_snapshots().await.unwrap().pop().unwrap();
     assert_eq!(st.components["data"].snapshot_id.as_deref(), Some(id.to_hex().as_str()));
+    // The storage's status is written after the whole sync pass, which re-created the objects
+    // above on its way: wait for it.
     let storage: Api<hoard_api::crd::BackupStorage> = Api::namespaced(client.clone(), &owner);
-    let listed = storage.get("shared").await.unwrap().status.unwrap().repositories;
-    assert!(listed.iter().any(|r| r.name == "kept" && r.namespace == tenant && r.synced), "{listed:?}");
+    wait_for("the storage's status lists kept as synced", Duration::from_secs(60), || async {
+        let listed = storage.get("shared").await.ok()?.status?.repositories;
+        listed.iter().any(|r| r.name == "kept" && r.namespace == tenant && r.synced).then_some(())
+    })
+    .await;
 
     controller.abort();
     for ns in [&tenant, &intruder, &owner] {
