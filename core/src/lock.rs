@@ -45,7 +45,16 @@ pub struct LockInfo {
     /// Inode of the holder's PID namespace: the same PID in another container is another process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid_ns: Option<u64>,
+    /// The holder's stale age in seconds (its `HOARD_LOCK_STALE_SECONDS`): an observer waits for
+    /// the larger of this and its own, so a holder that refreshes less often than the observer
+    /// would expect is not judged stale between refreshes. Capped at [`MAX_RECORDED_STALE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_after_secs: Option<u64>,
 }
+
+/// The most a lock's recorded stale age counts for: a planted lock cannot block prune for
+/// longer than a day.
+pub const MAX_RECORDED_STALE: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Clone, Copy)]
 pub struct LockTimes {
@@ -121,7 +130,8 @@ impl LockInfo {
     ) -> bool {
         // A lock time in the future (holder's clock ahead) gives age 0: fresh.
         let age = now.signed_duration_since(self.time).to_std().unwrap_or_default();
-        if age > times.stale_after {
+        let recorded = self.stale_after_secs.map_or(Duration::ZERO, Duration::from_secs).min(MAX_RECORDED_STALE);
+        if age > times.stale_after.max(recorded) {
             return true;
         }
         let same_pid_space = self.host == observer.host
@@ -146,6 +156,7 @@ async fn write_lock(repo: &Repository, exclusive: bool) -> Result<Id> {
         pid: std::process::id(),
         boot_id: boot_id(),
         pid_ns: pid_ns(),
+        stale_after_secs: Some(LockTimes::default().stale_after.as_secs()),
     };
     let json = serde_json::to_vec(&info).map_err(|e| Error::Internal(e.to_string()))?;
     repo.save_file("locks", repo.keys().seal_meta(SealType::Lock, &json)?).await
@@ -353,7 +364,20 @@ mod tests {
             pid: 42,
             boot_id: Some("boot-1".into()),
             pid_ns: Some(4026531836),
+            stale_after_secs: None,
         }
+    }
+
+    #[test]
+    fn the_holders_longer_stale_age_is_honoured_up_to_a_day() {
+        let alive = |_| true;
+        let patient = LockInfo { stale_after_secs: Some(7200), ..lock_at(t(0)) };
+        assert!(!patient.is_stale_for(t(1801), &times(), &observer(), alive), "the holder refreshes every 20 min");
+        assert!(patient.is_stale_for(t(7201), &times(), &observer(), alive));
+        let shorter = LockInfo { stale_after_secs: Some(60), ..lock_at(t(0)) };
+        assert!(!shorter.is_stale_for(t(61), &times(), &observer(), alive), "the observer's own age still counts");
+        let planted = LockInfo { stale_after_secs: Some(u64::MAX), ..lock_at(t(0)) };
+        assert!(planted.is_stale_for(t(24 * 3600 + 1), &times(), &observer(), alive), "capped at a day");
     }
 
     fn t(secs: i64) -> DateTime<Utc> {
