@@ -308,6 +308,29 @@ impl Repository {
         Ok(bytes)
     }
 
+    /// Ids and listed sizes of all objects under `dir/` whose names are well-formed ids.
+    pub async fn list_sized(&self, dir: &str) -> Result<Vec<(Id, u64)>> {
+        let objs = self.store.list(&format!("{dir}/")).await?;
+        Ok(objs
+            .iter()
+            .filter_map(|o| Some((o.key.rsplit('/').next().and_then(|n| Id::from_hex(n).ok())?, o.size)))
+            .collect())
+    }
+
+    /// Like [`Repository::load_file`], but an object the listing says is larger than `max` is
+    /// refused without downloading it: the bucket is hostile ground.
+    async fn load_listed(&self, kind: ObjectKind, dir: &str, id: &Id, size: u64, max: usize) -> Result<Bytes> {
+        if size > max as u64 {
+            let key = format!("{dir}/{}", id.to_hex());
+            return Err(Error::corrupt(
+                kind,
+                key,
+                format!("{size} bytes is more than such an object may hold; not downloaded"),
+            ));
+        }
+        self.load_file(kind, dir, id).await
+    }
+
     /// Ids of all objects under `dir/` whose names are well-formed ids.
     pub async fn list_ids(&self, dir: &str) -> Result<Vec<Id>> {
         let objs = self.store.list(&format!("{dir}/")).await?;
@@ -336,10 +359,11 @@ impl Repository {
     }
 
     async fn read_index_files(&self) -> Result<Split<IndexFile>> {
-        let ids = self.list_ids("index").await?;
-        let loaded: Vec<(Id, Result<IndexFile>)> = futures::stream::iter(ids)
-            .map(|id| async move {
-                let r = match self.load_file(ObjectKind::Index, "index", &id).await {
+        let listed = self.list_sized("index").await?;
+        let loaded: Vec<(Id, Result<IndexFile>)> = futures::stream::iter(listed)
+            .map(|(id, size)| async move {
+                let max = crate::index::MAX_INDEX_LEN;
+                let r = match self.load_listed(ObjectKind::Index, "index", &id, size, max).await {
                     Ok(raw) => IndexFile::decode(&self.keys, &format!("index/{}", id.to_hex()), &raw),
                     Err(e) => Err(e),
                 };
@@ -556,9 +580,16 @@ impl Repository {
     }
 
     async fn read_snapshots(&self) -> Result<(Vec<(Id, Snapshot)>, Vec<(Id, Error)>)> {
-        let ids = self.list_ids("snapshots").await?;
-        let loaded: Vec<(Id, Result<Snapshot>)> = futures::stream::iter(ids)
-            .map(|id| async move { (id, self.load_snapshot(&id).await) })
+        let listed = self.list_sized("snapshots").await?;
+        let loaded: Vec<(Id, Result<Snapshot>)> = futures::stream::iter(listed)
+            .map(|(id, size)| async move {
+                let max = crate::snapshot::MAX_SNAPSHOT_LEN;
+                let r = match self.load_listed(ObjectKind::Snapshot, "snapshots", &id, size, max).await {
+                    Ok(raw) => Snapshot::decode(&self.keys, &format!("snapshots/{}", id.to_hex()), &raw),
+                    Err(e) => Err(e),
+                };
+                (id, r)
+            })
             .buffer_unordered(LIST_CONCURRENCY)
             .collect()
             .await;

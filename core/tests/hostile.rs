@@ -284,3 +284,57 @@ async fn a_confined_restore_recreates_no_privilege() {
         }
     }
 }
+
+/// Records which keys were downloaded whole.
+#[derive(Debug)]
+struct Recording {
+    inner: Arc<dyn hoard_core::store::Store>,
+    gets: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl hoard_core::store::Store for Recording {
+    async fn put(&self, key: &str, data: Bytes) -> hoard_core::Result<()> {
+        self.inner.put(key, data).await
+    }
+    async fn get(&self, key: &str) -> hoard_core::Result<Bytes> {
+        self.gets.lock().unwrap().push(key.to_string());
+        self.inner.get(key).await
+    }
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> hoard_core::Result<Bytes> {
+        self.inner.get_range(key, range).await
+    }
+    async fn list(&self, prefix: &str) -> hoard_core::Result<Vec<hoard_core::store::ObjectInfo>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> hoard_core::Result<()> {
+        self.inner.delete(key).await
+    }
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+}
+
+/// A bucket writer plants a 20 MiB object among the snapshots (well named: the hash of its
+/// bytes). Listing snapshots reports it damaged from its listed size, without downloading it.
+#[tokio::test]
+async fn an_oversized_planted_snapshot_is_refused_from_the_listing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inner =
+        open_store(tmp.path().join("repo").to_str().unwrap(), &StoreOptions { create_dir: true, ..Default::default() })
+            .unwrap();
+    let rec = Arc::new(Recording { inner, gets: Default::default() });
+    let store: Arc<dyn hoard_core::store::Store> = rec.clone();
+    let kdf = KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
+    let repo = Repository::init(Arc::clone(&store), &Password::new("pw"), InitOptions { kdf, ..Default::default() })
+        .await
+        .unwrap();
+    let planted = Bytes::from(vec![7u8; 20 * 1024 * 1024]);
+    let key = format!("snapshots/{}", hoard_core::Id::of_bytes(&planted).to_hex());
+    store.put(&key, planted).await.unwrap();
+
+    assert!(repo.list_snapshots().await.unwrap().is_empty());
+    let damaged = repo.damaged();
+    assert!(damaged.iter().any(|d| d.object == key && d.reason.contains("not downloaded")), "{damaged:?}");
+    assert!(!rec.gets.lock().unwrap().contains(&key), "the oversized object was downloaded");
+}

@@ -196,8 +196,21 @@ pub async fn open_or_init(a: &Access) -> Result<(CoreRepo, bool)> {
     }
 }
 
+/// Most `hoard-meta/repositories.json` may hold: thousands of repositories fit in far less.
+const MAX_META_LEN: u64 = 4 * 1024 * 1024;
+
 /// Reads the storage's metadata object (empty when absent).
 pub async fn read_meta(store: &dyn Store) -> Result<Meta> {
+    // Unauthenticated and in the bucket: its listed size is checked before it is downloaded.
+    let listed = store.list(storage::META_KEY).await?;
+    if let Some(o) = listed.iter().find(|o| o.key == storage::META_KEY)
+        && o.size > MAX_META_LEN
+    {
+        return Err(Error::Invalid {
+            what: storage::META_KEY.to_string(),
+            reason: format!("{} bytes is more than the metadata object may hold ({MAX_META_LEN})", o.size),
+        });
+    }
     match store.get(storage::META_KEY).await {
         Ok(b) => Ok(serde_json::from_slice(&b)?),
         Err(hoard_core::Error::ObjectNotFound(_)) => Ok(Meta::default()),
