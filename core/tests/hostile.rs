@@ -15,6 +15,22 @@ use hoard_core::store::{StoreOptions, open_store};
 use hoard_core::tree::{Extent, Node, NodeKind, Tree};
 use hoard_core::writer::{BlobWriter, WriterConfig};
 
+fn local_store(dir: &std::path::Path) -> Arc<dyn hoard_core::store::Store> {
+    open_store(dir.join("repo").to_str().unwrap(), &StoreOptions { create_dir: true, ..Default::default() }).unwrap()
+}
+
+/// A repository on `store` with a cheap key slot (8 MiB × 1 pass).
+async fn init_repo(store: Arc<dyn hoard_core::store::Store>) -> Arc<Repository> {
+    let kdf = KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
+    Arc::new(Repository::init(store, &Password::new("pw"), InitOptions { kdf, ..Default::default() }).await.unwrap())
+}
+
+/// A new repository under `dir/repo`, with its store.
+async fn new_repo(dir: &std::path::Path) -> (Arc<dyn hoard_core::store::Store>, Arc<Repository>) {
+    let store = local_store(dir);
+    (Arc::clone(&store), init_repo(store).await)
+}
+
 fn file(name: &[u8], id: hoard_core::Id, len: u32) -> Node {
     let mut n = Node::new(name.to_vec(), NodeKind::File);
     n.mode = 0o644;
@@ -26,13 +42,7 @@ fn file(name: &[u8], id: hoard_core::Id, len: u32) -> Node {
 #[tokio::test]
 async fn hostile_names_never_escape_the_target() {
     let tmp = tempfile::tempdir().unwrap();
-    let store =
-        open_store(tmp.path().join("repo").to_str().unwrap(), &StoreOptions { create_dir: true, ..Default::default() })
-            .unwrap();
-    let kdf = KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
-    let repo = Arc::new(
-        Repository::init(store, &Password::new("pw"), InitOptions { kdf, ..Default::default() }).await.unwrap(),
-    );
+    let (_, repo) = new_repo(tmp.path()).await;
     let writer = BlobWriter::start(Arc::clone(&repo), WriterConfig::default());
     let sink = writer.sink();
     let payload = b"owned".to_vec();
@@ -108,13 +118,7 @@ async fn a_special_file_swapped_for_a_symlink_does_not_redirect_chmod() {
     use std::os::unix::fs::PermissionsExt;
 
     let tmp = tempfile::tempdir().unwrap();
-    let store =
-        open_store(tmp.path().join("repo").to_str().unwrap(), &StoreOptions { create_dir: true, ..Default::default() })
-            .unwrap();
-    let kdf = KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
-    let repo = Arc::new(
-        Repository::init(store, &Password::new("pw"), InitOptions { kdf, ..Default::default() }).await.unwrap(),
-    );
+    let (_, repo) = new_repo(tmp.path()).await;
     let writer = BlobWriter::start(Arc::clone(&repo), WriterConfig::default());
     let sink = writer.sink();
     let mut fifo = Node::new(b"pipe".to_vec(), NodeKind::Fifo);
@@ -156,13 +160,7 @@ async fn planted_costly_key_slots_are_not_tried_first() {
     use hoard_core::store::Store;
 
     let tmp = tempfile::tempdir().unwrap();
-    let store =
-        open_store(tmp.path().join("repo").to_str().unwrap(), &StoreOptions { create_dir: true, ..Default::default() })
-            .unwrap();
-    let kdf = KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
-    let repo = Repository::init(Arc::clone(&store), &Password::new("pw"), InitOptions { kdf, ..Default::default() })
-        .await
-        .unwrap();
+    let (store, repo) = new_repo(tmp.path()).await;
     let real = repo.key_id().to_hex();
     let real_slot: KeySlot = serde_json::from_slice(&store.get(&format!("keys/{real}")).await.unwrap()).unwrap();
     for (memory_kib, iterations) in [(4 * 1024 * 1024, 64), (512 * 1024, 16)] {
@@ -205,13 +203,7 @@ async fn a_confined_restore_recreates_no_privilege() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let store =
-        open_store(tmp.path().join("repo").to_str().unwrap(), &StoreOptions { create_dir: true, ..Default::default() })
-            .unwrap();
-    let kdf = KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
-    let repo = Arc::new(
-        Repository::init(store, &Password::new("pw"), InitOptions { kdf, ..Default::default() }).await.unwrap(),
-    );
+    let (_, repo) = new_repo(tmp.path()).await;
     // VFS_CAP_REVISION_2 with the effective bit, CAP_NET_RAW permitted.
     let mut cap = 0x0200_0001u32.to_le_bytes().to_vec();
     cap.extend(0x2000u32.to_le_bytes());
@@ -320,15 +312,9 @@ impl hoard_core::store::Store for Recording {
 #[tokio::test]
 async fn an_oversized_planted_snapshot_is_refused_from_the_listing() {
     let tmp = tempfile::tempdir().unwrap();
-    let inner =
-        open_store(tmp.path().join("repo").to_str().unwrap(), &StoreOptions { create_dir: true, ..Default::default() })
-            .unwrap();
-    let rec = Arc::new(Recording { inner, gets: Default::default() });
+    let rec = Arc::new(Recording { inner: local_store(tmp.path()), gets: Default::default() });
     let store: Arc<dyn hoard_core::store::Store> = rec.clone();
-    let kdf = KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
-    let repo = Repository::init(Arc::clone(&store), &Password::new("pw"), InitOptions { kdf, ..Default::default() })
-        .await
-        .unwrap();
+    let repo = init_repo(Arc::clone(&store)).await;
     let planted = Bytes::from(vec![7u8; 20 * 1024 * 1024]);
     let key = format!("snapshots/{}", hoard_core::Id::of_bytes(&planted).to_hex());
     store.put(&key, planted).await.unwrap();
