@@ -1754,7 +1754,7 @@ async fn backup_locked(
 ) -> Result<BackupOutcome> {
     // Load the index under the lock, so nothing a concurrent prune removed is used for dedup.
     repo.load_index().await?;
-    let adopted = crate::prune::adopt_unindexed_packs(repo, Some(&lock.lease())).await?;
+    let adopted = crate::prune::align_index_with_packs(repo, Some(&lock.lease())).await?;
     if adopted > 0 {
         tracing::info!("indexed {adopted} packs left by an interrupted backup");
     }

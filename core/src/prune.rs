@@ -29,6 +29,7 @@ use crate::index::{IndexFile, IndexPack, group_by_pack};
 use crate::lock::LockGuard;
 use crate::pack;
 use crate::repo::{Repository, pack_key};
+use crate::store::ObjectInfo;
 use crate::tree::{Extent, NodeKind};
 use crate::writer::{BlobWriter, WriterConfig};
 
@@ -357,10 +358,15 @@ const MAX_ADOPTED_PACK: u64 = 256 * 1024 * 1024;
 ///   reuses them instead of uploading their blobs again, but only after the whole pack was
 ///   downloaded and its BLAKE3 matched its name: a pack whose header decrypts but whose body was
 ///   swapped is not adopted. An unreadable or oversized one is left for `check` and `prune`.
-pub async fn adopt_unindexed_packs(repo: &Repository, lease: Option<&crate::lock::Lease>) -> Result<usize> {
-    let objs = repo.store().list("packs/").await?;
-    let listed: HashSet<Id> =
-        objs.iter().filter_map(|o| o.key.rsplit('/').next().and_then(|n| Id::from_hex(n).ok())).collect();
+pub async fn align_index_with_packs(repo: &Repository, lease: Option<&crate::lock::Lease>) -> Result<usize> {
+    let objs: Vec<(Id, ObjectInfo)> = repo
+        .store()
+        .list("packs/")
+        .await?
+        .into_iter()
+        .filter_map(|o| Some((o.key.rsplit('/').next().and_then(|n| Id::from_hex(n).ok())?, o)))
+        .collect();
+    let listed: HashSet<Id> = objs.iter().map(|(id, _)| *id).collect();
     let missing: HashSet<Id> = repo.index().packs().filter(|id| !listed.contains(id)).copied().collect();
     if !missing.is_empty() {
         let dropped = repo.index_mut().forget_packs(&missing);
@@ -371,10 +377,7 @@ pub async fn adopt_unindexed_packs(repo: &Repository, lease: Option<&crate::lock
         );
     }
     let known: HashSet<Id> = repo.index().packs().copied().collect();
-    let orphans: Vec<_> = objs
-        .into_iter()
-        .filter(|o| o.key.rsplit('/').next().and_then(|n| Id::from_hex(n).ok()).is_some_and(|id| !known.contains(&id)))
-        .collect();
+    let orphans: Vec<ObjectInfo> = objs.into_iter().filter(|(id, _)| !known.contains(id)).map(|(_, o)| o).collect();
     if orphans.is_empty() {
         return Ok(0);
     }

@@ -242,6 +242,9 @@ write_kubeconfig "${DIR}/controller-manager.kubeconfig" controller-manager
 write_kubeconfig "${DIR}/scheduler.kubeconfig" scheduler
 write_kubeconfig "${DIR}/kubelet.kubeconfig" kubelet
 
+# kubectl against this cluster, bounded (the CSI and node parts use it).
+kc() { timeout 60 "${KUBECTL}" --kubeconfig="${DIR}/kubeconfig" --request-timeout=30s "$@"; }
+
 # --- process management -------------------------------------------------------
 stop_all() { "${HERE}/down.sh" --dir "${DIR}" >&2 || true; }
 # Stop whatever we already started if anything below fails.
@@ -411,7 +414,6 @@ if ((WITH_CSI)); then
   # csi-provisioner prefers $KUBECONFIG over its --kubeconfig flag: a caller's cluster
   # must never leak into these processes.
   export KUBECONFIG=${DIR}/kubeconfig
-  kc() { timeout 60 "${KUBECTL}" --kubeconfig="${DIR}/kubeconfig" --request-timeout=30s "$@"; }
   # sun_path holds 108 bytes.
   ((${#CSI_SOCK} < 100)) || die "CSI socket path ${CSI_SOCK} is too long for a unix socket; use a shorter --dir"
   mkdir -p "${CSI_STATE_DIR}"
@@ -488,7 +490,6 @@ fi
 
 # --- the node (optional): kube-scheduler, containerd + runc, kubelet ----------------------
 if ((WITH_NODE)); then
-  kc() { timeout 60 "${KUBECTL}" --kubeconfig="${DIR}/kubeconfig" --request-timeout=30s "$@"; }
   ((${#CONTAINERD_SOCK} < 100)) || die "containerd socket path ${CONTAINERD_SOCK} is too long; use a shorter --dir"
 
   if ! ip -o addr show dev lo | grep -q " ${NODE_IP}/32 "; then
