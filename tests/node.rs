@@ -247,7 +247,8 @@ async fn helm_installed_hoard_backs_up_and_restores_workloads_on_a_real_node() {
          controller:\n  hostNetwork: true\n  metricsPort: {}\n  extraEnv:\n\
          \x20   - {{name: KUBERNETES_SERVICE_HOST, value: 127.0.0.1}}\n\
          \x20   - {{name: KUBERNETES_SERVICE_PORT, value: \"{}\"}}\n\
-         agent:\n  hostNetwork: true\n  kubeletRoot: {}/pods\n  grpcPort: {}\n  metricsPort: {}\n",
+         agent:\n  hostNetwork: true\n  kubeletRoot: {}/pods\n  grpcPort: {}\n  metricsPort: {}\n\
+         \x20 restore: {{enabled: true}}\n",
         free_port(),
         node.var("HOARD_APISERVER_PORT"),
         node.var("HOARD_KUBELET_ROOT"),

@@ -33,6 +33,9 @@ pub struct JobEnv {
     /// Backups read through io_uring (flag on and the kernel allows it).
     pub io_uring: bool,
     pub allow_file_repositories: bool,
+    /// Restore and verify orders are refused (`--backup-only`: the chart's
+    /// `agent.restore.enabled=false`, whose container can read but not write).
+    pub backup_only: bool,
     pub scratch_dir: PathBuf,
     /// Local copies of remote repositories' index files and snapshots, shared by all orders;
     /// none: no cache.

@@ -55,6 +55,10 @@ struct Args {
     /// Accept filesystem repository locations (development and tests only).
     #[arg(long)]
     allow_file_repositories: bool,
+    /// Refuse restore and verify orders: for a container that may read volumes but not write
+    /// them (the chart's default, `agent.restore.enabled=false`).
+    #[arg(long, env = "HOARD_AGENT_BACKUP_ONLY")]
+    backup_only: bool,
     /// Where verify orders restore to (removed afterwards).
     #[arg(long, default_value = "/var/lib/hoard-agent/scratch")]
     scratch_dir: PathBuf,
@@ -124,6 +128,7 @@ fn main() -> std::process::ExitCode {
         grace: Duration::from_secs(args.grace_period),
         finished_orders: args.finished_orders,
         allow_file_repositories: args.allow_file_repositories,
+        backup_only: args.backup_only,
         scratch_dir: args.scratch_dir,
         cache_dir: args.cache_dir,
         cache_max_bytes: args.cache_max_bytes.map(|b| b as u64),

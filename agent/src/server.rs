@@ -37,6 +37,8 @@ pub struct Config {
     pub grace: Duration,
     pub finished_orders: usize,
     pub allow_file_repositories: bool,
+    /// Refuse restore and verify orders.
+    pub backup_only: bool,
     pub scratch_dir: PathBuf,
     /// Where index files and snapshots of remote repositories are kept between orders
     /// ([`hoard_core::cache`]); none: read from the repository every time.
@@ -104,6 +106,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         budget,
         io_uring,
         allow_file_repositories: cfg.allow_file_repositories,
+        backup_only: cfg.backup_only,
         scratch_dir: cfg.scratch_dir.clone(),
         cache: cfg.cache_dir.clone().map(|root| hoard_core::cache::CacheDir::new(root, cfg.cache_max_bytes)),
         metrics: Arc::clone(&metrics),

@@ -75,6 +75,20 @@ fn follow(rx: watch::Receiver<Progress>) -> ProgressStream {
 }
 
 impl AgentService {
+    /// A backup-only agent's answer to orders that write (restore, verify).
+    fn refuse_writes(&self, order_id: &str, kind: OrderKind) -> Result<(), Status> {
+        if !self.env.backup_only {
+            return Ok(());
+        }
+        self.env.metrics.refused("backup-only");
+        tracing::warn!(order_id, kind = kind.label(), "order refused: this agent is backup-only");
+        Err(Status::failed_precondition(format!(
+            "this agent is backup-only (--backup-only; chart value agent.restore.enabled=false): it takes no {} \
+             orders. Enable restores with `helm upgrade ... --set agent.restore.enabled=true` (see docs/install.md)",
+            kind.label()
+        )))
+    }
+
     /// Plans and opens the volume of an order (refusals are counted and logged, never the order).
     async fn open_volume(&self, order_id: &str, id: Option<VolumeIdentity>) -> Result<OpenVolume, Status> {
         let id = id.ok_or_else(|| Status::invalid_argument("the order names no volume"))?;
@@ -157,6 +171,7 @@ impl Agent for AgentService {
         let order = Wiped::new(req.into_inner(), Some(self.env.metrics.secrets_wiped()));
         let encoded = jobs::public_encoding(&*order);
         let id = order.order_id.clone();
+        self.refuse_writes(&id, OrderKind::Restore)?;
         let volume = order.volume.clone();
         self.submit(OrderKind::Restore, &id, &encoded, Some(volume), move |env, ctx, vol| async move {
             jobs::restore(env, ctx, order, take_volume(vol)?).await
@@ -169,6 +184,7 @@ impl Agent for AgentService {
         let order = Wiped::new(req.into_inner(), Some(self.env.metrics.secrets_wiped()));
         let encoded = jobs::public_encoding(&*order);
         let id = order.order_id.clone();
+        self.refuse_writes(&id, OrderKind::Verify)?;
         self.submit(OrderKind::Verify, &id, &encoded, None, move |env, ctx, _| async move {
             jobs::verify(env, ctx, order).await
         })

@@ -184,7 +184,7 @@ async fn backup_to_s3() {
 /// A new repository in `store` (cheap key derivation: a test, not a secret).
 async fn init_in(store: Arc<dyn hoard_core::store::Store>) -> Arc<hoard_core::Repository> {
     let kdf = hoard_core::crypto::KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
-    let opts = hoard_core::repo::InitOptions { kdf, ..Default::default() };
+    let opts = hoard_core::repo::InitOptions { kdf, allow_weak_kdf: true, ..Default::default() };
     Arc::new(hoard_core::Repository::init(store, &hoard_core::Password::new(PASSWORD), opts).await.unwrap())
 }
 
@@ -801,6 +801,40 @@ async fn io_uring_forced_off_same_results() {
         assert_eq!(agent.metric("hoard_agent_memory_in_use_bytes"), 0.0);
     }
     assert_eq!(roots[0], roots[1], "io_uring and plain reads gave different trees");
+}
+
+/// `--backup-only` (the chart's default): backups run; restore and verify orders are refused
+/// with a reason, and nothing is written to the target volume.
+#[tokio::test]
+async fn a_backup_only_agent_refuses_restores_and_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = make_kubelet_tree(&tmp.path().join("kubelet"));
+    let pki = make_test_pki(&tmp.path().join("pki"), NODE);
+    let repo_dir = tmp.path().join("repo");
+    init_repo(&repo_dir).await;
+    let agent = Agent::start(&tree.root, &pki, &tmp.path().join("work"), &["--backup-only"]);
+    let mut client = agent.client(&pki).await;
+    let done =
+        finish(client.backup(backup_order("b", identity(&tree.volumes[0]), &repo_dir)).await, LONG).await.unwrap();
+    assert_eq!(phase(&done), Phase::Done, "{done:?}");
+    let snapshot = done.result.unwrap().snapshot_id;
+
+    let restore = RestoreOrder {
+        order_id: "r".into(),
+        volume: Some(identity(&tree.empty)),
+        repository: Some(repo_msg(&repo_dir)),
+        snapshot: snapshot.clone(),
+        ..Default::default()
+    };
+    let e = client.restore(restore).await.err().unwrap();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("backup-only"), "{e}");
+    assert_eq!(std::fs::read_dir(&tree.empty.data_dir).unwrap().count(), 0, "the target was touched");
+    let verify =
+        VerifyOrder { order_id: "v".into(), repository: Some(repo_msg(&repo_dir)), snapshot, ..Default::default() };
+    let e = client.verify(verify).await.err().unwrap();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert_eq!(agent.metric("hoard_agent_refused_orders_total{reason=\"backup-only\"}"), 2.0);
 }
 
 /// A restore order refuses a volume that holds data unless it says `overwrite`; an ext4

@@ -166,6 +166,9 @@ struct NewPassword {
     kdf_memory_mib: u32,
     #[arg(long, default_value_t = 3)]
     kdf_iterations: u32,
+    /// Accept key derivation cheaper than 19 MiB × 2 passes (tests, throwaway repositories).
+    #[arg(long)]
+    insecure_kdf: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -262,12 +265,16 @@ struct InitArgs {
     /// zstd level (0 = no compression).
     #[arg(long, default_value_t = 1)]
     compression: i32,
-    /// Argon2id memory in MiB for the key slot (minimum 8).
+    /// Argon2id memory in MiB for the key slot (memory × passes at least 38 MiB, e.g. 19 × 2).
     #[arg(long, default_value_t = 64)]
     kdf_memory_mib: u32,
     /// Argon2id passes.
     #[arg(long, default_value_t = 3)]
     kdf_iterations: u32,
+    /// Accept key derivation cheaper than 19 MiB × 2 passes, down to 8 MiB × 1 (tests and
+    /// throwaway repositories only: it makes guessing the password cheap).
+    #[arg(long)]
+    insecure_kdf: bool,
 }
 
 #[derive(Args, Debug)]
@@ -550,7 +557,7 @@ async fn cmd_init(g: &Global, a: InitArgs) -> anyhow::Result<u8> {
         large_files: hoard_core::chunker::LargeFileChunking::default_for(&chunker),
     };
     let kdf = KdfParams { memory_kib: a.kdf_memory_mib * 1024, iterations: a.kdf_iterations, ..KdfParams::default() };
-    let repo = Repository::init(store, &password, InitOptions { params, kdf }).await?;
+    let repo = Repository::init(store, &password, InitOptions { params, kdf, allow_weak_kdf: a.insecure_kdf }).await?;
     if g.json {
         print_json(
             &serde_json::json!({"message_type": "initialized", "id": repo.id().to_hex(), "repository": repo.store().location()}),
@@ -1147,7 +1154,7 @@ async fn cmd_key(g: &Global, action: KeyAction) -> anyhow::Result<u8> {
             hoard::ops::key_list(&repo, g.json).await?;
         }
         KeyAction::Add(a) => {
-            let id = repo.add_key(&read_new_password(&a)?, kdf(&a)).await?;
+            let id = repo.add_key(&read_new_password(&a)?, kdf(&a), a.insecure_kdf).await?;
             println!("added key {}", id.short());
         }
         KeyAction::Remove { id } => {
@@ -1159,7 +1166,7 @@ async fn cmd_key(g: &Global, action: KeyAction) -> anyhow::Result<u8> {
             println!("removed key {}", one.short());
         }
         KeyAction::Passwd(a) => {
-            let id = repo.change_password(&read_new_password(&a)?, kdf(&a)).await?;
+            let id = repo.change_password(&read_new_password(&a)?, kdf(&a), a.insecure_kdf).await?;
             println!("password changed (key {})", id.short());
         }
     }

@@ -17,7 +17,7 @@ fn setup(tmp: &Path) -> (Hoard, std::path::PathBuf) {
         std::fs::write(src.join(format!("file{i}")), random_bytes(3 << 20, i)).unwrap();
     }
     let h = Hoard::new(tmp.join("repo").to_str().unwrap());
-    h.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1", "--pack-size-mib", "4"]);
+    h.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1", "--insecure-kdf", "--pack-size-mib", "4"]);
     h.backup_json(&[src.to_str().unwrap()], 0);
     (h, src)
 }
@@ -237,7 +237,7 @@ fn full_repository_disk_is_a_distinct_error_and_loses_nothing() {
         std::fs::write(big.join(format!("b{i}")), random_bytes(4 << 20, 200 + i)).unwrap();
     }
     let h = Hoard::new(repo.to_str().unwrap());
-    h.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1", "--pack-size-mib", "4"]);
+    h.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1", "--insecure-kdf", "--pack-size-mib", "4"]);
     h.backup_json(&[small.to_str().unwrap()], 0);
 
     let started = std::time::Instant::now();

@@ -301,7 +301,7 @@ async fn inline_commands_of_docs_concepts_md_run() {
         path: "demo/postgres".into(),
     };
     // A previous run against the same server may have created it already.
-    let init = repo.hoard(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+    let init = repo.hoard(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1", "--insecure-kdf"]);
     assert!(init.status.success() || stderr(&init).contains("already"), "init: {}", stderr(&init));
     let data = sample_tree(tmp.path());
     let out = repo.hoard(&["backup", data.to_str().unwrap(), "--name", "data", "--host", "concepts-doc"]);

@@ -18,6 +18,7 @@ fn small_repo(dir: &Path) -> Hoard {
         "8",
         "--kdf-iterations",
         "1",
+        "--insecure-kdf",
         "--pack-size-mib",
         "1",
         "--chunk-min-kib",
@@ -71,7 +72,14 @@ fn keys_add_passwd_remove() {
     let h = small_repo(tmp.path());
     let mut h2 = Hoard::new(h.repo.clone());
     h2.envs.push(("HOARD_NEW_PASSWORD".into(), "second password".into()));
-    h2.ok(&["key", "add", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+    // Below the floor (19 MiB × 2) only on request; the default strength always passes.
+    let weak = h2.expect(&["key", "add", "--kdf-memory-mib", "8", "--kdf-iterations", "1"], 1);
+    assert!(stderr(&weak).contains("too weak"), "{}", stderr(&weak));
+    let fresh = Hoard::new(tmp.path().join("weak").to_str().unwrap());
+    let weak = fresh.expect(&["init", "--kdf-memory-mib", "16", "--kdf-iterations", "2"], 1);
+    assert!(stderr(&weak).contains("too weak"), "{}", stderr(&weak));
+    assert!(!tmp.path().join("weak/config").exists());
+    h2.ok(&["key", "add", "--kdf-memory-mib", "8", "--kdf-iterations", "1", "--insecure-kdf"]);
     let keys: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "key", "list"]).stdout).unwrap();
     assert_eq!(keys.as_array().unwrap().len(), 2);
     let current =
@@ -81,7 +89,7 @@ fn keys_add_passwd_remove() {
     // Change the first password: the old one fails, the new one opens.
     let mut p = Hoard::new(h.repo.clone());
     p.envs.push(("HOARD_NEW_PASSWORD".into(), "third password".into()));
-    p.ok(&["key", "passwd", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+    p.ok(&["key", "passwd", "--kdf-memory-mib", "8", "--kdf-iterations", "1", "--insecure-kdf"]);
     h.expect(&["snapshots"], 12);
     let mut third = Hoard::new(h.repo.clone());
     third.password = "third password".into();
@@ -108,7 +116,7 @@ fn check_names_a_damaged_second_key_slot() {
     let before: Vec<PathBuf> = files_under(&tmp.path().join("repo"), "keys");
     let mut h2 = Hoard::new(h.repo.clone());
     h2.envs.push(("HOARD_NEW_PASSWORD".into(), "second password".into()));
-    h2.ok(&["key", "add", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+    h2.ok(&["key", "add", "--kdf-memory-mib", "8", "--kdf-iterations", "1", "--insecure-kdf"]);
     let second = files_under(&tmp.path().join("repo"), "keys").into_iter().find(|k| !before.contains(k)).unwrap();
     let name = second.file_name().unwrap().to_string_lossy().into_owned();
     check_ok(&h);

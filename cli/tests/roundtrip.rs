@@ -220,7 +220,7 @@ fn object_store_round_trip(h: &Hoard) {
     let src = tmp.path().join("data");
     make_fidelity_fixture(&src);
     h.init();
-    let out = h.expect(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"], 1);
+    let out = h.expect(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1", "--insecure-kdf"], 1);
     assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
     h.backup_json(&[src.to_str().unwrap()], 0);
     let second = h.backup_json(&[src.to_str().unwrap()], 0);

@@ -275,6 +275,26 @@ impl KdfParams {
         Ok(())
     }
 
+    /// The least a new key slot may cost (memory KiB × passes): OWASP's Argon2id floor,
+    /// 19 MiB × 2 passes (46 MiB × 1 pass, 12 MiB × 3 passes and so on cost as much). Weaker
+    /// slots are still opened within [`Self::validate`]'s range, but only made on request.
+    pub const MIN_NEW_COST: u64 = 19 * 1024 * 2;
+
+    /// [`Self::validate`], and for a slot about to be written the [`Self::MIN_NEW_COST`] floor
+    /// unless `allow_weak` (tests and throwaway repositories ask for cheap slots explicitly).
+    pub fn validate_new(&self, allow_weak: bool) -> Result<()> {
+        self.validate()?;
+        if !allow_weak && self.cost() < Self::MIN_NEW_COST {
+            return Err(Error::InvalidArgument(format!(
+                "key derivation parameters {} MiB × {} pass(es) are too weak for a new key: memory × passes must be \
+                 at least 38 MiB (e.g. 19 MiB × 2; the default is 64 MiB × 3)",
+                self.memory_kib / 1024,
+                self.iterations
+            )));
+        }
+        Ok(())
+    }
+
     /// What deriving costs, for ordering: memory × passes.
     pub fn cost(&self) -> u64 {
         u64::from(self.memory_kib) * u64::from(self.iterations)

@@ -106,6 +106,8 @@ struct ConfigFile {
 pub struct InitOptions {
     pub params: RepoParams,
     pub kdf: KdfParams,
+    /// Accept a key slot below [`KdfParams::MIN_NEW_COST`] (tests, throwaway repositories).
+    pub allow_weak_kdf: bool,
 }
 
 pub fn pack_key(id: &Id) -> String {
@@ -163,7 +165,7 @@ impl Repository {
     /// Creates a repository in an empty location.
     pub async fn init(store: Arc<dyn Store>, password: &Password, opts: InitOptions) -> Result<Repository> {
         opts.params.validate()?;
-        opts.kdf.validate()?;
+        opts.kdf.validate_new(opts.allow_weak_kdf)?;
         match store.get("config").await {
             Ok(_) => return Err(Error::RepositoryExists(store.location())),
             Err(Error::ObjectNotFound(_)) => {}
@@ -192,7 +194,9 @@ impl Repository {
 
     /// Opens a repository, trying every key slot with the password. Touches nothing on failure.
     pub async fn open(store: Arc<dyn Store>, password: &Password) -> Result<Repository> {
-        let raw = match store.get("config").await {
+        // The config is in the bucket, hostile ground: at most one byte more than it may hold
+        // is downloaded (a bounded range), whatever its size.
+        let raw = match store.get_range("config", 0..MAX_CONFIG_LEN as u64 + 1).await {
             Ok(b) => b,
             Err(Error::ObjectNotFound(_)) => return Err(Error::RepositoryNotFound(store.location())),
             Err(e) => return Err(e),
@@ -629,8 +633,10 @@ impl Repository {
         self.store.delete(&format!("snapshots/{}", id.to_hex())).await
     }
 
-    /// Adds a key slot for another password; returns its id.
-    pub async fn add_key(&self, password: &Password, kdf: KdfParams) -> Result<Id> {
+    /// Adds a key slot for another password; returns its id. `allow_weak`: accept parameters
+    /// below [`KdfParams::MIN_NEW_COST`].
+    pub async fn add_key(&self, password: &Password, kdf: KdfParams, allow_weak: bool) -> Result<Id> {
+        kdf.validate_new(allow_weak)?;
         let slot = KeySlot::wrap(self.keys.master(), password.as_bytes(), &self.id, kdf)?;
         save_key_slot(&*self.store, &slot).await
     }
@@ -656,8 +662,8 @@ impl Repository {
 
     /// Replaces the current key slot with one for a new password; returns the new slot's id.
     /// The new slot is written before the old one is deleted.
-    pub async fn change_password(&mut self, new: &Password, kdf: KdfParams) -> Result<Id> {
-        let id = self.add_key(new, kdf).await?;
+    pub async fn change_password(&mut self, new: &Password, kdf: KdfParams, allow_weak: bool) -> Result<Id> {
+        let id = self.add_key(new, kdf, allow_weak).await?;
         self.store.delete(&format!("keys/{}", self.key_id.to_hex())).await?;
         self.key_id = id;
         Ok(id)

@@ -26,7 +26,11 @@ async fn repo(dir: &Path) -> Arc<Repository> {
         open_store(dir.join("repo").to_str().unwrap(), &StoreOptions { create_dir: true, ..Default::default() })
             .unwrap();
     let kdf = KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
-    Arc::new(Repository::init(store, &Password::new("pw"), InitOptions { kdf, ..Default::default() }).await.unwrap())
+    Arc::new(
+        Repository::init(store, &Password::new("pw"), InitOptions { kdf, allow_weak_kdf: true, ..Default::default() })
+            .await
+            .unwrap(),
+    )
 }
 
 fn open_dir(dir: &OwnedFd, name: &str) -> Option<OwnedFd> {

@@ -66,6 +66,7 @@ async fn init(store: Arc<dyn Store>) -> Arc<Repository> {
             large_files: None,
         },
         kdf: KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 },
+        allow_weak_kdf: true,
     };
     Arc::new(Repository::init(store, &password(), opts).await.unwrap())
 }

@@ -22,7 +22,11 @@ fn local_store(dir: &std::path::Path) -> Arc<dyn hoard_core::store::Store> {
 /// A repository on `store` with a cheap key slot (8 MiB × 1 pass).
 async fn init_repo(store: Arc<dyn hoard_core::store::Store>) -> Arc<Repository> {
     let kdf = KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
-    Arc::new(Repository::init(store, &Password::new("pw"), InitOptions { kdf, ..Default::default() }).await.unwrap())
+    Arc::new(
+        Repository::init(store, &Password::new("pw"), InitOptions { kdf, allow_weak_kdf: true, ..Default::default() })
+            .await
+            .unwrap(),
+    )
 }
 
 /// A new repository under `dir/repo`, with its store.
@@ -323,4 +327,47 @@ async fn an_oversized_planted_snapshot_is_refused_from_the_listing() {
     let damaged = repo.damaged();
     assert!(damaged.iter().any(|d| d.object == key && d.reason.contains("not downloaded")), "{damaged:?}");
     assert!(!rec.gets.lock().unwrap().contains(&key), "the oversized object was downloaded");
+}
+
+/// A bucket writer replaces `config` with 20 MiB. Opening reads at most one byte more than a
+/// config may hold and refuses it.
+#[tokio::test]
+async fn an_oversized_config_is_never_downloaded_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = Arc::new(Recording { inner: local_store(tmp.path()), gets: Default::default() });
+    let store: Arc<dyn hoard_core::store::Store> = rec.clone();
+    init_repo(Arc::clone(&store)).await;
+    store.delete("config").await.unwrap();
+    store.put("config", Bytes::from(vec![b' '; 20 * 1024 * 1024])).await.unwrap();
+    rec.gets.lock().unwrap().clear();
+
+    let e = Repository::open(Arc::clone(&store), &Password::new("pw")).await.unwrap_err();
+    assert!(matches!(e, hoard_core::Error::Corrupt { .. }), "{e}");
+    assert!(e.to_string().contains("too large"), "{e}");
+    assert!(!rec.gets.lock().unwrap().iter().any(|k| k == "config"), "the oversized config was downloaded");
+}
+
+/// New key slots have a floor (memory × passes ≥ 19 MiB × 2) unless a weak one is asked for;
+/// existing weak slots still open.
+#[tokio::test]
+async fn new_key_slots_are_not_weaker_than_the_floor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weak = KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
+    let e = Repository::init(
+        local_store(tmp.path()),
+        &Password::new("pw"),
+        InitOptions { kdf: weak, ..Default::default() },
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("too weak"), "{e}");
+    assert!(!tmp.path().join("repo/config").exists(), "nothing written");
+
+    let (store, repo) = new_repo(tmp.path()).await;
+    let e = repo.add_key(&Password::new("other"), weak, false).await.unwrap_err();
+    assert!(e.to_string().contains("too weak"), "{e}");
+    let floor = KdfParams { memory_kib: 19 * 1024, iterations: 2, parallelism: 1 };
+    repo.add_key(&Password::new("other"), floor, false).await.unwrap();
+    Repository::open(Arc::clone(&store), &Password::new("other")).await.unwrap();
+    Repository::open(store, &Password::new("pw")).await.expect("the weak slot made on request still opens");
 }

@@ -37,8 +37,11 @@ fn io_uring_expected() -> bool {
 
 async fn init(dir: &Path) -> Arc<Repository> {
     let store = open_store(dir.to_str().unwrap(), &StoreOptions { create_dir: true, ..Default::default() }).unwrap();
-    let opts =
-        InitOptions { kdf: KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 }, ..Default::default() };
+    let opts = InitOptions {
+        kdf: KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 },
+        allow_weak_kdf: true,
+        ..Default::default()
+    };
     Arc::new(Repository::init(store, &Password::new("uring"), opts).await.unwrap())
 }
 

@@ -57,6 +57,7 @@ async fn init(store: Arc<dyn Store>, pack_size: u32) -> Arc<Repository> {
             large_files: None,
         },
         kdf: KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 },
+        allow_weak_kdf: true,
     };
     Arc::new(Repository::init(store, &Password::new("pw"), opts).await.unwrap())
 }
@@ -427,6 +428,7 @@ async fn edited_files_are_cut_as_before_and_as_from_scratch() {
             }),
         },
         kdf: KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 },
+        allow_weak_kdf: true,
     };
     let repo =
         Arc::new(Repository::init(store(&tmp.path().join("repo"), None), &Password::new("pw"), opts).await.unwrap());

@@ -57,9 +57,13 @@ async fn setup(tmp: &Path) -> (Arc<dyn Store>, std::path::PathBuf) {
     let store = store(tmp);
     let kdf = KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 };
     let repo = Arc::new(
-        Repository::init(Arc::clone(&store), &Password::new("pw"), InitOptions { kdf, ..Default::default() })
-            .await
-            .unwrap(),
+        Repository::init(
+            Arc::clone(&store),
+            &Password::new("pw"),
+            InitOptions { kdf, allow_weak_kdf: true, ..Default::default() },
+        )
+        .await
+        .unwrap(),
     );
     backup_src(&repo, &src).await;
     (store, src)

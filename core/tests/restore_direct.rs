@@ -68,7 +68,11 @@ async fn repository(dir: &Path, params: RepoParams) -> Arc<Repository> {
     std::fs::create_dir_all(dir).unwrap();
     let fs = object_store::local::LocalFileSystem::new_with_prefix(dir).unwrap();
     let store: Arc<dyn Store> = Arc::new(ObjectStoreBackend::new(Arc::new(fs), "", dir.display().to_string()));
-    let opts = InitOptions { params, kdf: KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 } };
+    let opts = InitOptions {
+        params,
+        kdf: KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 },
+        allow_weak_kdf: true,
+    };
     Arc::new(Repository::init(store, &Password::new("pw"), opts).await.unwrap())
 }
 

@@ -221,7 +221,7 @@ def helm_cmd(cmd, repo, out):
         elif a in ("-f", "--values"):
             merge(values, load_values(os.path.join(repo, rest[i + 1])))
             i += 2
-        elif a in ("--create-namespace", "--wait", "--atomic"):
+        elif a in ("--create-namespace", "--wait", "--atomic", "--reuse-values"):
             i += 1
         elif a.startswith("-"):
             fail(f"unsupported helm flag {a!r} in: {cmd}")
@@ -272,7 +272,7 @@ def assert_render(rendered, values):
         docs = [d for d in yaml.safe_load_all(f) if d]
     a = values.get("agent", {})
     kubelet_root = a.get("kubeletRoot", "/var/lib/kubelet/pods")
-    restore = a.get("restore", {}).get("enabled", True)
+    restore = a.get("restore", {}).get("enabled", False)
     privileged = a.get("privileged", False)
     ds = find(docs, "DaemonSet", "-agent")
     pod = ds["spec"]["template"]["spec"]
@@ -299,6 +299,7 @@ def assert_render(rendered, values):
     km = mounts["kubelet-pods"]
     check(km["mountPath"] == kubelet_root and km["mountPropagation"] == "HostToContainer", "kubelet dir mount")
     check(km["readOnly"] is (not restore), f"kubelet dir readOnly={not restore}")
+    check(("--backup-only" in args) is (not restore), f"agent --backup-only is {not restore}")
     vols = {v["name"]: v for v in pod["volumes"]}
     check(vols["kubelet-pods"]["hostPath"]["path"] == kubelet_root, "hostPath is agent.kubeletRoot")
     check("agent-ca" not in mounts, "the agent container never mounts the agent CA key")
@@ -337,13 +338,15 @@ def assert_render(rendered, values):
     agent_secret = [v for v in pod["volumes"] if v["name"] == "agent-ca"][0]["secret"]["secretName"]
     ctl_secret = [v for v in cpod["volumes"] if v["name"] == "tls"][0]["secret"]["secretName"]
     check(agent_secret != ctl_secret, "two TLS Secrets")
-    if values.get("networkPolicy", {}).get("enabled"):
+    if values.get("networkPolicy", {}).get("enabled", True):
         np = find(docs, "NetworkPolicy", "-agent")
         grpc_rules = [r for r in np["spec"]["ingress"] if any(p["port"] == "grpc" for p in r["ports"])]
         check(len(grpc_rules) == 1, "one rule for the gRPC port")
         peers = grpc_rules[0]["from"]
         check(len(peers) == 1 and peers[0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "hoard-controller"
               and "namespaceSelector" not in peers[0], "only the controller reaches gRPC")
+    else:
+        check(not [d for d in docs if d.get("kind") == "NetworkPolicy"], "no NetworkPolicy when disabled")
     print(f"  assertions ok ({rendered})")
 
 

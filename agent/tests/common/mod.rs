@@ -168,8 +168,11 @@ impl Agent {
 /// Creates a filesystem repository with cheap key derivation.
 pub async fn init_repo(dir: &Path) -> Arc<Repository> {
     let store = open_store(dir.to_str().unwrap(), &StoreOptions { create_dir: true, ..Default::default() }).unwrap();
-    let opts =
-        InitOptions { kdf: KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 }, ..Default::default() };
+    let opts = InitOptions {
+        kdf: KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 },
+        allow_weak_kdf: true,
+        ..Default::default()
+    };
     Arc::new(Repository::init(store, &Password::new(PASSWORD), opts).await.unwrap())
 }
 

@@ -62,7 +62,7 @@ impl Hoard {
 
     /// `init` with cheap key derivation so tests stay fast.
     pub fn init(&self) {
-        self.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1"]);
+        self.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1", "--insecure-kdf"]);
     }
 
     /// Runs `backup --json` and returns the summary document.
