@@ -97,7 +97,7 @@ declare -A CASES=(
   [existing-secrets]='{"tls":{"mode":"existingSecrets","existingSecrets":{"controller":"c-tls","agentCA":"a-ca"}}}'
   [netpol-servicemonitor]='{"networkPolicy":{"enabled":true,"metricsFrom":[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]},"metrics":{"serviceMonitor":{"enabled":true,"labels":{"release":"prometheus"}}}}'
   [custom-kubelet-root]='{"agent":{"kubeletRoot":"/var/snap/microk8s/common/var/lib/kubelet/pods","restore":{"enabled":true},"extraVolumes":[{"name":"backups","hostPath":{"path":"/srv/hoard","type":"Directory"}}],"extraVolumeMounts":[{"name":"backups","mountPath":"/srv/hoard"}]}}'
-  [host-network]='{"networkPolicy":{"enabled":false},"controller":{"hostNetwork":true,"metricsPort":18080},"agent":{"hostNetwork":true,"grpcPort":17443,"metricsPort":19464}}'
+  [host-network]='{"networkPolicy":{"enabled":false},"controller":{"hostNetwork":true,"metricsPort":18080,"adminNamespaces":["platform","backup-admin"]},"agent":{"hostNetwork":true,"grpcPort":17443,"metricsPort":19464}}'
   [ha-no-rbac]='{"rbac":{"create":false},"controller":{"replicas":2,"serviceAccount":{"create":false,"name":"existing"}},"image":{"tag":"v9"},"agent":{"image":{"repository":"r/a","digest":"sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"}}}'
 )
 for name in defaults privileged cert-manager existing-secrets netpol-servicemonitor custom-kubelet-root host-network ha-no-rbac; do

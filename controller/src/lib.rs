@@ -67,6 +67,17 @@ pub struct Config {
     pub helper_args: Vec<String>,
     /// How often each repository's structure is checked (`--check-interval`; zero: never).
     pub check_interval: std::time::Duration,
+    /// Namespaces besides [`Config::namespace`] whose BackupStorages may use what only an
+    /// administrator may choose: ambient credentials and `local` paths (`--admin-namespace`).
+    pub admin_namespaces: Vec<String>,
+}
+
+impl Config {
+    /// Whether objects of `ns` are the administrator's: the controller's own namespace and
+    /// the `--admin-namespace` ones.
+    pub fn is_admin_namespace(&self, ns: &str) -> bool {
+        ns == self.namespace || self.admin_namespaces.iter().any(|n| n == ns)
+    }
 }
 
 /// The controller's clock. Tests move it forward to exercise the scheduler without waiting.

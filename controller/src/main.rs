@@ -57,6 +57,10 @@ struct Args {
     /// snapshots, trees; no data is read), e.g. `24h`; `0s` turns the check off.
     #[arg(long, env = "HOARD_CONTROLLER_CHECK_INTERVAL", default_value = "24h", value_parser = parse_interval)]
     check_interval: std::time::Duration,
+    /// Namespaces (besides the controller's own) whose BackupStorages may use ambient cloud
+    /// credentials or `local` paths; repeat or comma-separate.
+    #[arg(long, env = "HOARD_CONTROLLER_ADMIN_NAMESPACES", value_delimiter = ',')]
+    admin_namespace: Vec<String>,
     /// Sleep until SIGTERM/SIGINT, then exit 0 (what the helper pod runs).
     #[arg(long)]
     pause: bool,
@@ -150,6 +154,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         agent_selector: args.agent_selector.clone(),
         max_orders_per_node: args.max_orders_per_node.max(1),
         check_interval: args.check_interval,
+        admin_namespaces: args.admin_namespace,
         allow_file_repositories: args.allow_file_repositories,
         identity: identity.clone(),
         helper_image: args.helper_image.clone(),

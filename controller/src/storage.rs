@@ -155,9 +155,44 @@ pub fn location(spec: &BackupStorageSpec, dir: &str, allow_local: bool) -> Resul
                 ));
             }
             let b = s.local.as_ref().ok_or_else(missing)?;
+            local_segment("mountPath", &b.mount_path)?;
+            if let Some(sub) = b.sub_path.as_deref().filter(|p| !p.is_empty()) {
+                local_segment("subPath", sub)?;
+            }
             format!("/{}", join(&[&b.mount_path, b.sub_path.as_deref().unwrap_or(""), dir]))
         }
     })
+}
+
+/// What in a storage only an administrator may choose, if anything: the controller's and the
+/// agents' own cloud identity (no `secretName`), or a filesystem path on every node (`local`).
+/// A tenant who could choose either would reach whatever the platform can reach.
+pub fn admin_only(spec: &BackupStorageSpec) -> Option<&'static str> {
+    match spec.storage.provider {
+        Provider::Local => Some("a `local` filesystem path"),
+        _ if credentials_secret(spec).is_none() => Some("ambient credentials (no secretName)"),
+        _ => None,
+    }
+}
+
+/// Multi-tenancy: a storage that uses [`admin_only`] features must live in an admin namespace
+/// (`admin`: whether `storage_ns` is one).
+pub fn check_owner(spec: &BackupStorageSpec, storage_ns: &str, name: &str, admin: bool) -> Result<()> {
+    match admin_only(spec) {
+        Some(what) if !admin => Err(Error::Forbidden(format!(
+            "BackupStorage {storage_ns}/{name} uses {what}: only storages in the controller's namespace or an \
+             --admin-namespace may; give it a credentials Secret and an object-store bucket"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A `local` storage's path part: no `.`, `..` or empty segments (the mount path is absolute).
+fn local_segment(what: &str, value: &str) -> Result<()> {
+    if value.trim_matches('/').split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        return Err(Error::invalid("BackupStorage", format!("local {what} {value:?} has empty, `.` or `..` segments")));
+    }
+    Ok(())
 }
 
 /// The name of the Secret holding the storage's credentials, if any.
@@ -307,6 +342,51 @@ mod tests {
         };
         assert!(matches!(location(&local, "d", false), Err(Error::Forbidden(_))));
         assert_eq!(location(&local, "d", true).expect("ok"), "/mnt/backup/d");
+    }
+
+    #[test]
+    fn ambient_credentials_and_local_paths_are_for_admin_namespaces() {
+        let with_secret = s3(None);
+        assert_eq!(admin_only(&with_secret), None);
+        check_owner(&with_secret, "tenant", "s", false).expect("a tenant's storage with a Secret");
+        let mut ambient = s3(None);
+        ambient.storage.s3.as_mut().expect("s3").secret_name = None;
+        let e = check_owner(&ambient, "tenant", "s", false).expect_err("ambient");
+        assert!(matches!(e, Error::Forbidden(_)) && e.to_string().contains("ambient credentials"), "{e}");
+        check_owner(&ambient, "hoard", "s", true).expect("an admin's ambient storage");
+        let mut gcs_ambient = gcs();
+        gcs_ambient.storage.gcs.as_mut().expect("gcs").secret_name = None;
+        assert!(check_owner(&gcs_ambient, "tenant", "s", false).is_err());
+        let mut local = s3(None);
+        local.storage = StorageBackend {
+            provider: Provider::Local,
+            s3: None,
+            gcs: None,
+            azure: None,
+            local: Some(LocalStorage { mount_path: "/mnt/backup".into(), sub_path: None }),
+        };
+        assert!(check_owner(&local, "tenant", "s", false).expect_err("local").to_string().contains("local"));
+        check_owner(&local, "hoard", "s", true).expect("an admin's local storage");
+    }
+
+    #[test]
+    fn local_paths_with_dot_segments_are_refused() {
+        let local = |mount: &str, sub: Option<&str>| {
+            let mut spec = s3(None);
+            spec.storage = StorageBackend {
+                provider: Provider::Local,
+                s3: None,
+                gcs: None,
+                azure: None,
+                local: Some(LocalStorage { mount_path: mount.into(), sub_path: sub.map(Into::into) }),
+            };
+            spec
+        };
+        assert_eq!(location(&local("/mnt/b", Some("team")), "d", true).expect("ok"), "/mnt/b/team/d");
+        for (m, s) in [("/mnt/../etc", None), ("/mnt/b", Some("../../etc")), ("/mnt/./b", None), ("/mnt//b", None)] {
+            let e = location(&local(m, s), "d", true).expect_err("dots");
+            assert!(matches!(e, Error::Invalid { .. }), "{m} {s:?}: {e}");
+        }
     }
 
     fn data(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

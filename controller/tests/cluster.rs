@@ -274,6 +274,7 @@ async fn backup_restore_pause_and_schedule_against_a_real_api_server() {
         helper_image: "hoard-controller:test".into(),
         helper_args: vec!["--pause".into()],
         check_interval: std::time::Duration::from_secs(24 * 3600),
+        admin_namespaces: Vec::new(),
     };
     let ctx = Context::new(client.clone(), config, creds, Arc::new(Metrics::new()), Arc::clone(&clock));
     let controller = tokio::spawn(reconcile::run(Arc::clone(&ctx)));
@@ -491,6 +492,7 @@ async fn an_unreachable_storage_backs_off_instead_of_looping() {
         helper_image: String::new(),
         helper_args: vec![],
         check_interval: std::time::Duration::from_secs(24 * 3600),
+        admin_namespaces: Vec::new(),
     };
     let ctx = Context::new(client.clone(), config, creds, Arc::new(Metrics::new()), Arc::new(Clock::default()));
     let controller = tokio::spawn(reconcile::run(Arc::clone(&ctx)));
@@ -546,7 +548,10 @@ async fn apply_in(client: &Client, ns: &str, kind: &str, name: &str, spec: serde
         version: "v1alpha1".into(),
         api_version: "hoard.dev/v1alpha1".into(),
         kind: kind.into(),
-        plural: format!("{}s", kind.to_lowercase()).replace("policys", "policies"),
+        plural: match kind.to_lowercase().strip_suffix('y') {
+            Some(stem) => format!("{stem}ies"),
+            None => format!("{}s", kind.to_lowercase()),
+        },
     };
     let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
     api.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&body)).await.unwrap();
@@ -562,6 +567,7 @@ fn controller_config(ns: &str, identity: &str) -> Config {
         helper_image: String::new(),
         helper_args: vec![],
         check_interval: std::time::Duration::from_secs(24 * 3600),
+        admin_namespaces: Vec::new(),
     }
 }
 
@@ -577,19 +583,24 @@ async fn config_verdict(client: &Client, ns: &str, name: &str) -> (String, Strin
     .await
 }
 
-/// Opens a repository of the shared storage with hoard-core, as a user with the bucket's keys.
-async fn open_repo(s3: &str, prefix: &str, path: &str) -> hoard_core::Repository {
+/// A directory of the shared storage, as a user with the bucket's keys.
+fn bucket_dir(s3: &str, prefix: &str, path: &str) -> Arc<dyn hoard_core::store::Store> {
     let creds = hoard_api::agent::v1::S3Credentials {
         endpoint: s3.into(),
         access_key_id: "testing".into(),
         secret_access_key: "testing".into(),
         ..Default::default()
     };
-    let store = hoard_controller::reconcile::repo::open_store(
+    hoard_controller::reconcile::repo::open_store(
         &format!("s3://hoard-test/{prefix}/{path}"),
         Some(&hoard_controller::storage::StorageCredentials::S3(creds)),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// Opens a repository of the shared storage with hoard-core, as a user with the bucket's keys.
+async fn open_repo(s3: &str, prefix: &str, path: &str) -> hoard_core::Repository {
+    let store = bucket_dir(s3, prefix, path);
     hoard_core::Repository::open(store, &hoard_core::Password::new("tenant-password")).await.unwrap()
 }
 
@@ -598,8 +609,9 @@ async fn open_repo(s3: &str, prefix: &str, path: &str) -> hoard_core::Repository
 /// namespaces labelled `hoard.dev/test=tenant`; a namespace it does not admit, a path outside
 /// the tenant's directory and a Secret of another namespace are all refused; a tenant's
 /// repository is not readable from elsewhere. Two sessions with `last: 1` leave one snapshot;
-/// deleting a WipeOut Snapshot object forgets its data; a fresh controller, after the tenant's
-/// Repository and Snapshot objects are gone, re-creates them from the bucket.
+/// deleting a WipeOut Snapshot object forgets its data, deleting a WipeOut Repository removes
+/// only its own objects; a fresh controller, after the tenant's Repository and Snapshot objects
+/// are gone, re-creates them from the bucket once the tenant consents.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenancy_retention_wipeout_and_repository_sync_against_a_real_api_server() {
     let Some(cluster) = TestCluster::connect().await else { return };
@@ -802,6 +814,32 @@ async fn tenancy_retention_wipeout_and_repository_sync_against_a_real_api_server
     let wiped = open_repo(&s3, &prefix, &format!("{tenant}/wiped")).await;
     assert!(wiped.list_snapshots().await.unwrap().is_empty(), "the WipeOut snapshot's data was forgotten");
 
+    // Deleting a WipeOut Repository (a stand-alone one, so no configuration re-creates it)
+    // removes the repository's own objects; another object in its directory stays.
+    apply_in(
+        &client,
+        &tenant,
+        "Repository",
+        "scratch",
+        json!({"storageRef": {"name": "shared", "namespace": owner}, "path": format!("{tenant}/scratch"),
+               "encryptionSecret": {"name": "repo-pass"}, "deletionPolicy": "WipeOut"}),
+    )
+    .await;
+    let scratch_dir = bucket_dir(&s3, &prefix, &format!("{tenant}/scratch"));
+    wait_for("Repository scratch initialised", Duration::from_secs(60), || async {
+        let listed = scratch_dir.list("").await.ok()?;
+        listed.iter().any(|o| o.key == "config").then_some(())
+    })
+    .await;
+    scratch_dir.put("not-hoards/notes.txt", bytes::Bytes::from_static(b"someone else's")).await.unwrap();
+    repos.delete("scratch", &Default::default()).await.unwrap();
+    wait_for("Repository scratch deleted", Duration::from_secs(60), || async {
+        repos.get_opt("scratch").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let left: Vec<String> = scratch_dir.list("").await.unwrap().into_iter().map(|o| o.key).collect();
+    assert_eq!(left, vec!["not-hoards/notes.txt".to_string()]);
+
     // Disaster recovery: the tenant's objects are gone (and no controller ran meanwhile); a
     // fresh controller re-creates them from the bucket's metadata object.
     controller.abort();
@@ -827,6 +865,22 @@ async fn tenancy_retention_wipeout_and_repository_sync_against_a_real_api_server
         Arc::new(Clock::default()),
     );
     let controller = tokio::spawn(reconcile::run(Arc::clone(&ctx)));
+    // The bucket's owner may not create Repositories in the tenant's namespace until the tenant
+    // consents, on its encryption Secret.
+    let storage: Api<hoard_api::crd::BackupStorage> = Api::namespaced(client.clone(), &owner);
+    let refused = wait_for("sync of kept waits for consent", Duration::from_secs(90), || async {
+        let listed = storage.get("shared").await.ok()?.status?.repositories;
+        listed.into_iter().find(|r| r.name == "kept" && r.namespace == tenant && !r.synced)?.error
+    })
+    .await;
+    assert!(refused.contains("has not consented"), "{refused}");
+    assert!(repos.get_opt("kept").await.unwrap().is_none());
+    let consent =
+        json!({"metadata": {"annotations": {"hoard.dev/repository-sync-from": format!("other/x, {owner}/shared")}}});
+    Api::<Secret>::namespaced(client.clone(), &tenant)
+        .patch("repo-pass", &PatchParams::default(), &Patch::Merge(&consent))
+        .await
+        .unwrap();
     let synced = wait_for("kept re-created by repository sync", Duration::from_secs(90), || async {
         repos.get_opt("kept").await.ok()?
     })
@@ -844,7 +898,6 @@ async fn tenancy_retention_wipeout_and_repository_sync_against_a_real_api_server
     assert_eq!(st.components["data"].snapshot_id.as_deref(), Some(id.to_hex().as_str()));
     // The storage's status is written after the whole sync pass, which re-created the objects
     // above on its way: wait for it.
-    let storage: Api<hoard_api::crd::BackupStorage> = Api::namespaced(client.clone(), &owner);
     wait_for("the storage's status lists kept as synced", Duration::from_secs(60), || async {
         let listed = storage.get("shared").await.ok()?.status?.repositories;
         listed.iter().any(|r| r.name == "kept" && r.namespace == tenant && r.synced).then_some(())

@@ -24,7 +24,7 @@ use crate::id::Id;
 use crate::index::{IndexFile, MasterIndex};
 use crate::pack::{BlobType, Compression};
 use crate::snapshot::Snapshot;
-use crate::store::Store;
+use crate::store::{ObjectInfo, Store};
 use crate::tree::Tree;
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -667,6 +667,58 @@ impl Repository {
         self.store.delete(&format!("keys/{}", self.key_id.to_hex())).await?;
         self.key_id = id;
         Ok(id)
+    }
+}
+
+/// What [`Repository::wipe`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Wiped {
+    pub objects: usize,
+    pub bytes: u64,
+}
+
+impl Repository {
+    /// Deletes every object of this repository, and only those: keys of the repository layout
+    /// ([`wipe_rank`]); anything else at the location stays. Data goes first, the key slots and
+    /// `config` last, so a wipe that stops half-way leaves a repository the same password still
+    /// opens, and running it again finishes the job. Takes the open repository: opening it with
+    /// its password is the proof that the caller owns what is deleted.
+    pub async fn wipe(self) -> Result<Wiped> {
+        let mut objects: Vec<(u8, ObjectInfo)> =
+            self.store.list("").await?.into_iter().filter_map(|o| wipe_rank(&o.key).map(|r| (r, o))).collect();
+        objects.sort_by(|a, b| (a.0, &a.1.key).cmp(&(b.0, &b.1.key)));
+        let mut wiped = Wiped::default();
+        for (_, o) in objects {
+            match self.store.delete(&o.key).await {
+                Ok(()) => {
+                    wiped.objects += 1;
+                    wiped.bytes += o.size;
+                }
+                Err(Error::ObjectNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(wiped)
+    }
+}
+
+/// Where a key stands in a wipe's order if it belongs to the repository layout, `None` for
+/// anything else: packs (`packs/<2 hex>/<64 hex>`, the first two matching), then index files,
+/// snapshots and locks, then key slots (`<dir>/<64 hex>`), then `config`.
+pub fn wipe_rank(key: &str) -> Option<u8> {
+    let hex64 = |s: &str| s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if key == "config" {
+        return Some(3);
+    }
+    let (dir, rest) = key.split_once('/')?;
+    match dir {
+        "packs" => {
+            let (prefix, name) = rest.split_once('/')?;
+            (hex64(name) && name.starts_with(prefix) && prefix.len() == 2).then_some(0)
+        }
+        "index" | "snapshots" | "locks" => hex64(rest).then_some(1),
+        "keys" => hex64(rest).then_some(2),
+        _ => None,
     }
 }
 

@@ -371,3 +371,46 @@ async fn new_key_slots_are_not_weaker_than_the_floor() {
     Repository::open(Arc::clone(&store), &Password::new("other")).await.unwrap();
     Repository::open(store, &Password::new("pw")).await.expect("the weak slot made on request still opens");
 }
+
+/// A wipe deletes the repository's own objects and nothing else that shares its location
+/// (another application's files, look-alike names), and a password that does not open the
+/// repository cannot start one.
+#[tokio::test]
+async fn a_wipe_deletes_only_the_repositorys_own_objects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, repo) = new_repo(tmp.path()).await;
+    let writer = BlobWriter::start(Arc::clone(&repo), WriterConfig::default());
+    let sink = writer.sink();
+    tokio::task::spawn_blocking(move || sink.add_bytes(BlobType::Data, Bytes::from_static(b"some data")))
+        .await
+        .unwrap()
+        .unwrap();
+    writer.finish().await.unwrap();
+    let foreign = [
+        "app/database.db",
+        "packs/README",
+        "packs/zz/not-a-pack",
+        "keys/backup-of-my-ssh-key",
+        "snapshots/2026-12-01.tar",
+        "configuration.yaml",
+    ];
+    for k in foreign {
+        store.put(k, Bytes::from_static(b"not hoard's")).await.unwrap();
+    }
+    let ours: Vec<String> =
+        store.list("").await.unwrap().into_iter().map(|o| o.key).filter(|k| !foreign.contains(&k.as_str())).collect();
+    assert!(ours.iter().any(|k| k.starts_with("packs/")) && ours.contains(&"config".to_string()), "{ours:?}");
+    assert!(ours.iter().all(|k| hoard_core::repo::wipe_rank(k).is_some()), "{ours:?}");
+
+    assert!(
+        Repository::open(Arc::clone(&store), &Password::new("wrong")).await.is_err(),
+        "no wipe without the password"
+    );
+    let repo = Arc::into_inner(repo).expect("sole owner");
+    let wiped = repo.wipe().await.unwrap();
+    assert_eq!(wiped.objects, ours.len());
+    let left: Vec<String> = store.list("").await.unwrap().into_iter().map(|o| o.key).collect();
+    let mut want: Vec<String> = foreign.iter().map(|k| k.to_string()).collect();
+    want.sort();
+    assert_eq!(left, want);
+}

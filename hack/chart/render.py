@@ -333,6 +333,8 @@ def assert_render(rendered, values):
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         check(ctl[probe]["httpGet"]["path"] == path and ctl[probe]["httpGet"]["port"] == "metrics", f"controller {probe}")
     check("--leader-elect=true" in ctl["args"], "leader election on")
+    admin = [x.split("=", 1)[1] for x in ctl["args"] if x.startswith("--admin-namespace=")]
+    check(admin == c.get("adminNamespaces", []), f"controller --admin-namespace {admin}")
     sel = [x for x in ctl["args"] if x.startswith("--agent-selector=")]
     check(sel and "app.kubernetes.io/name=hoard-agent" in sel[0], "controller finds agents by label")
     agent_secret = [v for v in pod["volumes"] if v["name"] == "agent-ca"][0]["secret"]["secretName"]

@@ -93,6 +93,7 @@ pub async fn storage_access(
         }
         Err(e) => return Err(e.into()),
     };
+    storage::check_owner(&bs.spec, storage_ns, storage_name, ctx.config.is_admin_namespace(storage_ns))?;
     admits(ctx, &bs.spec.usage_policy, storage_ns, user_ns, &format!("BackupStorage {storage_ns}/{storage_name}"))
         .await?;
     let location = storage::location(&bs.spec, dir, ctx.config.allow_file_repositories)?;
@@ -457,16 +458,14 @@ async fn cleanup_repository(repo: &Repository, ctx: &Context) -> Result<Action> 
         Ok(root) => {
             if repo.spec.deletion_policy == DeletionPolicy::WipeOut {
                 let a = access(ctx, repo).await?;
-                let store = a.store()?;
-                let objects = store.list("").await?;
-                for o in &objects {
-                    match store.delete(&o.key).await {
-                        Ok(()) | Err(hoard_core::Error::ObjectNotFound(_)) => {}
-                        Err(e) => return Err(e.into()),
+                let meta = read_meta(&*root).await?;
+                match wipe_out(&a, &meta, &ns, &repo.name_any(), &repo.spec.path).await {
+                    Ok(note) => ctx.event(repo, false, "WipedOut", note).await,
+                    Err(e) => {
+                        ctx.event(repo, true, "WipeOutRefused", e.to_string()).await;
+                        return Err(e);
                     }
                 }
-                ctx.event(repo, false, "WipedOut", format!("removed {} objects from {}", objects.len(), a.location))
-                    .await;
             }
             let _meta_guard = ctx.meta_lock.lock().await;
             let mut meta = read_meta(&*root).await?;
@@ -479,6 +478,40 @@ async fn cleanup_repository(repo: &Repository, ctx: &Context) -> Result<Action> 
         Err(e) => return Err(e),
     }
     Ok(Action::await_change())
+}
+
+/// WipeOut of one repository: only with its password (the repository must open), only when no
+/// other repository listed in the storage overlaps its directory, and only the repository's
+/// own objects ([`hoard_core::repo::wipe_rank`]); other objects at the location stay. A
+/// location holding no repository has nothing to wipe. Returns what to say in the event.
+pub async fn wipe_out(a: &Access, meta: &Meta, ns: &str, name: &str, path: &str) -> Result<String> {
+    let refused = |why: String| {
+        Error::Forbidden(format!(
+            "WipeOut refused, nothing deleted: {why}. To delete the object and keep the data, set \
+             spec.deletionPolicy: Delete"
+        ))
+    };
+    if let Some(other) = meta.overlapping(ns, name, path) {
+        return Err(refused(format!(
+            "its directory {path:?} overlaps repository {}/{} at {:?}",
+            other.namespace, other.name, other.path
+        )));
+    }
+    let core = match CoreRepo::open(a.store()?, &a.password()).await {
+        Ok(core) => core,
+        Err(hoard_core::Error::RepositoryNotFound(_)) => {
+            return Ok(format!("no repository at {}: nothing to wipe", a.location));
+        }
+        Err(e) if e.is_retryable() => return Err(e.into()),
+        Err(e) => {
+            return Err(refused(format!("the repository at {} does not open with its password: {e}", a.location)));
+        }
+    };
+    let wiped = core.wipe().await?;
+    Ok(format!(
+        "removed the repository's {} objects ({} bytes) from {}; other objects there were left alone",
+        wiped.objects, wiped.bytes, a.location
+    ))
 }
 
 /// Finalizer on Snapshot objects whose deletion policy is WipeOut.
@@ -588,6 +621,8 @@ pub async fn reconcile_storage(bs: Arc<BackupStorage>, ctx: Arc<Context>) -> Res
         ctx.event(&*bs, phase != StoragePhase::Ready, &format!("{phase:?}"), message).await;
     }
     match result {
+        // An entry waiting for its namespace (to exist, or to consent) is looked at again soon.
+        Ok(r) if r.iter().any(|s| !s.synced) => Ok(Action::requeue(Duration::from_secs(30))),
         Ok(_) => Ok(Action::requeue(Duration::from_secs(300))),
         // Recorded in status; the error policy backs off (exponentially, bounded).
         Err(e) => Err(e),
@@ -596,6 +631,7 @@ pub async fn reconcile_storage(bs: Arc<BackupStorage>, ctx: Arc<Context>) -> Res
 
 async fn sync_storage(bs: &BackupStorage, ctx: &Context) -> Result<Vec<StoredRepository>> {
     let ns = bs.namespace().unwrap_or_default();
+    storage::check_owner(&bs.spec, &ns, &bs.name_any(), ctx.config.is_admin_namespace(&ns))?;
     let root = storage::root_location(&bs.spec, ctx.config.allow_file_repositories)?;
     let credentials = storage_credentials(ctx, &ns, bs).await?;
     let store = open_store(&root, credentials.as_ref())?;
@@ -636,6 +672,9 @@ async fn sync_repository(ctx: &Context, bs: &BackupStorage, entry: &MetaReposito
     let repo = match repos.get_opt(&entry.name).await? {
         Some(r) => r,
         None => {
+            if entry.namespace != storage_ns {
+                sync_consent(ctx, &storage_ns, &bs.name_any(), entry).await?;
+            }
             let spec = RepositorySpec {
                 app_ref: entry.app_ref.clone(),
                 storage_ref: hoard_api::crd::ObjectRef { name: bs.name_any(), namespace: Some(storage_ns) },
@@ -652,6 +691,33 @@ async fn sync_repository(ctx: &Context, bs: &BackupStorage, entry: &MetaReposito
         }
     };
     sync_snapshots(ctx, &repo).await
+}
+
+/// The annotation by which a namespace lets a storage of another namespace re-create its
+/// repositories: on the encryption Secret the metadata entry names, a comma-separated list of
+/// `<storage namespace>/<storage name>`.
+pub const SYNC_CONSENT_ANNOTATION: &str = "hoard.dev/repository-sync-from";
+
+/// Multi-tenancy: the bucket's metadata object is written by whoever holds the storage's
+/// credentials. Before it may create a Repository in another namespace (which would then be
+/// opened, or initialised, with that namespace's password), that namespace must have said so
+/// on the very Secret the entry names.
+async fn sync_consent(ctx: &Context, storage_ns: &str, storage_name: &str, entry: &MetaRepository) -> Result<()> {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), &entry.namespace);
+    let secret = entry.encryption_secret.name.as_str();
+    let wanted = format!("{storage_ns}/{storage_name}");
+    let consented = secrets.get_opt(secret).await?.is_some_and(|s| {
+        s.annotations().get(SYNC_CONSENT_ANNOTATION).is_some_and(|v| v.split(',').any(|item| item.trim() == wanted))
+    });
+    if consented {
+        Ok(())
+    } else {
+        Err(Error::Forbidden(format!(
+            "namespace {} has not consented to repository sync from BackupStorage {wanted}: annotate its Secret \
+             {secret} with {SYNC_CONSENT_ANNOTATION}={wanted}",
+            entry.namespace
+        )))
+    }
 }
 
 async fn sync_snapshots(ctx: &Context, repo: &Repository) -> Result<()> {
@@ -742,6 +808,86 @@ mod tests {
         let e = same_namespace_secret(&r, "demo", "encryptionSecret").expect_err("foreign");
         assert!(matches!(e, Error::Forbidden(_)), "{e}");
         assert!(e.to_string().contains("bank/pw"), "{e}");
+    }
+
+    fn fs_access(dir: &std::path::Path, password: &str) -> Access {
+        Access {
+            location: dir.join("tenant/repo").to_string_lossy().into_owned(),
+            root: dir.to_string_lossy().into_owned(),
+            password: password.into(),
+            credentials: None,
+        }
+    }
+
+    fn meta_entry(ns: &str, name: &str, path: &str) -> MetaRepository {
+        MetaRepository {
+            name: name.into(),
+            namespace: ns.into(),
+            path: path.into(),
+            encryption_secret: hoard_api::crd::SecretRef::new("pw"),
+            app_ref: None,
+            deletion_policy: DeletionPolicy::WipeOut,
+        }
+    }
+
+    /// A location with a repository and another application's objects beside it.
+    async fn shared_location(dir: &std::path::Path) -> Arc<dyn Store> {
+        let a = fs_access(dir, "right");
+        let store = a.store().expect("store");
+        let opts = hoard_core::repo::InitOptions {
+            kdf: hoard_core::crypto::KdfParams { memory_kib: 8 * 1024, iterations: 1, parallelism: 1 },
+            allow_weak_kdf: true,
+            ..Default::default()
+        };
+        CoreRepo::init(Arc::clone(&store), &a.password(), opts).await.expect("init");
+        store.put("their-app/data.db", Bytes::from_static(b"not hoard's")).await.expect("put");
+        store
+    }
+
+    async fn keys(store: &Arc<dyn Store>) -> Vec<String> {
+        store.list("").await.expect("list").into_iter().map(|o| o.key).collect()
+    }
+
+    #[tokio::test]
+    async fn wipe_out_needs_the_password_and_deletes_only_the_repository() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = shared_location(tmp.path()).await;
+        let before = keys(&store).await;
+        let meta = Meta { version: 1, repositories: vec![meta_entry("tenant", "repo", "tenant/repo")] };
+
+        let e =
+            wipe_out(&fs_access(tmp.path(), "wrong"), &meta, "tenant", "repo", "tenant/repo").await.expect_err("wrong");
+        assert!(matches!(e, Error::Forbidden(_)) && e.to_string().contains("does not open"), "{e}");
+        assert_eq!(keys(&store).await, before, "nothing deleted");
+
+        let note =
+            wipe_out(&fs_access(tmp.path(), "right"), &meta, "tenant", "repo", "tenant/repo").await.expect("wipe");
+        assert!(note.contains("other objects there were left alone"), "{note}");
+        assert_eq!(keys(&store).await, vec!["their-app/data.db".to_string()]);
+
+        // Again (a retried finalizer): nothing left to wipe, not an error.
+        let note =
+            wipe_out(&fs_access(tmp.path(), "right"), &meta, "tenant", "repo", "tenant/repo").await.expect("again");
+        assert!(note.contains("nothing to wipe"), "{note}");
+    }
+
+    #[tokio::test]
+    async fn wipe_out_refuses_a_directory_another_repository_overlaps() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = shared_location(tmp.path()).await;
+        let before = keys(&store).await;
+        let meta = Meta {
+            version: 1,
+            repositories: vec![
+                meta_entry("tenant", "repo", "tenant/repo"),
+                meta_entry("tenant", "inner", "tenant/repo/x"),
+            ],
+        };
+        let e = wipe_out(&fs_access(tmp.path(), "right"), &meta, "tenant", "repo", "tenant/repo")
+            .await
+            .expect_err("overlap");
+        assert!(e.to_string().contains("overlaps repository tenant/inner"), "{e}");
+        assert_eq!(keys(&store).await, before, "nothing deleted");
     }
 
     #[test]
