@@ -328,18 +328,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn locations() {
-        assert_eq!(location(&s3(Some("team/x")), "demo/app", false).expect("ok"), "s3://b/team/x/demo/app");
-        assert_eq!(root_location(&s3(None), false).expect("ok"), "s3://b");
-        let mut local = s3(None);
-        local.storage = StorageBackend {
+    fn local(mount: &str, sub: Option<&str>) -> BackupStorageSpec {
+        let mut spec = s3(None);
+        spec.storage = StorageBackend {
             provider: Provider::Local,
             s3: None,
             gcs: None,
             azure: None,
-            local: Some(LocalStorage { mount_path: "/mnt/backup".into(), sub_path: None }),
+            local: Some(LocalStorage { mount_path: mount.into(), sub_path: sub.map(Into::into) }),
         };
+        spec
+    }
+
+    #[test]
+    fn locations() {
+        assert_eq!(location(&s3(Some("team/x")), "demo/app", false).expect("ok"), "s3://b/team/x/demo/app");
+        assert_eq!(root_location(&s3(None), false).expect("ok"), "s3://b");
+        let local = local("/mnt/backup", None);
         assert!(matches!(location(&local, "d", false), Err(Error::Forbidden(_))));
         assert_eq!(location(&local, "d", true).expect("ok"), "/mnt/backup/d");
     }
@@ -357,31 +362,13 @@ mod tests {
         let mut gcs_ambient = gcs();
         gcs_ambient.storage.gcs.as_mut().expect("gcs").secret_name = None;
         assert!(check_owner(&gcs_ambient, "tenant", "s", false).is_err());
-        let mut local = s3(None);
-        local.storage = StorageBackend {
-            provider: Provider::Local,
-            s3: None,
-            gcs: None,
-            azure: None,
-            local: Some(LocalStorage { mount_path: "/mnt/backup".into(), sub_path: None }),
-        };
+        let local = local("/mnt/backup", None);
         assert!(check_owner(&local, "tenant", "s", false).expect_err("local").to_string().contains("local"));
         check_owner(&local, "hoard", "s", true).expect("an admin's local storage");
     }
 
     #[test]
     fn local_paths_with_dot_segments_are_refused() {
-        let local = |mount: &str, sub: Option<&str>| {
-            let mut spec = s3(None);
-            spec.storage = StorageBackend {
-                provider: Provider::Local,
-                s3: None,
-                gcs: None,
-                azure: None,
-                local: Some(LocalStorage { mount_path: mount.into(), sub_path: sub.map(Into::into) }),
-            };
-            spec
-        };
         assert_eq!(location(&local("/mnt/b", Some("team")), "d", true).expect("ok"), "/mnt/b/team/d");
         for (m, s) in [("/mnt/../etc", None), ("/mnt/b", Some("../../etc")), ("/mnt/./b", None), ("/mnt//b", None)] {
             let e = location(&local(m, s), "d", true).expect_err("dots");
