@@ -14,6 +14,7 @@
 #   FUZZ_TARGETS="a b"     subset of targets (default: all)
 #   FUZZ_SANITIZER=address address (default; stable rustc with RUSTC_BOOTSTRAP=1) or none
 #   FUZZ_FRESH=1           start from the seeds only (drop saved corpora)
+#   FUZZ_K8S=1             also the agent's and the controller's decoders (feature k8s)
 # Longer campaigns: see fuzz/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,14 @@ work="$HOARD_CACHE/fuzz"
 export PATH="$tools/bin:$PATH"
 seconds="${FUZZ_SECONDS:-20}"
 sanitizer="${FUZZ_SANITIZER:-address}"
-all_targets=(fuzz_pack_header fuzz_index fuzz_tree fuzz_snapshot fuzz_key_slot fuzz_open_sealed)
+all_targets=(fuzz_pack_header fuzz_index fuzz_tree fuzz_snapshot fuzz_key_slot fuzz_open_sealed fuzz_config fuzz_unseal_blob fuzz_lock)
+features=()
+# FUZZ_K8S=1: also the agent's and the controller's decoders (their crates bring the
+# Kubernetes and gRPC stacks into the fuzz build).
+if [ "${FUZZ_K8S:-0}" = 1 ]; then
+  all_targets+=(fuzz_agent_state fuzz_vol_data fuzz_repository_meta)
+  features=(--features k8s)
+fi
 read -r -a targets <<<"${FUZZ_TARGETS:-${all_targets[*]}}"
 
 t0=$SECONDS
@@ -40,7 +48,7 @@ fi
 # RUSTC_BOOTSTRAP=1 (and ships the ASan runtime). `none` needs no unstable flag at all.
 echo "== cargo fuzz build (sanitizer: $sanitizer)"
 # shellcheck disable=SC2097,SC2098 # RUSTC_BOOTSTRAP is meant for cargo and rustc only
-RUSTC_BOOTSTRAP=1 nice -n 10 cargo fuzz build --sanitizer "$sanitizer" --release --debug-assertions
+RUSTC_BOOTSTRAP=1 nice -n 10 cargo fuzz build --sanitizer "$sanitizer" --release --debug-assertions "${features[@]}"
 bin="$CARGO_TARGET_DIR/$(rustc -vV | sed -n 's/^host: //p')/release"
 t_build=$((SECONDS - t0))
 

@@ -52,7 +52,7 @@ pub const IN_TREE_PLUGINS: &[&str] = &[
 
 const CSI_DIR: &str = "kubernetes.io~csi";
 const EMPTY_DIR: &str = "kubernetes.io~empty-dir";
-const MAX_VOL_DATA: usize = 64 * 1024;
+pub const MAX_VOL_DATA: usize = 64 * 1024;
 
 /// Why a volume identity was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -319,6 +319,28 @@ impl KubeletRoot {
     }
 }
 
+/// What the agent takes from a CSI volume's `vol_data.json` (written by the kubelet, in a
+/// directory whose parent a tenant's pod may write: treated as hostile bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VolData {
+    pub driver_name: String,
+    pub spec_vol_id: String,
+}
+
+/// Parses `vol_data.json`: a JSON object at most [`MAX_VOL_DATA`] bytes long; `driverName`
+/// and `specVolID` are taken when they are strings (missing or other types read as empty).
+pub fn parse_vol_data(bytes: &[u8]) -> Result<VolData, String> {
+    if bytes.len() > MAX_VOL_DATA {
+        return Err("too large".into());
+    }
+    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if !v.is_object() {
+        return Err("not a JSON object".into());
+    }
+    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
+    Ok(VolData { driver_name: field("driverName"), spec_vol_id: field("specVolID") })
+}
+
 /// Reads `vol_data.json` beside `mount` and checks it names `driver` and `vol`.
 fn check_vol_data(dir: BorrowedFd<'_>, driver: &str, vol: &str, at: &str) -> Result<(), VolumeError> {
     let refused = |why: String| VolumeError::Refused(format!("{at}: {why}"));
@@ -342,10 +364,8 @@ fn check_vol_data(dir: BorrowedFd<'_>, driver: &str, vol: &str, at: &str) -> Res
     if len > MAX_VOL_DATA {
         return Err(refused("vol_data.json is too large".into()));
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(&buf[..len]).map_err(|e| refused(format!("vol_data.json: {e}")))?;
-    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
-    let (found_driver, found_vol) = (field("driverName"), field("specVolID"));
+    let VolData { driver_name: found_driver, spec_vol_id: found_vol } =
+        parse_vol_data(&buf[..len]).map_err(|e| refused(format!("vol_data.json: {e}")))?;
     if found_driver != driver {
         return Err(refused(format!("mounted by CSI driver {found_driver:?}, the order names {driver:?}")));
     }
@@ -361,6 +381,20 @@ mod tests {
     use hoard_api::agent::v1::{CsiInlineSource, EmptyDirSource, PersistentVolumeSource};
 
     const UID: &str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+
+    #[test]
+    fn vol_data_is_a_bounded_json_object() {
+        let v = parse_vol_data(br#"{"driverName":"d","specVolID":"pv","nodeName":"n"}"#).expect("valid");
+        assert_eq!(v, VolData { driver_name: "d".into(), spec_vol_id: "pv".into() });
+        let v = parse_vol_data(br#"{"driverName":7}"#).expect("an object");
+        assert_eq!(v, VolData::default(), "non-string fields read as empty");
+        assert!(parse_vol_data(b"[1,2]").is_err());
+        assert!(parse_vol_data(b"\"d\"").is_err());
+        let mut big = br#"{"driverName":""#.to_vec();
+        big.resize(MAX_VOL_DATA, b'a');
+        big.extend_from_slice(br#""}"#);
+        assert_eq!(parse_vol_data(&big).expect_err("oversized"), "too large");
+    }
 
     fn empty_dir(name: &str) -> VolumeIdentity {
         VolumeIdentity {

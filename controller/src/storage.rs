@@ -57,6 +57,13 @@ pub struct MetaRepository {
 }
 
 impl Meta {
+    /// Parses the metadata object (untrusted: it lies in the bucket, unauthenticated; the
+    /// caller bounds its size from the listing). Entries are not validated here: sync applies
+    /// the tenancy rules to each before using it.
+    pub fn decode(bytes: &[u8]) -> Result<Meta> {
+        Ok(serde_json::from_slice(bytes)?)
+    }
+
     /// Adds or replaces the entry for (namespace, name); returns whether anything changed.
     pub fn upsert(&mut self, entry: MetaRepository) -> bool {
         self.version = 1;

@@ -113,6 +113,13 @@ fn pid_ns() -> Option<u64> {
 }
 
 impl LockInfo {
+    /// Opens and parses the lock object `locks/<id>`.
+    pub fn decode(keys: &crate::crypto::Keys, id: &Id, sealed: &[u8]) -> Result<LockInfo> {
+        let plain = keys.open_meta(SealType::Lock, ObjectKind::Lock, &format!("locks/{}", id.to_hex()), sealed)?;
+        serde_json::from_slice::<LockInfo>(&plain)
+            .map_err(|e| Error::corrupt(ObjectKind::Lock, id.to_hex(), e.to_string()))
+    }
+
     /// Stale by this process's view (see the module docs for the rule).
     pub fn is_stale(&self, now: DateTime<Utc>, times: &LockTimes) -> bool {
         self.is_stale_for(now, times, &Observer::local(), process_alive)
@@ -167,13 +174,7 @@ pub async fn list_locks(repo: &Repository) -> Result<Vec<(Id, Result<LockInfo>)>
     let mut out = Vec::new();
     for id in repo.list_ids("locks").await? {
         let info = match repo.load_file(ObjectKind::Lock, "locks", &id).await {
-            Ok(raw) => repo
-                .keys()
-                .open_meta(SealType::Lock, ObjectKind::Lock, &format!("locks/{}", id.to_hex()), &raw)
-                .and_then(|p| {
-                    serde_json::from_slice::<LockInfo>(&p)
-                        .map_err(|e| Error::corrupt(ObjectKind::Lock, id.to_hex(), e.to_string()))
-                }),
+            Ok(raw) => LockInfo::decode(repo.keys(), &id, &raw),
             // Deleted between list and read: its holder finished.
             Err(Error::Missing { .. }) => continue,
             Err(e) => Err(e),

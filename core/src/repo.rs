@@ -66,6 +66,14 @@ pub struct RepoParams {
 }
 
 impl RepoParams {
+    /// Decodes the parameters sealed in `config` (JSON) and validates them.
+    pub fn decode(json: &[u8]) -> Result<RepoParams> {
+        let params: RepoParams = serde_json::from_slice(json)
+            .map_err(|e| Error::corrupt(ObjectKind::Config, "config", format!("parameters: {e}")))?;
+        params.validate().map_err(|e| Error::corrupt(ObjectKind::Config, "config", e.to_string()))?;
+        Ok(params)
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.chunker.validate()?;
         if let Some(l) = &self.large_files {
@@ -94,12 +102,48 @@ impl Default for RepoParams {
 }
 
 /// The public part of `config`: format version and repository id, plus the sealed parameters.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct ConfigFile {
-    version: u32,
-    id: Id,
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigFile {
+    pub version: u32,
+    pub id: Id,
     #[serde(with = "crate::crypto::hex_bytes")]
-    sealed: Vec<u8>,
+    pub sealed: Vec<u8>,
+}
+
+impl ConfigFile {
+    /// Decodes `config` as read from the store: at most 64 KiB, this format version, and
+    /// exactly the canonical bytes hoard writes (anything else is damage or tampering).
+    pub fn decode(raw: &[u8]) -> Result<ConfigFile> {
+        if raw.len() > MAX_CONFIG_LEN {
+            return Err(Error::corrupt(ObjectKind::Config, "config", "too large"));
+        }
+        let config: ConfigFile = serde_json::from_slice(raw).map_err(|e| {
+            // A config from a newer format may not parse; report the version if it is readable.
+            if let Some(v) = serde_json::from_slice::<serde_json::Value>(raw)
+                .ok()
+                .and_then(|v| v.get("version").and_then(|v| v.as_u64()))
+                && v != FORMAT_VERSION as u64
+            {
+                return Error::UnsupportedVersion {
+                    found: u32::try_from(v).unwrap_or(u32::MAX),
+                    supported: FORMAT_VERSION,
+                };
+            }
+            Error::corrupt(ObjectKind::Config, "config", format!("undecodable: {e}"))
+        })?;
+        if config.version != FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion { found: config.version, supported: FORMAT_VERSION });
+        }
+        if config.encode().ok().as_deref() != Some(raw) {
+            return Err(Error::corrupt(ObjectKind::Config, "config", "not in canonical form (damaged or edited)"));
+        }
+        Ok(config)
+    }
+
+    /// The canonical bytes.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec_pretty(self).map_err(|e| Error::Internal(e.to_string()))
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -179,7 +223,7 @@ impl Repository {
         let config =
             ConfigFile { version: FORMAT_VERSION, id, sealed: keys.seal_meta(SealType::Config, &params_json)? };
         let key_id = save_key_slot(&*store, &slot).await?;
-        let cfg = serde_json::to_vec_pretty(&config).map_err(|e| Error::Internal(e.to_string()))?;
+        let cfg = config.encode()?;
         store.put("config", Bytes::from(cfg)).await?;
         Ok(Repository {
             store,
@@ -201,27 +245,7 @@ impl Repository {
             Err(Error::ObjectNotFound(_)) => return Err(Error::RepositoryNotFound(store.location())),
             Err(e) => return Err(e),
         };
-        if raw.len() > MAX_CONFIG_LEN {
-            return Err(Error::corrupt(ObjectKind::Config, "config", "too large"));
-        }
-        let config: ConfigFile = serde_json::from_slice(&raw).map_err(|e| {
-            // A config from a newer format may not parse; report the version if it is readable.
-            if let Some(v) = serde_json::from_slice::<serde_json::Value>(&raw)
-                .ok()
-                .and_then(|v| v.get("version").and_then(|v| v.as_u64()))
-                && v != FORMAT_VERSION as u64
-            {
-                return Error::UnsupportedVersion { found: v as u32, supported: FORMAT_VERSION };
-            }
-            Error::corrupt(ObjectKind::Config, "config", format!("undecodable: {e}"))
-        })?;
-        if config.version != FORMAT_VERSION {
-            return Err(Error::UnsupportedVersion { found: config.version, supported: FORMAT_VERSION });
-        }
-        // hoard writes one canonical form; any other byte sequence is damage or tampering.
-        if serde_json::to_vec_pretty(&config).ok().as_deref() != Some(&raw[..]) {
-            return Err(Error::corrupt(ObjectKind::Config, "config", "not in canonical form (damaged or edited)"));
-        }
+        let config = ConfigFile::decode(&raw)?;
         let slots = list_key_slots(&*store).await?;
         if slots.is_empty() {
             return Err(Error::Missing { kind: ObjectKind::Key, name: "keys/".into() });
@@ -238,9 +262,7 @@ impl Repository {
         };
         let keys = Arc::new(Keys::from_master(master));
         let params_json = keys.open_meta(SealType::Config, ObjectKind::Config, "config", &config.sealed)?;
-        let params: RepoParams = serde_json::from_slice(&params_json)
-            .map_err(|e| Error::corrupt(ObjectKind::Config, "config", format!("parameters: {e}")))?;
-        params.validate().map_err(|e| Error::corrupt(ObjectKind::Config, "config", e.to_string()))?;
+        let params = RepoParams::decode(&params_json)?;
         Ok(Repository {
             store,
             keys,
@@ -432,7 +454,7 @@ impl Repository {
         self.unseal_blob(id, loc.ty, loc.compression, loc.raw_len, &sealed)
     }
 
-    /// Opens a sealed blob and checks its content against its id.
+    /// Opens a sealed blob and checks its content against its id ([`unseal_blob`]).
     pub fn unseal_blob(
         &self,
         id: &Id,
@@ -441,23 +463,10 @@ impl Repository {
         raw_len: u32,
         sealed: &[u8],
     ) -> Result<Vec<u8>> {
-        let plain = match compression {
-            Compression::None => self.keys.open_blob(ty.seal_type(), id, sealed)?,
-            Compression::Zstd => with_payload(&self.keys, ty, id, sealed, |payload| {
-                decompress(payload, raw_len as usize)
-                    .map_err(|e| Error::corrupt(ObjectKind::Blob, id.to_hex(), format!("decompression: {e}")))
-            })?,
-        };
-        if plain.len() != raw_len as usize || self.keys.blob_id(&plain) != *id {
-            return Err(Error::corrupt(ObjectKind::Blob, id.to_hex(), "content does not match its id"));
-        }
-        Ok(plain)
+        unseal_blob(&self.keys, id, ty, compression, raw_len, sealed)
     }
 
-    /// [`Repository::unseal_blob`] into `out`, which must be exactly the blob's recorded raw
-    /// length: the blob is decrypted straight into `out`, or into a per-thread buffer that it is
-    /// decompressed from, so no allocation or copy is made per blob. Checked like
-    /// `unseal_blob` (authenticated, length, id); on an error `out` holds garbage.
+    /// [`Repository::unseal_blob`] into `out` ([`unseal_blob_into`]).
     pub fn unseal_blob_into(
         &self,
         id: &Id,
@@ -466,26 +475,7 @@ impl Repository {
         sealed: &[u8],
         out: &mut [u8],
     ) -> Result<()> {
-        let corrupt = |why: String| Error::corrupt(ObjectKind::Blob, id.to_hex(), why);
-        match compression {
-            Compression::None => {
-                if sealed.len() != out.len() + crate::crypto::SEAL_OVERHEAD {
-                    return Err(corrupt("stored length does not match its recorded length".into()));
-                }
-                self.keys.open_blob_into(ty.seal_type(), id, sealed, out)?;
-            }
-            Compression::Zstd => {
-                with_payload(&self.keys, ty, id, sealed, |payload| match decompress_into(payload, out) {
-                    Ok(n) if n == out.len() => Ok(()),
-                    Ok(n) => Err(corrupt(format!("decompressed to {n} bytes, {} recorded", out.len()))),
-                    Err(e) => Err(corrupt(format!("decompression: {e}"))),
-                })?
-            }
-        }
-        if self.keys.blob_id(out) != *id {
-            return Err(corrupt("content does not match its id".into()));
-        }
-        Ok(())
+        unseal_blob_into(&self.keys, id, ty, compression, sealed, out)
     }
 
     /// Reads several blobs, one ranged request per pack (`Store::get_ranges`), several packs at
@@ -700,6 +690,62 @@ impl Repository {
         }
         Ok(wiped)
     }
+}
+
+/// Opens a sealed blob as stored in a pack (`raw_len` and `compression` from its index
+/// entry) and checks its content against its id. Decompression never writes more than
+/// `raw_len` bytes.
+pub fn unseal_blob(
+    keys: &Keys,
+    id: &Id,
+    ty: BlobType,
+    compression: Compression,
+    raw_len: u32,
+    sealed: &[u8],
+) -> Result<Vec<u8>> {
+    let plain = match compression {
+        Compression::None => keys.open_blob(ty.seal_type(), id, sealed)?,
+        Compression::Zstd => with_payload(keys, ty, id, sealed, |payload| {
+            decompress(payload, raw_len as usize)
+                .map_err(|e| Error::corrupt(ObjectKind::Blob, id.to_hex(), format!("decompression: {e}")))
+        })?,
+    };
+    if plain.len() != raw_len as usize || keys.blob_id(&plain) != *id {
+        return Err(Error::corrupt(ObjectKind::Blob, id.to_hex(), "content does not match its id"));
+    }
+    Ok(plain)
+}
+
+/// [`unseal_blob`] into `out`, which must be exactly the blob's recorded raw
+/// length: the blob is decrypted straight into `out`, or into a per-thread buffer that it is
+/// decompressed from, so no allocation or copy is made per blob. Checked like
+/// `unseal_blob` (authenticated, length, id); on an error `out` holds garbage.
+pub fn unseal_blob_into(
+    keys: &Keys,
+    id: &Id,
+    ty: BlobType,
+    compression: Compression,
+    sealed: &[u8],
+    out: &mut [u8],
+) -> Result<()> {
+    let corrupt = |why: String| Error::corrupt(ObjectKind::Blob, id.to_hex(), why);
+    match compression {
+        Compression::None => {
+            if sealed.len() != out.len() + crate::crypto::SEAL_OVERHEAD {
+                return Err(corrupt("stored length does not match its recorded length".into()));
+            }
+            keys.open_blob_into(ty.seal_type(), id, sealed, out)?;
+        }
+        Compression::Zstd => with_payload(keys, ty, id, sealed, |payload| match decompress_into(payload, out) {
+            Ok(n) if n == out.len() => Ok(()),
+            Ok(n) => Err(corrupt(format!("decompressed to {n} bytes, {} recorded", out.len()))),
+            Err(e) => Err(corrupt(format!("decompression: {e}"))),
+        })?,
+    }
+    if keys.blob_id(out) != *id {
+        return Err(corrupt("content does not match its id".into()));
+    }
+    Ok(())
 }
 
 /// Where a key stands in a wipe's order if it belongs to the repository layout, `None` for

@@ -13,6 +13,30 @@ use hoard_core::pack::{BlobType, Compression, PackEntry};
 use hoard_core::snapshot::{Component, ComponentKind, Snapshot, Summary};
 use hoard_core::tree::{Extent, Node, NodeKind, Timestamp, Tree};
 
+/// The targets over hoard-core alone.
+pub const CORE_TARGETS: [&str; 9] = [
+    "fuzz_pack_header",
+    "fuzz_index",
+    "fuzz_tree",
+    "fuzz_snapshot",
+    "fuzz_key_slot",
+    "fuzz_open_sealed",
+    "fuzz_config",
+    "fuzz_unseal_blob",
+    "fuzz_lock",
+];
+/// The targets of the `k8s` feature (the agent's and the controller's decoders).
+pub const K8S_TARGETS: [&str; 3] = ["fuzz_agent_state", "fuzz_vol_data", "fuzz_repository_meta"];
+
+/// Every target this build has.
+pub fn targets() -> Vec<&'static str> {
+    let mut all = CORE_TARGETS.to_vec();
+    if cfg!(feature = "k8s") {
+        all.extend(K8S_TARGETS);
+    }
+    all
+}
+
 /// The master key every target opens with.
 pub const MASTER: [u8; 32] = [7u8; 32];
 /// A different key; seeds for `fuzz_open_sealed` are sealed under it so they are well-formed
@@ -111,6 +135,52 @@ pub fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
             for s in key_slot_seeds() {
                 out.push((format!("keyslot-{}", out.len()), s.into_bytes()));
             }
+        }
+        "fuzz_config" => {
+            let params = hoard_core::repo::RepoParams::default();
+            let json = serde_json::to_vec(&params).unwrap_or_default();
+            let config = hoard_core::repo::ConfigFile {
+                version: hoard_core::repo::FORMAT_VERSION,
+                id: Id([3; 32]),
+                sealed: keys().seal_meta(SealType::Config, &json).unwrap_or_default(),
+            };
+            out.push(("config".into(), [&[0u8][..], &config.encode().unwrap_or_default()].concat()));
+            out.push(("params".into(), [&[1u8][..], &json].concat()));
+        }
+        "fuzz_unseal_blob" => {
+            let content = b"hello hoard, hello hoard, hello hoard".to_vec();
+            let frame = zstd::bulk::compress(&content, 1).unwrap_or_default();
+            for selector in 0u8..8 {
+                let body = if selector & 5 == 1 { frame.clone() } else { content.clone() };
+                let raw_len = content.len() as u32;
+                out.push((format!("blob-{selector}"), [&[selector][..], &raw_len.to_le_bytes(), &body].concat()));
+            }
+        }
+        "fuzz_lock" => {
+            let lock = br#"{"time":"2026-12-07T12:00:00Z","exclusive":true,"host":"node-a","username":"root","pid":42,"boot_id":"b","pid_ns":4026531836,"stale_after_secs":1800}"#;
+            let now = 1_796_644_800i64; // 2026-12-07T12:00:00Z + a day
+            out.push(("lock".into(), [&now.to_le_bytes()[..], &1800u32.to_le_bytes(), lock].concat()));
+        }
+        #[cfg(feature = "k8s")]
+        "fuzz_agent_state" => {
+            use hoard_agent::state::{Record, encode};
+            let last = hoard_api::agent::v1::Progress {
+                order_id: "backup-1".into(),
+                phase: hoard_api::agent::v1::Phase::Done as i32,
+                ..Default::default()
+            };
+            let record = Record { order_id: "backup-1".into(), fingerprint: [9; 32], last };
+            out.push(("record".into(), encode(&record)));
+        }
+        #[cfg(feature = "k8s")]
+        "fuzz_vol_data" => {
+            let v = br#"{"attachmentID":"csi-1","driverName":"hostpath.csi.k8s.io","nodeName":"node-a","specVolID":"pvc-1","volumeHandle":"h-1","volumeLifecycleMode":"Persistent"}"#;
+            out.push(("vol_data".into(), v.to_vec()));
+        }
+        #[cfg(feature = "k8s")]
+        "fuzz_repository_meta" => {
+            let m = br#"{"version":1,"repositories":[{"name":"app","namespace":"demo","path":"demo/app","encryptionSecret":{"name":"pw"},"deletionPolicy":"WipeOut"},{"name":"own","namespace":"owner","path":"shared/x","encryptionSecret":{"name":"pw","namespace":"owner"},"appRef":{"kind":"Pod","name":"p","namespace":"owner"}}]}"#;
+            out.push(("meta".into(), m.to_vec()));
         }
         "fuzz_open_sealed" => {
             let other = Keys::from_master(SecretKey(OTHER_MASTER));
@@ -267,6 +337,21 @@ pub fn check_seed(target: &str, input: &[u8]) -> Result<(), String> {
             }
             Ok(())
         }
+        "fuzz_config" => match input.split_first() {
+            Some((0, body)) => e(hoard_core::repo::ConfigFile::decode(body).map(drop)),
+            Some((_, body)) => e(hoard_core::repo::RepoParams::decode(body).map(drop)),
+            None => Err("empty".into()),
+        },
+        "fuzz_unseal_blob" => (input.len() >= 5).then_some(()).ok_or_else(|| "short".into()),
+        "fuzz_lock" => serde_json::from_slice::<hoard_core::lock::LockInfo>(input.get(12..).unwrap_or_default())
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        #[cfg(feature = "k8s")]
+        "fuzz_agent_state" => hoard_agent::state::decode(input).map(drop).map_err(|e| e.to_string()),
+        #[cfg(feature = "k8s")]
+        "fuzz_vol_data" => hoard_agent::volume::parse_vol_data(input).map(drop),
+        #[cfg(feature = "k8s")]
+        "fuzz_repository_meta" => hoard_controller::storage::Meta::decode(input).map(drop).map_err(|e| e.to_string()),
         _ => Err(format!("unknown target {target}")),
     }
 }

@@ -213,7 +213,7 @@ pub async fn read_meta(store: &dyn Store) -> Result<Meta> {
         });
     }
     match store.get(storage::META_KEY).await {
-        Ok(b) => Ok(serde_json::from_slice(&b)?),
+        Ok(b) => Meta::decode(&b),
         Err(hoard_core::Error::ObjectNotFound(_)) => Ok(Meta::default()),
         Err(e) => Err(e.into()),
     }

@@ -14,12 +14,9 @@ use std::path::PathBuf;
 
 use libfuzzer_sys::fuzz_target;
 
-const TARGETS: [&str; 6] =
-    ["fuzz_pack_header", "fuzz_index", "fuzz_tree", "fuzz_snapshot", "fuzz_key_slot", "fuzz_open_sealed"];
-
 fn write_seeds(dir: PathBuf) -> std::io::Result<()> {
     let mut total = 0usize;
-    for t in TARGETS {
+    for t in hoard_fuzz::targets() {
         let d = dir.join(t);
         std::fs::create_dir_all(&d)?;
         for (name, bytes) in hoard_fuzz::seeds(t) {
