@@ -3,6 +3,8 @@
 //! installed with `helm install` of chart/hoard from images built out of the workspace's
 //! binaries, a StatefulSet and a Deployment writing to CSI volumes, and S3 on loopback.
 //! `kubectl hoard` triggers, watches and restores; pods check the restored data themselves.
+//! The chart's defaults are kept where they matter: agents start backup-only (a restore is
+//! refused, naming the setting) and restores work after the documented `helm upgrade`.
 //!
 //! Test-cluster settings (not hoard's defaults): both hoard pods use `hostNetwork` (the test
 //! node has no pod network; see hack/kube/README.md) and the controller reaches the API server
@@ -157,6 +159,18 @@ async fn snapshot_components(node: &RealNode, session: &BackupSession) -> (Strin
     (name, json["components"].as_object().cloned().unwrap_or_default())
 }
 
+/// `kubectl hoard restore --snapshot S --to pvc/C`, then `kubectl hoard watch` until it ends:
+/// the RestoreSession's name and the watch's output.
+fn restore_and_watch(node: &RealNode, snapshot: &str, claim_name: &str) -> (String, std::process::Output) {
+    let mut restore = node.tool("kubectl-hoard");
+    restore.args(["restore", "--snapshot", snapshot, "--to", &format!("pvc/{claim_name}"), "-n", NS]);
+    let name = created_name(&run(restore, Duration::from_secs(60)).stdout, "restoresession");
+    let mut watch = node.tool("kubectl-hoard");
+    watch.args(["watch", &name, "-n", NS, "--timeout", "4m"]);
+    let watched = watch.output().unwrap();
+    (name, watched)
+}
+
 /// `kubectl hoard restore --snapshot S --to pvc/C` + watch, then a pod checks the claim;
 /// returns the checker's output.
 async fn restore_and_check(node: &RealNode, snapshot: &str, claim_name: &str) -> String {
@@ -165,12 +179,7 @@ async fn restore_and_check(node: &RealNode, snapshot: &str, claim_name: &str) ->
     let (phase, logs) = check_claim(node, &format!("precheck-{claim_name}"), claim_name).await;
     assert_eq!(phase, "Failed", "the checker must fail on an empty claim: {logs}");
 
-    let mut restore = node.tool("kubectl-hoard");
-    restore.args(["restore", "--snapshot", snapshot, "--to", &format!("pvc/{claim_name}"), "-n", NS]);
-    let name = created_name(&run(restore, Duration::from_secs(60)).stdout, "restoresession");
-    let mut watch = node.tool("kubectl-hoard");
-    watch.args(["watch", &name, "-n", NS, "--timeout", "4m"]);
-    let watched = watch.output().unwrap();
+    let (name, watched) = restore_and_watch(node, snapshot, claim_name);
     assert!(
         watched.status.success(),
         "kubectl hoard watch {name}: {}\n{}\ncontroller:\n{}\nagent:\n{}",
@@ -183,6 +192,29 @@ async fn restore_and_check(node: &RealNode, snapshot: &str, claim_name: &str) ->
     assert_eq!(phase, "Succeeded", "restored {snapshot} into {claim_name}, the pod's check failed:\n{logs}");
     assert!(logs.contains("CHECKED 33 files"), "{logs}");
     logs
+}
+
+/// The agent process has exactly the capabilities `bits`, no_new_privs and a seccomp filter.
+fn assert_agent_rights(node: &RealNode, bits: &[u32]) {
+    let proc_status = agent_process_status(node);
+    let cap_eff = u64::from_str_radix(&proc_status["CapEff"], 16).unwrap();
+    let expected = bits.iter().fold(0u64, |m, bit| m | 1 << bit);
+    assert_eq!(cap_eff, expected, "agent capabilities: {proc_status:?}");
+    assert_eq!(proc_status["NoNewPrivs"], "1", "{proc_status:?}");
+    assert_eq!(proc_status["Seccomp"], "2", "RuntimeDefault seccomp filter: {proc_status:?}");
+}
+
+/// A restore against backup-only agents (the chart's default) fails with a reason that names
+/// the setting, and writes nothing.
+async fn restore_refused(node: &RealNode, snapshot: &str, claim_name: &str) {
+    apply(node, &[claim(claim_name)]);
+    let (name, watched) = restore_and_watch(node, snapshot, claim_name);
+    assert!(!watched.status.success(), "a restore through backup-only agents succeeded");
+    let sessions: Api<hoard_api::crd::RestoreSession> = Api::namespaced(node.client.clone(), NS);
+    let status = serde_json::to_string(&sessions.get(&name).await.unwrap().status).unwrap();
+    assert!(status.contains("agent.restore.enabled"), "the failure must name the setting: {status}");
+    let (phase, logs) = check_claim(node, &format!("refused-{claim_name}"), claim_name).await;
+    assert_eq!(phase, "Failed", "nothing may be restored: {logs}");
 }
 
 /// The agent container's process as the runtime started it: uid, effective capabilities,
@@ -247,8 +279,7 @@ async fn helm_installed_hoard_backs_up_and_restores_workloads_on_a_real_node() {
          controller:\n  hostNetwork: true\n  metricsPort: {}\n  extraEnv:\n\
          \x20   - {{name: KUBERNETES_SERVICE_HOST, value: 127.0.0.1}}\n\
          \x20   - {{name: KUBERNETES_SERVICE_PORT, value: \"{}\"}}\n\
-         agent:\n  hostNetwork: true\n  kubeletRoot: {}/pods\n  grpcPort: {}\n  metricsPort: {}\n\
-         \x20 restore: {{enabled: true}}\n",
+         agent:\n  hostNetwork: true\n  kubeletRoot: {}/pods\n  grpcPort: {}\n  metricsPort: {}\n",
         free_port(),
         node.var("HOARD_APISERVER_PORT"),
         node.var("HOARD_KUBELET_ROOT"),
@@ -267,14 +298,9 @@ async fn helm_installed_hoard_backs_up_and_restores_workloads_on_a_real_node() {
     assert_eq!(agents[0].spec.as_ref().unwrap().node_name.as_deref(), Some(node_name.as_str()));
     node.ready_pods(SYSTEM_NS, "app.kubernetes.io/name=hoard-controller", 1, Duration::from_secs(60)).await;
 
-    // The agent runs with exactly the chart's rights: root without the other capabilities,
-    // no_new_privs, a seccomp filter.
-    let proc_status = agent_process_status(&node);
-    let cap_eff = u64::from_str_radix(&proc_status["CapEff"], 16).unwrap();
-    let expected = [0u32, 1, 2, 3, 4, 27, 31].iter().fold(0u64, |m, bit| m | 1 << bit); // CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID MKNOD SETFCAP
-    assert_eq!(cap_eff, expected, "agent capabilities: {proc_status:?}");
-    assert_eq!(proc_status["NoNewPrivs"], "1", "{proc_status:?}");
-    assert_eq!(proc_status["Seccomp"], "2", "RuntimeDefault seccomp filter: {proc_status:?}");
+    // The agent runs with exactly the chart's rights: by default backup-only (root with
+    // DAC_READ_SEARCH alone), no_new_privs, a seccomp filter.
+    assert_agent_rights(&node, &[2]); // DAC_READ_SEARCH
 
     // The workloads: a StatefulSet and a Deployment writing to CSI volumes of the node.
     let pod_spec = |claim: Option<&str>| {
@@ -369,17 +395,12 @@ async fn helm_installed_hoard_backs_up_and_restores_workloads_on_a_real_node() {
     // Never restarted: same pods, no container restarts.
     assert_eq!(workload_pods(&node).await, before, "backups must not restart or replace workload pods");
 
-    // Restores into new claims, checked by new pods. Confined by default: the set-user-id bit
-    // of sub/suid is not recreated; once an administrator labels the namespace, it is.
-    let confined = restore_and_check(&node, &db_snapshot, "db-restored").await;
-    assert!(confined.contains("MODE 755"), "a confined restore clears set-id bits: {confined}");
-    let mut label = node.kubectl();
-    label.args(["label", "namespace", NS, "hoard.dev/restore-metadata=full"]);
-    run(label, Duration::from_secs(60));
-    let full = restore_and_check(&node, &web_snapshot, "web-restored").await;
-    assert!(full.contains("MODE 4755"), "with the namespace label everything is restored: {full}");
+    // The chart's default agents only back up: a restore is refused, with the reason.
+    restore_refused(&node, &db_snapshot, "db-refused").await;
 
-    // helm upgrade reuses the generated CAs (the chart's `lookup` path) and rolls the agent.
+    // Restores turned on as docs/install.md says: helm upgrade --reuse-values --set
+    // agent.restore.enabled=true. The upgrade reuses the generated CAs (the chart's `lookup`
+    // path) and rolls the agent, which now has the write capabilities.
     let secrets = Api::<Secret>::namespaced(node.client.clone(), SYSTEM_NS);
     let tls_before =
         (secrets.get("hoard-controller-tls").await.unwrap().data, secrets.get("hoard-agent-ca").await.unwrap().data);
@@ -389,7 +410,7 @@ async fn helm_installed_hoard_backs_up_and_restores_workloads_on_a_real_node() {
         SYSTEM_NS,
         "--reuse-values",
         "--set",
-        "agent.logLevel=debug",
+        "agent.restore.enabled=true",
         "--wait",
         "--timeout",
         "3m",
@@ -401,6 +422,19 @@ async fn helm_installed_hoard_backs_up_and_restores_workloads_on_a_real_node() {
     let new_agents =
         node.ready_pods(SYSTEM_NS, "app.kubernetes.io/name=hoard-agent", 1, Duration::from_secs(120)).await;
     assert_ne!(new_agents[0].metadata.uid, agents[0].metadata.uid, "the upgrade rolled the agent");
+    // CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID MKNOD SETFCAP
+    assert_agent_rights(&node, &[0, 1, 2, 3, 4, 27, 31]);
+
+    // Restores into new claims, checked by new pods. Confined by default: the set-user-id bit
+    // of sub/suid is not recreated; once an administrator labels the namespace, it is.
+    let confined = restore_and_check(&node, &db_snapshot, "db-restored").await;
+    assert!(confined.contains("MODE 755"), "a confined restore clears set-id bits: {confined}");
+    let mut label = node.kubectl();
+    label.args(["label", "namespace", NS, "hoard.dev/restore-metadata=full"]);
+    run(label, Duration::from_secs(60));
+    let full = restore_and_check(&node, &web_snapshot, "web-restored").await;
+    assert!(full.contains("MODE 4755"), "with the namespace label everything is restored: {full}");
+
     backup_now(&node, "db", "manual").await;
     assert_eq!(workload_pods(&node).await, before, "backups must not restart or replace workload pods");
 
