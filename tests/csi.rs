@@ -14,7 +14,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hoard_api::crd::{
-    BackupSession, ComponentPhase, ReadFrom, RestorePhase, RestoreSession, SessionPhase, Snapshot, SnapshotPhase,
+    BackupSession, ComponentPhase, Condition, ReadFrom, RestorePhase, RestoreSession, SessionPhase, Snapshot,
+    SnapshotPhase,
 };
 use hoard_csi::types::VolumeSnapshot;
 use hoard_e2e::simkubelet::SimKubelet;
@@ -226,6 +227,23 @@ impl Harness {
                 panic!("{name} not finished after {timeout:?}: {status:#?}\n{}", self.controller_log());
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Waits for the session's `VolumesReady` condition to have `reason`.
+    async fn volumes_condition(&self, name: &str, reason: &str, timeout: Duration) -> Condition {
+        let api = Api::<BackupSession>::namespaced(self.client.clone(), &self.ns);
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let status = api.get_opt(name).await.unwrap().and_then(|b| b.status);
+            let found = status.iter().flat_map(|s| s.conditions.iter()).find(|c| c.type_ == "VolumesReady");
+            if let Some(c) = found.filter(|c| c.reason == reason) {
+                return c.clone();
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("{name}: no VolumesReady condition with reason {reason} after {timeout:?}: {status:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -592,9 +610,15 @@ async fn snapshot_faults_timeout_and_controller_restart() {
 
     h.start_controller();
     h.trigger("stuck", "stuck-1").await;
+    // While it waits, the session says so and for what.
+    let waiting = h.volumes_condition("stuck-1", "Waiting", Duration::from_secs(60)).await;
+    assert!(waiting.message.starts_with("stuck: ") && waiting.status == "False", "{waiting:?}");
     let failed = h.finished("stuck-1", Duration::from_secs(90)).await;
     let st = failed.status.clone().unwrap();
     assert_eq!(st.phase, Some(SessionPhase::Failed), "{st:#?}");
+    let last = st.conditions.iter().find(|c| c.type_ == "VolumesReady").expect("VolumesReady kept");
+    assert_eq!(last.reason, "NotReadable", "{last:?}");
+    assert!(last.message.contains("readyTimeout"), "{last:?}");
     let c = snapshot_of(&h, &failed).await.status.unwrap().components["stuck"].clone();
     assert!(c.error.as_deref().unwrap_or_default().contains("readyTimeout"), "{c:#?}");
     // Deletion is requested; the dead driver's VolumeSnapshot cannot finish it by itself.
@@ -612,6 +636,8 @@ async fn snapshot_faults_timeout_and_controller_restart() {
     h.start_controller();
     let done = h.finished("restart-1", Duration::from_secs(180)).await;
     assert_eq!(done.status.as_ref().unwrap().phase, Some(SessionPhase::Succeeded), "{done:#?}\n{}", h.controller_log());
+    let ready = done.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "VolumesReady").cloned();
+    assert_eq!(ready.map(|c| (c.status, c.reason)), Some(("True".to_string(), "Ready".to_string())));
     let snap = snapshot_of(&h, &done).await;
     assert_eq!(snap.status.as_ref().unwrap().phase, Some(SnapshotPhase::Succeeded));
     h.assert_cleaned_up("restart-1").await;

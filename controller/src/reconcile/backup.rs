@@ -12,9 +12,9 @@ use hoard_api::agent::v1::persistent_volume_source::Plugin;
 use hoard_api::agent::v1::volume_identity::Source;
 use hoard_api::agent::v1::{BackupOrder, PersistentVolumeSource, Phase, Progress};
 use hoard_api::crd::{
-    BackupConfiguration, BackupSession, ComponentPhase, ComponentProgress, ComponentStatus, ReadFrom, Repository,
-    RetentionApplied, RetentionPhase, RetentionPolicy, SessionConfig, SessionPhase, SessionSnapshot, Snapshot,
-    SnapshotPhase, SnapshotSpec, SnapshotStatus, TargetKind, parse_duration,
+    BackupConfiguration, BackupSession, ComponentPhase, ComponentProgress, ComponentStatus, Condition, ReadFrom,
+    Repository, RetentionApplied, RetentionPhase, RetentionPolicy, SessionConfig, SessionPhase, SessionSnapshot,
+    Snapshot, SnapshotPhase, SnapshotSpec, SnapshotStatus, TargetKind, parse_duration, set_condition,
 };
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -74,10 +74,10 @@ pub async fn reconcile(bs: Arc<BackupSession>, ctx: Arc<Context>) -> Result<Acti
     let ns = bs.namespace().unwrap_or_default();
     let api: Api<BackupSession> = Api::namespaced(ctx.client.clone(), &ns);
     // The current object, not the watch cache's: the previous pass may have just written status.
-    let Some(bs) = api.get_opt(&bs.name_any()).await?.map(Arc::new) else { return Ok(Action::await_change()) };
+    let Some(mut bs) = api.get_opt(&bs.name_any()).await?.map(Arc::new) else { return Ok(Action::await_change()) };
     let uid = bs.uid().unwrap_or_default();
     let now = ctx.now();
-    let status = bs.status.clone().unwrap_or_default();
+    let mut status = bs.status.clone().unwrap_or_default();
     if status.phase.is_some_and(SessionPhase::is_finished) {
         return Ok(Action::await_change());
     }
@@ -130,6 +130,19 @@ pub async fn reconcile(bs: Arc<BackupSession>, ctx: Arc<Context>) -> Result<Acti
     } else {
         BTreeMap::new()
     };
+    // Which step those volumes are in, on the session itself (written only when it changes;
+    // later writes of this pass start from the updated status).
+    if let Some(condition) = volumes_condition(&prepared, now) {
+        let mut s = status.clone();
+        set_condition(&mut s.conditions, condition);
+        if s.conditions != status.conditions {
+            apply_status(&api, &*bs, serde_json::to_value(&s)?).await?;
+            let mut updated = (*bs).clone();
+            updated.status = Some(s.clone());
+            bs = Arc::new(updated);
+            status = s;
+        }
+    }
 
     // 2. Decide.
     let work: Vec<WorkView> = l
@@ -205,6 +218,52 @@ pub async fn reconcile(bs: Arc<BackupSession>, ctx: Arc<Context>) -> Result<Acti
         Step::Succeed => finish(&ctx, &bs, &l, true, "every component backed up", now).await,
         Step::Fail(msg) => finish(&ctx, &bs, &l, false, &msg, now).await,
     }
+}
+
+/// The session condition for volumes read through an exposer pod.
+pub const VOLUMES_READY: &str = "VolumesReady";
+
+/// [`VOLUMES_READY`] from one pass's exposer steps: False with reason `Waiting` naming each
+/// component that waits and for what; else False with `NotReadable` when one cannot be read
+/// that way; else True. `None` when no component took such a step in this pass. The message
+/// is bounded (1024 bytes).
+pub fn volumes_condition(prepared: &BTreeMap<String, Prepared>, now: DateTime<Utc>) -> Option<Condition> {
+    if prepared.is_empty() {
+        return None;
+    }
+    let list = |pick: &dyn Fn(&Prepared) -> Option<String>| -> Vec<String> {
+        prepared.iter().filter_map(|(comp, p)| pick(p).map(|m| format!("{comp}: {m}"))).collect()
+    };
+    let waiting = list(&|p| match p {
+        Prepared::Waiting(m) => Some(m.clone()),
+        _ => None,
+    });
+    let failed = list(&|p| match p {
+        Prepared::Failed(m) => Some(m.clone()),
+        _ => None,
+    });
+    let (status, reason, mut message) = if !waiting.is_empty() {
+        ("False", "Waiting", waiting.join("; "))
+    } else if !failed.is_empty() {
+        ("False", "NotReadable", failed.join("; "))
+    } else {
+        ("True", "Ready", format!("{} volume(s) ready to read", prepared.len()))
+    };
+    if message.len() > 1024 {
+        let cut = (0..=1021).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
+        message.truncate(cut);
+        message.push('…');
+    }
+    Some(Condition {
+        type_: VOLUMES_READY.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_millisecond(now.timestamp_millis()).unwrap_or_default(),
+        ),
+        observed_generation: None,
+    })
 }
 
 fn progress_of(p: &Progress) -> ComponentProgress {
@@ -857,4 +916,58 @@ async fn finish(
     ctx.metrics.session_duration.observe((now - started).num_milliseconds().max(0) as f64 / 1000.0);
     ctx.event(bs, !ok, if ok { "Succeeded" } else { "Failed" }, msg.to_string()).await;
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 12, 7, 12, 0, 0).single().expect("time")
+    }
+
+    fn ready() -> Prepared {
+        Prepared::Ready { identity: Default::default(), provenance: None }
+    }
+
+    #[test]
+    fn the_volumes_condition_names_what_waits_first_then_what_failed() {
+        assert!(volumes_condition(&BTreeMap::new(), at()).is_none(), "no exposer step: no condition");
+        let mut p: BTreeMap<String, Prepared> = [
+            ("data".to_string(), Prepared::Waiting("VolumeSnapshot data-x is not ready to use yet".into())),
+            ("logs".to_string(), Prepared::Failed("no VolumeSnapshotClass for driver d".into())),
+            ("web".to_string(), ready()),
+        ]
+        .into();
+        let c = volumes_condition(&p, at()).expect("condition");
+        assert_eq!((c.type_.as_str(), c.status.as_str(), c.reason.as_str()), (VOLUMES_READY, "False", "Waiting"));
+        assert_eq!(c.message, "data: VolumeSnapshot data-x is not ready to use yet");
+        p.remove("data");
+        let c = volumes_condition(&p, at()).expect("condition");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "NotReadable"));
+        assert!(c.message.starts_with("logs: no VolumeSnapshotClass"), "{}", c.message);
+        p.remove("logs");
+        let c = volumes_condition(&p, at()).expect("condition");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Ready"));
+    }
+
+    #[test]
+    fn the_volumes_condition_message_is_bounded() {
+        let p: BTreeMap<String, Prepared> =
+            (0..100).map(|i| (format!("volume-{i}"), Prepared::Waiting("é".repeat(40)))).collect();
+        let c = volumes_condition(&p, at()).expect("condition");
+        assert!(c.message.len() <= 1024 + '…'.len_utf8(), "{}", c.message.len());
+        assert!(c.message.ends_with('…'));
+    }
+
+    #[test]
+    fn setting_the_same_condition_again_changes_nothing() {
+        let mut conditions = Vec::new();
+        let waiting: BTreeMap<String, Prepared> = [("data".to_string(), Prepared::Waiting("x".into()))].into();
+        set_condition(&mut conditions, volumes_condition(&waiting, at()).expect("c"));
+        let before = conditions.clone();
+        set_condition(&mut conditions, volumes_condition(&waiting, at() + chrono::Duration::minutes(1)).expect("c"));
+        assert_eq!(conditions, before, "a repeated wait is not a new write");
+    }
 }
