@@ -731,14 +731,36 @@ async fn kept_snapshots_retention_and_restore_into_a_new_claim() {
 
     // Restore the second generation into a new claim (the volume has moved on to the third).
     let restores = Api::<RestoreSession>::namespaced(h.client.clone(), &h.ns);
-    let restore = |name: &str, claim: &str, vs: &str| -> RestoreSession {
+    let restore_with = |name: &str, claim: &str, vs: &str, overrides: serde_json::Value| -> RestoreSession {
+        let mut spec = json!({"target": {"kind": "PersistentVolumeClaim", "name": claim},
+                              "dataSource": {"volumeSnapshot": vs}});
+        if !overrides.is_null() {
+            spec["claim"] = overrides;
+        }
         serde_json::from_value(json!({
-            "apiVersion": "hoard.dev/v1alpha1", "kind": "RestoreSession", "metadata": {"name": name},
-            "spec": {"target": {"kind": "PersistentVolumeClaim", "name": claim},
-                     "dataSource": {"volumeSnapshot": vs}}}))
+            "apiVersion": "hoard.dev/v1alpha1", "kind": "RestoreSession", "metadata": {"name": name}, "spec": spec}))
         .unwrap()
     };
-    restores.create(&PostParams::default(), &restore("gen-2", "gen-2", "hoard-only-2-data")).await.unwrap();
+    let restore = |name: &str, claim: &str, vs: &str| restore_with(name, claim, vs, serde_json::Value::Null);
+    // A size below the snapshot's restore size (the source claim's 64Mi) is refused up front.
+    let small = json!({"size": "1Mi"});
+    restores.create(&PostParams::default(), &restore_with("small", "small", "hoard-only-2-data", small)).await.unwrap();
+    let refused = wait_for(&restores, "small", Duration::from_secs(60), |r| {
+        r.status.as_ref().and_then(|s| s.phase).is_some_and(RestorePhase::is_finished)
+    })
+    .await
+    .status
+    .unwrap();
+    assert_eq!(refused.phase, Some(RestorePhase::Invalid), "{refused:#?}");
+    assert!(refused.message.as_deref().unwrap_or_default().contains("restore size 64Mi"), "{refused:#?}");
+    let claims = Api::<PersistentVolumeClaim>::namespaced(h.client.clone(), &h.ns);
+    assert!(claims.get_opt("small").await.unwrap().is_none(), "no claim for a refused restore");
+    // Size and access modes overridden; the storage class stays the source claim's.
+    let overrides = json!({"size": "128Mi", "accessModes": ["ReadWriteMany"]});
+    restores
+        .create(&PostParams::default(), &restore_with("gen-2", "gen-2", "hoard-only-2-data", overrides))
+        .await
+        .unwrap();
     let done = wait_for(&restores, "gen-2", Duration::from_secs(120), |r| {
         r.status.as_ref().and_then(|s| s.phase).is_some_and(RestorePhase::is_finished)
     })
@@ -747,6 +769,11 @@ async fn kept_snapshots_retention_and_restore_into_a_new_claim() {
     assert_eq!(st.phase, Some(RestorePhase::Succeeded), "{st:#?}\n{}", h.controller_log());
     let restored = h.volume_dir("gen-2", Duration::from_secs(10)).await;
     assert!(tree_contents(&restored) == generations[1], "the new claim differs from generation 2");
+    let spec = claims.get("gen-2").await.unwrap().spec.unwrap();
+    assert_eq!(spec.access_modes, Some(vec!["ReadWriteMany".to_string()]));
+    let requested = spec.resources.and_then(|r| r.requests).and_then(|r| r.get("storage").cloned());
+    assert_eq!(requested.map(|q| q.0), Some("128Mi".to_string()));
+    assert_eq!(spec.storage_class_name, claims.get("data").await.unwrap().spec.unwrap().storage_class_name);
     // Into an existing claim: refused, and the claim is untouched.
     restores.create(&PostParams::default(), &restore("over", "data", "hoard-only-2-data")).await.unwrap();
     let refused = wait_for(&restores, "over", Duration::from_secs(60), |r| {

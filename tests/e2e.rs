@@ -144,6 +144,27 @@ async fn chart_crds_apply_and_reject_invalid_specs() {
     created.data["spec"]["session"] = json!("other");
     let edit = sessions.replace("once", &PostParams::default(), &created).await;
     assert!(format!("{edit:?}").contains("immutable"), "{edit:?}");
+
+    // Claim overrides belong to VolumeSnapshot restores, and are shaped like a claim's.
+    let restores = dynamic(&cluster, &ns, "RestoreSession", "restoresessions");
+    let restore = |name: &str, data_source: serde_json::Value, claim: serde_json::Value| -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "hoard.dev/v1alpha1", "kind": "RestoreSession", "metadata": {"name": name},
+            "spec": {"target": {"kind": "PersistentVolumeClaim", "name": "copy"}, "dataSource": data_source,
+                     "claim": claim}
+        }))
+        .unwrap()
+    };
+    let from_vs = json!({"volumeSnapshot": "vs-1"});
+    let ok = restore("vs-ok", from_vs.clone(), json!({"size": "20Gi", "accessModes": ["ReadWriteOncePod"]}));
+    restores.create(&PostParams::default(), &ok).await.unwrap();
+    let from_repo = restore("repo", json!({"repository": "r"}), json!({"size": "20Gi"}));
+    let refused = restores.create(&PostParams::default(), &from_repo).await;
+    assert!(format!("{refused:?}").contains("needs dataSource.volumeSnapshot"), "{refused:?}");
+    for (name, claim) in [("bad-size", json!({"size": "20 GB"})), ("bad-mode", json!({"accessModes": ["Everyone"]}))] {
+        let refused = restores.create(&PostParams::default(), &restore(name, from_vs.clone(), claim)).await;
+        assert!(refused.is_err(), "{name} accepted");
+    }
 }
 
 /// The whole flow: instant backup → Succeeded Snapshot with one component per volume; restore

@@ -93,9 +93,9 @@ pub async fn check(repo: Arc<Repository>, opts: CheckOptions) -> Result<CheckRep
     // Index files, one by one, so one damaged file does not hide the others.
     let mut index = MasterIndex::default();
     let mut files: Vec<(Id, IndexFile)> = Vec::new();
-    for id in repo.list_ids("index").await? {
+    for (id, size) in repo.list_sized("index").await? {
         let name = format!("index/{}", id.to_hex());
-        match repo.load_file(ObjectKind::Index, "index", &id).await {
+        match repo.load_listed(ObjectKind::Index, "index", &id, size, crate::index::MAX_INDEX_LEN).await {
             Ok(raw) => match IndexFile::decode(repo.keys(), &name, &raw) {
                 Ok(f) => files.push((id, f)),
                 Err(e) => report.errors.push(Problem { object: name, message: e.to_string() }),

@@ -52,6 +52,10 @@ pub struct LockInfo {
     pub stale_after_secs: Option<u64>,
 }
 
+/// Most bytes a lock object may hold (hoard's are a few hundred); larger ones are reported
+/// damaged from their listed size, never downloaded.
+pub const MAX_LOCK_LEN: usize = 64 * 1024;
+
 /// The most a lock's recorded stale age counts for: a planted lock cannot block prune for
 /// longer than a day.
 pub const MAX_RECORDED_STALE: Duration = Duration::from_secs(24 * 3600);
@@ -172,8 +176,8 @@ async fn write_lock(repo: &Repository, exclusive: bool) -> Result<Id> {
 /// All locks with their state; damaged lock files are reported as `Err`.
 pub async fn list_locks(repo: &Repository) -> Result<Vec<(Id, Result<LockInfo>)>> {
     let mut out = Vec::new();
-    for id in repo.list_ids("locks").await? {
-        let info = match repo.load_file(ObjectKind::Lock, "locks", &id).await {
+    for (id, size) in repo.list_sized("locks").await? {
+        let info = match repo.load_listed(ObjectKind::Lock, "locks", &id, size, MAX_LOCK_LEN).await {
             Ok(raw) => LockInfo::decode(repo.keys(), &id, &raw),
             // Deleted between list and read: its holder finished.
             Err(Error::Missing { .. }) => continue,

@@ -343,9 +343,34 @@ impl Repository {
             .collect())
     }
 
+    /// Like [`Repository::load_file`], but at most `max` + 1 bytes are read (a bounded range):
+    /// for objects named without a listing at hand.
+    pub async fn load_bounded(&self, kind: ObjectKind, dir: &str, id: &Id, max: usize) -> Result<Bytes> {
+        let key = format!("{dir}/{}", id.to_hex());
+        let bytes = match self.store.get_range(&key, 0..max as u64 + 1).await {
+            Ok(b) => b,
+            Err(Error::ObjectNotFound(_)) => return Err(Error::Missing { kind, name: key }),
+            Err(e) => return Err(e),
+        };
+        if bytes.len() > max {
+            return Err(Error::corrupt(kind, key, "more than such an object may hold"));
+        }
+        if Id::of_bytes(&bytes) != *id {
+            return Err(Error::corrupt(kind, key, "content does not match its name"));
+        }
+        Ok(bytes)
+    }
+
     /// Like [`Repository::load_file`], but an object the listing says is larger than `max` is
     /// refused without downloading it: the bucket is hostile ground.
-    async fn load_listed(&self, kind: ObjectKind, dir: &str, id: &Id, size: u64, max: usize) -> Result<Bytes> {
+    pub(crate) async fn load_listed(
+        &self,
+        kind: ObjectKind,
+        dir: &str,
+        id: &Id,
+        size: u64,
+        max: usize,
+    ) -> Result<Bytes> {
         if size > max as u64 {
             let key = format!("{dir}/{}", id.to_hex());
             return Err(Error::corrupt(
@@ -551,7 +576,7 @@ impl Repository {
     }
 
     pub async fn load_snapshot(&self, id: &Id) -> Result<Snapshot> {
-        let raw = self.load_file(ObjectKind::Snapshot, "snapshots", id).await?;
+        let raw = self.load_bounded(ObjectKind::Snapshot, "snapshots", id, crate::snapshot::MAX_SNAPSHOT_LEN).await?;
         Snapshot::decode(&self.keys, &format!("snapshots/{}", id.to_hex()), &raw)
     }
 

@@ -414,3 +414,39 @@ async fn a_wipe_deletes_only_the_repositorys_own_objects() {
     want.sort();
     assert_eq!(left, want);
 }
+
+/// A planted 20 MiB lock object is reported damaged from its listed size, never downloaded,
+/// and a snapshot named by its id is read with a bounded range.
+#[tokio::test]
+async fn oversized_locks_and_snapshots_are_never_downloaded_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = Arc::new(Recording { inner: local_store(tmp.path()), gets: Default::default() });
+    let store: Arc<dyn hoard_core::store::Store> = rec.clone();
+    let repo = init_repo(Arc::clone(&store)).await;
+    let planted = Bytes::from(vec![9u8; 20 * 1024 * 1024]);
+    let id = hoard_core::Id::of_bytes(&planted);
+    for dir in ["locks", "snapshots"] {
+        store.put(&format!("{dir}/{}", id.to_hex()), planted.clone()).await.unwrap();
+    }
+
+    let locks = hoard_core::lock::list_locks(&repo).await.unwrap();
+    let (_, planted_lock) = locks.iter().find(|(l, _)| *l == id).expect("listed");
+    let e = planted_lock.as_ref().unwrap_err();
+    assert!(e.to_string().contains("not downloaded"), "{e}");
+    let e = repo.load_snapshot(&id).await.unwrap_err();
+    assert!(matches!(e, hoard_core::Error::Corrupt { .. }), "{e}");
+    let gets = rec.gets.lock().unwrap();
+    assert!(!gets.iter().any(|k| k.ends_with(&id.to_hex())), "downloaded whole: {gets:?}");
+}
+
+/// An emptied `config` is damage (exit code 14 in the CLI), not a storage failure to retry.
+#[tokio::test]
+async fn an_empty_config_is_damage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = local_store(tmp.path());
+    init_repo(Arc::clone(&store)).await;
+    store.delete("config").await.unwrap();
+    store.put("config", Bytes::new()).await.unwrap();
+    let e = Repository::open(store, &Password::new("pw")).await.unwrap_err();
+    assert!(matches!(e, hoard_core::Error::Corrupt { .. }), "{e:?}");
+}

@@ -125,6 +125,20 @@ pub fn claim_from_snapshot(
     storage_class: Option<&str>,
     access_modes: Option<&[String]>,
 ) -> Result<PersistentVolumeClaim, serde_json::Error> {
+    claim_from_snapshot_sized(name, snapshot, source, None, storage_class, access_modes)
+}
+
+/// [`claim_from_snapshot`] with an explicit size (`None`: the larger of the source claim's
+/// request and the snapshot's restore size). The caller checks a given size against the
+/// restore size ([`too_small_for`]).
+pub fn claim_from_snapshot_sized(
+    name: &str,
+    snapshot: &VolumeSnapshot,
+    source: Option<&PersistentVolumeClaim>,
+    size: Option<&str>,
+    storage_class: Option<&str>,
+    access_modes: Option<&[String]>,
+) -> Result<PersistentVolumeClaim, serde_json::Error> {
     let source_spec = source.and_then(|s| s.spec.as_ref());
     let requested = source_spec
         .and_then(|s| s.resources.as_ref())
@@ -132,7 +146,10 @@ pub fn claim_from_snapshot(
         .and_then(|r| r.get("storage"))
         .cloned();
     let restore_size = snapshot.status.as_ref().and_then(|s| s.restore_size.clone());
-    let size = larger(requested, restore_size).unwrap_or_else(|| Quantity("1Gi".into()));
+    let size = match size {
+        Some(s) => Quantity(s.to_string()),
+        None => larger(requested, restore_size).unwrap_or_else(|| Quantity("1Gi".into())),
+    };
     let class = storage_class.map(str::to_string).or_else(|| source_spec.and_then(|s| s.storage_class_name.clone()));
     let modes: Vec<String> = access_modes.map(<[String]>::to_vec).unwrap_or_else(|| vec!["ReadWriteOnce".into()]);
     let snapshot_name = snapshot.metadata.name.clone().unwrap_or_default();
@@ -147,6 +164,16 @@ pub fn claim_from_snapshot(
             "dataSource": {"apiGroup": crate::types::GROUP, "kind": "VolumeSnapshot", "name": snapshot_name},
         },
     }))
+}
+
+/// Whether `size` is smaller than what the snapshot needs (its `restoreSize`); `None` when it
+/// is not, or either does not parse as a byte count.
+pub fn too_small_for(size: &str, snapshot: &VolumeSnapshot) -> Option<String> {
+    let restore = snapshot.status.as_ref().and_then(|s| s.restore_size.as_ref())?;
+    match (bytes_of(size), bytes_of(&restore.0)) {
+        (Some(a), Some(b)) if a < b => Some(restore.0.clone()),
+        _ => None,
+    }
 }
 
 /// Whether `claim` was made from VolumeSnapshot `snapshot` (its `dataSource` names it).
@@ -240,6 +267,27 @@ mod tests {
         let spec = clone.spec.expect("spec");
         assert_eq!(spec.storage_class_name.as_deref(), Some("other"));
         assert_eq!(spec.resources.and_then(|r| r.requests).expect("requests")["storage"], Quantity("1Gi".into()));
+    }
+
+    #[test]
+    fn a_restored_claim_takes_the_overrides_and_refuses_too_small_a_size() {
+        let bs = session("nightly-1");
+        let mut vs = volume_snapshot(&bs, "data", "data-web-0", "csi-snap");
+        assert_eq!(too_small_for("1Mi", &vs), None, "no restore size known: nothing to compare");
+        vs.status = Some(serde_json::from_value(json!({"readyToUse": true, "restoreSize": "64Mi"})).expect("st"));
+        assert_eq!(too_small_for("1Mi", &vs).as_deref(), Some("64Mi"));
+        assert_eq!(too_small_for("64Mi", &vs), None);
+        assert_eq!(too_small_for("1Gi", &vs), None);
+        let modes = ["ReadWriteMany".to_string()];
+        let pvc = claim_from_snapshot_sized("copy", &vs, None, Some("128Mi"), Some("slow"), Some(&modes)).expect("pvc");
+        let spec = pvc.spec.expect("spec");
+        assert_eq!(spec.resources.and_then(|r| r.requests).expect("requests")["storage"], Quantity("128Mi".into()));
+        assert_eq!(spec.storage_class_name.as_deref(), Some("slow"));
+        assert_eq!(spec.access_modes, Some(modes.to_vec()));
+        let pvc = claim_from_snapshot_sized("copy", &vs, None, None, None, None).expect("pvc");
+        let spec = pvc.spec.expect("spec");
+        assert_eq!(spec.resources.and_then(|r| r.requests).expect("requests")["storage"], Quantity("64Mi".into()));
+        assert_eq!(spec.access_modes, Some(vec!["ReadWriteOnce".to_string()]));
     }
 
     #[test]

@@ -441,6 +441,7 @@ pub enum RetentionPhase {
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self == oldSelf").message("a RestoreSession's spec is immutable; create a new one"))]
+#[x_kube(validation = Rule::new("!has(self.claim) || has(self.dataSource.volumeSnapshot)").message("spec.claim shapes the claim a VolumeSnapshot is restored into: it needs dataSource.volumeSnapshot"))]
 pub struct RestoreSessionSpec {
     pub target: TargetRef,
     pub data_source: DataSource,
@@ -452,6 +453,46 @@ pub struct RestoreSessionSpec {
     /// restore into a non-empty volume fails before writing anything.
     #[serde(default)]
     pub overwrite: bool,
+    /// With `dataSource.volumeSnapshot`: how the new claim is made. Each field left out comes
+    /// from the snapshot's source claim (size: the larger of its request and the snapshot's
+    /// restore size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<ClaimOverrides>,
+}
+
+/// Size, storage class and access modes of a claim restored from a VolumeSnapshot.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimOverrides {
+    /// e.g. `20Gi`; not smaller than the snapshot's restore size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"))]
+    pub size: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_class_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access_modes: Vec<AccessMode>,
+}
+
+/// A PersistentVolumeClaim access mode.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum AccessMode {
+    ReadWriteOnce,
+    ReadOnlyMany,
+    ReadWriteMany,
+    ReadWriteOncePod,
+}
+
+impl AccessMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessMode::ReadWriteOnce => "ReadWriteOnce",
+            AccessMode::ReadOnlyMany => "ReadOnlyMany",
+            AccessMode::ReadWriteMany => "ReadWriteMany",
+            AccessMode::ReadWriteOncePod => "ReadWriteOncePod",
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

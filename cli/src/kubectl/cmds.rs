@@ -423,7 +423,17 @@ pub async fn restore(ctx: &Ctx, a: RestoreArgs) -> anyhow::Result<u8> {
     let ns = ctx.namespace.as_str();
     let (kind, target) = parse_target(&a.to)?;
     if let Some(vs) = &a.from_volume_snapshot {
-        return restore_volume_snapshot(ctx, vs, kind, &target).await;
+        let claim = hoard_api::crd::ClaimOverrides {
+            size: a.size.clone(),
+            storage_class_name: a.storage_class.clone(),
+            access_modes: a
+                .access_modes
+                .iter()
+                .filter_map(|m| serde_json::from_value(serde_json::Value::String(m.clone())).ok())
+                .collect(),
+        };
+        let claim = (claim != hoard_api::crd::ClaimOverrides::default()).then_some(claim);
+        return restore_volume_snapshot(ctx, vs, kind, &target, claim).await;
     }
     let snapshot = a.snapshot.clone().unwrap_or_else(|| "latest".into());
     let repository = if snapshot == "latest" {
@@ -486,6 +496,7 @@ pub async fn restore(ctx: &Ctx, a: RestoreArgs) -> anyhow::Result<u8> {
             },
             restore_timeout: None,
             overwrite: a.overwrite,
+            claim: None,
         },
     );
     rs.metadata = ObjectMeta {
@@ -498,7 +509,13 @@ pub async fn restore(ctx: &Ctx, a: RestoreArgs) -> anyhow::Result<u8> {
 }
 
 /// `restore --from-volume-snapshot NAME --to pvc/NEW`: the CSI driver fills the new claim.
-async fn restore_volume_snapshot(ctx: &Ctx, vs: &str, kind: TargetKind, target: &str) -> anyhow::Result<u8> {
+async fn restore_volume_snapshot(
+    ctx: &Ctx,
+    vs: &str,
+    kind: TargetKind,
+    target: &str,
+    claim: Option<hoard_api::crd::ClaimOverrides>,
+) -> anyhow::Result<u8> {
     let ns = ctx.namespace.as_str();
     if kind != TargetKind::PersistentVolumeClaim {
         return Err(PluginError::Usage(
@@ -530,6 +547,7 @@ async fn restore_volume_snapshot(ctx: &Ctx, vs: &str, kind: TargetKind, target: 
             },
             restore_timeout: None,
             overwrite: false,
+            claim,
         },
     );
     rs.metadata = ObjectMeta {

@@ -120,6 +120,17 @@ pub struct RestoreArgs {
     /// claim (`--to pvc/NEW`, which must not exist).
     #[arg(long, conflicts_with_all = ["snapshot", "repository", "components", "include", "exclude", "overwrite"])]
     pub from_volume_snapshot: Option<String>,
+    /// With --from-volume-snapshot: the new claim's size (e.g. 20Gi; default: as the
+    /// snapshot's source claim, at least the snapshot's restore size).
+    #[arg(long, requires = "from_volume_snapshot")]
+    pub size: Option<String>,
+    /// With --from-volume-snapshot: the new claim's storage class (default: the source claim's).
+    #[arg(long, requires = "from_volume_snapshot")]
+    pub storage_class: Option<String>,
+    /// With --from-volume-snapshot: the new claim's access modes (repeatable; default: the
+    /// source claim's).
+    #[arg(long = "access-mode", requires = "from_volume_snapshot", value_parser = ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"])]
+    pub access_modes: Vec<String>,
     /// What to restore into: `pvc/NAME`, `deployment/NAME` or `statefulset/NAME`.
     #[arg(long)]
     pub to: String,

@@ -465,7 +465,7 @@ enum SnapshotRestore {
 }
 
 async fn snapshot_restore_step(ctx: &Context, rs: &RestoreSession, vs_name: &str) -> Result<SnapshotRestore> {
-    use hoard_csi::objects::{claim_from_snapshot, restored_from};
+    use hoard_csi::objects::{claim_from_snapshot_sized, restored_from, too_small_for};
     use hoard_csi::types::VolumeSnapshot;
 
     let ns = rs.namespace().unwrap_or_default();
@@ -514,8 +514,29 @@ async fn snapshot_restore_step(ctx: &Context, rs: &RestoreSession, vs_name: &str
         Some(c) => claims.get_opt(c).await?,
         None => None,
     };
-    let modes = source.as_ref().and_then(|c| c.spec.as_ref()).and_then(|s| s.access_modes.clone());
-    let mut pvc = claim_from_snapshot(target, &vs, source.as_ref(), None, modes.as_deref())?;
+    let overrides = rs.spec.claim.clone().unwrap_or_default();
+    if let Some(needs) = overrides.size.as_deref().and_then(|s| too_small_for(s, &vs)) {
+        return Err(Error::invalid(
+            "claim.size",
+            format!(
+                "{} is smaller than VolumeSnapshot {vs_name}'s restore size {needs}",
+                overrides.size.unwrap_or_default()
+            ),
+        ));
+    }
+    let modes = if overrides.access_modes.is_empty() {
+        source.as_ref().and_then(|c| c.spec.as_ref()).and_then(|s| s.access_modes.clone())
+    } else {
+        Some(overrides.access_modes.iter().map(|m| m.as_str().to_string()).collect())
+    };
+    let mut pvc = claim_from_snapshot_sized(
+        target,
+        &vs,
+        source.as_ref(),
+        overrides.size.as_deref(),
+        overrides.storage_class_name.as_deref(),
+        modes.as_deref(),
+    )?;
     pvc.metadata.labels = Some([(helper::HELPER_LABEL.to_string(), rs.name_any())].into());
     crate::reconcile::snapshots::create(&claims, &pvc).await?;
     ctx.event(rs, false, "ClaimCreated", format!("claim {target} from VolumeSnapshot {vs_name}")).await;
