@@ -617,7 +617,7 @@ async fn snapshot_faults_timeout_and_controller_restart() {
     let st = failed.status.clone().unwrap();
     assert_eq!(st.phase, Some(SessionPhase::Failed), "{st:#?}");
     let last = st.conditions.iter().find(|c| c.type_ == "VolumesReady").expect("VolumesReady kept");
-    assert_eq!(last.reason, "NotReadable", "{last:?}");
+    assert_eq!(last.reason, "NotReadable", "{last:?}\n{}", h.controller_log());
     assert!(last.message.contains("readyTimeout"), "{last:?}");
     let c = snapshot_of(&h, &failed).await.status.unwrap().components["stuck"].clone();
     assert!(c.error.as_deref().unwrap_or_default().contains("readyTimeout"), "{c:#?}");

@@ -125,14 +125,14 @@ pub async fn reconcile(bs: Arc<BackupSession>, ctx: Arc<Context>) -> Result<Acti
     ctx.metrics.orders_in_flight.set(ctx.orders.count() as i64);
 
     // 1b. Volumes read through an exposer pod (snapshot path): one step each.
-    let prepared = if status.phase == Some(SessionPhase::Running) {
+    let (prepared, condition) = if status.phase == Some(SessionPhase::Running) {
         prepare_exposed(&ctx, &bs, &mut l, now).await?
     } else {
-        BTreeMap::new()
+        (BTreeMap::new(), None)
     };
     // Which step those volumes are in, on the session itself (written only when it changes;
     // later writes of this pass start from the updated status).
-    if let Some(condition) = volumes_condition(&prepared, now) {
+    if let Some(condition) = condition {
         let mut s = status.clone();
         set_condition(&mut s.conditions, condition);
         if s.conditions != status.conditions {
@@ -242,28 +242,33 @@ pub fn volumes_condition(prepared: &BTreeMap<String, Prepared>, now: DateTime<Ut
         Prepared::Failed(m) => Some(m.clone()),
         _ => None,
     });
-    let (status, reason, mut message) = if !waiting.is_empty() {
+    let (status, reason, message) = if !waiting.is_empty() {
         ("False", "Waiting", waiting.join("; "))
     } else if !failed.is_empty() {
         ("False", "NotReadable", failed.join("; "))
     } else {
         ("True", "Ready", format!("{} volume(s) ready to read", prepared.len()))
     };
-    if message.len() > 1024 {
-        let cut = (0..=1021).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
-        message.truncate(cut);
-        message.push('…');
-    }
     Some(Condition {
         type_: VOLUMES_READY.into(),
         status: status.into(),
         reason: reason.into(),
-        message,
+        message: bounded_message(message),
         last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             k8s_openapi::jiff::Timestamp::from_millisecond(now.timestamp_millis()).unwrap_or_default(),
         ),
         observed_generation: None,
     })
+}
+
+/// A condition message cut to at most 1024 bytes (on a character boundary, marked with `…`).
+fn bounded_message(mut message: String) -> String {
+    if message.len() > 1024 {
+        let cut = (0..=1021).rev().find(|&i| message.is_char_boundary(i)).unwrap_or(0);
+        message.truncate(cut);
+        message.push('…');
+    }
+    message
 }
 
 fn progress_of(p: &Progress) -> ComponentProgress {
@@ -586,12 +591,14 @@ fn uses_exposer(l: &Loaded) -> bool {
 /// One step of the snapshot path for every component read through an exposer that still has
 /// work to do. Components that cannot be read that way fail for good (or, with
 /// `fallback: Live`, switch to the live mount); both are written to the Snapshot objects.
+/// Returns the components still waiting or ready, and the session's [`VOLUMES_READY`]
+/// condition from every outcome of this step.
 async fn prepare_exposed(
     ctx: &Context,
     bs: &BackupSession,
     l: &mut Loaded,
     now: DateTime<Utc>,
-) -> Result<BTreeMap<String, Prepared>> {
+) -> Result<(BTreeMap<String, Prepared>, Option<Condition>)> {
     let uid = bs.uid().unwrap_or_default();
     let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
     for (repo_name, snap) in &l.snapshots {
@@ -613,7 +620,7 @@ async fn prepare_exposed(
         }
     }
     if wanted.is_empty() {
-        return Ok(BTreeMap::new());
+        return Ok((BTreeMap::new(), None));
     }
     let policy = l.session_cfg.as_ref().and_then(|s| s.volume_snapshot.clone());
     let timeout = policy
@@ -677,7 +684,9 @@ async fn prepare_exposed(
             _ => {}
         }
     }
-    Ok(prepared.into_iter().filter(|(_, p)| matches!(p, Prepared::Waiting(_) | Prepared::Ready { .. })).collect())
+    let condition = volumes_condition(&prepared, now);
+    let pending = prepared.into_iter().filter(|(_, p)| matches!(p, Prepared::Waiting(_) | Prepared::Ready { .. }));
+    Ok((pending.collect(), condition))
 }
 
 /// Applies each repository's retention policy; failures are recorded, never fatal to the
@@ -901,6 +910,11 @@ async fn finish(
         listed.push(SessionSnapshot { name: snap.name_any(), repository: repo_name.clone(), phase: st.phase });
     }
     let mut s = bs.status.clone().unwrap_or_default();
+    // A session that ends while volumes still wait: they will not be read.
+    if !ok && let Some(c) = s.conditions.iter_mut().find(|c| c.type_ == VOLUMES_READY && c.reason == "Waiting") {
+        c.reason = "NotReadable".into();
+        c.message = bounded_message(msg.to_string());
+    }
     let phase = if ok { SessionPhase::Succeeded } else { SessionPhase::Failed };
     s.phase = Some(phase);
     s.completion_time = Some(fmt_time(now));
