@@ -175,6 +175,27 @@ struct NewPassword {
 enum RepairWhat {
     /// Rebuild the index from the pack headers.
     Index,
+    /// Salvage what damaged, truncated or missing packs still hold and drop the rest from the
+    /// index, so the next backup stores lost data anew from its source.
+    Packs {
+        /// Only these packs (ids or `packs/ab/<id>` as `check` names them); default: every pack.
+        packs: Vec<String>,
+        /// Report what would be done; change nothing.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+    },
+    /// Rewrite snapshots that still reference lost data without the files and directories
+    /// that cannot be restored; the new snapshots are tagged `repaired`.
+    Snapshots {
+        /// Only these snapshots (id prefixes or `latest`); default: every snapshot.
+        snapshots: Vec<String>,
+        /// Delete each original once its repaired snapshot is written.
+        #[arg(long)]
+        forget: bool,
+        /// Report what would be done; change nothing.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -371,8 +392,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             // Damaged objects that loading skipped are warnings users must see.
-            tracing_subscriber::EnvFilter::try_from_env("HOARD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,hoard_core::repo=warn")),
+            tracing_subscriber::EnvFilter::try_from_env("HOARD_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("error,hoard_core::repo=warn,hoard_core::prune=warn")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -537,6 +559,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             println!("index rebuilt from {n} packs");
             Ok(if problems.is_empty() { 0 } else { EXIT_WARNINGS })
+        }
+        Command::Repair { what: RepairWhat::Packs { packs, dry_run } } => cmd_repair_packs(g, &packs, dry_run).await,
+        Command::Repair { what: RepairWhat::Snapshots { snapshots, forget, dry_run } } => {
+            cmd_repair_snapshots(g, &snapshots, forget, dry_run).await
         }
     }
 }
@@ -1090,6 +1116,98 @@ fn snaps_len(v: &serde_json::Value) -> u64 {
 async fn cmd_check(g: &Global, read_data: bool, subset: Option<&str>) -> anyhow::Result<u8> {
     // The repository's own objects, not copies kept from earlier reads.
     hoard::ops::check(open_repo_cached(g, false).await?, read_data, subset, g.json).await
+}
+
+async fn cmd_repair_packs(g: &Global, packs: &[String], dry_run: bool) -> anyhow::Result<u8> {
+    let ids = packs
+        .iter()
+        .map(|p| {
+            let hex = p.rsplit('/').next().unwrap_or(p);
+            Id::from_hex(hex).map_err(|_| anyhow!("{p:?} is not a pack id (64 hex digits, or packs/ab/<id>)"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // The repository's own objects, not copies kept from earlier reads.
+    let repo = open_repo_cached(g, false).await?;
+    let opts = hoard_core::repair::PackRepairOptions { packs: ids, dry_run };
+    let out = hoard_core::repair::repair_packs(repo, opts).await?;
+    if g.json {
+        print_json(&serde_json::to_value(&out)?);
+        return Ok(0);
+    }
+    let would = if dry_run { "would " } else { "" };
+    for d in &out.damaged {
+        let state = match &d.state {
+            hoard_core::repair::PackState::Missing => "missing".to_string(),
+            hoard_core::repair::PackState::Damaged(r) => r.clone(),
+            hoard_core::repair::PackState::Intact => "intact".to_string(),
+        };
+        println!(
+            "{}: {state}; {would}salvage {}, {} elsewhere, {} lost",
+            d.pack,
+            plural(d.blobs_salvaged, "blob"),
+            d.blobs_elsewhere,
+            d.blobs_lost
+        );
+    }
+    println!("read {}, {} not intact", plural(out.packs_read, "pack"), out.damaged.len());
+    if !dry_run && !out.damaged.is_empty() {
+        println!(
+            "wrote {}, removed {} and {}",
+            plural(out.packs_written as usize, "pack"),
+            plural(out.packs_removed, "damaged pack"),
+            plural(out.index_files_removed, "index file")
+        );
+    }
+    if out.blobs_lost > 0 {
+        println!(
+            "{} {}lost: back up the same sources again to store them anew; for a source that is gone, \
+             `hoard repair snapshots` leaves the lost files out of its snapshots",
+            plural(out.blobs_lost, "blob"),
+            if dry_run { "would be " } else { "are " }
+        );
+    }
+    Ok(0)
+}
+
+async fn cmd_repair_snapshots(g: &Global, specs: &[String], forget: bool, dry_run: bool) -> anyhow::Result<u8> {
+    let repo = open_repo_cached(g, false).await?;
+    let mut ids = Vec::new();
+    for spec in specs {
+        ids.push(repo.find_snapshot(spec, &SnapshotFilter::default()).await?.0);
+    }
+    let opts = hoard_core::repair::SnapshotRepairOptions { snapshots: ids, forget, dry_run };
+    let out = hoard_core::repair::repair_snapshots(repo, opts).await?;
+    if g.json {
+        print_json(&serde_json::to_value(&out)?);
+        return Ok(0);
+    }
+    for r in &out.repaired {
+        let short = |s: &str| s.get(..8).unwrap_or(s).to_string();
+        match &r.repaired {
+            Some(new) => println!(
+                "snapshot {} repaired as {} ({}), leaving out:",
+                short(&r.original),
+                short(new),
+                if forget { "the original is removed" } else { "the original is kept" }
+            ),
+            None => println!("snapshot {} would be repaired, leaving out:", short(&r.original)),
+        }
+        for p in &r.left_out {
+            println!("  {p}");
+        }
+    }
+    println!(
+        "checked {}, {} {}",
+        plural(out.snapshots_checked, "snapshot"),
+        out.repaired.len(),
+        if dry_run { "would be repaired" } else { "repaired" }
+    );
+    Ok(0)
+}
+
+/// `1 pack`, `2 packs`.
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
 }
 
 async fn cmd_prune(g: &Global, a: PruneArgs) -> anyhow::Result<u8> {

@@ -296,3 +296,250 @@ fn full_restore_target_is_a_distinct_error() {
     assert_eq!(before, after, "a failed restore changed the repository");
     h.ok(&["check", "--read-data"]);
 }
+
+/// The repository's objects, reached the way hoard reaches them (a local directory or the moto
+/// S3 server), so a test can damage them by hand.
+struct Objects {
+    store: std::sync::Arc<dyn hoard_core::store::Store>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Objects {
+    fn of(h: &Hoard) -> Objects {
+        let env = |k: &str| h.envs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let credentials = env("HOARD_S3_ENDPOINT").map(|endpoint| hoard_core::store::Credentials::S3 {
+            endpoint: Some(endpoint),
+            region: Some("us-east-1".into()),
+            access_key_id: env("AWS_ACCESS_KEY_ID"),
+            secret_access_key: env("AWS_SECRET_ACCESS_KEY"),
+            session_token: None,
+        });
+        let opts = hoard_core::store::StoreOptions { credentials, ..Default::default() };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        Objects { store: hoard_core::store::open_store(&h.repo, &opts).unwrap(), rt }
+    }
+
+    /// `(key, size)` under `prefix`, largest first.
+    fn list(&self, prefix: &str) -> Vec<(String, u64)> {
+        let mut all: Vec<_> =
+            self.rt.block_on(self.store.list(prefix)).unwrap().into_iter().map(|o| (o.key, o.size)).collect();
+        all.sort_by_key(|(k, n)| (std::cmp::Reverse(*n), k.clone()));
+        all
+    }
+
+    fn get(&self, key: &str) -> Vec<u8> {
+        self.rt.block_on(self.store.get(key)).unwrap().to_vec()
+    }
+
+    /// Replaces an object (a local store never overwrites one, so it is deleted first).
+    fn put(&self, key: &str, bytes: Vec<u8>) {
+        self.delete(key);
+        self.rt.block_on(self.store.put(key, bytes.into())).unwrap();
+    }
+
+    fn delete(&self, key: &str) {
+        self.rt.block_on(self.store.delete(key)).unwrap();
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Damage {
+    BitFlip,
+    TruncatedPack,
+    MissingPack,
+    DamagedIndex,
+}
+
+impl Damage {
+    /// Damages the repository; returns the command `check` must advise first.
+    fn apply(self, o: &Objects) -> &'static str {
+        let (pack, len) = o.list("packs/")[0].clone();
+        match self {
+            Damage::BitFlip => {
+                let mut b = o.get(&pack);
+                b[(len / 3) as usize] ^= 0x55;
+                o.put(&pack, b);
+                "hoard repair packs"
+            }
+            Damage::TruncatedPack => {
+                let b = o.get(&pack);
+                o.put(&pack, b[..b.len() / 2].to_vec());
+                "hoard repair packs"
+            }
+            Damage::MissingPack => {
+                o.delete(&pack);
+                "hoard repair packs"
+            }
+            Damage::DamagedIndex => {
+                let (index, len) = o.list("index/")[0].clone();
+                let mut b = o.get(&index);
+                b[(len / 2) as usize] ^= 0x01;
+                o.put(&index, b);
+                "hoard repair index"
+            }
+        }
+    }
+}
+
+/// Restores `spec` and requires every file of `src` back, byte for byte.
+fn restores_identical(h: &Hoard, spec: &str, src: &Path, target: &Path) {
+    h.ok(&["restore", spec, "--target", target.to_str().unwrap()]);
+    for i in 0..6 {
+        let name = format!("file{i}");
+        assert!(
+            std::fs::read(target.join("data").join(&name)).unwrap() == std::fs::read(src.join(&name)).unwrap(),
+            "{spec}: {name} differs"
+        );
+    }
+}
+
+/// Damage, check, heal as `check` advises, back up again, `check --read-data` clean, restore
+/// identical — the newest snapshot and the one taken before the damage.
+fn heal(damage: Damage, h: &Hoard, tmp: &Path) {
+    let src = tmp.join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..6u64 {
+        std::fs::write(src.join(format!("file{i}")), random_bytes(3 << 20, i)).unwrap();
+    }
+    h.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1", "--insecure-kdf", "--pack-size-mib", "4"]);
+    let first = h.backup_json(&[src.to_str().unwrap()], 0)["snapshot_id"].as_str().unwrap().to_string();
+    let objects = Objects::of(h);
+    let advised = damage.apply(&objects);
+
+    let out = h.expect(&["check", "--read-data"], 1);
+    let err = stderr(&out);
+    let suggestion = err.lines().find(|l| l.starts_with("suggestion: ")).unwrap_or_else(|| panic!("{damage:?}: {err}"));
+    assert!(suggestion.starts_with(&format!("suggestion: 1. `{advised}`")), "{damage:?}: {suggestion}");
+    let verb: Vec<&str> = advised.split(' ').skip(1).collect();
+    let out = h.ok(&verb);
+    no_panic(&out);
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    let out = h.expect(&["check", "--read-data"], 0);
+    assert!(stdout(&out).contains("no errors were found"), "{damage:?}: {}", stdout(&out));
+    restores_identical(h, "latest", &src, &tmp.join("latest"));
+    restores_identical(h, &first[..8], &src, &tmp.join("first"));
+}
+
+fn local_heal(damage: Damage) {
+    let tmp = tempfile::tempdir().unwrap();
+    heal(damage, &Hoard::new(tmp.path().join("repo").to_str().unwrap()), tmp.path());
+}
+
+/// A repository in the test bucket of the moto S3 server (`HOARD_TEST_S3_ENDPOINT`, bucket
+/// `hoard-test`); a skip without it, a failure in CI.
+fn s3_heal(damage: Damage) {
+    let Some(endpoint) = hoard_testkit::require_service("HOARD_TEST_S3_ENDPOINT") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let name = tmp.path().file_name().unwrap().to_string_lossy().into_owned();
+    let mut h = Hoard::new(format!("s3://hoard-test/heal-{name}"));
+    h.envs = vec![
+        ("HOARD_S3_ENDPOINT".into(), endpoint),
+        ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
+        ("AWS_REGION".into(), "us-east-1".into()),
+        ("HOARD_CACHE_DIR".into(), tmp.path().join("cache").to_str().unwrap().into()),
+    ];
+    heal(damage, &h, tmp.path());
+}
+
+#[test]
+fn a_flipped_bit_in_a_pack_is_healed_local() {
+    local_heal(Damage::BitFlip);
+}
+
+#[test]
+fn a_flipped_bit_in_a_pack_is_healed_s3() {
+    s3_heal(Damage::BitFlip);
+}
+
+#[test]
+fn a_truncated_pack_is_healed_local() {
+    local_heal(Damage::TruncatedPack);
+}
+
+#[test]
+fn a_truncated_pack_is_healed_s3() {
+    s3_heal(Damage::TruncatedPack);
+}
+
+#[test]
+fn a_missing_pack_is_healed_local() {
+    local_heal(Damage::MissingPack);
+}
+
+#[test]
+fn a_missing_pack_is_healed_s3() {
+    s3_heal(Damage::MissingPack);
+}
+
+#[test]
+fn a_damaged_index_is_healed_local() {
+    local_heal(Damage::DamagedIndex);
+}
+
+#[test]
+fn a_damaged_index_is_healed_s3() {
+    s3_heal(Damage::DamagedIndex);
+}
+
+/// Before any repair, a backup does not deduplicate against a pack it can see is truncated: it
+/// stores those blobs again, so once `repair packs` drops the truncated pack (losing its blobs
+/// that did not survive the cut) the new snapshot is still whole, with no backup in between.
+#[test]
+fn a_backup_never_reuses_blobs_of_a_truncated_pack() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (h, src) = setup(tmp.path());
+    Damage::TruncatedPack.apply(&Objects::of(&h));
+    let out = h.run(&["--json", "backup", src.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("shorter than the index says"), "{}", stderr(&out));
+    let summary = last_json(&out, "summary");
+    assert!(summary["summary"]["bytes_new"].as_u64().unwrap() > 1 << 20, "{summary}");
+    let out = h.ok(&["repair", "packs"]);
+    assert!(stdout(&out).contains("1 not intact"), "{}", stdout(&out));
+    h.expect(&["check", "--read-data"], 0);
+    restores_identical(&h, "latest", &src, &tmp.path().join("latest"));
+}
+
+/// When the source is gone, `repair snapshots` leaves the lost files out — marked, never
+/// silently — and everything else stays restorable.
+#[test]
+fn repair_snapshots_leaves_out_what_is_lost_and_marks_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (h, src) = setup(tmp.path());
+    Damage::BitFlip.apply(&Objects::of(&h));
+    h.ok(&["repair", "packs"]);
+    // The lost blob is no longer indexed: check names the files that reference it.
+    let out = h.expect(&["check"], 1);
+    let err = stderr(&out);
+    assert!(err.contains("missing from the index") && err.contains("repair snapshots"), "{err}");
+    let lost: Vec<String> =
+        (0..6).map(|i| format!("file{i}")).filter(|f| err.lines().any(|l| l.trim() == format!("/data/{f}"))).collect();
+    assert!(!lost.is_empty() && lost.len() < 6, "{err}");
+
+    let dry = h.ok(&["repair", "snapshots", "--dry-run"]);
+    assert!(stdout(&dry).contains("would be repaired"), "{}", stdout(&dry));
+    let out = h.ok(&["repair", "snapshots", "--forget"]);
+    for f in &lost {
+        assert!(stdout(&out).contains(&format!("  /data/{f}")), "{f}: {}", stdout(&out));
+    }
+    h.expect(&["check", "--read-data"], 0);
+    let snaps: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "snapshots"]).stdout).unwrap();
+    let snaps = snaps.as_array().unwrap();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert!(snaps[0]["tags"].as_array().unwrap().iter().any(|t| t == "repaired"), "{:?}", snaps[0]);
+    let target = tmp.path().join("restore");
+    h.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    for i in 0..6 {
+        let name = format!("file{i}");
+        let restored = target.join("data").join(&name);
+        if lost.contains(&name) {
+            assert!(!restored.exists(), "{name} was lost and must not be restored");
+        } else {
+            assert_eq!(std::fs::read(&restored).unwrap(), std::fs::read(src.join(&name)).unwrap(), "{name}");
+        }
+    }
+    // With nothing referencing lost data any more, prune works again.
+    h.ok(&["prune"]);
+    h.expect(&["check", "--read-data"], 0);
+}

@@ -113,10 +113,12 @@ pub async fn check(repo: Arc<Repository>, opts: CheckOptions) -> Result<CheckRep
     // Packs: present and big enough for what the index says.
     let listed: HashMap<String, u64> =
         repo.store().list("packs/").await?.into_iter().map(|o| (o.key, o.size)).collect();
+    // Every copy of every blob, not only the first one the master index keeps: a damaged pack
+    // whose blobs also live elsewhere is still damage to report and repair.
     let mut needed_len: HashMap<Id, u64> = HashMap::new();
-    for (_, loc) in index.iter() {
-        let end = loc.offset as u64 + loc.stored_len as u64;
-        let e = needed_len.entry(loc.pack).or_default();
+    for p in files.iter().flat_map(|(_, f)| &f.packs) {
+        let end = p.blobs.iter().map(|b| b.offset as u64 + b.stored_len as u64).max().unwrap_or(0);
+        let e = needed_len.entry(p.id).or_default();
         *e = (*e).max(end);
     }
     let mut missing_packs = HashSet::new();
@@ -261,13 +263,50 @@ pub async fn check(repo: Arc<Repository>, opts: CheckOptions) -> Result<CheckRep
     report.affected.sort();
     report.errors.sort();
     report.errors.dedup();
-    if !report.errors.is_empty() {
-        report.suggestion = Some(
-            "run `hoard repair index` if index files are damaged or packs are unindexed; damaged packs lose the files listed — back them up again, then `hoard prune`"
-                .into(),
+    report.suggestion = advice(&report.errors);
+    Ok(report)
+}
+
+/// Pure: the commands that heal the damage `errors` describe, in the order to run them.
+pub fn advice(errors: &[Problem]) -> Option<String> {
+    let any = |f: &dyn Fn(&Problem) -> bool| errors.iter().any(f);
+    let index = any(&|p| p.object.starts_with("index/"));
+    let unindexed = any(&|p| p.message.starts_with("missing from the index"));
+    let packs =
+        any(&|p| p.object.starts_with("packs/") || p.object.starts_with("blob ") && p.message.starts_with("damaged"));
+    let trees = any(&|p| p.object.starts_with("tree "));
+    let snapshots = any(&|p| p.object.starts_with("snapshots/"));
+    let keys = any(&|p| p.object.starts_with("keys/"));
+    let mut steps: Vec<&str> = Vec::new();
+    if index || unindexed {
+        steps.push("`hoard repair index` rebuilds the index from the packs");
+    }
+    if packs || trees {
+        steps.push(
+            "`hoard repair packs` keeps what damaged or missing packs still hold and drops the rest from the index",
         );
     }
-    Ok(report)
+    if packs || trees || unindexed {
+        steps.push(
+            "back up the same sources again: what was lost is stored anew, and the snapshots listed above become whole again",
+        );
+        steps.push(
+            "for a source that is gone, `hoard repair snapshots --forget` rewrites its snapshots without the lost files (tagged `repaired`)",
+        );
+    }
+    if snapshots {
+        steps.push("an unreadable snapshot file cannot be repaired: `hoard forget <id>` removes it");
+    }
+    if keys {
+        steps.push(
+            "a damaged key slot is a password that no longer opens the repository: `hoard key remove <id>` removes it",
+        );
+    }
+    if steps.is_empty() {
+        return None;
+    }
+    let numbered: Vec<String> = steps.iter().enumerate().map(|(i, s)| format!("{}. {s}", i + 1)).collect();
+    Some(numbered.join("; "))
 }
 
 /// Pure: why a decoded key slot cannot be opened by any password, if it cannot.
@@ -356,6 +395,29 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::crypto::{KdfParams, SecretKey};
+
+    fn problem(object: &str, message: &str) -> Problem {
+        Problem { object: object.into(), message: message.into() }
+    }
+
+    #[test]
+    fn advice_names_the_command_for_each_kind_of_damage() {
+        assert_eq!(advice(&[]), None);
+        let bit_flip = advice(&[problem("blob ab", "damaged (in packs/ab/ab12)")]).unwrap();
+        assert!(bit_flip.starts_with("1. `hoard repair packs`") && bit_flip.contains("2. back up"), "{bit_flip}");
+        let truncated = advice(&[problem("packs/ab/ab12", "pack is truncated (10 bytes)")]).unwrap();
+        assert!(truncated.starts_with("1. `hoard repair packs`") && !truncated.contains("repair index"), "{truncated}");
+        let missing = advice(&[problem("packs/ab/ab12", "pack is missing (the index names it)")]).unwrap();
+        assert_eq!(missing, truncated);
+        let index = advice(&[problem("index/cd34", "index cd34 is damaged: authentication failed")]).unwrap();
+        assert!(index.starts_with("1. `hoard repair index`") && !index.contains("repair packs"), "{index}");
+        let both = advice(&[problem("index/cd34", "x"), problem("blob ab", "damaged (in packs/ab/ab12)")]).unwrap();
+        assert!(both.find("repair index").unwrap() < both.find("repair packs").unwrap(), "{both}");
+        let unindexed = advice(&[problem("blob ab", "missing from the index (used by /c/f)")]).unwrap();
+        assert!(unindexed.contains("repair index") && unindexed.contains("repair snapshots"), "{unindexed}");
+        assert!(advice(&[problem("snapshots/ef", "undecodable")]).unwrap().contains("hoard forget"));
+        assert!(advice(&[problem("keys/12", "salt of 3 bytes")]).unwrap().contains("hoard key remove"));
+    }
 
     #[test]
     fn a_well_formed_slot_passes_and_each_structural_fault_is_named() {

@@ -175,18 +175,6 @@ impl MasterIndex {
         self.packs.iter()
     }
 
-    /// Drops every blob located in one of `packs` (packs the store no longer holds); returns
-    /// how many. Pack numbers stay as they are, so other locations are unaffected.
-    pub fn forget_packs(&mut self, packs: &HashSet<Id>) -> usize {
-        let numbers: HashSet<u32> = packs.iter().filter_map(|id| self.pack_numbers.get(id).copied()).collect();
-        if numbers.is_empty() {
-            return 0;
-        }
-        let before = self.blobs.len();
-        self.blobs.retain(|_, s| !numbers.contains(&s.pack));
-        before - self.blobs.len()
-    }
-
     /// Index files merged so far.
     pub fn files(&self) -> &HashSet<Id> {
         &self.files

@@ -29,6 +29,7 @@ pub mod lock;
 pub mod pack;
 pub mod progress;
 pub mod prune;
+pub mod repair;
 pub mod repo;
 pub mod restore;
 pub mod retention;

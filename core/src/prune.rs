@@ -228,7 +228,7 @@ async fn prune_locked(repo: &Arc<Repository>, opts: &PruneOptions, lock: &LockGu
     }
 
     // 2. One index for everything kept, superseding every old index file.
-    let mut full = IndexFile { supersedes: old_index_files.clone(), packs: Vec::new() };
+    let mut full = IndexFile { supersedes: old_index_files, packs: Vec::new() };
     let keep: HashSet<Id> = plan.keep.iter().copied().collect();
     let mut kept_blobs: HashSet<Id> = new_packs.packs.iter().flat_map(|p| p.blobs.iter().map(|b| b.id)).collect();
     // Every blob of a kept pack stays indexed, used or not (the pack is kept; listing costs
@@ -240,18 +240,8 @@ async fn prune_locked(repo: &Arc<Repository>, opts: &PruneOptions, lock: &LockGu
             .map(|(id, loc)| (*id, *loc)),
     );
     full.packs.extend(new_packs.packs);
-    full.packs.sort_by_key(|p| p.id);
-    lock.check()?;
-    let new_index = repo.save_file("index", full.encode(repo.keys())?).await?;
-
     // 3. Old index files.
-    lock.check()?;
-    for f in &old_index_files {
-        if *f != new_index {
-            repo.store().delete(&format!("index/{}", f.to_hex())).await?;
-            out.index_files_removed += 1;
-        }
-    }
+    out.index_files_removed = supersede_index(repo, lock, full).await?;
     // 4. Packs.
     let doomed: Vec<Id> = plan.delete.iter().chain(plan.repack.iter()).copied().collect();
     let results: Vec<Result<()>> = futures::stream::iter(doomed)
@@ -275,6 +265,23 @@ async fn prune_locked(repo: &Arc<Repository>, opts: &PruneOptions, lock: &LockGu
     }
     repo.load_index().await?;
     Ok(out)
+}
+
+/// Writes `full` (packs in any order) as the one index file that supersedes every file in its
+/// `supersedes`, then deletes those; returns how many were deleted. Under the exclusive lock.
+pub(crate) async fn supersede_index(repo: &Repository, lock: &LockGuard, mut full: IndexFile) -> Result<usize> {
+    full.packs.sort_by_key(|p| p.id);
+    lock.check()?;
+    let new_index = repo.save_file("index", full.encode(repo.keys())?).await?;
+    lock.check()?;
+    let mut removed = 0;
+    for f in &full.supersedes {
+        if *f != new_index {
+            repo.store().delete(&format!("index/{}", f.to_hex())).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Directory levels of a repository that hold objects (`packs/ab/<id>` is the deepest).
@@ -311,7 +318,7 @@ pub async fn repair_index(repo: Arc<Repository>) -> Result<(usize, Vec<String>)>
     let lock = LockGuard::acquire(Arc::clone(&repo), true).await?;
     let old: Vec<Id> = repo.list_ids("index").await?;
     let objs = repo.store().list("packs/").await?;
-    let mut file = IndexFile { supersedes: old.clone(), packs: Vec::new() };
+    let mut file = IndexFile { supersedes: old, packs: Vec::new() };
     let mut problems = Vec::new();
     let results: Vec<(String, Result<IndexPack>)> = futures::stream::iter(objs)
         .map(|o| {
@@ -330,15 +337,8 @@ pub async fn repair_index(repo: Arc<Repository>) -> Result<(usize, Vec<String>)>
             Err(e) => problems.push(format!("{key}: {e} (left out of the index)")),
         }
     }
-    file.packs.sort_by_key(|p| p.id);
     let n = file.packs.len();
-    lock.check()?;
-    let new_id = repo.save_file("index", file.encode(repo.keys())?).await?;
-    for f in old {
-        if f != new_id {
-            repo.store().delete(&format!("index/{}", f.to_hex())).await?;
-        }
-    }
+    supersede_index(&repo, &lock, file).await?;
     lock.release().await?;
     repo.load_index().await?;
     Ok((n, problems))
@@ -366,18 +366,32 @@ pub async fn align_index_with_packs(repo: &Repository, lease: Option<&crate::loc
         .into_iter()
         .filter_map(|o| Some((o.key.rsplit('/').next().and_then(|n| Id::from_hex(n).ok())?, o)))
         .collect();
-    let listed: HashSet<Id> = objs.iter().map(|(id, _)| *id).collect();
-    let missing: HashSet<Id> = repo.index().packs().filter(|id| !listed.contains(id)).copied().collect();
-    if !missing.is_empty() {
-        let dropped = repo.index_mut().forget_packs(&missing);
-        tracing::warn!(
-            "the index names {} pack(s) the repository does not hold; their {dropped} blob(s) are stored again \
-             (run `hoard check`)",
-            missing.len()
-        );
+    let listed: HashMap<Id, u64> = objs.iter().map(|(id, o)| (*id, o.size)).collect();
+    // Cheap first look at the copies the master index uses; on damage, every copy is judged.
+    let suspect =
+        repo.index().packs().any(|id| !listed.contains_key(id)) || !truncated_packs(&repo.index(), &listed).is_empty();
+    let mut dropped: HashSet<Id> = HashSet::new();
+    if suspect {
+        let faults = repo.reload_index_without(|p| pack_fault(p, &listed)).await?;
+        let missing = faults.values().filter(|f| **f == PackFault::Missing).count();
+        if missing > 0 {
+            tracing::warn!(
+                "the index names {missing} pack(s) the repository does not hold; blobs with no other copy are \
+                 stored again (run `hoard check`)"
+            );
+        }
+        if faults.len() > missing {
+            tracing::warn!(
+                "{} pack(s) are shorter than the index says; blobs with no other copy are stored again \
+                 (run `hoard check`, then `hoard repair packs`)",
+                faults.len() - missing
+            );
+        }
+        dropped = faults.into_keys().collect();
     }
     let known: HashSet<Id> = repo.index().packs().copied().collect();
-    let orphans: Vec<ObjectInfo> = objs.into_iter().filter(|(id, _)| !known.contains(id)).map(|(_, o)| o).collect();
+    let orphans: Vec<ObjectInfo> =
+        objs.into_iter().filter(|(id, _)| !known.contains(id) && !dropped.contains(id)).map(|(_, o)| o).collect();
     if orphans.is_empty() {
         return Ok(0);
     }
@@ -400,6 +414,36 @@ pub async fn align_index_with_packs(repo: &Repository, lease: Option<&crate::loc
         repo.index_mut().add_file(id, &file);
     }
     Ok(n)
+}
+
+/// What is known wrong with an indexed pack without reading a byte of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackFault {
+    /// Not listed by the store.
+    Missing,
+    /// Too short to hold the blobs the index places in it and the pack's 4-byte trailer.
+    Truncated,
+}
+
+/// Pure: the fault of one indexed pack given the listed pack sizes, if any.
+pub fn pack_fault(pack: &IndexPack, listed: &HashMap<Id, u64>) -> Option<PackFault> {
+    let end = pack.blobs.iter().map(|b| b.offset as u64 + b.stored_len as u64 + 4).max().unwrap_or(0);
+    match listed.get(&pack.id) {
+        None => Some(PackFault::Missing),
+        Some(size) if *size < end => Some(PackFault::Truncated),
+        Some(_) => None,
+    }
+}
+
+/// Pure: the listed packs too short for the blob copies the master index uses from them (the
+/// cheap check on every backup; [`pack_fault`] then judges every copy).
+fn truncated_packs(index: &crate::index::MasterIndex, listed: &HashMap<Id, u64>) -> HashSet<Id> {
+    let mut needed: HashMap<Id, u64> = HashMap::new();
+    for (_, loc) in index.iter() {
+        let end = needed.entry(loc.pack).or_default();
+        *end = (*end).max(loc.offset as u64 + loc.stored_len as u64 + 4);
+    }
+    needed.into_iter().filter(|(p, end)| listed.get(p).is_some_and(|size| size < end)).map(|(p, _)| p).collect()
 }
 
 /// The id a pack's key names, if the key and size can be a pack at all.
@@ -479,6 +523,32 @@ mod tests {
         let p = plan(&packs, &[], 0.5);
         assert!(p.keep.contains(&Id([4; 32])) && p.keep.contains(&Id([3; 32])));
         assert!(p.unused_after <= (p.used_bytes as f64 * 0.5) as u64);
+    }
+
+    #[test]
+    fn a_pack_shorter_than_its_last_blob_and_trailer_is_truncated() {
+        let blob = |n: u8, offset: u32| crate::index::IndexBlob {
+            id: Id([n; 32]),
+            ty: pack::BlobType::Data,
+            compression: pack::Compression::None,
+            offset,
+            stored_len: 100,
+            raw_len: 84,
+        };
+        let mut index = crate::index::MasterIndex::default();
+        index.add_pack(&IndexPack { id: Id([1; 32]), blobs: vec![blob(10, 0), blob(11, 100)] });
+        index.add_pack(&IndexPack { id: Id([2; 32]), blobs: vec![blob(20, 0)] });
+        // Pack 1 needs 204 bytes, pack 2 needs 104; pack 3 is in no index.
+        let listed = |a: u64, b: u64| HashMap::from([(Id([1; 32]), a), (Id([2; 32]), b), (Id([3; 32]), 1)]);
+        assert!(truncated_packs(&index, &listed(204, 104)).is_empty());
+        assert_eq!(truncated_packs(&index, &listed(203, 104)), HashSet::from([Id([1; 32])]));
+        assert_eq!(truncated_packs(&index, &listed(300, 50)), HashSet::from([Id([2; 32])]));
+        // A missing pack is not truncated (it is handled as missing).
+        assert!(truncated_packs(&index, &HashMap::new()).is_empty());
+        let pack = IndexPack { id: Id([1; 32]), blobs: vec![blob(10, 0), blob(11, 100)] };
+        assert_eq!(pack_fault(&pack, &listed(204, 0)), None);
+        assert_eq!(pack_fault(&pack, &listed(203, 0)), Some(PackFault::Truncated));
+        assert_eq!(pack_fault(&pack, &HashMap::new()), Some(PackFault::Missing));
     }
 
     #[test]

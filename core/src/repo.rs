@@ -181,6 +181,17 @@ pub struct Damaged {
 /// Good objects, and damaged ones named `dir/<id>` with their error.
 type Split<T> = (Vec<(Id, T)>, Vec<(String, Error)>);
 
+/// The index files readers use, in id order: a file superseded by another present file (written
+/// by prune or repair) is left out, its content being in the newer one, which may have dropped
+/// deleted packs. Id order gives a deterministic "first copy wins" whatever the download order.
+fn current_files(mut files: Vec<(Id, IndexFile)>) -> Vec<(Id, IndexFile)> {
+    let superseded: std::collections::HashSet<Id> =
+        files.iter().flat_map(|(_, f)| f.supersedes.iter().copied()).collect();
+    files.retain(|(id, _)| !superseded.contains(id));
+    files.sort_by_key(|(id, _)| *id);
+    files
+}
+
 /// Splits loaded objects into the good ones and the damaged or vanished ones (named
 /// `dir/<id>`); any other error (the store failing) is returned.
 fn split_damaged<T>(loaded: Vec<(Id, Result<T>)>, dir: &str) -> Result<Split<T>> {
@@ -398,15 +409,46 @@ impl Repository {
         Ok(())
     }
 
+    /// Reloads the index without the packs `fault` finds wrong (missing, truncated), judged on
+    /// every copy an index file names — not only the first copy the master index keeps — so a
+    /// blob with an intact copy elsewhere stays indexed there. Returns the packs left out.
+    pub async fn reload_index_without<F: Copy + Eq>(
+        &self,
+        fault: impl Fn(&crate::index::IndexPack) -> Option<F>,
+    ) -> Result<std::collections::HashMap<Id, F>> {
+        let (files, damaged) = self.read_index_files().await?;
+        self.note_damage(damaged);
+        let mut faults = std::collections::HashMap::new();
+        let mut files = current_files(files);
+        for (_, f) in &mut files {
+            f.packs.retain(|p| match fault(p) {
+                Some(x) => {
+                    faults.insert(p.id, x);
+                    false
+                }
+                None => true,
+            });
+        }
+        self.install_index(files);
+        Ok(faults)
+    }
+
     /// Like [`Repository::load_index`], but any damaged index file is an error: for callers that
     /// delete what the index does not name (prune).
     pub async fn load_index_strict(&self) -> Result<()> {
+        let files = self.current_index_files_strict().await?;
+        self.install_index(files);
+        Ok(())
+    }
+
+    /// Every index file readers use (superseded ones left out), in id order; any damaged index
+    /// file is an error. For repairs that rewrite the index from its files.
+    pub(crate) async fn current_index_files_strict(&self) -> Result<Vec<(Id, IndexFile)>> {
         let (files, mut damaged) = self.read_index_files().await?;
         if !damaged.is_empty() {
             return Err(damaged.swap_remove(0).1);
         }
-        self.install_index(files);
-        Ok(())
+        Ok(current_files(files))
     }
 
     async fn read_index_files(&self) -> Result<Split<IndexFile>> {
@@ -426,14 +468,8 @@ impl Repository {
         split_damaged(loaded, "index")
     }
 
-    fn install_index(&self, mut files: Vec<(Id, IndexFile)>) {
-        // A file superseded by another present file (written by prune or repair) is ignored:
-        // its content is contained in the newer one, which may have dropped deleted packs.
-        let superseded: std::collections::HashSet<Id> =
-            files.iter().flat_map(|(_, f)| f.supersedes.iter().copied()).collect();
-        files.retain(|(id, _)| !superseded.contains(id));
-        // Deterministic "first copy wins" regardless of download order.
-        files.sort_by_key(|(id, _)| *id);
+    fn install_index(&self, files: Vec<(Id, IndexFile)>) {
+        let files = current_files(files);
         let mut idx = self.index_mut();
         *idx = MasterIndex::default();
         for (id, f) in &files {
