@@ -407,9 +407,43 @@ fn main() -> ExitCode {
         }
     };
     let json = cli.global.json;
-    match rt.block_on(run(cli)) {
+    let note = interruption_note(&cli.command);
+    let outcome = rt.block_on(async {
+        tokio::select! {
+            r = run(cli) => Ok(r),
+            s = interrupted() => Err(s),
+        }
+    });
+    let outcome = match outcome {
+        Ok(r) => r,
+        Err((signal, code)) => {
+            // The command's future is dropped: nothing more is written. Its locks go now rather
+            // than blocking others until they turn stale.
+            let released = rt.block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(10), hoard_core::lock::release_held_locks()).await
+            });
+            let locks = match released {
+                Ok(0) => String::new(),
+                Ok(_) => "; its lock is released".to_string(),
+                Err(_) => "; its lock could not be released in time (`hoard unlock` removes it)".to_string(),
+            };
+            if json {
+                print_json(
+                    &serde_json::json!({"message_type": "error", "error": format!("interrupted by {signal}"), "exit_code": code}),
+                );
+            }
+            eprintln!("hoard: interrupted by {signal}{locks}. {note}");
+            // Threads still reading files are not waited for.
+            std::process::exit(code);
+        }
+    };
+    match outcome {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
+            // A failed command's abandoned locks are of no use to anyone.
+            let _ = rt.block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(10), hoard_core::lock::release_held_locks()).await
+            });
             let code = e.downcast_ref::<Error>().map(|e| e.exit_code()).unwrap_or(1);
             let message = error_chain(&e);
             if json {
@@ -418,6 +452,34 @@ fn main() -> ExitCode {
             eprintln!("hoard: {message}");
             ExitCode::from(code.clamp(0, 255) as u8)
         }
+    }
+}
+
+/// Waits for SIGINT or SIGTERM; returns its name and the conventional exit code (128 + n).
+async fn interrupted() -> (&'static str, i32) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        // Without handlers the default actions stay in place.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => ("SIGINT", 130),
+        _ = term.recv() => ("SIGTERM", 143),
+    }
+}
+
+/// What an interrupted command leaves behind, and what running it again does.
+fn interruption_note(command: &Command) -> &'static str {
+    match command {
+        Command::Backup(_) | Command::Copy { .. } => {
+            "No snapshot was written. The data already uploaded stays in the repository: the next backup indexes \
+             and reuses it instead of uploading it again, and `hoard prune` removes it otherwise."
+        }
+        Command::Restore(_) => "The target holds a partial restore; restoring again replaces what is there.",
+        Command::Prune(_) | Command::Forget(_) | Command::Repair { .. } => {
+            "It stopped where running it again finishes the job; nothing a snapshot references was removed."
+        }
+        _ => "Nothing was changed.",
     }
 }
 

@@ -41,6 +41,12 @@ pub async fn check(repo: Arc<Repository>, read_data: bool, subset: Option<&str>,
                 report.unreferenced_packs.len()
             );
         }
+        if report.stale_locks > 0 {
+            println!(
+                "{} of {} locks are stale: left by a process that died or was killed (`hoard unlock` removes them)",
+                report.stale_locks, report.locks
+            );
+        }
         if report.unreferenced_trees > 0 {
             println!(
                 "{} directory trees are not referenced by any snapshot (a snapshot was forgotten without prune, or deleted)",

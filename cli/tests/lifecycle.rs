@@ -1026,3 +1026,53 @@ fn copy_of_a_named_snapshot_copies_only_that_one() {
     let out = d.expect(&["copy", "--from-repo", &h.repo, "ffffffff"], 1);
     assert!(!stderr(&out).contains("panicked"));
 }
+
+/// A backup waiting on its input holds a shared lock; SIGINT and SIGTERM end it with 130 / 143,
+/// a message saying what happened and what the next backup does, and its lock deleted. A
+/// backup killed outright (SIGKILL) leaves its lock, and `check` says so.
+#[test]
+fn an_interrupted_backup_says_so_and_releases_its_lock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = small_repo(tmp.path());
+    let repo = tmp.path().join("repo");
+    let started = |h: &Hoard| {
+        let mut child = h
+            .cmd(&["backup", "--stdin", "--stdin-name", "dump.sql"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            // Some data, and the pipe stays open: the backup waits for more.
+            child.stdin.as_mut().unwrap().write_all(&random_bytes(1 << 20, 5)).unwrap();
+        }
+        wait_until(Duration::from_secs(20), "the backup's lock", || !lock_files(&repo).is_empty());
+        child
+    };
+    for (signal, code) in [("-INT", 130), ("-TERM", 143)] {
+        let child = started(&h);
+        let kill = std::process::Command::new("kill").arg(signal).arg(child.id().to_string()).status().unwrap();
+        assert!(kill.success());
+        let out = child.wait_with_output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(code), "{signal}: {err}");
+        assert!(err.contains("interrupted by SIG") && err.contains("its lock is released"), "{signal}: {err}");
+        assert!(err.contains("No snapshot was written") && err.contains("the next backup"), "{signal}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(lock_files(&repo).is_empty(), "{signal}: {:?}", lock_files(&repo));
+    }
+    let out = h.ok(&["check"]);
+    assert!(!stdout(&out).contains("stale"), "{}", stdout(&out));
+    // SIGKILL cannot be caught: the lock stays, and check reports it as stale (its process is
+    // gone), which `unlock` removes.
+    let mut child = started(&h);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(lock_files(&repo).len(), 1);
+    let out = h.ok(&["check"]);
+    assert!(stdout(&out).contains("1 of 1 locks are stale"), "{}", stdout(&out));
+    h.ok(&["unlock"]);
+    assert!(lock_files(&repo).is_empty());
+}

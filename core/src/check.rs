@@ -1,6 +1,6 @@
 //! `check`: verifies a repository's structure and, optionally, every byte of its data.
 //!
-//! Structure: config (by opening), every key slot (each decoded and its structure validated, a
+//! Structure: config (by opening), locks (stale ones are counted, not errors), every key slot (each decoded and its structure validated, a
 //! bad one named `keys/<id>`; the slot that opened the repository is known good), every index file, every pack the index names exists
 //! and is large enough, every snapshot decodes, every tree decodes, every blob a tree names is
 //! indexed. With `read_data` (or a subset), packs are downloaded, their hash checked against
@@ -52,6 +52,10 @@ pub struct CheckReport {
     /// deleted. Not damage by itself, but the only trace a deleted snapshot leaves.
     pub unreferenced_trees: usize,
     pub blobs_read: usize,
+    /// Locks held now, and those of them that are stale: left by a process that died or was
+    /// killed (not damage; `unlock` removes them, and they block no one for long).
+    pub locks: usize,
+    pub stale_locks: usize,
     pub suggestion: Option<String>,
 }
 
@@ -88,6 +92,16 @@ pub async fn check(repo: Arc<Repository>, opts: CheckOptions) -> Result<CheckRep
         if let Some(message) = problem {
             report.errors.push(Problem { object: format!("keys/{}", id.to_hex()), message });
         }
+    }
+
+    let now = chrono::Utc::now();
+    for (_, info) in crate::lock::list_locks(&repo).await? {
+        report.locks += 1;
+        // An undecodable lock counts as stale, as `unlock` treats it.
+        if info.is_ok_and(|i| !i.is_stale(now, &crate::lock::LockTimes::default())) {
+            continue;
+        }
+        report.stale_locks += 1;
     }
 
     // Index files, one by one, so one damaged file does not hide the others.

@@ -20,6 +20,10 @@
 //! clock), and writers call it before and after they write a snapshot; a backup frozen past the
 //! lease therefore fails cleanly instead of leaving a snapshot whose data a concurrent prune may
 //! have deleted.
+//!
+//! Interruption: every lock this process wrote and has not deleted is recorded in a process-wide
+//! list, so a binary that catches SIGINT or SIGTERM can delete them on its way out
+//! ([`release_held_locks`]) instead of leaving them to go stale.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -206,6 +210,43 @@ pub async fn unlock(repo: &Repository, all: bool) -> Result<usize> {
     Ok(n)
 }
 
+type Store = Arc<dyn crate::store::Store>;
+/// A live guard's entry: its serial, store and lease state (which holds the current lock id).
+type HeldLock = (u64, Store, Arc<Mutex<LeaseState>>);
+
+/// Locks of live guards in this process: store and current lock id (a refresh replaces the id
+/// in place). Added on acquisition; removed by release, or on drop, which moves the lock to
+/// [`ABANDONED`].
+static HELD: Mutex<Vec<HeldLock>> = Mutex::new(Vec::new());
+/// Locks of guards dropped without release (an error path, a cancelled task): the most recent
+/// [`MAX_ABANDONED`], so a long-running process does not grow this list.
+static ABANDONED: Mutex<Vec<(Store, Id)>> = Mutex::new(Vec::new());
+const MAX_ABANDONED: usize = 64;
+static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn lock_list<T>(m: &'static Mutex<T>) -> std::sync::MutexGuard<'static, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Deletes every lock this process still holds or abandoned, for a process on its way out
+/// (interrupted, or failed): its work has stopped, so nothing relies on them any more. Returns
+/// how many were deleted.
+pub async fn release_held_locks() -> usize {
+    let mut locks: Vec<(Store, Id)> = std::mem::take(&mut *lock_list(&ABANDONED));
+    locks.extend(
+        std::mem::take(&mut *lock_list(&HELD))
+            .into_iter()
+            .map(|(_, store, state)| (store, state.lock().unwrap_or_else(|p| p.into_inner()).current)),
+    );
+    let mut n = 0;
+    for (store, id) in locks {
+        if store.delete(&format!("locks/{}", id.to_hex())).await.is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
 struct LeaseState {
     current: Id,
     last_refresh: Instant,
@@ -218,6 +259,8 @@ pub struct LockGuard {
     state: Arc<Mutex<LeaseState>>,
     times: LockTimes,
     refresher: tokio::task::JoinHandle<()>,
+    /// Its entry in [`HELD`].
+    serial: u64,
 }
 
 impl std::fmt::Debug for LockGuard {
@@ -267,7 +310,9 @@ impl LockGuard {
         }
         let state = Arc::new(Mutex::new(LeaseState { current: mine, last_refresh: stamp, lost: None }));
         let refresher = tokio::spawn(refresh_loop(Arc::clone(&repo), Arc::clone(&state), exclusive, times));
-        Ok(LockGuard { repo, state, times, refresher })
+        let serial = NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        lock_list(&HELD).push((serial, Arc::clone(repo.store()), Arc::clone(&state)));
+        Ok(LockGuard { repo, state, times, refresher, serial })
     }
 
     /// Fails if the lease may have lapsed: a refresh failed or came too late.
@@ -284,6 +329,7 @@ impl LockGuard {
     pub async fn release(self) -> Result<()> {
         self.refresher.abort();
         let id = self.state.lock().unwrap_or_else(|p| p.into_inner()).current;
+        lock_list(&HELD).retain(|(serial, _, _)| *serial != self.serial);
         self.repo.store().delete(&format!("locks/{}", id.to_hex())).await
     }
 }
@@ -291,8 +337,20 @@ impl LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         // Without an explicit release (an error path) the lock becomes stale by itself; the
-        // same-host check lets local processes ignore it at once.
+        // same-host check lets local processes ignore it at once. A process on its way out
+        // deletes it ([`release_held_locks`]).
         self.refresher.abort();
+        let mut held = lock_list(&HELD);
+        if let Some(i) = held.iter().position(|(serial, _, _)| *serial == self.serial) {
+            let (_, store, state) = held.swap_remove(i);
+            drop(held);
+            let id = state.lock().unwrap_or_else(|p| p.into_inner()).current;
+            let mut abandoned = lock_list(&ABANDONED);
+            if abandoned.len() >= MAX_ABANDONED {
+                abandoned.remove(0);
+            }
+            abandoned.push((store, id));
+        }
     }
 }
 
