@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use hoard_api::agent::v1::{self as pb, Phase};
 use hoard_core::backup::{BackupOptions, Source};
-use hoard_core::restore::{Fidelity, RestoreOptions, RestoreSource};
+use hoard_core::restore::{Fidelity, Overwrite, RestoreOptions, RestoreSource};
 use hoard_core::store::{ObjectInfo, Store};
 use hoard_core::{Password, Repository};
 
@@ -389,6 +389,7 @@ struct RestoreSpec<'a> {
     excludes: Vec<String>,
     /// Everything the snapshot records; otherwise a confined restore (`Fidelity::Confined`).
     full_metadata: bool,
+    overwrite: Overwrite,
 }
 
 /// Restores one component of a snapshot below `target` (a directory the caller opened).
@@ -429,6 +430,7 @@ async fn restore_into(
     // A workload's volume gets no set-id bits, device nodes, file capabilities or root-owned
     // entries unless the controller says an administrator allowed them for its namespace.
     opts.fidelity = if spec.full_metadata { Fidelity::Full } else { Fidelity::Confined };
+    opts.overwrite = spec.overwrite;
     let out = hoard_core::restore::restore(repo, RestoreSource::Tree(comp.root), opts).await?;
     let result = pb::Result {
         snapshot_id: id.to_hex(),
@@ -534,6 +536,8 @@ async fn restore_in_volume(
     order: &pb::RestoreOrder,
     vol: OpenVolume,
 ) -> Result<pb::Result, JobError> {
+    // The same order after a crash: what it restored completely (size and time set) is kept.
+    let resumed = read_marker(&vol.dir).as_deref() == Some(ctx.order_id.as_str());
     let foreign = foreign_entries(&vol.dir, &ctx.order_id)?;
     if foreign > 0 && !order.overwrite {
         return Err(JobError::new(
@@ -551,6 +555,14 @@ async fn restore_in_volume(
         includes: order.includes.clone(),
         excludes: order.excludes.clone(),
         full_metadata: order.full_metadata,
+        overwrite: if order.overwrite {
+            Overwrite::Always
+        } else if resumed {
+            Overwrite::IfChanged
+        } else {
+            // The volume was found empty (but for `lost+found`, merged into).
+            Overwrite::Never
+        },
     };
     let r = restore_into(env, ctx, spec, (vol.path, vol.dir)).await;
     // Finished one way or another (done, failed, cancelled): only a crash leaves the marker.
@@ -584,6 +596,8 @@ pub async fn verify(env: JobEnv, ctx: OrderCtx, mut order: Wiped<pb::VerifyOrder
             excludes: Vec::new(),
             // Verification needs the data, not privileges, in the agent's scratch directory.
             full_metadata: false,
+            // A fresh directory.
+            overwrite: Overwrite::Never,
         };
         restore_into(&env, &ctx, spec, (dir.clone(), fd)).await
     }

@@ -384,6 +384,31 @@ struct RestoreArgs {
     /// snapshot records.
     #[arg(long)]
     confined: bool,
+    /// What happens to an existing entry with the name of one being restored: `never` leaves
+    /// it as it is (the default, as in the cluster), `if-changed` replaces it unless kind, size
+    /// and modification time match (finishes an interrupted restore), `if-newer` when the
+    /// snapshot's entry is newer, `always` replaces it. Directories are merged into.
+    #[arg(long, value_enum, default_value_t = OverwritePolicy::Never)]
+    overwrite: OverwritePolicy,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum OverwritePolicy {
+    Never,
+    IfChanged,
+    IfNewer,
+    Always,
+}
+
+impl From<OverwritePolicy> for hoard_core::restore::Overwrite {
+    fn from(p: OverwritePolicy) -> Self {
+        match p {
+            OverwritePolicy::Never => Self::Never,
+            OverwritePolicy::IfChanged => Self::IfChanged,
+            OverwritePolicy::IfNewer => Self::IfNewer,
+            OverwritePolicy::Always => Self::Always,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -953,6 +978,7 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
         opts.excludes = a.excludes.clone();
         opts.progress = Arc::clone(&progress);
         opts.direct_io = !a.no_direct_io;
+        opts.overwrite = a.overwrite.into();
         if a.confined {
             opts.fidelity = hoard_core::restore::Fidelity::Confined;
         }
@@ -967,6 +993,8 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
                 combined.direct_files += o.direct_files;
                 combined.direct_refused += o.direct_refused;
                 combined.warnings.extend(o.warnings);
+                combined.skipped += o.skipped;
+                combined.skipped_paths.extend(o.skipped_paths);
             }
             Err(e) => {
                 result = Err(e);
@@ -1001,6 +1029,21 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
             combined.other,
             human_bytes(combined.bytes)
         );
+        if combined.skipped > 0 {
+            let listed = combined.skipped_paths.len() as u64;
+            for p in &combined.skipped_paths {
+                println!("kept existing {p}");
+            }
+            if combined.skipped > listed {
+                println!("and {} more existing entries kept", combined.skipped - listed);
+            }
+            println!(
+                "{} existing {} left as {} (`--overwrite if-changed`, `if-newer` or `always` replaces them)",
+                combined.skipped,
+                if combined.skipped == 1 { "entry was" } else { "entries were" },
+                if combined.skipped == 1 { "it was" } else { "they were" },
+            );
+        }
         if combined.target_full {
             println!(
                 "{} files could not be restored (listed above): no space left in {} (device or quota full)",

@@ -204,7 +204,12 @@ fn restore_never_writes_through_a_planted_symlink() {
     std::fs::create_dir_all(target.join("data")).unwrap();
     std::os::unix::fs::symlink(&outside, target.join("data/a")).unwrap();
     std::os::unix::fs::symlink(outside.join("victim"), target.join("data/file")).unwrap();
-    h.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    // By default the planted entries are kept (and reported); replacing them writes through none.
+    let out = h.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert!(stdout(&out).contains("2 existing entries were left as they were"), "{}", stdout(&out));
+    assert!(std::fs::symlink_metadata(target.join("data/file")).unwrap().is_symlink());
+    assert_eq!(std::fs::read_to_string(outside.join("victim")).unwrap(), "untouched");
+    h.ok(&["restore", "latest", "--target", target.to_str().unwrap(), "--overwrite", "always"]);
     assert_eq!(std::fs::read_to_string(outside.join("victim")).unwrap(), "untouched");
     assert!(!outside.join("passwd").exists());
     assert!(std::fs::symlink_metadata(target.join("data/a")).unwrap().is_dir());
@@ -736,4 +741,62 @@ fn a_rebackup_whose_walking_threads_cannot_start_walks_on_one() {
     assert_eq!(roots.len(), 3);
     assert_eq!(roots[1], roots[2], "{snaps}");
     assert_ne!(roots[0], roots[1]);
+}
+
+/// Each `--overwrite` policy against an existing target: `never` (the default) keeps what is
+/// there, `if-newer` replaces only older entries, `if-changed` only entries whose kind, size or
+/// time differ (so it finishes an interrupted restore without rewriting what is complete), and
+/// `always` replaces everything.
+#[test]
+fn restore_overwrite_policies_decide_per_entry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    for name in ["old", "new", "same"] {
+        std::fs::write(src.join(name), format!("snapshot {name}")).unwrap();
+    }
+    let touch = |p: &std::path::Path, when: &str| {
+        assert!(std::process::Command::new("touch").args(["-m", "-d", when]).arg(p).status().unwrap().success());
+    };
+    for name in ["old", "new", "same"] {
+        touch(&src.join(name), "2020-06-01 12:00:00");
+    }
+    let h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.init();
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    let target = tmp.path().join("target");
+    let restore = |policy: Option<&str>| {
+        let t = target.join("data");
+        let _ = std::fs::remove_dir_all(&target);
+        std::fs::create_dir_all(&t).unwrap();
+        // Older and newer than the snapshot's entries, and one that is the same.
+        std::fs::write(t.join("old"), "existing, older").unwrap();
+        touch(&t.join("old"), "2019-01-01 00:00:00");
+        std::fs::write(t.join("new"), "existing, newer").unwrap();
+        touch(&t.join("new"), "2021-01-01 00:00:00");
+        std::fs::write(t.join("same"), "snapshot same").unwrap();
+        touch(&t.join("same"), "2020-06-01 12:00:00");
+        let mut args = vec!["restore", "latest", "--target", target.to_str().unwrap()];
+        if let Some(p) = policy {
+            args.extend(["--overwrite", p]);
+        }
+        let out = h.ok(&args);
+        let read = |n: &str| std::fs::read_to_string(t.join(n)).unwrap();
+        (read("old"), read("new"), stdout(&out))
+    };
+    let (old, new, out) = restore(None);
+    assert_eq!((old.as_str(), new.as_str()), ("existing, older", "existing, newer"));
+    assert!(out.contains("kept existing /data/old") && out.contains("3 existing entries were left"), "{out}");
+    assert_eq!(restore(Some("never")).0, "existing, older");
+    let (old, new, out) = restore(Some("if-newer"));
+    assert_eq!((old.as_str(), new.as_str()), ("snapshot old", "existing, newer"));
+    assert!(out.contains("2 existing entries were left"), "{out}");
+    let (old, new, out) = restore(Some("if-changed"));
+    assert_eq!((old.as_str(), new.as_str()), ("snapshot old", "snapshot new"));
+    assert!(out.contains("kept existing /data/same") && out.contains("1 existing entry was left"), "{out}");
+    let (old, new, out) = restore(Some("always"));
+    assert_eq!((old.as_str(), new.as_str()), ("snapshot old", "snapshot new"));
+    assert!(!out.contains("left as"), "{out}");
+    let out = h.run(&["restore", "latest", "--target", target.to_str().unwrap(), "--overwrite", "sometimes"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }

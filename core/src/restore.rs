@@ -33,6 +33,10 @@
 //!   files using the affected blobs fail, and the rest of the restore continues. A file that
 //!   fails because the target's device or quota is full also sets
 //!   [`RestoreOutcome::target_full`]; [`RestoreOutcome::bytes`] counts restored files only.
+//! * Existing entries: [`RestoreOptions::overwrite`] decides whether an entry of the target with
+//!   the name of one being restored is replaced or left alone ([`gives_way`], pure); existing
+//!   directories are merged into. A file whose content could not be restored is removed, not
+//!   left zero-filled under its real name.
 //! * Mounts: with [`RestoreOptions::one_file_system`], an existing directory in the target that
 //!   is on another mount than the target root (a bind mount or another filesystem mounted
 //!   inside it) is never descended into: that entry fails, nothing is written below it.
@@ -64,6 +68,8 @@ use crate::progress::Progress;
 use crate::repo::{Repository, pack_key};
 use crate::tree::{Extent, MAX_DEPTH, Node, NodeKind, Tree};
 
+/// Skipped existing entries listed by path in [`RestoreOutcome::skipped_paths`].
+pub const MAX_LISTED_SKIPS: usize = 100;
 /// Most files in one planning batch (each holds a descriptor until its content is written).
 pub const MAX_BATCH_FILES: usize = 1024;
 /// Most distinct blobs in one planning batch.
@@ -110,6 +116,66 @@ pub struct RestoreOptions {
     pub direct_io: bool,
     pub hooks: RestoreRaceHooks,
     pub fidelity: Fidelity,
+    /// What happens to an entry of the target that has the name of an entry being restored.
+    pub overwrite: Overwrite,
+}
+
+/// Whether an existing entry of the target gives way to the snapshot's entry of the same name
+/// (restic's `--overwrite` choices). A skipped entry is counted in [`RestoreOutcome::skipped`];
+/// an existing directory is always merged into, never replaced or removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overwrite {
+    /// Existing entries are left as they are (the default of the CLI and of the cluster).
+    #[default]
+    Never,
+    /// Replaced unless it is the same kind of entry with the same size and modification time
+    /// (an interrupted restore's partial file has its final size but not yet its time).
+    IfChanged,
+    /// Replaced when the snapshot's entry was modified later than the existing one.
+    IfNewer,
+    /// Always replaced.
+    Always,
+}
+
+/// What restore knows of an existing entry when deciding ([`gives_way`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Existing {
+    pub kind: NodeKind,
+    pub size: u64,
+    pub mtime: crate::tree::Timestamp,
+}
+
+impl Existing {
+    fn of(st: &rustix::fs::Stat) -> Existing {
+        let kind = match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => NodeKind::Dir,
+            FileType::Symlink => NodeKind::Symlink,
+            FileType::Fifo => NodeKind::Fifo,
+            FileType::Socket => NodeKind::Socket,
+            FileType::CharacterDevice => NodeKind::CharDevice,
+            FileType::BlockDevice => NodeKind::BlockDevice,
+            _ => NodeKind::File,
+        };
+        Existing {
+            kind,
+            size: st.st_size as u64,
+            mtime: crate::tree::Timestamp { sec: st.st_mtime, nsec: st.st_mtime_nsec as u32 },
+        }
+    }
+}
+
+/// Pure: whether `existing` is replaced by the snapshot's `node` under `policy`.
+pub fn gives_way(policy: Overwrite, existing: &Existing, node: &Node) -> bool {
+    match policy {
+        Overwrite::Never => false,
+        Overwrite::Always => true,
+        Overwrite::IfNewer => (node.mtime.sec, node.mtime.nsec) > (existing.mtime.sec, existing.mtime.nsec),
+        Overwrite::IfChanged => {
+            existing.kind != node.kind
+                || existing.mtime != node.mtime
+                || (node.kind == NodeKind::File && existing.size != node.size)
+        }
+    }
 }
 
 /// How much of what a snapshot records a restore recreates.
@@ -155,6 +221,7 @@ impl RestoreOptions {
             direct_io: true,
             hooks: RestoreRaceHooks::default(),
             fidelity: Fidelity::Full,
+            overwrite: Overwrite::default(),
         }
     }
 }
@@ -211,6 +278,11 @@ pub struct RestoreOutcome {
     pub target_full: bool,
     /// Metadata that could not be applied and skipped entries.
     pub warnings: Vec<String>,
+    /// Existing entries left as they are under [`RestoreOptions::overwrite`].
+    pub skipped: u64,
+    /// The first [`MAX_LISTED_SKIPS`] of them, as the snapshot names them (`/component/path`
+    /// when the restore's `match_prefix` names the component).
+    pub skipped_paths: Vec<String>,
     /// Files written in whole blocks past the page cache (`O_DIRECT`) to the end.
     pub direct_files: u64,
     /// Files opened for direct writes whose filesystem refused one of them, so that they were
@@ -413,6 +485,7 @@ struct Ctx {
     hooks: RestoreRaceHooks,
     /// Set once the target root is open (a confined restore needs its owner).
     meta: std::sync::OnceLock<fsmeta::MetaPolicy>,
+    overwrite: Overwrite,
 }
 
 impl Ctx {
@@ -470,6 +543,36 @@ impl Ctx {
         tracing::warn!("{msg}");
         self.progress.add_warning(&msg);
         self.outcome.lock().unwrap_or_else(|p| p.into_inner()).warnings.push(msg);
+    }
+
+    /// Whether the existing entry `name` of `dir` is left alone for `node`: true after counting
+    /// it as skipped. An entry that vanished meanwhile, or cannot be examined, is not skipped
+    /// (creating the entry then reports what is wrong).
+    fn keeps_existing(&self, dir: &OwnedFd, name: &CString, node: &Node, rel: &str) -> bool {
+        if self.overwrite == Overwrite::Always {
+            return false;
+        }
+        let Ok(st) = fsmeta::stat_at(dir.as_fd(), name) else { return false };
+        let existing = Existing::of(&st);
+        // A directory is merged into, never replaced.
+        if existing.kind == NodeKind::Dir && node.kind == NodeKind::Dir {
+            return false;
+        }
+        if gives_way(self.overwrite, &existing, node) {
+            return false;
+        }
+        let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        o.skipped += 1;
+        if o.skipped_paths.len() < MAX_LISTED_SKIPS {
+            // As the snapshot names it.
+            let rel = rel.trim_start_matches('/');
+            let path =
+                if self.match_prefix.is_empty() { format!("/{rel}") } else { format!("/{}/{rel}", self.match_prefix) };
+            o.skipped_paths.push(path);
+        }
+        drop(o);
+        self.progress.add_files(1);
+        true
     }
 
     fn fail(&self, rel: &str, why: String) {
@@ -559,7 +662,16 @@ fn finish_file(ctx: &Ctx, f: &Arc<FileState>) {
     }
     let failed = f.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
     match failed {
-        Some(why) => ctx.fail_for_space(&f.rel, why, f.no_space.load(Ordering::Relaxed)),
+        Some(why) => {
+            // Not left full-size and zero-filled under its real name, as if restored.
+            let why = match CString::new(f.node.name.clone())
+                .map(|n| rustix::fs::unlinkat(&f.dir.fd, n.as_c_str(), AtFlags::empty()))
+            {
+                Ok(Ok(())) => format!("{why} (the partial file was removed)"),
+                _ => why,
+            };
+            ctx.fail_for_space(&f.rel, why, f.no_space.load(Ordering::Relaxed))
+        }
         None => {
             let meta = ctx.meta();
             for e in fsmeta::apply_fd(&f.fd, &f.node, &meta).into_iter().chain(meta.left_out(&f.node)) {
@@ -661,9 +773,14 @@ impl Walker<'_> {
         // examined (one syscall per entry into an empty target instead of two); hard links and
         // other kinds clear the name first.
         let create_first = node.kind == NodeKind::Dir || (node.kind == NodeKind::File && node.links <= 1);
-        if !create_first && let Err(e) = clear_name(&dir.fd, &name) {
-            ctx.fail(&rel, format!("cannot replace existing entry: {e}"));
-            return Ok(());
+        if !create_first {
+            if ctx.keeps_existing(&dir.fd, &name, node, &rel) {
+                return Ok(());
+            }
+            if let Err(e) = clear_name(&dir.fd, &name) {
+                ctx.fail(&rel, format!("cannot replace existing entry: {e}"));
+                return Ok(());
+            }
         }
         match node.kind {
             NodeKind::Dir => {
@@ -677,6 +794,7 @@ impl Walker<'_> {
                 }
                 let mkdir = || rustix::fs::mkdirat(&dir.fd, name.as_c_str(), Mode::from_raw_mode(0o700));
                 let made = match mkdir() {
+                    Err(rustix::io::Errno::EXIST) if ctx.keeps_existing(&dir.fd, &name, node, &rel) => return Ok(()),
                     Err(rustix::io::Errno::EXIST) => match clear_name(&dir.fd, &name) {
                         Ok(Some(_)) => Ok(()), // an existing directory is reused
                         Ok(None) => mkdir(),
@@ -809,7 +927,8 @@ impl Walker<'_> {
         let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let create = || rustix::fs::openat(&dir.fd, name.as_c_str(), flags, Mode::from_raw_mode(0o600));
         let created = match create() {
-            // Something is in the way: remove it (never a directory) and try once more.
+            // Something is in the way: left alone, or removed (never a directory) and tried once more.
+            Err(rustix::io::Errno::EXIST) if ctx.keeps_existing(&dir.fd, &name, node, &rel) => return,
             Err(rustix::io::Errno::EXIST) => match clear_name(&dir.fd, &name) {
                 Ok(_) => create(),
                 Err(e) => {
@@ -1290,6 +1409,7 @@ pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: Res
         direct_io: opts.direct_io,
         hooks: opts.hooks.clone(),
         meta: std::sync::OnceLock::new(),
+        overwrite: opts.overwrite,
     });
     let fidelity = opts.fidelity;
     let one_file_system = opts.one_file_system;
@@ -1397,6 +1517,36 @@ pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tree::Timestamp;
+
+    #[test]
+    fn each_overwrite_policy_decides_as_documented() {
+        let at = |sec| Timestamp { sec, nsec: 0 };
+        let mut node = Node::new(b"f".to_vec(), NodeKind::File);
+        node.size = 10;
+        node.mtime = at(100);
+        let same = Existing { kind: NodeKind::File, size: 10, mtime: at(100) };
+        let older = Existing { mtime: at(50), ..same };
+        let newer = Existing { mtime: at(150), ..same };
+        let resized = Existing { size: 11, ..same };
+        let a_link = Existing { kind: NodeKind::Symlink, ..same };
+        for e in [same, older, newer, resized, a_link] {
+            assert!(!gives_way(Overwrite::Never, &e, &node), "{e:?}");
+            assert!(gives_way(Overwrite::Always, &e, &node), "{e:?}");
+        }
+        assert!(!gives_way(Overwrite::IfChanged, &same, &node));
+        for e in [older, newer, resized, a_link] {
+            assert!(gives_way(Overwrite::IfChanged, &e, &node), "{e:?}");
+        }
+        assert!(gives_way(Overwrite::IfNewer, &older, &node));
+        for e in [same, newer, resized] {
+            assert!(!gives_way(Overwrite::IfNewer, &e, &node), "{e:?}");
+        }
+        // Sizes of other kinds mean nothing: a symlink with the same time is unchanged.
+        let mut link = Node::new(b"l".to_vec(), NodeKind::Symlink);
+        link.mtime = at(100);
+        assert!(!gives_way(Overwrite::IfChanged, &Existing { size: 3, ..a_link }, &link));
+    }
 
     #[test]
     fn workers_take_direct_jobs_first_and_stop_when_both_queues_close() {
