@@ -25,6 +25,7 @@ use hoard_core::{Error, Id, Password, Repository};
 
 use hoard::ops::parse_percent;
 use hoard::output::{ProgressReporter, print_json};
+use hoard::{errln, outln};
 
 const EXIT_WARNINGS: u8 = 3;
 
@@ -380,22 +381,30 @@ fn main() -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("hoard: cannot start runtime: {e}");
+            errln!("hoard: cannot start runtime: {e}");
             return ExitCode::from(1);
         }
     };
     let json = cli.global.json;
-    match rt.block_on(run(cli)) {
-        Ok(code) => ExitCode::from(code),
+    let code = match rt.block_on(run(cli)) {
+        Ok(code) => code,
         Err(e) => {
             let code = e.downcast_ref::<Error>().map(|e| e.exit_code()).unwrap_or(1);
             let message = error_chain(&e);
             if json {
                 print_json(&serde_json::json!({"message_type": "error", "error": message, "exit_code": code}));
             }
-            eprintln!("hoard: {message}");
-            ExitCode::from(code.clamp(0, 255) as u8)
+            errln!("hoard: {message}");
+            code.clamp(0, 255) as u8
         }
+    };
+    // A reader that went away is not a failure (see hoard::output); a full disk is.
+    match hoard::output::stdout_failure() {
+        Some(e) if code == 0 || code == EXIT_WARNINGS => {
+            errln!("hoard: cannot write to standard output: {e}");
+            ExitCode::from(1)
+        }
+        _ => ExitCode::from(code),
     }
 }
 
@@ -563,8 +572,8 @@ async fn cmd_init(g: &Global, a: InitArgs) -> anyhow::Result<u8> {
             &serde_json::json!({"message_type": "initialized", "id": repo.id().to_hex(), "repository": repo.store().location()}),
         );
     } else {
-        println!("created hoard repository {} at {}", repo.id().short(), repo.store().location());
-        println!("Keep the password safe: without it the data cannot be restored.");
+        outln!("created hoard repository {} at {}", repo.id().short(), repo.store().location());
+        outln!("Keep the password safe: without it the data cannot be restored.");
     }
     Ok(0)
 }
@@ -654,20 +663,24 @@ async fn cmd_backup(g: &Global, a: BackupArgs) -> anyhow::Result<u8> {
         }));
     } else if !g.quiet {
         for w in &out.snapshot.warnings {
-            eprintln!("warning: {w}");
+            errln!("warning: {w}");
         }
-        println!(
+        outln!(
             "Files: {} new, {} changed, {} unmodified; {} dirs, {} other",
-            s.files_new, s.files_changed, s.files_unmodified, s.dirs, s.other_entries
+            s.files_new,
+            s.files_changed,
+            s.files_unmodified,
+            s.dirs,
+            s.other_entries
         );
-        println!(
+        outln!(
             "Data: {} in snapshot, {} read, {} new, {} stored",
             human_bytes(s.total_bytes),
             human_bytes(s.bytes_read),
             human_bytes(s.bytes_new),
             human_bytes(s.bytes_stored)
         );
-        println!("snapshot {} saved in {:.2}s", out.snapshot_id.short(), s.duration_ms as f64 / 1000.0);
+        outln!("snapshot {} saved in {:.2}s", out.snapshot_id.short(), s.duration_ms as f64 / 1000.0);
     }
     Ok(if s.warnings > 0 { EXIT_WARNINGS } else { 0 })
 }
@@ -689,10 +702,10 @@ async fn cmd_snapshots(g: &Global, f: &FilterArgs) -> anyhow::Result<u8> {
         print_json(&serde_json::Value::Array(v));
         return Ok(0);
     }
-    println!("{:<10} {:<20} {:<16} {:<20} {:<24} {:>12}", "ID", "Time", "Host", "Tags", "Components", "Size");
+    outln!("{:<10} {:<20} {:<16} {:<20} {:<24} {:>12}", "ID", "Time", "Host", "Tags", "Components", "Size");
     for (id, s) in &snaps {
         let comps: Vec<&str> = s.components.iter().map(|c| c.name.as_str()).collect();
-        println!(
+        outln!(
             "{:<10} {:<20} {:<16} {:<20} {:<24} {:>12}",
             id.short(),
             s.time.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S"),
@@ -702,7 +715,7 @@ async fn cmd_snapshots(g: &Global, f: &FilterArgs) -> anyhow::Result<u8> {
             human_bytes(s.summary.total_bytes)
         );
     }
-    println!("{} snapshots", snaps.len());
+    outln!("{} snapshots", snaps.len());
     Ok(0)
 }
 
@@ -768,9 +781,9 @@ async fn cmd_ls(g: &Global, spec: &str, path: Option<&str>, long: bool, f: &Filt
                 .unwrap_or_default();
             let link =
                 n.link_target.as_ref().map(|t| format!(" -> {}", String::from_utf8_lossy(t))).unwrap_or_default();
-            println!("{} {:>5} {:>5} {:>12} {} {p}{link}", mode_string(n.kind, n.mode), n.uid, n.gid, n.size, t);
+            outln!("{} {:>5} {:>5} {:>12} {} {p}{link}", mode_string(n.kind, n.mode), n.uid, n.gid, n.size, t);
         } else {
-            println!("{p}");
+            outln!("{p}");
         }
     }
     Ok(0)
@@ -793,7 +806,7 @@ async fn cmd_diff(g: &Global, a: &str, b: &str) -> anyhow::Result<u8> {
     if g.json {
         print_json(&serde_json::json!({"from": ia.to_hex(), "to": ib.to_hex(), "changes": out}));
     } else {
-        println!("comparing snapshot {} to {}:", ia.short(), ib.short());
+        outln!("comparing snapshot {} to {}:", ia.short(), ib.short());
         for d in &out {
             let c = match d.change {
                 browse::Change::Added => '+',
@@ -801,10 +814,10 @@ async fn cmd_diff(g: &Global, a: &str, b: &str) -> anyhow::Result<u8> {
                 browse::Change::Modified => 'M',
                 browse::Change::Metadata => 'U',
             };
-            println!("{c}    {}", d.path);
+            outln!("{c}    {}", d.path);
         }
         let count = |c| out.iter().filter(|d| d.change == c).count();
-        println!(
+        outln!(
             "{} added, {} removed, {} modified, {} metadata only",
             count(browse::Change::Added),
             count(browse::Change::Removed),
@@ -899,12 +912,12 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
         print_json(&serde_json::json!({"message_type": "summary", "snapshot_id": id.to_hex(), "outcome": combined}));
     } else {
         for w in &combined.warnings {
-            eprintln!("warning: {w}");
+            errln!("warning: {w}");
         }
         for (p, why) in &combined.failed {
-            eprintln!("error: {p}: {why}");
+            errln!("error: {p}: {why}");
         }
-        println!(
+        outln!(
             "restored snapshot {} into {}: {} files, {} dirs, {} other, {}",
             id.short(),
             a.target.display(),
@@ -914,13 +927,13 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
             human_bytes(combined.bytes)
         );
         if combined.target_full {
-            println!(
+            outln!(
                 "{} files could not be restored (listed above): no space left in {} (device or quota full)",
                 combined.failed.len(),
                 a.target.display()
             );
         } else if !combined.failed.is_empty() {
-            println!(
+            outln!(
                 "{} files could not be restored (listed above); run `hoard check --read-data`",
                 combined.failed.len()
             );
@@ -999,22 +1012,38 @@ async fn cmd_dump(g: &Global, spec: &str, path: &str, f: &FilterArgs) -> anyhow:
         bail!("{path} is not a regular file");
     }
     let mut out = std::io::stdout().lock();
+    // Ok(false): the reader has gone (`dump … | head -c 100`), which is no failure.
+    let mut put = |bytes: &[u8]| match out.write_all(bytes) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(anyhow::Error::from(e).context("write to standard output")),
+    };
     for e in &node.content {
         match e {
-            hoard_core::tree::Extent::Data { id, .. } => out.write_all(&repo.read_blob(id).await?)?,
+            hoard_core::tree::Extent::Data { id, .. } => {
+                if !put(&repo.read_blob(id).await?)? {
+                    return Ok(0);
+                }
+            }
             hoard_core::tree::Extent::Hole { len } => {
                 let zeros = vec![0u8; (*len).min(1 << 20) as usize];
                 let mut left = *len;
                 while left > 0 {
                     let n = left.min(zeros.len() as u64) as usize;
-                    out.write_all(&zeros[..n])?;
+                    if !put(&zeros[..n])? {
+                        return Ok(0);
+                    }
                     left -= n as u64;
                 }
             }
         }
     }
-    out.flush()?;
-    Ok(0)
+    match out.flush() {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::from(e).context("write to standard output"))
+        }
+        _ => Ok(0),
+    }
 }
 
 async fn cmd_stats(g: &Global, spec: Option<&str>, f: &FilterArgs) -> anyhow::Result<u8> {
@@ -1065,12 +1094,12 @@ async fn cmd_stats(g: &Global, spec: Option<&str>, f: &FilterArgs) -> anyhow::Re
     if g.json {
         print_json(&v);
     } else {
-        println!("repository {} at {}", repo.id().short(), repo.store().location());
-        println!("  snapshots: {}", snaps_len(&v));
-        println!("  packs: {packs}, blobs: {blob_count}");
-        println!("  stored: {} ({} before compression)", human_bytes(stored), human_bytes(raw));
+        outln!("repository {} at {}", repo.id().short(), repo.store().location());
+        outln!("  snapshots: {}", snaps_len(&v));
+        outln!("  packs: {packs}, blobs: {blob_count}");
+        outln!("  stored: {} ({} before compression)", human_bytes(stored), human_bytes(raw));
         if let Some(s) = v.get("snapshot") {
-            println!(
+            outln!(
                 "snapshot {}: {} files, {} to restore, {} in {} unique blobs",
                 &s["id"].as_str().unwrap_or_default()[..8],
                 s["files"],
@@ -1100,7 +1129,7 @@ async fn cmd_prune(g: &Global, a: PruneArgs) -> anyhow::Result<u8> {
         print_json(&serde_json::to_value(&out)?);
     } else {
         let p = &out.plan;
-        println!(
+        outln!(
             "{}used {}, unused {}; {} packs to delete, {} to repack ({}), {} kept; unused afterwards {}",
             if a.dry_run { "would prune: " } else { "" },
             human_bytes(p.used_bytes),
@@ -1112,12 +1141,14 @@ async fn cmd_prune(g: &Global, a: PruneArgs) -> anyhow::Result<u8> {
             human_bytes(p.unused_after)
         );
         if !a.dry_run {
-            println!(
+            outln!(
                 "removed {} packs and {} index files, wrote {} packs",
-                out.packs_removed, out.index_files_removed, out.packs_written
+                out.packs_removed,
+                out.index_files_removed,
+                out.packs_written
             );
             if out.staging_files_removed > 0 {
-                println!("removed {} staging files of interrupted writes", out.staging_files_removed);
+                outln!("removed {} staging files of interrupted writes", out.staging_files_removed);
             }
         }
     }
@@ -1155,7 +1186,7 @@ async fn cmd_key(g: &Global, action: KeyAction) -> anyhow::Result<u8> {
         }
         KeyAction::Add(a) => {
             let id = repo.add_key(&read_new_password(&a)?, kdf(&a), a.insecure_kdf).await?;
-            println!("added key {}", id.short());
+            outln!("added key {}", id.short());
         }
         KeyAction::Remove { id } => {
             let keys = repo.list_keys().await?;
@@ -1163,11 +1194,11 @@ async fn cmd_key(g: &Global, action: KeyAction) -> anyhow::Result<u8> {
                 keys.iter().map(|(k, _)| *k).filter(|k| k.to_hex().starts_with(&id.to_ascii_lowercase())).collect();
             let [one] = matching.as_slice() else { bail!("{id:?} matches {} keys", matching.len()) };
             repo.remove_key(one).await?;
-            println!("removed key {}", one.short());
+            outln!("removed key {}", one.short());
         }
         KeyAction::Passwd(a) => {
             let id = repo.change_password(&read_new_password(&a)?, kdf(&a), a.insecure_kdf).await?;
-            println!("password changed (key {})", id.short());
+            outln!("password changed (key {})", id.short());
         }
     }
     Ok(0)
@@ -1195,9 +1226,9 @@ async fn cmd_copy(g: &Global, from: &str, from_pw: Option<PathBuf>, only: &[Stri
         ));
     } else {
         for (a, b) in &done {
-            println!("copied snapshot {} -> {}", a.short(), b.short());
+            outln!("copied snapshot {} -> {}", a.short(), b.short());
         }
-        println!("{} snapshots copied", done.len());
+        outln!("{} snapshots copied", done.len());
     }
     Ok(0)
 }
@@ -1249,9 +1280,9 @@ async fn cmd_forget(g: &Global, a: ForgetArgs) -> anyhow::Result<u8> {
         report = serde_json::to_value(&plans)?;
         if !g.json {
             for p in &plans {
-                println!("snapshots for {}:", p.key);
+                outln!("snapshots for {}:", p.key);
                 for d in &p.keep {
-                    println!(
+                    outln!(
                         "  keep   {} {}  {}",
                         d.id.short(),
                         d.time.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S"),
@@ -1259,7 +1290,7 @@ async fn cmd_forget(g: &Global, a: ForgetArgs) -> anyhow::Result<u8> {
                     );
                 }
                 for d in &p.remove {
-                    println!(
+                    outln!(
                         "  remove {} {}",
                         d.id.short(),
                         d.time.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S")
@@ -1283,13 +1314,13 @@ async fn cmd_forget(g: &Global, a: ForgetArgs) -> anyhow::Result<u8> {
             "removed": remove.iter().map(|(id, _)| id.to_hex()).collect::<Vec<_>>(),
         }));
     } else {
-        println!("{} {} snapshots", if a.dry_run { "would remove" } else { "removed" }, remove.len());
+        outln!("{} {} snapshots", if a.dry_run { "would remove" } else { "removed" }, remove.len());
     }
     if a.prune && !a.dry_run {
         let opts = hoard_core::prune::PruneOptions { max_unused: parse_percent(&a.max_unused)?, dry_run: false };
         let out = hoard_core::prune::prune(repo, opts).await?;
         if !g.json {
-            println!("prune removed {} packs and {} index files", out.packs_removed, out.index_files_removed);
+            outln!("prune removed {} packs and {} index files", out.packs_removed, out.index_files_removed);
         }
     }
     Ok(0)

@@ -1,20 +1,94 @@
-//! Terminal and JSON progress output.
+//! What the command-line tools print: results on standard output, messages on standard error,
+//! progress.
 //!
-//! On a terminal: a progress bar on stderr, redrawn a few times a second. With `--json`: one
-//! `{"message_type":"status",…}` line per second on stdout. Otherwise nothing.
+//! Results go through [`write_out`] (and [`outln!`](crate::outln), [`print_json`]), which never
+//! panics: when the reader of standard output goes away (`hoard ls latest | head`, EPIPE) the
+//! rest of the output is dropped and the verb carries on to its normal end, so a verb that
+//! changes the repository (`forget`, `prune`, `copy`) still finishes its work, and a clean run
+//! exits 0 without a message, like a reader that read everything. Any other write error (a full
+//! disk under `> file`) is kept and reported once at exit by [`stdout_failure`], with exit
+//! code 1. Messages go through [`errln!`](crate::errln), which ignores a closed standard error.
+//!
+//! Progress: on a terminal, a progress bar on stderr, redrawn a few times a second. With
+//! `--json`: one `{"message_type":"status",…}` line per second on stdout. Otherwise nothing.
 
 use std::io::{IsTerminal, Write};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hoard_core::progress::Progress;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::oneshot;
 
+/// Set once standard output's reader has gone; output is dropped from then on.
+static READER_GONE: AtomicBool = AtomicBool::new(false);
+/// The first error writing standard output other than a gone reader.
+static WRITE_FAILURE: Mutex<Option<std::io::Error>> = Mutex::new(None);
+
+/// Writes `bytes` to standard output (see the module docs for what happens on errors).
+pub fn write_out(bytes: &[u8]) {
+    if READER_GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    if let Err(e) = std::io::stdout().lock().write_all(bytes) {
+        note_write_error(e);
+    }
+}
+
+fn note_write_error(e: std::io::Error) {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        READER_GONE.store(true, Ordering::Relaxed);
+        return;
+    }
+    let mut first = WRITE_FAILURE.lock().unwrap_or_else(|p| p.into_inner());
+    if first.is_none() {
+        *first = Some(e);
+    }
+}
+
+/// Whether standard output's reader has gone: a verb may stop producing output early.
+pub fn reader_gone() -> bool {
+    READER_GONE.load(Ordering::Relaxed)
+}
+
+/// Flushes standard output and returns the first write error that was not a gone reader, for
+/// the binary to report once and exit 1.
+pub fn stdout_failure() -> Option<std::io::Error> {
+    if !reader_gone()
+        && let Err(e) = std::io::stdout().lock().flush()
+    {
+        note_write_error(e);
+    }
+    WRITE_FAILURE.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
+/// `println!` through [`write_out`]: never panics.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::output::write_out(b"\n")
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_out(format!("{}\n", format_args!($($arg)*)).as_bytes())
+    };
+}
+
+/// `eprintln!` that ignores a closed or failing standard error instead of panicking: there is
+/// nowhere left to report that.
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+/// One JSON document and a newline on standard output, through [`write_out`].
 pub fn print_json(v: &serde_json::Value) {
-    let mut out = std::io::stdout().lock();
-    let _ = serde_json::to_writer(&mut out, v);
-    let _ = out.write_all(b"\n");
+    let mut line = serde_json::to_vec(v).unwrap_or_default();
+    line.push(b'\n');
+    write_out(&line);
 }
 
 #[derive(Debug)]

@@ -12,6 +12,7 @@ pub mod print;
 pub mod repo;
 pub mod watch;
 
+use crate::errln;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -297,15 +298,22 @@ pub fn main() -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start runtime: {e}");
+            errln!("error: cannot start runtime: {e}");
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(run(cli)) {
-        Ok(code) => ExitCode::from(code),
+    let code = match rt.block_on(run(cli)) {
+        Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(exit_code(&e))
+            errln!("error: {e:#}");
+            exit_code(&e)
         }
+    };
+    match crate::output::stdout_failure() {
+        Some(e) if code == 0 => {
+            errln!("error: cannot write to standard output: {e}");
+            ExitCode::from(1)
+        }
+        _ => ExitCode::from(code),
     }
 }

@@ -1,0 +1,105 @@
+//! What `hoard` says and accepts is true on the worst day: it ends quietly when the reader of
+//! its output goes away and loudly (once) when a disk under `> file` is full.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Output, Stdio};
+
+use common::*;
+
+/// A repository holding two snapshots of `files` small files with long names (so a listing
+/// is far larger than a pipe's buffer) and one 1 MiB file.
+fn repo_with_files(tmp: &Path, files: usize) -> Hoard {
+    let h = Hoard::new(tmp.join("repo").to_str().unwrap());
+    h.init();
+    let src = tmp.join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..files {
+        std::fs::write(src.join(format!("a-file-with-a-rather-long-name-{i:05}")), i.to_string()).unwrap();
+    }
+    std::fs::write(src.join("big"), hoard_testkit::random_bytes(1 << 20, 7)).unwrap();
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    std::fs::write(src.join("later"), "later").unwrap();
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    h
+}
+
+/// Runs `hoard args` with standard output a pipe whose reader reads `keep` bytes and then goes
+/// away (`keep` 0: before hoard has written anything). Standard error is captured.
+fn reader_goes_away(h: &Hoard, args: &[&str], keep: usize) -> Output {
+    let mut cmd = h.cmd(args);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    if keep > 0 {
+        let mut buf = vec![0u8; keep];
+        out.read_exact(&mut buf).unwrap();
+    }
+    drop(out);
+    child.wait_with_output().unwrap()
+}
+
+fn assert_quiet_success(args: &[&str], out: &Output) {
+    assert_eq!(out.status.code(), Some(0), "hoard {args:?} exited {:?}: {}", out.status, stderr(out));
+    assert_eq!(stderr(out), "", "hoard {args:?} printed a message");
+}
+
+#[test]
+fn every_printing_verb_ends_quietly_when_its_reader_goes_away() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = repo_with_files(tmp.path(), 3000);
+    let ids: Vec<String> = serde_json::from_slice::<serde_json::Value>(&h.ok(&["--json", "snapshots"]).stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["short_id"].as_str().unwrap().to_string())
+        .collect();
+    let verbs: Vec<Vec<&str>> = vec![
+        vec!["snapshots"],
+        vec!["--json", "snapshots"],
+        vec!["ls", "latest"],
+        vec!["ls", "-l", "latest"],
+        vec!["--json", "ls", "latest"],
+        vec!["diff", ids[0].as_str(), ids[1].as_str()],
+        vec!["stats", "latest"],
+        vec!["check"],
+        vec!["key", "list"],
+        vec!["dump", "latest", "/data/big"],
+        vec!["forget", "--keep-last", "1", "--dry-run"],
+    ];
+    for args in &verbs {
+        assert_quiet_success(args, &reader_goes_away(&h, args, 0));
+    }
+    // Gone after reading part of the output: the rest no longer fits in the pipe's buffer.
+    for args in
+        [&["ls", "latest"][..], &["ls", "-l", "latest"], &["--json", "ls", "latest"], &["dump", "latest", "/data/big"]]
+    {
+        assert_quiet_success(args, &reader_goes_away(&h, args, 100));
+    }
+    // A verb that changes the repository still does all of its work.
+    assert_quiet_success(&["forget", "--keep-last", "1"], &reader_goes_away(&h, &["forget", "--keep-last", "1"], 0));
+    let left: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "snapshots"]).stdout).unwrap();
+    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+}
+
+#[test]
+fn a_full_disk_under_standard_output_is_an_error_reported_once() {
+    if !Path::new("/dev/full").exists() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let h = repo_with_files(tmp.path(), 10);
+    for args in [&["snapshots"][..], &["ls", "latest"], &["dump", "latest", "/data/big"]] {
+        let out = h.cmd(args).stdout(std::fs::File::create("/dev/full").unwrap()).output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "hoard {args:?}: {err}");
+        assert!(!err.contains("panicked"), "hoard {args:?}: {err}");
+        assert_eq!(err.matches("standard output").count(), 1, "hoard {args:?}: {err}");
+        assert!(err.contains("No space left on device"), "hoard {args:?}: {err}");
+    }
+}
