@@ -18,6 +18,7 @@ use hoard_core::crypto::KdfParams;
 use hoard_core::progress::Progress;
 use hoard_core::repo::{InitOptions, RepoParams, SnapshotFilter};
 use hoard_core::restore::{RestoreOptions, RestoreSource};
+use hoard_core::retention::{KeepCount, WithinDuration};
 use hoard_core::store::{StoreOptions, open_store};
 use hoard_core::tree::NodeKind;
 use hoard_core::util::human_bytes;
@@ -182,32 +183,33 @@ enum RepairWhat {
 struct ForgetArgs {
     /// Snapshots to remove explicitly (id prefixes); no policy needed then.
     snapshots: Vec<String>,
-    /// Keep the last N snapshots (-1: all).
-    #[arg(long, allow_hyphen_values = true)]
-    keep_last: Option<String>,
-    #[arg(long, allow_hyphen_values = true)]
-    keep_hourly: Option<String>,
-    #[arg(long, allow_hyphen_values = true)]
-    keep_daily: Option<String>,
-    #[arg(long, allow_hyphen_values = true)]
-    keep_weekly: Option<String>,
-    #[arg(long, allow_hyphen_values = true)]
-    keep_monthly: Option<String>,
-    #[arg(long, allow_hyphen_values = true)]
-    keep_yearly: Option<String>,
-    /// Keep snapshots newer than this before the newest, e.g. `2d`, `1y6m`.
-    #[arg(long)]
-    keep_within: Option<String>,
-    #[arg(long)]
-    keep_within_hourly: Option<String>,
-    #[arg(long)]
-    keep_within_daily: Option<String>,
-    #[arg(long)]
-    keep_within_weekly: Option<String>,
-    #[arg(long)]
-    keep_within_monthly: Option<String>,
-    #[arg(long)]
-    keep_within_yearly: Option<String>,
+    /// Keep the last N snapshots (-1 or `unlimited`: all).
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
+    keep_last: Option<KeepCount>,
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
+    keep_hourly: Option<KeepCount>,
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
+    keep_daily: Option<KeepCount>,
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
+    keep_weekly: Option<KeepCount>,
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
+    keep_monthly: Option<KeepCount>,
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
+    keep_yearly: Option<KeepCount>,
+    /// Keep snapshots newer than this before the newest, e.g. `2d`, `1y6mo`, `90m` (units
+    /// largest first: y, mo months, w, d, h, m minutes).
+    #[arg(long, value_name = "PERIOD", value_parser = period)]
+    keep_within: Option<WithinDuration>,
+    #[arg(long, value_name = "PERIOD", value_parser = period)]
+    keep_within_hourly: Option<WithinDuration>,
+    #[arg(long, value_name = "PERIOD", value_parser = period)]
+    keep_within_daily: Option<WithinDuration>,
+    #[arg(long, value_name = "PERIOD", value_parser = period)]
+    keep_within_weekly: Option<WithinDuration>,
+    #[arg(long, value_name = "PERIOD", value_parser = period)]
+    keep_within_monthly: Option<WithinDuration>,
+    #[arg(long, value_name = "PERIOD", value_parser = period)]
+    keep_within_yearly: Option<WithinDuration>,
     /// Keep snapshots with these tags (comma-separated: all must be present; repeatable).
     #[arg(long = "keep-tag")]
     keep_tags: Vec<String>,
@@ -224,6 +226,23 @@ struct ForgetArgs {
     prune: bool,
     #[arg(long, default_value = "5%")]
     max_unused: String,
+}
+
+/// The message of a core argument error, without its `invalid argument:` prefix (clap adds
+/// its own).
+fn argument_message(e: Error) -> String {
+    match e {
+        Error::InvalidArgument(m) => m,
+        e => e.to_string(),
+    }
+}
+
+fn keep_count(s: &str) -> Result<KeepCount, String> {
+    s.parse().map_err(argument_message)
+}
+
+fn period(s: &str) -> Result<WithinDuration, String> {
+    s.parse().map_err(argument_message)
 }
 
 #[derive(Args, Debug)]
@@ -1234,7 +1253,7 @@ async fn cmd_copy(g: &Global, from: &str, from_pw: Option<PathBuf>, only: &[Stri
 }
 
 async fn cmd_forget(g: &Global, a: ForgetArgs) -> anyhow::Result<u8> {
-    use hoard_core::retention::{GroupBy, KeepCount, RetentionPolicy, WithinDuration};
+    use hoard_core::retention::{GroupBy, RetentionPolicy};
     let repo = open_repo(g).await?;
     let snaps = repo.list_snapshots().await?;
     let mut remove: Vec<(Id, String)> = Vec::new();
@@ -1245,25 +1264,19 @@ async fn cmd_forget(g: &Global, a: ForgetArgs) -> anyhow::Result<u8> {
             remove.push((id, "named on the command line".into()));
         }
     } else {
-        let count = |v: &Option<String>| -> anyhow::Result<Option<KeepCount>> {
-            v.as_deref().map(|s| s.parse::<KeepCount>().map_err(anyhow::Error::from)).transpose()
-        };
-        let within = |v: &Option<String>| -> anyhow::Result<Option<WithinDuration>> {
-            v.as_deref().map(|s| s.parse::<WithinDuration>().map_err(anyhow::Error::from)).transpose()
-        };
         let policy = RetentionPolicy {
-            keep_last: count(&a.keep_last)?,
-            keep_hourly: count(&a.keep_hourly)?,
-            keep_daily: count(&a.keep_daily)?,
-            keep_weekly: count(&a.keep_weekly)?,
-            keep_monthly: count(&a.keep_monthly)?,
-            keep_yearly: count(&a.keep_yearly)?,
-            keep_within: within(&a.keep_within)?,
-            keep_within_hourly: within(&a.keep_within_hourly)?,
-            keep_within_daily: within(&a.keep_within_daily)?,
-            keep_within_weekly: within(&a.keep_within_weekly)?,
-            keep_within_monthly: within(&a.keep_within_monthly)?,
-            keep_within_yearly: within(&a.keep_within_yearly)?,
+            keep_last: a.keep_last,
+            keep_hourly: a.keep_hourly,
+            keep_daily: a.keep_daily,
+            keep_weekly: a.keep_weekly,
+            keep_monthly: a.keep_monthly,
+            keep_yearly: a.keep_yearly,
+            keep_within: a.keep_within,
+            keep_within_hourly: a.keep_within_hourly,
+            keep_within_daily: a.keep_within_daily,
+            keep_within_weekly: a.keep_within_weekly,
+            keep_within_monthly: a.keep_within_monthly,
+            keep_within_yearly: a.keep_within_yearly,
             keep_tags: a
                 .keep_tags
                 .iter()

@@ -1,5 +1,6 @@
 //! What `hoard` says and accepts is true on the worst day: it ends quietly when the reader of
-//! its output goes away and loudly (once) when a disk under `> file` is full.
+//! its output goes away and loudly (once) when a disk under `> file` is full, and a retention
+//! period means the same in `forget` as in a RetentionPolicy.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -102,4 +103,60 @@ fn a_full_disk_under_standard_output_is_an_error_reported_once() {
         assert_eq!(err.matches("standard output").count(), 1, "hoard {args:?}: {err}");
         assert!(err.contains("No space left on device"), "hoard {args:?}: {err}");
     }
+}
+
+/// `--keep-within` reads periods with the one grammar RetentionPolicies use: `m` is minutes,
+/// `mo` months, and anything ambiguous is refused before the repository is touched.
+#[test]
+fn forget_keep_within_reads_minutes_and_months_and_refuses_ambiguous_forms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.envs.push(("TZ".into(), "UTC".into()));
+    h.init();
+    let src = tmp.path().join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), "x").unwrap();
+    let mut names = std::collections::HashMap::new();
+    for time in [
+        "2025-12-01T12:00:00Z",
+        "2026-01-20T12:00:00Z",
+        "2026-02-15T12:00:00Z",
+        "2026-03-09T12:00:00Z",
+        "2026-03-10T11:00:00Z",
+        "2026-03-10T11:30:00Z",
+        "2026-03-10T12:00:00Z",
+    ] {
+        let id =
+            h.backup_json(&[src.to_str().unwrap(), "--time", time], 0)["snapshot_id"].as_str().unwrap().to_string();
+        names.insert(id, time[..16].to_string());
+    }
+    let removed = |period: &str| -> Vec<String> {
+        let out = h.ok(&["--json", "forget", "--dry-run", "--keep-within", period]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut r: Vec<String> =
+            v["removed"].as_array().unwrap().iter().map(|i| names[i.as_str().unwrap()].clone()).collect();
+        r.sort();
+        r
+    };
+    // 90 minutes before the newest (12:00) is 10:30: the two snapshots after it stay.
+    assert_eq!(removed("90m"), ["2025-12-01T12:00", "2026-01-20T12:00", "2026-02-15T12:00", "2026-03-09T12:00"]);
+    // Two calendar months before 10 March is 10 January.
+    assert_eq!(removed("2mo"), ["2025-12-01T12:00"]);
+    assert_eq!(removed("1w1d"), ["2025-12-01T12:00", "2026-01-20T12:00", "2026-02-15T12:00"]);
+    for (bad, why) in [
+        ("1M", "unknown unit \"M\""),
+        ("5x", "unknown unit \"x\""),
+        ("10", "has no unit"),
+        ("", "empty"),
+        ("3h1d", "out of order"),
+    ] {
+        let out = h.expect(&["forget", "--dry-run", "--keep-within", bad], 2);
+        let err = stderr(&out);
+        assert!(err.contains(why), "{bad:?}: {err}");
+        assert!(err.contains("mo (months)") && err.contains("m (minutes)"), "{bad:?}: {err}");
+    }
+    // Nothing was removed by any of this.
+    assert_eq!(removed("10y").len(), 0);
+    let left: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "snapshots"]).stdout).unwrap();
+    assert_eq!(left.as_array().unwrap().len(), 7);
 }
