@@ -89,11 +89,17 @@ enum Command {
         filter: FilterArgs,
     },
     /// Show what changed between two snapshots.
-    Diff { a: String, b: String },
+    Diff {
+        /// The older snapshot: id prefix or `latest`.
+        a: String,
+        /// The newer snapshot: id prefix or `latest`.
+        b: String,
+    },
     /// Restore a snapshot, a component or a path into a directory.
     Restore(RestoreArgs),
     /// Write one file of a snapshot to standard output.
     Dump {
+        /// Snapshot id prefix or `latest`.
         snapshot: String,
         /// A stream component's name, or `/component/path` of a file.
         path: String,
@@ -102,6 +108,7 @@ enum Command {
     },
     /// Repository or snapshot statistics.
     Stats {
+        /// Also count what this snapshot (id prefix or `latest`) holds and restores.
         snapshot: Option<String>,
         #[command(flatten)]
         filter: FilterArgs,
@@ -155,17 +162,23 @@ enum KeyAction {
     /// Add a password (read from --new-password-file, else HOARD_NEW_PASSWORD, else a prompt).
     Add(NewPassword),
     /// Remove a key slot by id prefix (not the one in use).
-    Remove { id: String },
+    Remove {
+        /// Id prefix of the key slot, as `key list` shows it.
+        id: String,
+    },
     /// Change the password in use.
     Passwd(NewPassword),
 }
 
 #[derive(Args, Debug)]
 struct NewPassword {
+    /// Read the new password from this file (first line); else HOARD_NEW_PASSWORD, else a prompt.
     #[arg(long)]
     new_password_file: Option<PathBuf>,
+    /// Argon2id memory in MiB for the new key slot.
     #[arg(long, default_value_t = 64)]
     kdf_memory_mib: u32,
+    /// Argon2id passes for the new key slot.
     #[arg(long, default_value_t = 3)]
     kdf_iterations: u32,
     /// Accept key derivation cheaper than 19 MiB × 2 passes (tests, throwaway repositories).
@@ -186,28 +199,38 @@ struct ForgetArgs {
     /// Keep the last N snapshots (-1 or `unlimited`: all).
     #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
     keep_last: Option<KeepCount>,
+    /// Keep the newest snapshot of each of the last N hours that have one (-1: every hour).
     #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
     keep_hourly: Option<KeepCount>,
+    /// Keep the newest snapshot of each of the last N days that have one (-1: every day).
     #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
     keep_daily: Option<KeepCount>,
+    /// Keep the newest snapshot of each of the last N ISO weeks that have one (-1: every week).
     #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
     keep_weekly: Option<KeepCount>,
+    /// Keep the newest snapshot of each of the last N months that have one (-1: every month).
     #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
     keep_monthly: Option<KeepCount>,
+    /// Keep the newest snapshot of each of the last N years that have one (-1: every year).
     #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
     keep_yearly: Option<KeepCount>,
     /// Keep snapshots newer than this before the newest, e.g. `2d`, `1y6mo`, `90m` (units
     /// largest first: y, mo months, w, d, h, m minutes).
     #[arg(long, value_name = "PERIOD", value_parser = period)]
     keep_within: Option<WithinDuration>,
+    /// Keep the newest snapshot of each hour within this period before the newest snapshot.
     #[arg(long, value_name = "PERIOD", value_parser = period)]
     keep_within_hourly: Option<WithinDuration>,
+    /// Keep the newest snapshot of each day within this period before the newest snapshot.
     #[arg(long, value_name = "PERIOD", value_parser = period)]
     keep_within_daily: Option<WithinDuration>,
+    /// Keep the newest snapshot of each week within this period before the newest snapshot.
     #[arg(long, value_name = "PERIOD", value_parser = period)]
     keep_within_weekly: Option<WithinDuration>,
+    /// Keep the newest snapshot of each month within this period before the newest snapshot.
     #[arg(long, value_name = "PERIOD", value_parser = period)]
     keep_within_monthly: Option<WithinDuration>,
+    /// Keep the newest snapshot of each year within this period before the newest snapshot.
     #[arg(long, value_name = "PERIOD", value_parser = period)]
     keep_within_yearly: Option<WithinDuration>,
     /// Keep snapshots with these tags (comma-separated: all must be present; repeatable).
@@ -219,11 +242,13 @@ struct ForgetArgs {
     group_by: String,
     #[command(flatten)]
     filter: FilterArgs,
+    /// Show what would be removed; remove nothing.
     #[arg(short = 'n', long)]
     dry_run: bool,
     /// Run prune afterwards.
     #[arg(long)]
     prune: bool,
+    /// With --prune: unused space tolerated after pruning, as a share of used space.
     #[arg(long, default_value = "5%")]
     max_unused: String,
 }
@@ -250,6 +275,7 @@ struct PruneArgs {
     /// Unused space tolerated after pruning, as a share of used space, e.g. `5%`.
     #[arg(long, default_value = "5%")]
     max_unused: String,
+    /// Show what would be deleted and repacked; change nothing.
     #[arg(short = 'n', long)]
     dry_run: bool,
 }
@@ -272,11 +298,13 @@ impl FilterArgs {
 
 #[derive(Args, Debug)]
 struct InitArgs {
-    /// Minimum, average and maximum chunk size in KiB.
+    /// Minimum chunk size in KiB.
     #[arg(long, default_value_t = 512)]
     chunk_min_kib: u32,
+    /// Average chunk size in KiB.
     #[arg(long, default_value_t = 1024)]
     chunk_avg_kib: u32,
+    /// Maximum chunk size in KiB.
     #[arg(long, default_value_t = 8192)]
     chunk_max_kib: u32,
     /// Target pack size in MiB.
@@ -310,6 +338,7 @@ struct BackupArgs {
     /// Name of the stream component read from standard input.
     #[arg(long, default_value = "stdin")]
     stdin_name: String,
+    /// Tag the snapshot (repeatable).
     #[arg(long = "tag")]
     tags: Vec<String>,
     /// Free-form label KEY=VALUE (repeatable).
@@ -367,8 +396,11 @@ struct RestoreArgs {
     /// Directory to restore into (created if missing).
     #[arg(short, long)]
     target: PathBuf,
+    /// Restore only what matches a glob pattern (repeatable), plus the directories leading to
+    /// it; a pattern without `/` matches names at any depth.
     #[arg(short, long = "include")]
     includes: Vec<String>,
+    /// Leave out what matches a glob pattern (repeatable); excludes win over includes.
     #[arg(short, long = "exclude")]
     excludes: Vec<String>,
     #[command(flatten)]
@@ -1337,4 +1369,31 @@ async fn cmd_forget(g: &Global, a: ForgetArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        let missing = hoard::output::without_help(Cli::command());
+        assert!(missing.is_empty(), "no help text for: {}", missing.join(", "));
+    }
+
+    #[test]
+    fn the_help_check_finds_a_missing_help_text() {
+        #[derive(Parser, Debug)]
+        struct Bare {
+            #[command(subcommand)]
+            command: BareCommand,
+        }
+        #[derive(Subcommand, Debug)]
+        enum BareCommand {
+            /// Documented.
+            Go { undocumented: String },
+        }
+        assert_eq!(hoard::output::without_help(Bare::command().name("bare")), ["bare go undocumented"]);
+    }
 }

@@ -84,6 +84,31 @@ macro_rules! errln {
     }};
 }
 
+/// The subcommands and arguments of `cmd` (all levels, hidden ones aside) that have no help
+/// text, as `name subcommand… argument`: the binaries' tests require none.
+pub fn without_help(mut cmd: clap::Command) -> Vec<String> {
+    fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        let has = |s: Option<&clap::builder::StyledStr>| s.is_some_and(|s| !s.to_string().trim().is_empty());
+        for a in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+            if !has(a.get_help()) && !has(a.get_long_help()) {
+                missing.push(format!("{path} {}", a.get_id()));
+            }
+        }
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let sub_path = format!("{path} {}", sub.get_name());
+            if !has(sub.get_about()) && !has(sub.get_long_about()) {
+                missing.push(sub_path.clone());
+            }
+            walk(sub, &sub_path, missing);
+        }
+    }
+    // Building adds clap's own `--help`, `--version` and `help`, which have help texts.
+    cmd.build();
+    let mut missing = Vec::new();
+    walk(&cmd, cmd.get_name(), &mut missing);
+    missing
+}
+
 /// One JSON document and a newline on standard output, through [`write_out`].
 pub fn print_json(v: &serde_json::Value) {
     let mut line = serde_json::to_vec(v).unwrap_or_default();

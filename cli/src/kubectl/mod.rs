@@ -68,9 +68,15 @@ pub enum Command {
         session: Option<String>,
     },
     /// Stop scheduling a BackupConfiguration (spec.paused = true).
-    Pause { config: String },
+    Pause {
+        /// BackupConfiguration name.
+        config: String,
+    },
     /// Resume a paused BackupConfiguration.
-    Resume { config: String },
+    Resume {
+        /// BackupConfiguration name.
+        config: String,
+    },
     /// List BackupSessions.
     Sessions {
         /// Only sessions of this BackupConfiguration.
@@ -106,7 +112,10 @@ pub enum Command {
 pub enum DescribeWhat {
     /// A Snapshot: its components, phases, sizes, repository snapshot ids and errors.
     #[command(alias = "snap")]
-    Snapshot { name: String },
+    Snapshot {
+        /// Snapshot object name.
+        name: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -176,6 +185,7 @@ pub enum RepoAction {
     },
     /// Remove stale locks left by processes that died, like `hoard unlock`.
     Unlock {
+        /// Repository object name.
         repository: String,
         /// Remove every lock, stale or not.
         #[arg(long)]
@@ -191,7 +201,10 @@ pub enum RepoAction {
 #[derive(Subcommand, Debug)]
 pub enum KeysAction {
     /// List key slots, like `hoard key list`.
-    List { repository: String },
+    List {
+        /// Repository object name.
+        repository: String,
+    },
 }
 
 /// A connected client and the resolved flags.
@@ -315,5 +328,16 @@ pub fn main() -> ExitCode {
             ExitCode::from(1)
         }
         _ => ExitCode::from(code),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        let missing = crate::output::without_help(super::Cli::command());
+        assert!(missing.is_empty(), "no help text for: {}", missing.join(", "));
     }
 }
