@@ -422,10 +422,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            // Damaged objects that loading skipped are warnings users must see.
-            tracing_subscriber::EnvFilter::try_from_env("HOARD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,hoard_core::repo=warn")),
+            // Damaged objects that loading skipped are warnings users must see. A restore's
+            // warnings and failed files are in its outcome, which `restore` prints: logging
+            // them too printed each one twice.
+            tracing_subscriber::EnvFilter::try_from_env("HOARD_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("error,hoard_core::repo=warn,hoard_core::restore=off")
+            }),
         )
+        .with_ansi(hoard::output::stderr_colour())
         .with_writer(std::io::stderr)
         .init();
     raise_fd_limit();

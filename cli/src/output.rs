@@ -7,7 +7,8 @@
 //! changes the repository (`forget`, `prune`, `copy`) still finishes its work, and a clean run
 //! exits 0 without a message, like a reader that read everything. Any other write error (a full
 //! disk under `> file`) is kept and reported once at exit by [`stdout_failure`], with exit
-//! code 1. Messages go through [`errln!`](crate::errln), which ignores a closed standard error.
+//! code 1. Messages go through [`errln!`](crate::errln), which ignores a closed standard error;
+//! log lines are coloured only where [`stderr_colour`] allows.
 //!
 //! Progress: on a terminal, a progress bar on stderr, redrawn a few times a second. With
 //! `--json`: one `{"message_type":"status",…}` line per second on stdout. Otherwise nothing.
@@ -82,6 +83,16 @@ macro_rules! errln {
         use std::io::Write as _;
         let _ = writeln!(std::io::stderr().lock(), $($arg)*);
     }};
+}
+
+/// Whether log lines on standard error may be coloured: only on a terminal, and not when
+/// `NO_COLOR` is set to anything but the empty string (no-color.org).
+pub fn stderr_colour() -> bool {
+    colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR"))
+}
+
+fn colour(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// The subcommands and arguments of `cmd` (all levels, hidden ones aside) that have no help
@@ -184,5 +195,19 @@ impl ProgressReporter {
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some("".into())));
+        assert!(!colour(true, Some("1".into())));
+        assert!(!colour(false, None));
+        assert!(!colour(false, Some("1".into())));
     }
 }

@@ -160,3 +160,47 @@ fn forget_keep_within_reads_minutes_and_months_and_refuses_ambiguous_forms() {
     let left: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "snapshots"]).stdout).unwrap();
     assert_eq!(left.as_array().unwrap().len(), 7);
 }
+
+/// A restore that cannot restore some files names each of them once, in plain text: no log
+/// line repeating it, no colour codes when standard error is not a terminal.
+#[test]
+fn restore_errors_are_printed_once_without_colour_when_stderr_is_not_a_terminal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1", "--insecure-kdf", "--pack-size-mib", "4"]);
+    let src = tmp.path().join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..6u64 {
+        std::fs::write(src.join(format!("file{i}")), hoard_testkit::random_bytes(3 << 20, i)).unwrap();
+    }
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    let mut packs = list_files(&tmp.path().join("repo/packs"));
+    packs.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    let (victim, len) = packs[0].clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[(len / 3) as usize] ^= 0x55;
+    std::fs::write(&victim, bytes).unwrap();
+
+    let target = tmp.path().join("restore");
+    // Standard error is a pipe here, and NO_COLOR is not set.
+    let out =
+        h.cmd(&["restore", "latest", "--target", target.to_str().unwrap()]).env_remove("NO_COLOR").output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains('\x1b'), "colour codes on a pipe: {err:?}");
+    let failed: Vec<&str> = err.lines().filter_map(|l| l.strip_prefix("error: ")).collect();
+    assert!(!failed.is_empty(), "{err}");
+    for f in &failed {
+        assert_eq!(err.matches(f).count(), 1, "printed more than once: {f}\n{err}");
+    }
+    // Nothing but the failed files (and no log lines) on standard error.
+    assert_eq!(err.lines().count(), failed.len(), "{err}");
+
+    // An error that ends a command is printed once too.
+    let mut bad = Hoard::new(h.repo.clone());
+    bad.password = "not the password".into();
+    let out = bad.expect(&["snapshots"], 12);
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("hoard: wrong password"), "{err}");
+}

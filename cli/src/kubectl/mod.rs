@@ -306,6 +306,7 @@ pub fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("HOARD_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
         )
+        .with_ansi(crate::output::stderr_colour())
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
