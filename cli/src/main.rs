@@ -18,6 +18,7 @@ use hoard_core::crypto::KdfParams;
 use hoard_core::progress::Progress;
 use hoard_core::repo::{InitOptions, RepoParams, SnapshotFilter};
 use hoard_core::restore::{RestoreOptions, RestoreSource};
+use hoard_core::retention::{KeepCount, WithinDuration};
 use hoard_core::store::{StoreOptions, open_store};
 use hoard_core::tree::NodeKind;
 use hoard_core::util::human_bytes;
@@ -25,6 +26,7 @@ use hoard_core::{Error, Id, Password, Repository};
 
 use hoard::ops::parse_percent;
 use hoard::output::{ProgressReporter, print_json};
+use hoard::{errln, outln};
 
 const EXIT_WARNINGS: u8 = 3;
 
@@ -87,11 +89,17 @@ enum Command {
         filter: FilterArgs,
     },
     /// Show what changed between two snapshots.
-    Diff { a: String, b: String },
+    Diff {
+        /// The older snapshot: id prefix or `latest`.
+        a: String,
+        /// The newer snapshot: id prefix or `latest`.
+        b: String,
+    },
     /// Restore a snapshot, a component or a path into a directory.
     Restore(RestoreArgs),
     /// Write one file of a snapshot to standard output.
     Dump {
+        /// Snapshot id prefix or `latest`.
         snapshot: String,
         /// A stream component's name, or `/component/path` of a file.
         path: String,
@@ -100,6 +108,7 @@ enum Command {
     },
     /// Repository or snapshot statistics.
     Stats {
+        /// Also count what this snapshot (id prefix or `latest`) holds and restores.
         snapshot: Option<String>,
         #[command(flatten)]
         filter: FilterArgs,
@@ -153,17 +162,23 @@ enum KeyAction {
     /// Add a password (read from --new-password-file, else HOARD_NEW_PASSWORD, else a prompt).
     Add(NewPassword),
     /// Remove a key slot by id prefix (not the one in use).
-    Remove { id: String },
+    Remove {
+        /// Id prefix of the key slot, as `key list` shows it.
+        id: String,
+    },
     /// Change the password in use.
     Passwd(NewPassword),
 }
 
 #[derive(Args, Debug)]
 struct NewPassword {
+    /// Read the new password from this file (first line); else HOARD_NEW_PASSWORD, else a prompt.
     #[arg(long)]
     new_password_file: Option<PathBuf>,
+    /// Argon2id memory in MiB for the new key slot.
     #[arg(long, default_value_t = 64)]
     kdf_memory_mib: u32,
+    /// Argon2id passes for the new key slot.
     #[arg(long, default_value_t = 3)]
     kdf_iterations: u32,
     /// Accept key derivation cheaper than 19 MiB × 2 passes (tests, throwaway repositories).
@@ -202,32 +217,43 @@ enum RepairWhat {
 struct ForgetArgs {
     /// Snapshots to remove explicitly (id prefixes); no policy needed then.
     snapshots: Vec<String>,
-    /// Keep the last N snapshots (-1: all).
-    #[arg(long, allow_hyphen_values = true)]
-    keep_last: Option<String>,
-    #[arg(long, allow_hyphen_values = true)]
-    keep_hourly: Option<String>,
-    #[arg(long, allow_hyphen_values = true)]
-    keep_daily: Option<String>,
-    #[arg(long, allow_hyphen_values = true)]
-    keep_weekly: Option<String>,
-    #[arg(long, allow_hyphen_values = true)]
-    keep_monthly: Option<String>,
-    #[arg(long, allow_hyphen_values = true)]
-    keep_yearly: Option<String>,
-    /// Keep snapshots newer than this before the newest, e.g. `2d`, `1y6m`.
-    #[arg(long)]
-    keep_within: Option<String>,
-    #[arg(long)]
-    keep_within_hourly: Option<String>,
-    #[arg(long)]
-    keep_within_daily: Option<String>,
-    #[arg(long)]
-    keep_within_weekly: Option<String>,
-    #[arg(long)]
-    keep_within_monthly: Option<String>,
-    #[arg(long)]
-    keep_within_yearly: Option<String>,
+    /// Keep the last N snapshots (-1 or `unlimited`: all).
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
+    keep_last: Option<KeepCount>,
+    /// Keep the newest snapshot of each of the last N hours that have one (-1: every hour).
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
+    keep_hourly: Option<KeepCount>,
+    /// Keep the newest snapshot of each of the last N days that have one (-1: every day).
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
+    keep_daily: Option<KeepCount>,
+    /// Keep the newest snapshot of each of the last N ISO weeks that have one (-1: every week).
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
+    keep_weekly: Option<KeepCount>,
+    /// Keep the newest snapshot of each of the last N months that have one (-1: every month).
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
+    keep_monthly: Option<KeepCount>,
+    /// Keep the newest snapshot of each of the last N years that have one (-1: every year).
+    #[arg(long, value_name = "N", allow_hyphen_values = true, value_parser = keep_count)]
+    keep_yearly: Option<KeepCount>,
+    /// Keep snapshots newer than this before the newest, e.g. `2d`, `1y6mo`, `90m` (units
+    /// largest first: y, mo months, w, d, h, m minutes).
+    #[arg(long, value_name = "PERIOD", value_parser = period)]
+    keep_within: Option<WithinDuration>,
+    /// Keep the newest snapshot of each hour within this period before the newest snapshot.
+    #[arg(long, value_name = "PERIOD", value_parser = period)]
+    keep_within_hourly: Option<WithinDuration>,
+    /// Keep the newest snapshot of each day within this period before the newest snapshot.
+    #[arg(long, value_name = "PERIOD", value_parser = period)]
+    keep_within_daily: Option<WithinDuration>,
+    /// Keep the newest snapshot of each week within this period before the newest snapshot.
+    #[arg(long, value_name = "PERIOD", value_parser = period)]
+    keep_within_weekly: Option<WithinDuration>,
+    /// Keep the newest snapshot of each month within this period before the newest snapshot.
+    #[arg(long, value_name = "PERIOD", value_parser = period)]
+    keep_within_monthly: Option<WithinDuration>,
+    /// Keep the newest snapshot of each year within this period before the newest snapshot.
+    #[arg(long, value_name = "PERIOD", value_parser = period)]
+    keep_within_yearly: Option<WithinDuration>,
     /// Keep snapshots with these tags (comma-separated: all must be present; repeatable).
     #[arg(long = "keep-tag")]
     keep_tags: Vec<String>,
@@ -237,13 +263,32 @@ struct ForgetArgs {
     group_by: String,
     #[command(flatten)]
     filter: FilterArgs,
+    /// Show what would be removed; remove nothing.
     #[arg(short = 'n', long)]
     dry_run: bool,
     /// Run prune afterwards.
     #[arg(long)]
     prune: bool,
+    /// With --prune: unused space tolerated after pruning, as a share of used space.
     #[arg(long, default_value = "5%")]
     max_unused: String,
+}
+
+/// The message of a core argument error, without its `invalid argument:` prefix (clap adds
+/// its own).
+fn argument_message(e: Error) -> String {
+    match e {
+        Error::InvalidArgument(m) => m,
+        e => e.to_string(),
+    }
+}
+
+fn keep_count(s: &str) -> Result<KeepCount, String> {
+    s.parse().map_err(argument_message)
+}
+
+fn period(s: &str) -> Result<WithinDuration, String> {
+    s.parse().map_err(argument_message)
 }
 
 #[derive(Args, Debug)]
@@ -251,6 +296,7 @@ struct PruneArgs {
     /// Unused space tolerated after pruning, as a share of used space, e.g. `5%`.
     #[arg(long, default_value = "5%")]
     max_unused: String,
+    /// Show what would be deleted and repacked; change nothing.
     #[arg(short = 'n', long)]
     dry_run: bool,
 }
@@ -273,11 +319,13 @@ impl FilterArgs {
 
 #[derive(Args, Debug)]
 struct InitArgs {
-    /// Minimum, average and maximum chunk size in KiB.
+    /// Minimum chunk size in KiB.
     #[arg(long, default_value_t = 512)]
     chunk_min_kib: u32,
+    /// Average chunk size in KiB.
     #[arg(long, default_value_t = 1024)]
     chunk_avg_kib: u32,
+    /// Maximum chunk size in KiB.
     #[arg(long, default_value_t = 8192)]
     chunk_max_kib: u32,
     /// Target pack size in MiB.
@@ -311,6 +359,7 @@ struct BackupArgs {
     /// Name of the stream component read from standard input.
     #[arg(long, default_value = "stdin")]
     stdin_name: String,
+    /// Tag the snapshot (repeatable).
     #[arg(long = "tag")]
     tags: Vec<String>,
     /// Free-form label KEY=VALUE (repeatable).
@@ -368,8 +417,11 @@ struct RestoreArgs {
     /// Directory to restore into (created if missing).
     #[arg(short, long)]
     target: PathBuf,
+    /// Restore only what matches a glob pattern (repeatable), plus the directories leading to
+    /// it; a pattern without `/` matches names at any depth.
     #[arg(short, long = "include")]
     includes: Vec<String>,
+    /// Leave out what matches a glob pattern (repeatable); excludes win over includes.
     #[arg(short, long = "exclude")]
     excludes: Vec<String>,
     #[command(flatten)]
@@ -416,18 +468,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            // Damaged objects that loading skipped are warnings users must see.
+            // Damaged objects that loading skipped are warnings users must see. A restore's
+            // warnings and failed files are in its outcome, which `restore` prints: logging
+            // them too printed each one twice.
             tracing_subscriber::EnvFilter::try_from_env("HOARD_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("error,hoard_core::repo=warn,hoard_core::prune=warn")
+                tracing_subscriber::EnvFilter::new(
+                    "error,hoard_core::repo=warn,hoard_core::prune=warn,hoard_core::restore=off",
+                )
             }),
         )
+        .with_ansi(hoard::output::stderr_colour())
         .with_writer(std::io::stderr)
         .init();
     raise_fd_limit();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("hoard: cannot start runtime: {e}");
+            errln!("hoard: cannot start runtime: {e}");
             return ExitCode::from(1);
         }
     };
@@ -457,13 +514,13 @@ fn main() -> ExitCode {
                     &serde_json::json!({"message_type": "error", "error": format!("interrupted by {signal}"), "exit_code": code}),
                 );
             }
-            eprintln!("hoard: interrupted by {signal}{locks}. {note}");
+            errln!("hoard: interrupted by {signal}{locks}. {note}");
             // Threads still reading files are not waited for.
             std::process::exit(code);
         }
     };
-    match outcome {
-        Ok(code) => ExitCode::from(code),
+    let code = match outcome {
+        Ok(code) => code,
         Err(e) => {
             // A failed command's abandoned locks are of no use to anyone.
             let _ = rt.block_on(async {
@@ -474,9 +531,17 @@ fn main() -> ExitCode {
             if json {
                 print_json(&serde_json::json!({"message_type": "error", "error": message, "exit_code": code}));
             }
-            eprintln!("hoard: {message}");
-            ExitCode::from(code.clamp(0, 255) as u8)
+            errln!("hoard: {message}");
+            code.clamp(0, 255) as u8
         }
+    };
+    // A reader that went away is not a failure (see hoard::output); a full disk is.
+    match hoard::output::stdout_failure() {
+        Some(e) if code == 0 || code == EXIT_WARNINGS => {
+            errln!("hoard: cannot write to standard output: {e}");
+            ExitCode::from(1)
+        }
+        _ => ExitCode::from(code),
     }
 }
 
@@ -642,9 +707,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let repo = open_repo_cached(g, false).await?;
             let (n, problems) = hoard_core::prune::repair_index(repo).await?;
             for p in &problems {
-                eprintln!("warning: {p}");
+                errln!("warning: {p}");
             }
-            println!("index rebuilt from {n} packs");
+            outln!("index rebuilt from {n} packs");
             Ok(if problems.is_empty() { 0 } else { EXIT_WARNINGS })
         }
         Command::Repair { what: RepairWhat::Packs { packs, dry_run } } => cmd_repair_packs(g, &packs, dry_run).await,
@@ -676,8 +741,8 @@ async fn cmd_init(g: &Global, a: InitArgs) -> anyhow::Result<u8> {
             &serde_json::json!({"message_type": "initialized", "id": repo.id().to_hex(), "repository": repo.store().location()}),
         );
     } else {
-        println!("created hoard repository {} at {}", repo.id().short(), repo.store().location());
-        println!("Keep the password safe: without it the data cannot be restored.");
+        outln!("created hoard repository {} at {}", repo.id().short(), repo.store().location());
+        outln!("Keep the password safe: without it the data cannot be restored.");
     }
     Ok(0)
 }
@@ -767,20 +832,24 @@ async fn cmd_backup(g: &Global, a: BackupArgs) -> anyhow::Result<u8> {
         }));
     } else if !g.quiet {
         for w in &out.snapshot.warnings {
-            eprintln!("warning: {w}");
+            errln!("warning: {w}");
         }
-        println!(
+        outln!(
             "Files: {} new, {} changed, {} unmodified; {} dirs, {} other",
-            s.files_new, s.files_changed, s.files_unmodified, s.dirs, s.other_entries
+            s.files_new,
+            s.files_changed,
+            s.files_unmodified,
+            s.dirs,
+            s.other_entries
         );
-        println!(
+        outln!(
             "Data: {} in snapshot, {} read, {} new, {} stored",
             human_bytes(s.total_bytes),
             human_bytes(s.bytes_read),
             human_bytes(s.bytes_new),
             human_bytes(s.bytes_stored)
         );
-        println!("snapshot {} saved in {:.2}s", out.snapshot_id.short(), s.duration_ms as f64 / 1000.0);
+        outln!("snapshot {} saved in {:.2}s", out.snapshot_id.short(), s.duration_ms as f64 / 1000.0);
     }
     Ok(if s.warnings > 0 { EXIT_WARNINGS } else { 0 })
 }
@@ -802,10 +871,10 @@ async fn cmd_snapshots(g: &Global, f: &FilterArgs) -> anyhow::Result<u8> {
         print_json(&serde_json::Value::Array(v));
         return Ok(0);
     }
-    println!("{:<10} {:<20} {:<16} {:<20} {:<24} {:>12}", "ID", "Time", "Host", "Tags", "Components", "Size");
+    outln!("{:<10} {:<20} {:<16} {:<20} {:<24} {:>12}", "ID", "Time", "Host", "Tags", "Components", "Size");
     for (id, s) in &snaps {
         let comps: Vec<&str> = s.components.iter().map(|c| c.name.as_str()).collect();
-        println!(
+        outln!(
             "{:<10} {:<20} {:<16} {:<20} {:<24} {:>12}",
             id.short(),
             s.time.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S"),
@@ -815,7 +884,7 @@ async fn cmd_snapshots(g: &Global, f: &FilterArgs) -> anyhow::Result<u8> {
             human_bytes(s.summary.total_bytes)
         );
     }
-    println!("{} snapshots", snaps.len());
+    outln!("{} snapshots", snaps.len());
     Ok(0)
 }
 
@@ -881,9 +950,9 @@ async fn cmd_ls(g: &Global, spec: &str, path: Option<&str>, long: bool, f: &Filt
                 .unwrap_or_default();
             let link =
                 n.link_target.as_ref().map(|t| format!(" -> {}", String::from_utf8_lossy(t))).unwrap_or_default();
-            println!("{} {:>5} {:>5} {:>12} {} {p}{link}", mode_string(n.kind, n.mode), n.uid, n.gid, n.size, t);
+            outln!("{} {:>5} {:>5} {:>12} {} {p}{link}", mode_string(n.kind, n.mode), n.uid, n.gid, n.size, t);
         } else {
-            println!("{p}");
+            outln!("{p}");
         }
     }
     Ok(0)
@@ -906,7 +975,7 @@ async fn cmd_diff(g: &Global, a: &str, b: &str) -> anyhow::Result<u8> {
     if g.json {
         print_json(&serde_json::json!({"from": ia.to_hex(), "to": ib.to_hex(), "changes": out}));
     } else {
-        println!("comparing snapshot {} to {}:", ia.short(), ib.short());
+        outln!("comparing snapshot {} to {}:", ia.short(), ib.short());
         for d in &out {
             let c = match d.change {
                 browse::Change::Added => '+',
@@ -914,10 +983,10 @@ async fn cmd_diff(g: &Global, a: &str, b: &str) -> anyhow::Result<u8> {
                 browse::Change::Modified => 'M',
                 browse::Change::Metadata => 'U',
             };
-            println!("{c}    {}", d.path);
+            outln!("{c}    {}", d.path);
         }
         let count = |c| out.iter().filter(|d| d.change == c).count();
-        println!(
+        outln!(
             "{} added, {} removed, {} modified, {} metadata only",
             count(browse::Change::Added),
             count(browse::Change::Removed),
@@ -1015,12 +1084,12 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
         print_json(&serde_json::json!({"message_type": "summary", "snapshot_id": id.to_hex(), "outcome": combined}));
     } else {
         for w in &combined.warnings {
-            eprintln!("warning: {w}");
+            errln!("warning: {w}");
         }
         for (p, why) in &combined.failed {
-            eprintln!("error: {p}: {why}");
+            errln!("error: {p}: {why}");
         }
-        println!(
+        outln!(
             "restored snapshot {} into {}: {} files, {} dirs, {} other, {}",
             id.short(),
             a.target.display(),
@@ -1032,12 +1101,12 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
         if combined.skipped > 0 {
             let listed = combined.skipped_paths.len() as u64;
             for p in &combined.skipped_paths {
-                println!("kept existing {p}");
+                outln!("kept existing {p}");
             }
             if combined.skipped > listed {
-                println!("and {} more existing entries kept", combined.skipped - listed);
+                outln!("and {} more existing entries kept", combined.skipped - listed);
             }
-            println!(
+            outln!(
                 "{} existing {} left as {} (`--overwrite if-changed`, `if-newer` or `always` replaces them)",
                 combined.skipped,
                 if combined.skipped == 1 { "entry was" } else { "entries were" },
@@ -1045,13 +1114,13 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
             );
         }
         if combined.target_full {
-            println!(
+            outln!(
                 "{} files could not be restored (listed above): no space left in {} (device or quota full)",
                 combined.failed.len(),
                 a.target.display()
             );
         } else if !combined.failed.is_empty() {
-            println!(
+            outln!(
                 "{} files could not be restored (listed above); run `hoard check --read-data`",
                 combined.failed.len()
             );
@@ -1130,22 +1199,38 @@ async fn cmd_dump(g: &Global, spec: &str, path: &str, f: &FilterArgs) -> anyhow:
         bail!("{path} is not a regular file");
     }
     let mut out = std::io::stdout().lock();
+    // Ok(false): the reader has gone (`dump … | head -c 100`), which is no failure.
+    let mut put = |bytes: &[u8]| match out.write_all(bytes) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(anyhow::Error::from(e).context("write to standard output")),
+    };
     for e in &node.content {
         match e {
-            hoard_core::tree::Extent::Data { id, .. } => out.write_all(&repo.read_blob(id).await?)?,
+            hoard_core::tree::Extent::Data { id, .. } => {
+                if !put(&repo.read_blob(id).await?)? {
+                    return Ok(0);
+                }
+            }
             hoard_core::tree::Extent::Hole { len } => {
                 let zeros = vec![0u8; (*len).min(1 << 20) as usize];
                 let mut left = *len;
                 while left > 0 {
                     let n = left.min(zeros.len() as u64) as usize;
-                    out.write_all(&zeros[..n])?;
+                    if !put(&zeros[..n])? {
+                        return Ok(0);
+                    }
                     left -= n as u64;
                 }
             }
         }
     }
-    out.flush()?;
-    Ok(0)
+    match out.flush() {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::from(e).context("write to standard output"))
+        }
+        _ => Ok(0),
+    }
 }
 
 async fn cmd_stats(g: &Global, spec: Option<&str>, f: &FilterArgs) -> anyhow::Result<u8> {
@@ -1196,12 +1281,12 @@ async fn cmd_stats(g: &Global, spec: Option<&str>, f: &FilterArgs) -> anyhow::Re
     if g.json {
         print_json(&v);
     } else {
-        println!("repository {} at {}", repo.id().short(), repo.store().location());
-        println!("  snapshots: {}", snaps_len(&v));
-        println!("  packs: {packs}, blobs: {blob_count}");
-        println!("  stored: {} ({} before compression)", human_bytes(stored), human_bytes(raw));
+        outln!("repository {} at {}", repo.id().short(), repo.store().location());
+        outln!("  snapshots: {}", snaps_len(&v));
+        outln!("  packs: {packs}, blobs: {blob_count}");
+        outln!("  stored: {} ({} before compression)", human_bytes(stored), human_bytes(raw));
         if let Some(s) = v.get("snapshot") {
-            println!(
+            outln!(
                 "snapshot {}: {} files, {} to restore, {} in {} unique blobs",
                 &s["id"].as_str().unwrap_or_default()[..8],
                 s["files"],
@@ -1246,7 +1331,7 @@ async fn cmd_repair_packs(g: &Global, packs: &[String], dry_run: bool) -> anyhow
             hoard_core::repair::PackState::Damaged(r) => r.clone(),
             hoard_core::repair::PackState::Intact => "intact".to_string(),
         };
-        println!(
+        outln!(
             "{}: {state}; {would}salvage {}, {} elsewhere, {} lost",
             d.pack,
             plural(d.blobs_salvaged, "blob"),
@@ -1254,9 +1339,9 @@ async fn cmd_repair_packs(g: &Global, packs: &[String], dry_run: bool) -> anyhow
             d.blobs_lost
         );
     }
-    println!("read {}, {} not intact", plural(out.packs_read, "pack"), out.damaged.len());
+    outln!("read {}, {} not intact", plural(out.packs_read, "pack"), out.damaged.len());
     if !dry_run && !out.damaged.is_empty() {
-        println!(
+        outln!(
             "wrote {}, removed {} and {}",
             plural(out.packs_written as usize, "pack"),
             plural(out.packs_removed, "damaged pack"),
@@ -1264,7 +1349,7 @@ async fn cmd_repair_packs(g: &Global, packs: &[String], dry_run: bool) -> anyhow
         );
     }
     if out.blobs_lost > 0 {
-        println!(
+        outln!(
             "{} {}lost: back up the same sources again to store them anew; for a source that is gone, \
              `hoard repair snapshots` leaves the lost files out of its snapshots",
             plural(out.blobs_lost, "blob"),
@@ -1289,19 +1374,19 @@ async fn cmd_repair_snapshots(g: &Global, specs: &[String], forget: bool, dry_ru
     for r in &out.repaired {
         let short = |s: &str| s.get(..8).unwrap_or(s).to_string();
         match &r.repaired {
-            Some(new) => println!(
+            Some(new) => outln!(
                 "snapshot {} repaired as {} ({}), leaving out:",
                 short(&r.original),
                 short(new),
                 if forget { "the original is removed" } else { "the original is kept" }
             ),
-            None => println!("snapshot {} would be repaired, leaving out:", short(&r.original)),
+            None => outln!("snapshot {} would be repaired, leaving out:", short(&r.original)),
         }
         for p in &r.left_out {
-            println!("  {p}");
+            outln!("  {p}");
         }
     }
-    println!(
+    outln!(
         "checked {}, {} {}",
         plural(out.snapshots_checked, "snapshot"),
         out.repaired.len(),
@@ -1323,7 +1408,7 @@ async fn cmd_prune(g: &Global, a: PruneArgs) -> anyhow::Result<u8> {
         print_json(&serde_json::to_value(&out)?);
     } else {
         let p = &out.plan;
-        println!(
+        outln!(
             "{}used {}, unused {}; {} packs to delete, {} to repack ({}), {} kept; unused afterwards {}",
             if a.dry_run { "would prune: " } else { "" },
             human_bytes(p.used_bytes),
@@ -1335,12 +1420,14 @@ async fn cmd_prune(g: &Global, a: PruneArgs) -> anyhow::Result<u8> {
             human_bytes(p.unused_after)
         );
         if !a.dry_run {
-            println!(
+            outln!(
                 "removed {} packs and {} index files, wrote {} packs",
-                out.packs_removed, out.index_files_removed, out.packs_written
+                out.packs_removed,
+                out.index_files_removed,
+                out.packs_written
             );
             if out.staging_files_removed > 0 {
-                println!("removed {} staging files of interrupted writes", out.staging_files_removed);
+                outln!("removed {} staging files of interrupted writes", out.staging_files_removed);
             }
         }
     }
@@ -1378,7 +1465,7 @@ async fn cmd_key(g: &Global, action: KeyAction) -> anyhow::Result<u8> {
         }
         KeyAction::Add(a) => {
             let id = repo.add_key(&read_new_password(&a)?, kdf(&a), a.insecure_kdf).await?;
-            println!("added key {}", id.short());
+            outln!("added key {}", id.short());
         }
         KeyAction::Remove { id } => {
             let keys = repo.list_keys().await?;
@@ -1386,11 +1473,11 @@ async fn cmd_key(g: &Global, action: KeyAction) -> anyhow::Result<u8> {
                 keys.iter().map(|(k, _)| *k).filter(|k| k.to_hex().starts_with(&id.to_ascii_lowercase())).collect();
             let [one] = matching.as_slice() else { bail!("{id:?} matches {} keys", matching.len()) };
             repo.remove_key(one).await?;
-            println!("removed key {}", one.short());
+            outln!("removed key {}", one.short());
         }
         KeyAction::Passwd(a) => {
             let id = repo.change_password(&read_new_password(&a)?, kdf(&a), a.insecure_kdf).await?;
-            println!("password changed (key {})", id.short());
+            outln!("password changed (key {})", id.short());
         }
     }
     Ok(0)
@@ -1418,15 +1505,15 @@ async fn cmd_copy(g: &Global, from: &str, from_pw: Option<PathBuf>, only: &[Stri
         ));
     } else {
         for (a, b) in &done {
-            println!("copied snapshot {} -> {}", a.short(), b.short());
+            outln!("copied snapshot {} -> {}", a.short(), b.short());
         }
-        println!("{} snapshots copied", done.len());
+        outln!("{} snapshots copied", done.len());
     }
     Ok(0)
 }
 
 async fn cmd_forget(g: &Global, a: ForgetArgs) -> anyhow::Result<u8> {
-    use hoard_core::retention::{GroupBy, KeepCount, RetentionPolicy, WithinDuration};
+    use hoard_core::retention::{GroupBy, RetentionPolicy};
     let repo = open_repo(g).await?;
     let snaps = repo.list_snapshots().await?;
     let mut remove: Vec<(Id, String)> = Vec::new();
@@ -1437,25 +1524,19 @@ async fn cmd_forget(g: &Global, a: ForgetArgs) -> anyhow::Result<u8> {
             remove.push((id, "named on the command line".into()));
         }
     } else {
-        let count = |v: &Option<String>| -> anyhow::Result<Option<KeepCount>> {
-            v.as_deref().map(|s| s.parse::<KeepCount>().map_err(anyhow::Error::from)).transpose()
-        };
-        let within = |v: &Option<String>| -> anyhow::Result<Option<WithinDuration>> {
-            v.as_deref().map(|s| s.parse::<WithinDuration>().map_err(anyhow::Error::from)).transpose()
-        };
         let policy = RetentionPolicy {
-            keep_last: count(&a.keep_last)?,
-            keep_hourly: count(&a.keep_hourly)?,
-            keep_daily: count(&a.keep_daily)?,
-            keep_weekly: count(&a.keep_weekly)?,
-            keep_monthly: count(&a.keep_monthly)?,
-            keep_yearly: count(&a.keep_yearly)?,
-            keep_within: within(&a.keep_within)?,
-            keep_within_hourly: within(&a.keep_within_hourly)?,
-            keep_within_daily: within(&a.keep_within_daily)?,
-            keep_within_weekly: within(&a.keep_within_weekly)?,
-            keep_within_monthly: within(&a.keep_within_monthly)?,
-            keep_within_yearly: within(&a.keep_within_yearly)?,
+            keep_last: a.keep_last,
+            keep_hourly: a.keep_hourly,
+            keep_daily: a.keep_daily,
+            keep_weekly: a.keep_weekly,
+            keep_monthly: a.keep_monthly,
+            keep_yearly: a.keep_yearly,
+            keep_within: a.keep_within,
+            keep_within_hourly: a.keep_within_hourly,
+            keep_within_daily: a.keep_within_daily,
+            keep_within_weekly: a.keep_within_weekly,
+            keep_within_monthly: a.keep_within_monthly,
+            keep_within_yearly: a.keep_within_yearly,
             keep_tags: a
                 .keep_tags
                 .iter()
@@ -1472,9 +1553,9 @@ async fn cmd_forget(g: &Global, a: ForgetArgs) -> anyhow::Result<u8> {
         report = serde_json::to_value(&plans)?;
         if !g.json {
             for p in &plans {
-                println!("snapshots for {}:", p.key);
+                outln!("snapshots for {}:", p.key);
                 for d in &p.keep {
-                    println!(
+                    outln!(
                         "  keep   {} {}  {}",
                         d.id.short(),
                         d.time.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S"),
@@ -1482,7 +1563,7 @@ async fn cmd_forget(g: &Global, a: ForgetArgs) -> anyhow::Result<u8> {
                     );
                 }
                 for d in &p.remove {
-                    println!(
+                    outln!(
                         "  remove {} {}",
                         d.id.short(),
                         d.time.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S")
@@ -1506,14 +1587,41 @@ async fn cmd_forget(g: &Global, a: ForgetArgs) -> anyhow::Result<u8> {
             "removed": remove.iter().map(|(id, _)| id.to_hex()).collect::<Vec<_>>(),
         }));
     } else {
-        println!("{} {} snapshots", if a.dry_run { "would remove" } else { "removed" }, remove.len());
+        outln!("{} {} snapshots", if a.dry_run { "would remove" } else { "removed" }, remove.len());
     }
     if a.prune && !a.dry_run {
         let opts = hoard_core::prune::PruneOptions { max_unused: parse_percent(&a.max_unused)?, dry_run: false };
         let out = hoard_core::prune::prune(repo, opts).await?;
         if !g.json {
-            println!("prune removed {} packs and {} index files", out.packs_removed, out.index_files_removed);
+            outln!("prune removed {} packs and {} index files", out.packs_removed, out.index_files_removed);
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        let missing = hoard::output::without_help(Cli::command());
+        assert!(missing.is_empty(), "no help text for: {}", missing.join(", "));
+    }
+
+    #[test]
+    fn the_help_check_finds_a_missing_help_text() {
+        #[derive(Parser, Debug)]
+        struct Bare {
+            #[command(subcommand)]
+            command: BareCommand,
+        }
+        #[derive(Subcommand, Debug)]
+        enum BareCommand {
+            /// Documented.
+            Go { undocumented: String },
+        }
+        assert_eq!(hoard::output::without_help(Bare::command().name("bare")), ["bare go undocumented"]);
+    }
 }

@@ -2,6 +2,7 @@
 //! own way (flags and environment, or the cluster's Repository, BackupStorage and Secrets) and
 //! then run exactly these functions, which print the result and return the exit code.
 
+use crate::{errln, outln};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail};
@@ -31,42 +32,47 @@ pub async fn check(repo: Arc<Repository>, read_data: bool, subset: Option<&str>,
     if json {
         print_json(&serde_json::to_value(&report)?);
     } else {
-        println!(
+        outln!(
             "checked {} snapshots, {} trees, {} packs ({} read, {} blobs verified)",
-            report.snapshots, report.trees, report.packs, report.packs_read, report.blobs_read
+            report.snapshots,
+            report.trees,
+            report.packs,
+            report.packs_read,
+            report.blobs_read
         );
         if !report.unreferenced_packs.is_empty() {
-            println!(
+            outln!(
                 "{} packs are not referenced by any index (left by interrupted runs; `hoard prune` removes them)",
                 report.unreferenced_packs.len()
             );
         }
         if report.stale_locks > 0 {
-            println!(
+            outln!(
                 "{} of {} locks are stale: left by a process that died or was killed (`hoard unlock` removes them)",
-                report.stale_locks, report.locks
+                report.stale_locks,
+                report.locks
             );
         }
         if report.unreferenced_trees > 0 {
-            println!(
+            outln!(
                 "{} directory trees are not referenced by any snapshot (a snapshot was forgotten without prune, or deleted)",
                 report.unreferenced_trees
             );
         }
         for e in &report.errors {
-            eprintln!("error: {}: {}", e.object, e.message);
+            errln!("error: {}: {}", e.object, e.message);
         }
         for (snap, paths) in &report.affected {
-            eprintln!("snapshot {} is affected:", snap.get(..8).unwrap_or(snap));
+            errln!("snapshot {} is affected:", snap.get(..8).unwrap_or(snap));
             for p in paths {
-                eprintln!("  {p}");
+                errln!("  {p}");
             }
         }
         if let Some(s) = &report.suggestion {
-            eprintln!("suggestion: {s}");
+            errln!("suggestion: {s}");
         }
         if report.is_ok() {
-            println!("no errors were found");
+            outln!("no errors were found");
         }
     }
     Ok(if report.is_ok() { 0 } else { 1 })
@@ -78,7 +84,7 @@ pub async fn unlock(repo: &Repository, remove_all: bool, json: bool) -> anyhow::
     if json {
         print_json(&serde_json::json!({"removed_locks": n}));
     } else {
-        println!("removed {n} locks");
+        outln!("removed {n} locks");
     }
     Ok(0)
 }
@@ -98,7 +104,7 @@ pub async fn key_list(repo: &Repository, json: bool) -> anyhow::Result<u8> {
     } else {
         for r in rows {
             let id = r["id"].as_str().unwrap_or_default();
-            println!(
+            outln!(
                 "{} {:<10} {} {}@{} {}",
                 if r["current"] == true { "*" } else { " " },
                 id.get(..8).unwrap_or(id),

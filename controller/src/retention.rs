@@ -50,12 +50,14 @@ pub fn group_by() -> GroupBy {
 pub fn plan_forget(snapshots: &[(Id, Snapshot)], spec: &RetentionPolicySpec, now: DateTime<Utc>) -> Result<Vec<Id>> {
     let cutoff = match spec.max_retention_period.as_deref() {
         None => None,
-        Some(p) => Some(
-            parse_period(p)
-                .and_then(|d| Duration::from_std(d).ok())
-                .map(|d| now - d)
-                .ok_or_else(|| Error::invalid("maxRetentionPeriod", p.to_string()))?,
-        ),
+        Some(p) => {
+            Some(parse_period(p).map_err(|e| Error::invalid("maxRetentionPeriod", e.to_string())).and_then(|d| {
+                Duration::from_std(d)
+                    .ok()
+                    .and_then(|d| now.checked_sub_signed(d))
+                    .ok_or_else(|| Error::invalid("maxRetentionPeriod", format!("{p:?} is too long")))
+            })?)
+        }
     };
     let (expired, rest): (Vec<_>, Vec<_>) =
         snapshots.iter().cloned().partition(|(_, s)| cutoff.is_some_and(|c| s.time < c));

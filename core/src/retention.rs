@@ -20,8 +20,9 @@
 //! * `keep_within` keeps every snapshot strictly newer than the newest snapshot of the group
 //!   minus the duration (not relative to now). `keep_within_hourly` … `keep_within_yearly`
 //!   keep the newest snapshot of each bucket inside that window. Durations are calendar
-//!   durations (`2y5m7d3h`) subtracted like Go's `AddDate` (month overflow normalises:
-//!   31 March minus one month is 2 March), then the hours.
+//!   periods in hoard's one grammar ([`WithinDuration`]: `2y5mo1w3d4h30m`, where `m` is
+//!   minutes and `mo` months, unlike restic's `m`), subtracted like Go's `AddDate` (month
+//!   overflow normalises: 31 March minus one month is 2 March), then the hours and minutes.
 //! * `keep_tags` keeps every snapshot that has all tags of at least one set; an empty set
 //!   matches untagged snapshots only.
 //! * A policy with no rule is refused ("no policy was specified"), and so is a plan that would
@@ -144,15 +145,35 @@ impl<'de> Deserialize<'de> for KeepCount {
     }
 }
 
-/// A calendar duration as restic writes it: years, months, days and hours, e.g. `2y5m7d3h`.
+/// What a period may be written as, for error messages.
+const PERIOD_GRAMMAR: &str = "a period is numbers with units, largest first, each unit once: \
+     y (years), mo (months), w (weeks), d (days), h (hours), m (minutes), e.g. 1y6mo, 2w3d, 36h, 90m";
+
+/// The regular expression of [`WithinDuration`]'s grammar, for schemas (a RetentionPolicy's
+/// `maxRetentionPeriod`). It also admits the empty string, which the parser refuses: schemas
+/// pair it with a minimum length of 2.
+pub const PERIOD_PATTERN: &str = "^([0-9]+y)?([0-9]+mo)?([0-9]+w)?([0-9]+d)?([0-9]+h)?([0-9]+m)?$";
+
+/// A calendar period: hoard's one grammar for spans of time in retention rules, shared by
+/// `hoard forget --keep-within` and a RetentionPolicy's `maxRetentionPeriod`.
 ///
-/// Serialized as that string. The all-zero duration is the same as leaving the rule out.
+/// Written as numbers with units, largest unit first, each unit at most once: `y` years, `mo`
+/// months, `w` weeks, `d` days, `h` hours, `m` minutes, e.g. `1y6mo`, `2w3d`, `36h`, `90m`.
+/// `m` is minutes, never months (restic's `--keep-within 6m` is `6mo` here). Anything else is
+/// refused with a message naming the accepted forms: an unknown or upper-case unit (`1M`,
+/// `5x`), a number without a unit, a unit without a number, a unit given twice or out of
+/// order, an empty string, signs, fractions and spaces.
+///
+/// Serialized as that string (its canonical form). The all-zero period is the same as leaving
+/// the rule out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct WithinDuration {
     pub years: u32,
     pub months: u32,
+    pub weeks: u32,
     pub days: u32,
     pub hours: u32,
+    pub minutes: u32,
 }
 
 impl WithinDuration {
@@ -160,9 +181,22 @@ impl WithinDuration {
         *self == WithinDuration::default()
     }
 
-    /// `latest` minus this duration: calendar part in `tz` with Go `AddDate` normalisation,
-    /// then the hours. `None` when the result is before the representable calendar, i.e. the
-    /// window has no lower bound.
+    /// The period as a fixed length, with months of 30 days and years of 365 days (for a
+    /// cutoff from the current time rather than calendar arithmetic).
+    pub fn nominal(&self) -> std::time::Duration {
+        const DAY: u64 = 86_400;
+        let secs = u64::from(self.years) * 365 * DAY
+            + u64::from(self.months) * 30 * DAY
+            + u64::from(self.weeks) * 7 * DAY
+            + u64::from(self.days) * DAY
+            + u64::from(self.hours) * 3600
+            + u64::from(self.minutes) * 60;
+        std::time::Duration::from_secs(secs)
+    }
+
+    /// `latest` minus this duration: calendar part (years, months, then weeks and days) in `tz`
+    /// with Go `AddDate` normalisation, then the hours and minutes. `None` when the result is
+    /// before the representable calendar, i.e. the window has no lower bound.
     fn window_start(&self, latest: DateTime<Utc>, tz: FixedOffset) -> Option<DateTime<Utc>> {
         let local = latest.with_timezone(&tz);
         let months = i64::from(local.year()) * 12 + i64::from(local.month0())
@@ -170,10 +204,24 @@ impl WithinDuration {
             - i64::from(self.months);
         let year = i32::try_from(months.div_euclid(12)).ok()?;
         let month = u32::try_from(months.rem_euclid(12)).ok()? + 1;
-        let days = i64::from(local.day()) - 1 - i64::from(self.days);
+        let days = i64::from(local.day()) - 1 - i64::from(self.weeks) * 7 - i64::from(self.days);
         let date = NaiveDate::from_ymd_opt(year, month, 1)?.checked_add_signed(TimeDelta::try_days(days)?)?;
         let start = tz.from_local_datetime(&date.and_time(local.time())).single()?.with_timezone(&Utc);
-        start.checked_sub_signed(TimeDelta::try_hours(i64::from(self.hours))?)
+        let clock = TimeDelta::try_hours(i64::from(self.hours))?
+            .checked_add(&TimeDelta::try_minutes(i64::from(self.minutes))?)?;
+        start.checked_sub_signed(clock)
+    }
+
+    /// The fields in grammar order with their units.
+    fn parts(&self) -> [(u32, &'static str); 6] {
+        [
+            (self.years, "y"),
+            (self.months, "mo"),
+            (self.weeks, "w"),
+            (self.days, "d"),
+            (self.hours, "h"),
+            (self.minutes, "m"),
+        ]
     }
 }
 
@@ -182,7 +230,7 @@ impl fmt::Display for WithinDuration {
         if self.is_zero() {
             return f.write_str("0h");
         }
-        for (n, unit) in [(self.years, 'y'), (self.months, 'm'), (self.days, 'd'), (self.hours, 'h')] {
+        for (n, unit) in self.parts() {
             if n != 0 {
                 write!(f, "{n}{unit}")?;
             }
@@ -195,37 +243,43 @@ impl FromStr for WithinDuration {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<WithinDuration> {
-        let bad = |why: &str| Error::InvalidArgument(format!("invalid duration {s:?}: {why} (write e.g. 2y5m7d3h)"));
+        let bad = |why: String| Error::InvalidArgument(format!("invalid period {s:?}: {why}; {PERIOD_GRAMMAR}"));
+        if s.is_empty() {
+            return Err(bad("empty".into()));
+        }
         let mut d = WithinDuration::default();
-        let mut seen = HashSet::new();
-        let mut digits = String::new();
-        let text = s.trim();
-        if text.is_empty() {
-            return Err(bad("empty"));
-        }
-        for c in text.chars() {
-            if c.is_ascii_digit() {
-                digits.push(c);
-                continue;
+        // Index in grammar order of the last unit read: the next must come after it.
+        let mut last: Option<usize> = None;
+        let mut rest = s;
+        while !rest.is_empty() {
+            let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            let (number, tail) = rest.split_at(digits);
+            let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
+            let (unit, tail) = tail.split_at(unit_len);
+            rest = tail;
+            if number.is_empty() {
+                return Err(bad(format!("{unit:?} must follow a number")));
             }
-            if digits.is_empty() {
-                return Err(bad("a unit must follow a number"));
+            if unit.is_empty() {
+                return Err(bad(format!("the number {number} has no unit")));
             }
-            let n: u32 = digits.parse().map_err(|_| bad("number too large"))?;
-            digits.clear();
-            if !seen.insert(c) {
-                return Err(bad("unit given twice"));
+            let Some(index) = ["y", "mo", "w", "d", "h", "m"].iter().position(|u| *u == unit) else {
+                return Err(bad(format!("unknown unit {unit:?}")));
+            };
+            if last.is_some_and(|l| index <= l) {
+                return Err(bad(format!("unit {unit:?} is repeated or out of order")));
             }
-            match c {
-                'y' => d.years = n,
-                'm' => d.months = n,
-                'd' => d.days = n,
-                'h' => d.hours = n,
-                _ => return Err(bad("units are y, m, d and h")),
-            }
-        }
-        if !digits.is_empty() {
-            return Err(bad("number without a unit"));
+            last = Some(index);
+            let n: u32 = number.parse().map_err(|_| bad(format!("{number} is too large")))?;
+            let field = match index {
+                0 => &mut d.years,
+                1 => &mut d.months,
+                2 => &mut d.weeks,
+                3 => &mut d.days,
+                4 => &mut d.hours,
+                _ => &mut d.minutes,
+            };
+            *field = n;
         }
         Ok(d)
     }
@@ -940,10 +994,13 @@ mod tests {
         // 31 March minus 1 month normalises to 2 March (Feb 31 does not exist), not 29 Feb.
         let snaps =
             series(&["2024-02-29 12:00:00", "2024-03-01 12:00:00", "2024-03-02 12:30:00", "2024-03-31 12:00:00"]);
-        let p = one_group(&snaps, &RetentionPolicy { keep_within: within("1m"), ..Default::default() });
+        let p = one_group(&snaps, &RetentionPolicy { keep_within: within("1mo"), ..Default::default() });
         assert_eq!(kept_times(&p), ["2024-03-31 12:00", "2024-03-02 12:30"]);
-        let w: WithinDuration = "1y2m3d4h".parse().unwrap();
+        let w: WithinDuration = "1y2mo3d4h".parse().unwrap();
         assert_eq!(w.window_start(at("2024-03-31 12:00:00"), utc()), Some(at("2023-01-28 08:00:00")));
+        // Weeks are 7 days of the calendar part; minutes are subtracted with the hours.
+        let w: WithinDuration = "1w2d3h30m".parse().unwrap();
+        assert_eq!(w.window_start(at("2024-03-10 12:00:00"), utc()), Some(at("2024-03-01 08:30:00")));
     }
 
     #[test]
@@ -1223,13 +1280,16 @@ mod tests {
 
     #[test]
     fn retention_policy_serde_and_parsing() {
-        let json = r#"{"keep_last":3,"keep_daily":-1,"keep_weekly":"unlimited","keep_within":"2y5m7d3h",
+        let json = r#"{"keep_last":3,"keep_daily":-1,"keep_weekly":"unlimited","keep_within":"2y5mo7d3h",
                         "keep_within_daily":"7d","keep_tags":[["a","b"]],"keep_last_failed":1}"#;
         let p: RetentionPolicy = serde_json::from_str(json).unwrap();
         assert_eq!(p.keep_last, count(3));
         assert_eq!(p.keep_daily, Some(KeepCount::Unlimited));
         assert_eq!(p.keep_weekly, Some(KeepCount::Unlimited));
-        assert_eq!(p.keep_within, Some(WithinDuration { years: 2, months: 5, days: 7, hours: 3 }));
+        assert_eq!(
+            p.keep_within,
+            Some(WithinDuration { years: 2, months: 5, days: 7, hours: 3, ..Default::default() })
+        );
         assert_eq!(p.keep_last_failed, Some(1));
         let back: RetentionPolicy = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         assert_eq!(back, p);
@@ -1243,10 +1303,64 @@ mod tests {
         assert_eq!("-1".parse::<KeepCount>().unwrap().as_i64(), -1);
 
         assert_eq!("7d".parse::<WithinDuration>().unwrap().to_string(), "7d");
-        assert_eq!("1y2m3d4h".parse::<WithinDuration>().unwrap().to_string(), "1y2m3d4h");
-        for bad in ["", "1w", "d", "5", "1d2d", "-1d"] {
-            assert!(bad.parse::<WithinDuration>().is_err(), "{bad:?}");
+    }
+
+    #[test]
+    fn retention_period_grammar_units_and_round_trip() {
+        let p = |s: &str| s.parse::<WithinDuration>().unwrap();
+        assert_eq!(p("1y6mo"), WithinDuration { years: 1, months: 6, ..Default::default() });
+        // `m` is minutes, `mo` months: the same text means the same span everywhere.
+        assert_eq!(p("90m"), WithinDuration { minutes: 90, ..Default::default() });
+        assert_eq!(p("3mo"), WithinDuration { months: 3, ..Default::default() });
+        assert_eq!(
+            p("2y5mo1w3d4h30m"),
+            WithinDuration { years: 2, months: 5, weeks: 1, days: 3, hours: 4, minutes: 30 }
+        );
+        for text in ["7d", "1y2mo3d4h", "2w", "36h", "90m", "1y6mo2w3d4h5m"] {
+            assert_eq!(p(text).to_string(), text);
         }
+        assert_eq!(p("0d").to_string(), "0h");
+        assert!(p("0d").is_zero());
+        assert_eq!(p("1y1mo1w1d1h1m").nominal().as_secs(), (365 + 30 + 7 + 1) * 86_400 + 3600 + 60);
+    }
+
+    #[test]
+    fn retention_period_grammar_refuses_ambiguous_and_unknown_forms() {
+        for (bad, why) in [
+            ("", "empty"),
+            ("1M", "unknown unit \"M\""),
+            ("5x", "unknown unit \"x\""),
+            ("1min", "unknown unit \"min\""),
+            ("30s", "unknown unit \"s\""),
+            ("1D", "unknown unit \"D\""),
+            ("10", "has no unit"),
+            ("1d2", "has no unit"),
+            ("d", "must follow a number"),
+            ("-1d", "must follow a number"),
+            ("+1d", "must follow a number"),
+            ("1.5d", "unknown unit \".\""),
+            ("1d 2h", "unknown unit \"d \""),
+            (" 1d", "must follow a number"),
+            ("1d2d", "repeated or out of order"),
+            ("3h1d", "repeated or out of order"),
+            ("1m1mo", "repeated or out of order"),
+            ("99999999999d", "too large"),
+        ] {
+            let e = bad.parse::<WithinDuration>().unwrap_err().to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+            // Every refusal says what is accepted.
+            assert!(e.contains("y (years), mo (months), w (weeks), d (days), h (hours), m (minutes)"), "{e}");
+        }
+    }
+
+    #[test]
+    fn retention_period_pattern_matches_the_grammar_shape() {
+        // The schema pattern lists the units in the parser's order, each once.
+        let units: Vec<&str> =
+            PERIOD_PATTERN.split("[0-9]+").skip(1).map(|u| u.split(')').next().unwrap_or_default()).collect();
+        assert_eq!(units, ["y", "mo", "w", "d", "h", "m"]);
+        let order: Vec<&str> = WithinDuration::default().parts().iter().map(|(_, u)| *u).collect();
+        assert_eq!(units, order);
     }
 
     #[test]
@@ -1265,14 +1379,9 @@ mod tests {
     fn arb_policy() -> impl Strategy<Value = RetentionPolicy> {
         let c = || prop::option::of(prop_oneof![(0u32..4).prop_map(KeepCount::Count), Just(KeepCount::Unlimited)]);
         let w = || {
-            prop::option::of(
-                (0u32..2, 0u32..3, 0u32..10, 0u32..30).prop_map(|(years, months, days, hours)| WithinDuration {
-                    years,
-                    months,
-                    days,
-                    hours,
-                }),
-            )
+            prop::option::of((0u32..2, 0u32..3, 0u32..10, 0u32..30).prop_map(|(years, months, days, hours)| {
+                WithinDuration { years, months, days, hours, ..Default::default() }
+            }))
         };
         ((c(), c(), c(), c(), c(), c()), (w(), w(), w()), prop::option::of(0u32..3), any::<bool>()).prop_map(
             |((last, hourly, daily, weekly, monthly, yearly), (within, wd, ww), failed, tags)| RetentionPolicy {

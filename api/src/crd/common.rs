@@ -151,8 +151,10 @@ pub enum DeletionPolicy {
 /// `time.ParseDuration` units that make sense for backups).
 pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
 
-/// Regular expression for retention periods: `30d`, `1y6mo`, `2w`, `12h`, `30d12h30m`.
-pub const PERIOD_PATTERN: &str = r"^([0-9]+(y|mo|w|d|h|m))+$";
+/// Regular expression for retention periods: `30d`, `1y6mo`, `2w`, `12h`, `30d12h30m`. The
+/// grammar is hoard-core's ([`hoard_core::retention::WithinDuration`], also `hoard forget
+/// --keep-within`): units largest first, each once, `m` minutes and `mo` months.
+pub const PERIOD_PATTERN: &str = hoard_core::retention::PERIOD_PATTERN;
 
 /// Parses a spec duration (`1h30m`, `45s`, `250ms`, `1.5h`).
 pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
@@ -160,12 +162,10 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
     parse_units(s, units).map(std::time::Duration::from_secs_f64)
 }
 
-/// Parses a retention period (`30d`, `1y6mo`); months are 30 days and years 365 days.
-pub fn parse_period(s: &str) -> Option<std::time::Duration> {
-    let day = 86_400.0;
-    let units: &[(&str, f64)] =
-        &[("mo", 30.0 * day), ("y", 365.0 * day), ("w", 7.0 * day), ("d", day), ("h", 3600.0), ("m", 60.0)];
-    parse_units(s, units).filter(|_| !s.contains('.')).map(std::time::Duration::from_secs_f64)
+/// Parses a retention period (`30d`, `1y6mo`, `90m`) with hoard-core's grammar; as a length
+/// from now, months are 30 days and years 365 days. The error says which forms are accepted.
+pub fn parse_period(s: &str) -> Result<std::time::Duration, hoard_core::Error> {
+    s.parse::<hoard_core::retention::WithinDuration>().map(|p| p.nominal())
 }
 
 fn parse_units(s: &str, units: &[(&str, f64)]) -> Option<f64> {
@@ -220,11 +220,15 @@ mod tests {
 
     #[test]
     fn periods_parse_with_calendar_units() {
-        assert_eq!(parse_period("30d"), Some(Duration::from_secs(30 * 86_400)));
-        assert_eq!(parse_period("1y6mo"), Some(Duration::from_secs((365 + 180) * 86_400)));
-        assert_eq!(parse_period("2w12h30m"), Some(Duration::from_secs(14 * 86_400 + 12 * 3600 + 1800)));
-        for bad in ["", "1.5d", "d", "3s", "10"] {
-            assert_eq!(parse_period(bad), None, "{bad}");
+        let ok = |s: &str| parse_period(s).expect(s);
+        assert_eq!(ok("30d"), Duration::from_secs(30 * 86_400));
+        assert_eq!(ok("1y6mo"), Duration::from_secs((365 + 180) * 86_400));
+        assert_eq!(ok("2w12h30m"), Duration::from_secs(14 * 86_400 + 12 * 3600 + 1800));
+        // `m` is minutes here exactly as in `hoard forget --keep-within`.
+        assert_eq!(ok("90m"), Duration::from_secs(90 * 60));
+        for bad in ["", "1.5d", "d", "3s", "10", "1M", "5x", "1d1d", "12h30d"] {
+            let e = parse_period(bad).expect_err(bad).to_string();
+            assert!(e.contains("mo (months)") && e.contains("m (minutes)"), "{bad}: {e}");
         }
     }
 

@@ -1,5 +1,6 @@
 //! The object verbs: trigger, pause/resume, sessions, snapshots, describe snapshot, restore.
 
+use crate::{errln, outln};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -93,7 +94,7 @@ pub async fn trigger(ctx: &Ctx, config: &str, session: Option<&str>) -> anyhow::
         }
     };
     if bc.spec.paused {
-        eprintln!(
+        errln!(
             "warning: backupconfiguration \"{config}\" is paused, so this session will be Skipped; resume it with: kubectl hoard resume {config} -n {ns}"
         );
     }
@@ -125,8 +126,8 @@ pub async fn trigger(ctx: &Ctx, config: &str, session: Option<&str>) -> anyhow::
     let name = name_of(&created);
     match ctx.output {
         Output::Table | Output::Wide => {
-            println!("backupsession.hoard.dev/{name} created");
-            println!("watch it with: kubectl hoard watch {name} -n {ns}");
+            outln!("backupsession.hoard.dev/{name} created");
+            outln!("watch it with: kubectl hoard watch {name} -n {ns}");
         }
         o => print::print_object(&created, o)?,
     }
@@ -139,7 +140,7 @@ pub async fn set_paused(ctx: &Ctx, config: &str, paused: bool) -> anyhow::Result
     let word = if paused { "paused" } else { "resumed" };
     let obj = if bc.spec.paused == paused {
         if !ctx.output.is_document() && ctx.output != Output::Name {
-            println!("backupconfiguration.hoard.dev/{config} already {}", if paused { "paused" } else { "running" });
+            outln!("backupconfiguration.hoard.dev/{config} already {}", if paused { "paused" } else { "running" });
         }
         bc
     } else {
@@ -150,14 +151,14 @@ pub async fn set_paused(ctx: &Ctx, config: &str, paused: bool) -> anyhow::Result
             .await
             .map_err(|e| api_error(e, Verb::Patch, &BACKUP_CONFIGURATION, Some(config), Some(ns)))?;
         if !ctx.output.is_document() && ctx.output != Output::Name {
-            println!("backupconfiguration.hoard.dev/{config} {word}");
+            outln!("backupconfiguration.hoard.dev/{config} {word}");
         }
         out
     };
     match ctx.output {
         Output::Table | Output::Wide => {
             if paused {
-                println!("resume it with: kubectl hoard resume {config} -n {ns}");
+                outln!("resume it with: kubectl hoard resume {config} -n {ns}");
             }
         }
         o => print::print_object(&obj, o)?,
@@ -395,7 +396,7 @@ pub fn describe_snapshot_text(s: &Snapshot) -> String {
 pub async fn describe_snapshot(ctx: &Ctx, name: &str) -> anyhow::Result<u8> {
     let s: Snapshot = get(ctx, &ctx.namespace, name, &SNAPSHOT).await?;
     match ctx.output {
-        Output::Table | Output::Wide => print!("{}", describe_snapshot_text(&s)),
+        Output::Table | Output::Wide => crate::output::write_out(describe_snapshot_text(&s).as_bytes()),
         o => print::print_object(&s, o)?,
     }
     Ok(0)
@@ -568,8 +569,8 @@ async fn create_restore(ctx: &Ctx, rs: &RestoreSession) -> anyhow::Result<u8> {
     let name = name_of(&created);
     match ctx.output {
         Output::Table | Output::Wide => {
-            println!("restoresession.hoard.dev/{name} created");
-            println!("watch it with: kubectl hoard watch {name} -n {ns}");
+            outln!("restoresession.hoard.dev/{name} created");
+            outln!("watch it with: kubectl hoard watch {name} -n {ns}");
         }
         o => print::print_object(&created, o)?,
     }

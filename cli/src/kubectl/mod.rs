@@ -12,6 +12,7 @@ pub mod print;
 pub mod repo;
 pub mod watch;
 
+use crate::errln;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -67,9 +68,15 @@ pub enum Command {
         session: Option<String>,
     },
     /// Stop scheduling a BackupConfiguration (spec.paused = true).
-    Pause { config: String },
+    Pause {
+        /// BackupConfiguration name.
+        config: String,
+    },
     /// Resume a paused BackupConfiguration.
-    Resume { config: String },
+    Resume {
+        /// BackupConfiguration name.
+        config: String,
+    },
     /// List BackupSessions.
     Sessions {
         /// Only sessions of this BackupConfiguration.
@@ -105,7 +112,10 @@ pub enum Command {
 pub enum DescribeWhat {
     /// A Snapshot: its components, phases, sizes, repository snapshot ids and errors.
     #[command(alias = "snap")]
-    Snapshot { name: String },
+    Snapshot {
+        /// Snapshot object name.
+        name: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -175,6 +185,7 @@ pub enum RepoAction {
     },
     /// Remove stale locks left by processes that died, like `hoard unlock`.
     Unlock {
+        /// Repository object name.
         repository: String,
         /// Remove every lock, stale or not.
         #[arg(long)]
@@ -190,7 +201,10 @@ pub enum RepoAction {
 #[derive(Subcommand, Debug)]
 pub enum KeysAction {
     /// List key slots, like `hoard key list`.
-    List { repository: String },
+    List {
+        /// Repository object name.
+        repository: String,
+    },
 }
 
 /// A connected client and the resolved flags.
@@ -292,20 +306,39 @@ pub fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("HOARD_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
         )
+        .with_ansi(crate::output::stderr_colour())
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start runtime: {e}");
+            errln!("error: cannot start runtime: {e}");
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(run(cli)) {
-        Ok(code) => ExitCode::from(code),
+    let code = match rt.block_on(run(cli)) {
+        Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(exit_code(&e))
+            errln!("error: {e:#}");
+            exit_code(&e)
         }
+    };
+    match crate::output::stdout_failure() {
+        Some(e) if code == 0 => {
+            errln!("error: cannot write to standard output: {e}");
+            ExitCode::from(1)
+        }
+        _ => ExitCode::from(code),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        let missing = crate::output::without_help(super::Cli::command());
+        assert!(missing.is_empty(), "no help text for: {}", missing.join(", "));
     }
 }

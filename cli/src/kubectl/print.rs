@@ -1,7 +1,7 @@
 //! kubectl-style output: aligned tables with upper-case headers, `AGE` columns in kubectl's
 //! human duration format, and `-o json|yaml|name` documents.
 
-use std::io::Write;
+use crate::{errln, outln};
 
 use chrono::{DateTime, Utc};
 use clap::ValueEnum;
@@ -68,8 +68,7 @@ impl Table {
     }
 
     pub fn print(&self) {
-        let mut o = std::io::stdout().lock();
-        let _ = o.write_all(self.render().as_bytes());
+        crate::output::write_out(self.render().as_bytes());
     }
 }
 
@@ -181,14 +180,14 @@ pub fn name_of<K: Resource<DynamicType = ()>>(o: &K) -> String {
 }
 
 pub fn print_document(v: &serde_json::Value, output: Output) -> anyhow::Result<()> {
-    let mut o = std::io::stdout().lock();
-    match output {
-        Output::Yaml => o.write_all(serde_yaml::to_string(v)?.as_bytes())?,
-        _ => {
-            serde_json::to_writer_pretty(&mut o, v)?;
-            o.write_all(b"\n")?;
-        }
+    let mut text = match output {
+        Output::Yaml => serde_yaml::to_string(v)?.into_bytes(),
+        _ => serde_json::to_vec_pretty(v)?,
+    };
+    if !text.ends_with(b"\n") {
+        text.push(b'\n');
     }
+    crate::output::write_out(&text);
     Ok(())
 }
 
@@ -196,7 +195,7 @@ pub fn print_document(v: &serde_json::Value, output: Output) -> anyhow::Result<(
 pub fn print_object<K: Resource<DynamicType = ()> + Serialize>(o: &K, output: Output) -> anyhow::Result<()> {
     match output {
         Output::Name => {
-            println!("{}", name_of(o));
+            outln!("{}", name_of(o));
             Ok(())
         }
         _ => print_document(&to_value(o), output),
@@ -207,7 +206,7 @@ pub fn print_object<K: Resource<DynamicType = ()> + Serialize>(o: &K, output: Ou
 pub fn print_list<K: Resource<DynamicType = ()> + Serialize>(items: &[K], output: Output) -> anyhow::Result<()> {
     if output == Output::Name {
         for o in items {
-            println!("{}", name_of(o));
+            outln!("{}", name_of(o));
         }
         return Ok(());
     }
@@ -223,8 +222,8 @@ pub fn print_list<K: Resource<DynamicType = ()> + Serialize>(items: &[K], output
 /// kubectl's message for an empty list (on stderr; stdout stays empty).
 pub fn no_resources(ns: Option<&str>) {
     match ns {
-        Some(ns) => eprintln!("No resources found in {ns} namespace."),
-        None => eprintln!("No resources found"),
+        Some(ns) => errln!("No resources found in {ns} namespace."),
+        None => errln!("No resources found"),
     }
 }
 

@@ -8,6 +8,7 @@
 //! (`HOARD_PASSWORD`, else `RESTIC_PASSWORD`). Secret values go to the store client and the key
 //! derivation only; no message ever contains one.
 
+use crate::errln;
 use std::sync::Arc;
 
 use hoard_api::crd::{BackupStorage, Provider, Repository as RepositoryObject, StorageBackend};
@@ -55,7 +56,7 @@ impl std::fmt::Debug for Resolved {
 async fn open(ctx: &Ctx, name: &str, json: bool) -> anyhow::Result<Arc<Repository>> {
     let r = resolve(ctx, name).await?;
     if !json {
-        eprintln!("repository {}/{name}: {}", ctx.namespace, r.location);
+        errln!("repository {}/{name}: {}", ctx.namespace, r.location);
     }
     Ok(Arc::new(Repository::open(r.store, &r.password).await?))
 }

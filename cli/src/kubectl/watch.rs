@@ -6,6 +6,7 @@
 //! when the session Succeeded, 30 when it Failed (or a restore is Invalid), 31 when Skipped, 32
 //! when `--timeout` passes first.
 
+use crate::{errln, outln};
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -237,21 +238,21 @@ impl Renderer {
                 }
                 let v = serde_json::to_value(s).unwrap_or_default();
                 if *output == Output::Yaml {
-                    println!("---\n{}", serde_yaml::to_string(&v).unwrap_or_default().trim_end());
+                    outln!("---\n{}", serde_yaml::to_string(&v).unwrap_or_default().trim_end());
                 } else {
-                    println!("{}", serde_json::to_string(&v).unwrap_or_default());
+                    outln!("{}", serde_json::to_string(&v).unwrap_or_default());
                 }
                 *last = Some(s.clone());
             }
             Renderer::Lines { phase, last } => {
                 if phase.as_deref() != Some(s.phase.as_str()) {
-                    println!("{}/{} {}", s.kind, s.name, s.phase);
+                    outln!("{}/{} {}", s.kind, s.name, s.phase);
                     *phase = Some(s.phase.clone());
                 }
                 for (name, c) in &s.components {
                     let key = (phase_of(c), percent(c).map(|p| p / 10));
                     if last.get(name) != Some(&key) {
-                        println!("{}", component_line(name, c));
+                        outln!("{}", component_line(name, c));
                         last.insert(name.clone(), key);
                     }
                 }
@@ -364,7 +365,7 @@ pub async fn watch(ctx: &Ctx, a: WatchArgs) -> anyhow::Result<u8> {
     match state.outcome {
         Outcome::Succeeded => {
             if human {
-                println!("{} \"{name}\" Succeeded{took}", kind.word());
+                outln!("{} \"{name}\" Succeeded{took}", kind.word());
             }
             Ok(0)
         }
@@ -372,7 +373,7 @@ pub async fn watch(ctx: &Ctx, a: WatchArgs) -> anyhow::Result<u8> {
             if human {
                 for (c, cs) in &state.components {
                     if let Some(e) = &cs.error {
-                        eprintln!("  {c}: {e}");
+                        errln!("  {c}: {e}");
                     }
                 }
             }

@@ -1,0 +1,206 @@
+//! What `hoard` says and accepts is true on the worst day: it ends quietly when the reader of
+//! its output goes away and loudly (once) when a disk under `> file` is full, and a retention
+//! period means the same in `forget` as in a RetentionPolicy.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Output, Stdio};
+
+use common::*;
+
+/// A repository holding two snapshots of `files` small files with long names (so a listing
+/// is far larger than a pipe's buffer) and one 1 MiB file.
+fn repo_with_files(tmp: &Path, files: usize) -> Hoard {
+    let h = Hoard::new(tmp.join("repo").to_str().unwrap());
+    h.init();
+    let src = tmp.join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..files {
+        std::fs::write(src.join(format!("a-file-with-a-rather-long-name-{i:05}")), i.to_string()).unwrap();
+    }
+    std::fs::write(src.join("big"), hoard_testkit::random_bytes(1 << 20, 7)).unwrap();
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    std::fs::write(src.join("later"), "later").unwrap();
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    h
+}
+
+/// Runs `hoard args` with standard output a pipe whose reader reads `keep` bytes and then goes
+/// away (`keep` 0: before hoard has written anything). Standard error is captured.
+fn reader_goes_away(h: &Hoard, args: &[&str], keep: usize) -> Output {
+    let mut cmd = h.cmd(args);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    if keep > 0 {
+        let mut buf = vec![0u8; keep];
+        out.read_exact(&mut buf).unwrap();
+    }
+    drop(out);
+    child.wait_with_output().unwrap()
+}
+
+fn assert_quiet_success(args: &[&str], out: &Output) {
+    assert_eq!(out.status.code(), Some(0), "hoard {args:?} exited {:?}: {}", out.status, stderr(out));
+    assert_eq!(stderr(out), "", "hoard {args:?} printed a message");
+}
+
+#[test]
+fn every_printing_verb_ends_quietly_when_its_reader_goes_away() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = repo_with_files(tmp.path(), 3000);
+    let ids: Vec<String> = serde_json::from_slice::<serde_json::Value>(&h.ok(&["--json", "snapshots"]).stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["short_id"].as_str().unwrap().to_string())
+        .collect();
+    let verbs: Vec<Vec<&str>> = vec![
+        vec!["snapshots"],
+        vec!["--json", "snapshots"],
+        vec!["ls", "latest"],
+        vec!["ls", "-l", "latest"],
+        vec!["--json", "ls", "latest"],
+        vec!["diff", ids[0].as_str(), ids[1].as_str()],
+        vec!["stats", "latest"],
+        vec!["check"],
+        vec!["key", "list"],
+        vec!["dump", "latest", "/data/big"],
+        vec!["forget", "--keep-last", "1", "--dry-run"],
+    ];
+    for args in &verbs {
+        assert_quiet_success(args, &reader_goes_away(&h, args, 0));
+    }
+    // Gone after reading part of the output: the rest no longer fits in the pipe's buffer.
+    for args in
+        [&["ls", "latest"][..], &["ls", "-l", "latest"], &["--json", "ls", "latest"], &["dump", "latest", "/data/big"]]
+    {
+        assert_quiet_success(args, &reader_goes_away(&h, args, 100));
+    }
+    // A verb that changes the repository still does all of its work.
+    assert_quiet_success(&["forget", "--keep-last", "1"], &reader_goes_away(&h, &["forget", "--keep-last", "1"], 0));
+    let left: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "snapshots"]).stdout).unwrap();
+    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+}
+
+#[test]
+fn a_full_disk_under_standard_output_is_an_error_reported_once() {
+    if !Path::new("/dev/full").exists() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let h = repo_with_files(tmp.path(), 10);
+    for args in [&["snapshots"][..], &["ls", "latest"], &["dump", "latest", "/data/big"]] {
+        let out = h.cmd(args).stdout(std::fs::File::create("/dev/full").unwrap()).output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "hoard {args:?}: {err}");
+        assert!(!err.contains("panicked"), "hoard {args:?}: {err}");
+        assert_eq!(err.matches("standard output").count(), 1, "hoard {args:?}: {err}");
+        assert!(err.contains("No space left on device"), "hoard {args:?}: {err}");
+    }
+}
+
+/// `--keep-within` reads periods with the one grammar RetentionPolicies use: `m` is minutes,
+/// `mo` months, and anything ambiguous is refused before the repository is touched.
+#[test]
+fn forget_keep_within_reads_minutes_and_months_and_refuses_ambiguous_forms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.envs.push(("TZ".into(), "UTC".into()));
+    h.init();
+    let src = tmp.path().join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), "x").unwrap();
+    let mut names = std::collections::HashMap::new();
+    for time in [
+        "2025-12-01T12:00:00Z",
+        "2026-01-20T12:00:00Z",
+        "2026-02-15T12:00:00Z",
+        "2026-03-09T12:00:00Z",
+        "2026-03-10T11:00:00Z",
+        "2026-03-10T11:30:00Z",
+        "2026-03-10T12:00:00Z",
+    ] {
+        let id =
+            h.backup_json(&[src.to_str().unwrap(), "--time", time], 0)["snapshot_id"].as_str().unwrap().to_string();
+        names.insert(id, time[..16].to_string());
+    }
+    let removed = |period: &str| -> Vec<String> {
+        let out = h.ok(&["--json", "forget", "--dry-run", "--keep-within", period]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut r: Vec<String> =
+            v["removed"].as_array().unwrap().iter().map(|i| names[i.as_str().unwrap()].clone()).collect();
+        r.sort();
+        r
+    };
+    // 90 minutes before the newest (12:00) is 10:30: the two snapshots after it stay.
+    assert_eq!(removed("90m"), ["2025-12-01T12:00", "2026-01-20T12:00", "2026-02-15T12:00", "2026-03-09T12:00"]);
+    // Two calendar months before 10 March is 10 January.
+    assert_eq!(removed("2mo"), ["2025-12-01T12:00"]);
+    assert_eq!(removed("1w1d"), ["2025-12-01T12:00", "2026-01-20T12:00", "2026-02-15T12:00"]);
+    for (bad, why) in [
+        ("1M", "unknown unit \"M\""),
+        ("5x", "unknown unit \"x\""),
+        ("10", "has no unit"),
+        ("", "empty"),
+        ("3h1d", "out of order"),
+    ] {
+        let out = h.expect(&["forget", "--dry-run", "--keep-within", bad], 2);
+        let err = stderr(&out);
+        assert!(err.contains(why), "{bad:?}: {err}");
+        assert!(err.contains("mo (months)") && err.contains("m (minutes)"), "{bad:?}: {err}");
+    }
+    // Nothing was removed by any of this.
+    assert_eq!(removed("10y").len(), 0);
+    let left: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "snapshots"]).stdout).unwrap();
+    assert_eq!(left.as_array().unwrap().len(), 7);
+}
+
+/// A restore that cannot restore some files names each of them once, in plain text: no log
+/// line repeating it, no colour codes when standard error is not a terminal.
+#[test]
+fn restore_errors_are_printed_once_without_colour_when_stderr_is_not_a_terminal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.ok(&["init", "--kdf-memory-mib", "8", "--kdf-iterations", "1", "--insecure-kdf", "--pack-size-mib", "4"]);
+    let src = tmp.path().join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..6u64 {
+        std::fs::write(src.join(format!("file{i}")), hoard_testkit::random_bytes(3 << 20, i)).unwrap();
+    }
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    let mut packs = list_files(&tmp.path().join("repo/packs"));
+    packs.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    let (victim, len) = packs[0].clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[(len / 3) as usize] ^= 0x55;
+    std::fs::write(&victim, bytes).unwrap();
+
+    let target = tmp.path().join("restore");
+    // Standard error is a pipe here, and NO_COLOR is not set.
+    let out =
+        h.cmd(&["restore", "latest", "--target", target.to_str().unwrap()]).env_remove("NO_COLOR").output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains('\x1b'), "colour codes on a pipe: {err:?}");
+    let failed: Vec<&str> = err.lines().filter_map(|l| l.strip_prefix("error: ")).collect();
+    assert!(!failed.is_empty(), "{err}");
+    for f in &failed {
+        assert_eq!(err.matches(f).count(), 1, "printed more than once: {f}\n{err}");
+    }
+    // Nothing but the failed files (and no log lines) on standard error.
+    assert_eq!(err.lines().count(), failed.len(), "{err}");
+
+    // An error that ends a command is printed once too.
+    let mut bad = Hoard::new(h.repo.clone());
+    bad.password = "not the password".into();
+    let out = bad.expect(&["snapshots"], 12);
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("hoard: wrong password"), "{err}");
+}
