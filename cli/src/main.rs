@@ -442,6 +442,13 @@ struct RestoreArgs {
     /// snapshot's entry is newer, `always` replaces it. Directories are merged into.
     #[arg(long, value_enum, default_value_t = OverwritePolicy::Never)]
     overwrite: OverwritePolicy,
+    /// Remove entries of the restored directories that the snapshot does not have (excluded
+    /// paths are left alone; refused with --include).
+    #[arg(long)]
+    delete: bool,
+    /// List what the restore would create, replace, keep and delete; write nothing.
+    #[arg(long, short = 'n')]
+    dry_run: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -1014,8 +1021,9 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
         None | Some("") | Some("/") => {
             for c in &snap.components {
                 total += c.stats.total_bytes;
-                let dir = open_component_dir(&a.target, &c.name, &id)?;
-                targets.push((RestoreSource::Tree(c.root), a.target.join(&c.name), Some(dir), c.name.clone()));
+                // A dry run creates nothing, not even the component's directory.
+                let dir = if a.dry_run { None } else { Some(open_component_dir(&a.target, &c.name, &id)?) };
+                targets.push((RestoreSource::Tree(c.root), a.target.join(&c.name), dir, c.name.clone()));
             }
         }
         Some(p) => match browse::locate(&repo, &snap, p).await? {
@@ -1034,23 +1042,17 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
             }
         },
     }
+    if a.dry_run {
+        return print_restore_plan(g, &a, repo, targets).await;
+    }
     progress.bytes_total.store(total, std::sync::atomic::Ordering::Relaxed);
     progress.totals_known.store(total > 0, std::sync::atomic::Ordering::Relaxed);
     let reporter = ProgressReporter::start(Arc::clone(&progress), g.json, g.quiet, "restore");
     let mut combined = hoard_core::restore::RestoreOutcome::default();
     let mut result = Ok(());
     for (source, target, dir, prefix) in targets {
-        let mut opts = RestoreOptions::new(target);
-        opts.target_dir = dir;
-        opts.match_prefix = prefix;
-        opts.includes = a.includes.clone();
-        opts.excludes = a.excludes.clone();
+        let mut opts = restore_options(&a, target, dir, prefix);
         opts.progress = Arc::clone(&progress);
-        opts.direct_io = !a.no_direct_io;
-        opts.overwrite = a.overwrite.into();
-        if a.confined {
-            opts.fidelity = hoard_core::restore::Fidelity::Confined;
-        }
         match hoard_core::restore::restore(Arc::clone(&repo), source, opts).await {
             Ok(o) => {
                 combined.files += o.files;
@@ -1064,6 +1066,8 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
                 combined.warnings.extend(o.warnings);
                 combined.skipped += o.skipped;
                 combined.skipped_paths.extend(o.skipped_paths);
+                combined.deleted += o.deleted;
+                combined.deleted_paths.extend(o.deleted_paths);
             }
             Err(e) => {
                 result = Err(e);
@@ -1098,6 +1102,13 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
             combined.other,
             human_bytes(combined.bytes)
         );
+        for p in &combined.deleted_paths {
+            outln!("deleted {p}");
+        }
+        if combined.deleted > 0 {
+            let n = combined.deleted;
+            outln!("deleted {n} {} the snapshot does not have", if n == 1 { "entry" } else { "entries" });
+        }
         if combined.skipped > 0 {
             let listed = combined.skipped_paths.len() as u64;
             for p in &combined.skipped_paths {
@@ -1135,6 +1146,67 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
     } else {
         0
     })
+}
+
+/// The options `restore` (and its dry run) gives one target.
+fn restore_options(
+    a: &RestoreArgs,
+    target: PathBuf,
+    dir: Option<std::os::fd::OwnedFd>,
+    prefix: String,
+) -> RestoreOptions {
+    let mut opts = RestoreOptions::new(target);
+    opts.target_dir = dir;
+    opts.match_prefix = prefix;
+    opts.includes = a.includes.clone();
+    opts.excludes = a.excludes.clone();
+    opts.direct_io = !a.no_direct_io;
+    opts.overwrite = a.overwrite.into();
+    opts.delete = a.delete;
+    if a.confined {
+        opts.fidelity = hoard_core::restore::Fidelity::Confined;
+    }
+    opts
+}
+
+/// `restore --dry-run`: what the restore would create, replace, keep and delete, per path.
+async fn print_restore_plan(
+    g: &Global,
+    a: &RestoreArgs,
+    repo: Arc<Repository>,
+    targets: Vec<(RestoreSource, PathBuf, Option<std::os::fd::OwnedFd>, String)>,
+) -> anyhow::Result<u8> {
+    let mut plan = hoard_core::restore::RestorePlan::default();
+    for (source, target, dir, prefix) in targets {
+        let opts = restore_options(a, target, dir, prefix);
+        let p = hoard_core::restore::plan(Arc::clone(&repo), source, opts).await?;
+        plan.create += p.create;
+        plan.replace += p.replace;
+        plan.keep += p.keep;
+        plan.delete += p.delete;
+        plan.changes.extend(p.changes);
+    }
+    if g.json {
+        print_json(&serde_json::json!({"message_type": "plan", "plan": plan}));
+        return Ok(0);
+    }
+    for (change, path) in &plan.changes {
+        let verb = match change {
+            hoard_core::restore::Change::Create => "create",
+            hoard_core::restore::Change::Replace => "replace",
+            hoard_core::restore::Change::Keep => "keep existing",
+            hoard_core::restore::Change::Delete => "delete",
+        };
+        outln!("would {verb} {path}");
+    }
+    outln!(
+        "would create {}, replace {}, keep {} existing and delete {} (nothing was written)",
+        plan.create,
+        plan.replace,
+        plan.keep,
+        plan.delete
+    );
+    Ok(0)
 }
 
 /// Opens `target/<name>` (created if missing) for restoring one component, confined to the

@@ -800,3 +800,58 @@ fn restore_overwrite_policies_decide_per_entry() {
     let out = h.run(&["restore", "latest", "--target", target.to_str().unwrap(), "--overwrite", "sometimes"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+/// `--dry-run` lists what a restore would create, replace, keep and delete and writes nothing;
+/// `--delete` then removes what the snapshot lacks, except excluded paths, and is refused with
+/// include patterns.
+#[test]
+fn restore_dry_run_and_delete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("data");
+    std::fs::create_dir_all(src.join("dir")).unwrap();
+    std::fs::write(src.join("kept"), "snapshot kept").unwrap();
+    std::fs::write(src.join("dir/new"), "snapshot new").unwrap();
+    let h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.init();
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    let target = tmp.path().join("target");
+    let t = target.join("data");
+    std::fs::create_dir_all(t.join("extra-dir/deep")).unwrap();
+    std::fs::write(t.join("kept"), "existing").unwrap();
+    std::fs::write(t.join("extra"), "not in the snapshot").unwrap();
+    std::fs::write(t.join("extra-dir/deep/file"), "nor this").unwrap();
+    std::fs::write(t.join("notes.log"), "excluded").unwrap();
+    let before = list_files(&target);
+    let tgt = target.to_str().unwrap();
+
+    let out = h.ok(&["restore", "latest", "--target", tgt, "--dry-run", "--delete", "--exclude", "*.log"]);
+    let text = stdout(&out);
+    for line in [
+        "would keep existing /data/kept",
+        "would create /data/dir",
+        "would create /data/dir/new",
+        "would delete /data/extra",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line:?} missing in:\n{text}");
+    }
+    assert!(text.contains("would delete /data/extra-dir") && !text.contains("notes.log"), "{text}");
+    assert!(text.contains("would create 2, replace 0, keep 1 existing and delete 2"), "{text}");
+    let out = h.ok(&["restore", "latest", "--target", tgt, "-n", "--overwrite", "always"]);
+    assert!(stdout(&out).contains("would replace /data/kept"), "{}", stdout(&out));
+    // Nothing was written by either dry run, not even into a target that does not exist.
+    assert_eq!(list_files(&target), before);
+    let absent = tmp.path().join("absent");
+    let out = h.ok(&["restore", "latest", "--target", absent.to_str().unwrap(), "--dry-run"]);
+    assert!(stdout(&out).contains("would create /data/kept"), "{}", stdout(&out));
+    assert!(!absent.exists());
+
+    let out = h.ok(&["restore", "latest", "--target", tgt, "--delete", "--exclude", "*.log"]);
+    assert!(stdout(&out).contains("deleted 2 entries the snapshot does not have"), "{}", stdout(&out));
+    assert!(!t.join("extra").exists() && !t.join("extra-dir").exists());
+    assert_eq!(std::fs::read_to_string(t.join("notes.log")).unwrap(), "excluded");
+    assert_eq!(std::fs::read_to_string(t.join("kept")).unwrap(), "existing");
+    assert_eq!(std::fs::read_to_string(t.join("dir/new")).unwrap(), "snapshot new");
+    let out = h.run(&["restore", "latest", "--target", tgt, "--delete", "--include", "kept"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("refused with include patterns"), "{}", stderr(&out));
+}

@@ -35,8 +35,10 @@
 //!   [`RestoreOutcome::target_full`]; [`RestoreOutcome::bytes`] counts restored files only.
 //! * Existing entries: [`RestoreOptions::overwrite`] decides whether an entry of the target with
 //!   the name of one being restored is replaced or left alone ([`gives_way`], pure); existing
-//!   directories are merged into. A file whose content could not be restored is removed, not
-//!   left zero-filled under its real name.
+//!   directories are merged into. With [`RestoreOptions::delete`], entries of a restored
+//!   directory that the snapshot lacks are removed (confined, never across a mount). A file
+//!   whose content could not be restored is removed, not left zero-filled under its real name.
+//!   [`plan`] tells, without writing, what a restore would create, replace, keep and delete.
 //! * Mounts: with [`RestoreOptions::one_file_system`], an existing directory in the target that
 //!   is on another mount than the target root (a bind mount or another filesystem mounted
 //!   inside it) is never descended into: that entry fails, nothing is written below it.
@@ -118,6 +120,9 @@ pub struct RestoreOptions {
     pub fidelity: Fidelity,
     /// What happens to an entry of the target that has the name of an entry being restored.
     pub overwrite: Overwrite,
+    /// Remove entries of the restored directories that the snapshot does not have (restic's
+    /// `--delete`); excluded paths are left alone, and include patterns are refused with it.
+    pub delete: bool,
 }
 
 /// Whether an existing entry of the target gives way to the snapshot's entry of the same name
@@ -222,6 +227,7 @@ impl RestoreOptions {
             hooks: RestoreRaceHooks::default(),
             fidelity: Fidelity::Full,
             overwrite: Overwrite::default(),
+            delete: false,
         }
     }
 }
@@ -283,6 +289,10 @@ pub struct RestoreOutcome {
     /// The first [`MAX_LISTED_SKIPS`] of them, as the snapshot names them (`/component/path`
     /// when the restore's `match_prefix` names the component).
     pub skipped_paths: Vec<String>,
+    /// Entries removed under [`RestoreOptions::delete`] (a directory counts once).
+    pub deleted: u64,
+    /// The first [`MAX_LISTED_SKIPS`] of them, as the snapshot would name them.
+    pub deleted_paths: Vec<String>,
     /// Files written in whole blocks past the page cache (`O_DIRECT`) to the end.
     pub direct_files: u64,
     /// Files opened for direct writes whose filesystem refused one of them, so that they were
@@ -486,6 +496,7 @@ struct Ctx {
     /// Set once the target root is open (a confined restore needs its owner).
     meta: std::sync::OnceLock<fsmeta::MetaPolicy>,
     overwrite: Overwrite,
+    delete: bool,
 }
 
 impl Ctx {
@@ -564,11 +575,7 @@ impl Ctx {
         let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
         o.skipped += 1;
         if o.skipped_paths.len() < MAX_LISTED_SKIPS {
-            // As the snapshot names it.
-            let rel = rel.trim_start_matches('/');
-            let path =
-                if self.match_prefix.is_empty() { format!("/{rel}") } else { format!("/{}/{rel}", self.match_prefix) };
-            o.skipped_paths.push(path);
+            o.skipped_paths.push(self.snapshot_path(rel));
         }
         drop(o);
         self.progress.add_files(1);
@@ -608,6 +615,37 @@ impl Ctx {
         if self.match_prefix.is_empty() { rel.to_string() } else { format!("{}/{rel}", self.match_prefix) }
     }
 
+    /// `rel` (below the restore root) as the snapshot names it: `/component/dir/file`.
+    fn snapshot_path(&self, rel: &str) -> String {
+        format!("/{}", self.match_path(rel.trim_start_matches('/')))
+    }
+
+    /// Under [`RestoreOptions::delete`]: removes the entries of `dir` that `tree` does not have,
+    /// except excluded ones; a mount point is never removed nor descended into.
+    fn delete_extras(&self, dir: &DirState, tree: &Tree) {
+        let names = match fsmeta::list_dir(dir.fd.as_fd()) {
+            Ok(n) => n,
+            Err(e) => return self.fail(&dir.rel, format!("cannot list to delete what the snapshot lacks: {e}")),
+        };
+        for name in extras(names, tree) {
+            let lossy = String::from_utf8_lossy(name.as_bytes()).into_owned();
+            let rel = if dir.rel.is_empty() { lossy.clone() } else { format!("{}/{lossy}", dir.rel) };
+            if self.excludes.is_match(&self.match_path(&rel), &lossy) {
+                continue;
+            }
+            match remove_entry(&dir.fd, &name, 0) {
+                Ok(()) => {
+                    let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+                    o.deleted += 1;
+                    if o.deleted_paths.len() < MAX_LISTED_SKIPS {
+                        o.deleted_paths.push(self.snapshot_path(&rel));
+                    }
+                }
+                Err(e) => self.fail(&rel, format!("cannot delete: {e}")),
+            }
+        }
+    }
+
     fn excluded(&self, rel: &str, node: &Node) -> bool {
         self.excludes.is_match(&self.match_path(rel), &node.name_lossy())
     }
@@ -633,6 +671,29 @@ impl Ctx {
         }
         Ok(false)
     }
+}
+
+/// Pure: the names of a directory's entries that `tree` does not have, in listing order.
+fn extras(listed: Vec<CString>, tree: &Tree) -> Vec<CString> {
+    let wanted: HashSet<&[u8]> = tree.nodes.iter().map(|n| n.name.as_slice()).collect();
+    listed.into_iter().filter(|n| !wanted.contains(n.as_bytes())).collect()
+}
+
+/// Removes `name` from `dir`, a directory with everything in it, confined: nothing is
+/// followed, and a directory on another mount (a mount point) is refused, not descended into.
+fn remove_entry(dir: &OwnedFd, name: &CString, depth: usize) -> rustix::io::Result<()> {
+    let st = fsmeta::stat_at(dir.as_fd(), name)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+        return rustix::fs::unlinkat(dir, name.as_c_str(), AtFlags::empty());
+    }
+    if depth >= MAX_DEPTH || !MountKey::of(dir.as_fd())?.same_mount(&MountKey::of_at(dir.as_fd(), name)?) {
+        return Err(rustix::io::Errno::BUSY);
+    }
+    let sub = fsmeta::open_dir_at(dir.as_fd(), name)?;
+    for child in fsmeta::list_dir(sub.as_fd())? {
+        remove_entry(&sub, &child, depth + 1)?;
+    }
+    rustix::fs::unlinkat(dir, name.as_c_str(), AtFlags::REMOVEDIR)
 }
 
 fn finish_dir(ctx: &Ctx, dir: &Arc<DirState>) {
@@ -750,6 +811,9 @@ impl Walker<'_> {
                 let pre = node.subtree.and_then(|id| prefetched.remove(&id));
                 self.restore_node(dir, node, rel, matched, pre)?;
             }
+        }
+        if self.ctx.delete {
+            self.ctx.delete_extras(dir, tree);
         }
         Ok(())
     }
@@ -1388,29 +1452,41 @@ fn worker<'a>(ctx: &'a Ctx, mut jobs: JobSource<PackJob>, orders: Sender<WriteOr
     }
 }
 
+impl Ctx {
+    async fn new(repo: Arc<Repository>, opts: &RestoreOptions) -> Result<Ctx> {
+        if repo.index().is_empty() {
+            repo.load_index().await?;
+        }
+        if opts.delete && !opts.includes.is_empty() {
+            return Err(Error::InvalidArgument(
+                "deleting what the snapshot does not have is refused with include patterns (use excludes)".into(),
+            ));
+        }
+        let includes = if opts.includes.is_empty() { None } else { Some(Patterns::new(&opts.includes)?) };
+        Ok(Ctx {
+            repo,
+            handle: tokio::runtime::Handle::current(),
+            as_root: crate::util::is_root(),
+            includes,
+            excludes: Patterns::new(&opts.excludes)?,
+            match_prefix: opts.match_prefix.trim_matches('/').to_string(),
+            progress: Arc::clone(&opts.progress),
+            outcome: Mutex::new(RestoreOutcome::default()),
+            bytes: AtomicU64::new(0),
+            links: Mutex::new(HashMap::new()),
+            root_mount: std::sync::OnceLock::new(),
+            direct_io: opts.direct_io,
+            hooks: opts.hooks.clone(),
+            meta: std::sync::OnceLock::new(),
+            overwrite: opts.overwrite,
+            delete: opts.delete,
+        })
+    }
+}
+
 /// Restores `source` into `opts.target` (created if missing).
 pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: RestoreOptions) -> Result<RestoreOutcome> {
-    if repo.index().is_empty() {
-        repo.load_index().await?;
-    }
-    let includes = if opts.includes.is_empty() { None } else { Some(Patterns::new(&opts.includes)?) };
-    let ctx = Arc::new(Ctx {
-        repo,
-        handle: tokio::runtime::Handle::current(),
-        as_root: crate::util::is_root(),
-        includes,
-        excludes: Patterns::new(&opts.excludes)?,
-        match_prefix: opts.match_prefix.trim_matches('/').to_string(),
-        progress: Arc::clone(&opts.progress),
-        outcome: Mutex::new(RestoreOutcome::default()),
-        bytes: AtomicU64::new(0),
-        links: Mutex::new(HashMap::new()),
-        root_mount: std::sync::OnceLock::new(),
-        direct_io: opts.direct_io,
-        hooks: opts.hooks.clone(),
-        meta: std::sync::OnceLock::new(),
-        overwrite: opts.overwrite,
-    });
+    let ctx = Arc::new(Ctx::new(repo, &opts).await?);
     let fidelity = opts.fidelity;
     let one_file_system = opts.one_file_system;
     let target = opts.target.clone();
@@ -1514,10 +1590,148 @@ pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: Res
     Ok(out)
 }
 
+/// What a restore would do to one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    Create,
+    Replace,
+    Keep,
+    Delete,
+}
+
+/// What [`plan`] found: per kind of change, how many and (the first [`MAX_PLANNED_PATHS`]) which
+/// paths, as the snapshot names them. Directories that exist and are merged into are not listed.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RestorePlan {
+    pub create: u64,
+    pub replace: u64,
+    pub keep: u64,
+    pub delete: u64,
+    pub changes: Vec<(Change, String)>,
+}
+
+/// Paths [`RestorePlan::changes`] lists at most.
+pub const MAX_PLANNED_PATHS: usize = 10_000;
+
+impl RestorePlan {
+    fn note(&mut self, change: Change, path: String) {
+        *match change {
+            Change::Create => &mut self.create,
+            Change::Replace => &mut self.replace,
+            Change::Keep => &mut self.keep,
+            Change::Delete => &mut self.delete,
+        } += 1;
+        if self.changes.len() < MAX_PLANNED_PATHS {
+            self.changes.push((change, path));
+        }
+    }
+}
+
+/// A dry run: what restoring `source` with `opts` would create, replace, keep and delete in
+/// `opts.target`, which is only read (a missing target: everything is created). The same
+/// selection ([`RestoreOptions::includes`], excludes) and the same decisions ([`gives_way`],
+/// [`RestoreOptions::delete`]) as [`restore`].
+pub async fn plan(repo: Arc<Repository>, source: RestoreSource, opts: RestoreOptions) -> Result<RestorePlan> {
+    let ctx = Ctx::new(repo, &opts).await?;
+    let target = opts.target.clone();
+    let target_dir = opts.target_dir;
+    tokio::task::spawn_blocking(move || {
+        let root = match target_dir {
+            Some(fd) => Some(fd),
+            // Only read, and not through a symlink planted at the target's name.
+            None => match rustix::fs::open(
+                &target,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => Some(fd),
+                Err(rustix::io::Errno::NOENT) => None,
+                Err(e) => return Err(Error::io(format!("open {}", target.display()), e.into())),
+            },
+        };
+        let mut out = RestorePlan::default();
+        match &source {
+            RestoreSource::Tree(id) => plan_dir(&ctx, root.as_ref(), &ctx.load_tree(id)?, "", false, 0, &mut out)?,
+            RestoreSource::Node(node) => {
+                let tree = Tree { nodes: vec![node.clone()] };
+                plan_dir(&ctx, root.as_ref(), &tree, "", ctx.includes.is_none(), 0, &mut out)?
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("restore plan: {e}")))?
+}
+
+/// [`plan`] for one directory: `dir` is its existing counterpart in the target, if any.
+fn plan_dir(
+    ctx: &Ctx,
+    dir: Option<&OwnedFd>,
+    tree: &Tree,
+    rel: &str,
+    included: bool,
+    depth: usize,
+    out: &mut RestorePlan,
+) -> Result<()> {
+    for node in &tree.nodes {
+        let name_lossy = node.name_lossy();
+        let crel = if rel.is_empty() { name_lossy } else { format!("{rel}/{name_lossy}") };
+        if ctx.excluded(&crel, node) || !crate::tree::valid_name(&node.name) {
+            continue;
+        }
+        let matched = included || ctx.include_matches(&crel, node);
+        if !(matched || (node.kind == NodeKind::Dir && ctx.selected_below(node, &crel)?)) {
+            continue;
+        }
+        let Ok(name) = CString::new(node.name.clone()) else { continue };
+        let existing = dir.and_then(|d| fsmeta::stat_at(d.as_fd(), &name).ok()).map(|st| Existing::of(&st));
+        let mut sub_dir = None;
+        match existing {
+            None => out.note(Change::Create, ctx.snapshot_path(&crel)),
+            Some(e) if e.kind == NodeKind::Dir && node.kind == NodeKind::Dir => {
+                sub_dir = dir.and_then(|d| fsmeta::open_dir_at(d.as_fd(), &name).ok());
+            }
+            Some(e) if gives_way(ctx.overwrite, &e, node) => out.note(Change::Replace, ctx.snapshot_path(&crel)),
+            Some(_) => {
+                out.note(Change::Keep, ctx.snapshot_path(&crel));
+                continue;
+            }
+        }
+        if node.kind == NodeKind::Dir
+            && depth < MAX_DEPTH
+            && let Some(sub) = node.subtree
+        {
+            plan_dir(ctx, sub_dir.as_ref(), &ctx.load_tree(&sub)?, &crel, matched, depth + 1, out)?;
+        }
+    }
+    if ctx.delete
+        && let Some(d) = dir
+    {
+        let names = fsmeta::list_dir(d.as_fd()).map_err(|e| Error::io(format!("list {rel}"), e.into()))?;
+        for name in extras(names, tree) {
+            let lossy = String::from_utf8_lossy(name.as_bytes()).into_owned();
+            let crel = if rel.is_empty() { lossy.clone() } else { format!("{rel}/{lossy}") };
+            if !ctx.excludes.is_match(&ctx.match_path(&crel), &lossy) {
+                out.note(Change::Delete, ctx.snapshot_path(&crel));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tree::Timestamp;
+
+    #[test]
+    fn extras_are_the_listed_names_the_tree_lacks() {
+        let tree =
+            Tree { nodes: vec![Node::new(b"a".to_vec(), NodeKind::File), Node::new(b"c".to_vec(), NodeKind::Dir)] };
+        let listed = ["a", "b", "c", "d"].map(|n| CString::new(n).unwrap()).to_vec();
+        assert_eq!(extras(listed, &tree), vec![CString::new("b").unwrap(), CString::new("d").unwrap()]);
+    }
 
     #[test]
     fn each_overwrite_policy_decides_as_documented() {
