@@ -25,7 +25,7 @@ use hoard_core::util::human_bytes;
 use hoard_core::{Error, Id, Password, Repository};
 
 use hoard::ops::parse_percent;
-use hoard::output::{ProgressReporter, print_json};
+use hoard::output::{ProgressReporter, count, print_json};
 use hoard::{errln, outln};
 
 const EXIT_WARNINGS: u8 = 3;
@@ -770,7 +770,7 @@ async fn cmd_snapshots(g: &Global, f: &FilterArgs) -> anyhow::Result<u8> {
             human_bytes(s.summary.total_bytes)
         );
     }
-    outln!("{} snapshots", snaps.len());
+    outln!("{}", count(snaps.len(), "snapshot"));
     Ok(0)
 }
 
@@ -973,24 +973,24 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
             errln!("error: {p}: {why}");
         }
         outln!(
-            "restored snapshot {} into {}: {} files, {} dirs, {} other, {}",
+            "restored snapshot {} into {}: {}, {}, {} other, {}",
             id.short(),
             a.target.display(),
-            combined.files,
-            combined.dirs,
+            count(combined.files, "file"),
+            count(combined.dirs, "dir"),
             combined.other,
             human_bytes(combined.bytes)
         );
         if combined.target_full {
             outln!(
-                "{} files could not be restored (listed above): no space left in {} (device or quota full)",
-                combined.failed.len(),
+                "{} could not be restored (listed above): no space left in {} (device or quota full)",
+                count(combined.failed.len(), "file"),
                 a.target.display()
             );
         } else if !combined.failed.is_empty() {
             outln!(
-                "{} files could not be restored (listed above); run `hoard check --read-data`",
-                combined.failed.len()
+                "{} could not be restored (listed above); run `hoard check --read-data`",
+                count(combined.failed.len(), "file")
             );
         }
     }
@@ -1155,12 +1155,12 @@ async fn cmd_stats(g: &Global, spec: Option<&str>, f: &FilterArgs) -> anyhow::Re
         outln!("  stored: {} ({} before compression)", human_bytes(stored), human_bytes(raw));
         if let Some(s) = v.get("snapshot") {
             outln!(
-                "snapshot {}: {} files, {} to restore, {} in {} unique blobs",
-                &s["id"].as_str().unwrap_or_default()[..8],
-                s["files"],
+                "snapshot {}: {}, {} to restore, {} in {}",
+                s["id"].as_str().and_then(|id| id.get(..8)).unwrap_or_default(),
+                count(s["files"].as_u64().unwrap_or(0), "file"),
                 human_bytes(s["restore_size"].as_u64().unwrap_or(0)),
                 human_bytes(s["unique_bytes"].as_u64().unwrap_or(0)),
-                s["unique_blobs"]
+                count(s["unique_blobs"].as_u64().unwrap_or(0), "unique blob")
             );
         }
     }
@@ -1185,11 +1185,11 @@ async fn cmd_prune(g: &Global, a: PruneArgs) -> anyhow::Result<u8> {
     } else {
         let p = &out.plan;
         outln!(
-            "{}used {}, unused {}; {} packs to delete, {} to repack ({}), {} kept; unused afterwards {}",
+            "{}used {}, unused {}; {} to delete, {} to repack ({}), {} kept; unused afterwards {}",
             if a.dry_run { "would prune: " } else { "" },
             human_bytes(p.used_bytes),
             human_bytes(p.unused_bytes),
-            p.delete.len(),
+            count(p.delete.len(), "pack"),
             p.repack.len(),
             human_bytes(p.repack_bytes),
             p.keep.len(),
@@ -1197,13 +1197,13 @@ async fn cmd_prune(g: &Global, a: PruneArgs) -> anyhow::Result<u8> {
         );
         if !a.dry_run {
             outln!(
-                "removed {} packs and {} index files, wrote {} packs",
-                out.packs_removed,
-                out.index_files_removed,
-                out.packs_written
+                "removed {} and {}, wrote {}",
+                count(out.packs_removed, "pack"),
+                count(out.index_files_removed, "index file"),
+                count(out.packs_written, "pack")
             );
             if out.staging_files_removed > 0 {
-                outln!("removed {} staging files of interrupted writes", out.staging_files_removed);
+                outln!("removed {} of interrupted writes", count(out.staging_files_removed, "staging file"));
             }
         }
     }
@@ -1283,7 +1283,7 @@ async fn cmd_copy(g: &Global, from: &str, from_pw: Option<PathBuf>, only: &[Stri
         for (a, b) in &done {
             outln!("copied snapshot {} -> {}", a.short(), b.short());
         }
-        outln!("{} snapshots copied", done.len());
+        outln!("{} copied", count(done.len(), "snapshot"));
     }
     Ok(0)
 }
@@ -1363,13 +1363,17 @@ async fn cmd_forget(g: &Global, a: ForgetArgs) -> anyhow::Result<u8> {
             "removed": remove.iter().map(|(id, _)| id.to_hex()).collect::<Vec<_>>(),
         }));
     } else {
-        outln!("{} {} snapshots", if a.dry_run { "would remove" } else { "removed" }, remove.len());
+        outln!("{} {}", if a.dry_run { "would remove" } else { "removed" }, count(remove.len(), "snapshot"));
     }
     if a.prune && !a.dry_run {
         let opts = hoard_core::prune::PruneOptions { max_unused: parse_percent(&a.max_unused)?, dry_run: false };
         let out = hoard_core::prune::prune(repo, opts).await?;
         if !g.json {
-            outln!("prune removed {} packs and {} index files", out.packs_removed, out.index_files_removed);
+            outln!(
+                "prune removed {} and {}",
+                count(out.packs_removed, "pack"),
+                count(out.index_files_removed, "index file")
+            );
         }
     }
     Ok(0)

@@ -204,3 +204,44 @@ fn restore_errors_are_printed_once_without_colour_when_stderr_is_not_a_terminal(
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("hoard: wrong password"), "{err}");
 }
+
+/// Counts read right: `1 snapshot`, `removed 1 snapshot`, `checked 1 snapshot`.
+#[test]
+fn counts_of_one_are_singular() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.init();
+    let src = tmp.path().join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), "x").unwrap();
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    assert!(stdout(&h.ok(&["snapshots"])).ends_with("\n1 snapshot\n"), "{}", stdout(&h.ok(&["snapshots"])));
+    std::fs::write(src.join("g"), "y").unwrap();
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    assert!(stdout(&h.ok(&["snapshots"])).ends_with("\n2 snapshots\n"));
+    assert!(stdout(&h.ok(&["forget", "--keep-last", "1", "--dry-run"])).ends_with("\nwould remove 1 snapshot\n"));
+    assert!(stdout(&h.ok(&["forget", "--keep-last", "1"])).ends_with("\nremoved 1 snapshot\n"));
+    let check = stdout(&h.ok(&["check"]));
+    assert!(check.starts_with("checked 1 snapshot, "), "{check}");
+    assert!(check.contains("1 directory tree is not referenced"), "{check}");
+    assert_eq!(stdout(&h.ok(&["unlock"])), "removed 0 locks\n");
+}
+
+#[test]
+fn key_list_has_a_header() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.init();
+    let out = stdout(&h.ok(&["key", "list"]));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(header, ["ID", "CREATED", "USER@HOST"], "{out}");
+    assert!(lines[1].starts_with("* "), "{out}");
+    // The columns line up under the header: the creation date under CREATED, user@host under
+    // USER@HOST.
+    let created = lines[0].find("CREATED").unwrap();
+    assert!(lines[1][created..].starts_with("20"), "{out}");
+    let user = lines[0].find("USER@HOST").unwrap();
+    assert!(lines[1][user..].contains('@') && !lines[1][user..].starts_with(' '), "{out}");
+}
