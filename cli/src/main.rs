@@ -24,6 +24,7 @@ use hoard_core::tree::NodeKind;
 use hoard_core::util::human_bytes;
 use hoard_core::{Error, Id, Password, Repository};
 
+use hoard::listing;
 use hoard::ops::parse_percent;
 use hoard::output::{ProgressReporter, count, print_json};
 use hoard::{errln, outln};
@@ -774,46 +775,29 @@ async fn cmd_snapshots(g: &Global, f: &FilterArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-fn mode_string(kind: NodeKind, mode: u32) -> String {
-    let t = match kind {
-        NodeKind::Dir => 'd',
-        NodeKind::Symlink => 'l',
-        NodeKind::Fifo => 'p',
-        NodeKind::Socket => 's',
-        NodeKind::CharDevice => 'c',
-        NodeKind::BlockDevice => 'b',
-        NodeKind::File => '-',
-    };
-    let mut s = String::from(t);
-    for shift in [6, 3, 0] {
-        let b = (mode >> shift) & 7;
-        s.push(if b & 4 != 0 { 'r' } else { '-' });
-        s.push(if b & 2 != 0 { 'w' } else { '-' });
-        s.push(if b & 1 != 0 { 'x' } else { '-' });
-    }
-    s
-}
-
 async fn cmd_ls(g: &Global, spec: &str, path: Option<&str>, long: bool, f: &FilterArgs) -> anyhow::Result<u8> {
     let repo = open_repo(g).await?;
     repo.load_index().await?;
     let (id, snap) = repo.find_snapshot(spec, &f.filter()).await?;
-    let mut rows: Vec<(String, hoard_core::tree::Node)> = Vec::new();
-    let mut visit = |p: &str, n: &hoard_core::tree::Node| rows.push((p.to_string(), n.clone()));
+    // Paths as the snapshot records them: names need not be UTF-8.
+    let mut rows: Vec<(Vec<u8>, hoard_core::tree::Node)> = Vec::new();
+    let mut visit = |p: &[u8], n: &hoard_core::tree::Node| rows.push((p.to_vec(), n.clone()));
     match path {
         None | Some("/") | Some("") => {
             for c in &snap.components {
-                browse::walk(&repo, c.root, format!("/{}", c.name), &mut visit).await?;
+                listing::walk(&repo, c.root, format!("/{}", c.name).into_bytes(), &mut visit).await?;
             }
         }
         Some(p) => match browse::locate(&repo, &snap, p).await? {
-            Located::Root { component, tree } => browse::walk(&repo, tree, format!("/{component}"), &mut visit).await?,
+            Located::Root { component, tree } => {
+                listing::walk(&repo, tree, format!("/{component}").into_bytes(), &mut visit).await?
+            }
             Located::Node { path, node } => {
                 let sub = node.subtree;
                 let is_dir = node.kind == NodeKind::Dir;
-                visit(&path, &node);
+                visit(path.as_bytes(), &node);
                 if let (true, Some(sub)) = (is_dir, sub) {
-                    browse::walk(&repo, sub, path, &mut visit).await?;
+                    listing::walk(&repo, sub, path.into_bytes(), &mut visit).await?;
                 }
             }
         },
@@ -822,7 +806,7 @@ async fn cmd_ls(g: &Global, spec: &str, path: Option<&str>, long: bool, f: &Filt
         print_json(&serde_json::json!({"message_type": "snapshot", "id": id.to_hex(), "time": snap.time}));
         for (p, n) in &rows {
             print_json(&serde_json::json!({
-                "message_type": "node", "path": p, "type": format!("{:?}", n.kind).to_lowercase(),
+                "message_type": "node", "path": String::from_utf8_lossy(p), "type": format!("{:?}", n.kind).to_lowercase(),
                 "size": n.size, "mode": n.mode, "uid": n.uid, "gid": n.gid,
                 "mtime": chrono::DateTime::from_timestamp(n.mtime.sec, n.mtime.nsec),
             }));
@@ -830,13 +814,20 @@ async fn cmd_ls(g: &Global, spec: &str, path: Option<&str>, long: bool, f: &Filt
         return Ok(0);
     }
     for (p, n) in &rows {
+        let p = listing::escape_name(p);
         if long {
             let t = chrono::DateTime::from_timestamp(n.mtime.sec, n.mtime.nsec)
                 .map(|t| t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S").to_string())
                 .unwrap_or_default();
-            let link =
-                n.link_target.as_ref().map(|t| format!(" -> {}", String::from_utf8_lossy(t))).unwrap_or_default();
-            outln!("{} {:>5} {:>5} {:>12} {} {p}{link}", mode_string(n.kind, n.mode), n.uid, n.gid, n.size, t);
+            let link = n.link_target.as_ref().map(|t| format!(" -> {}", listing::escape_name(t))).unwrap_or_default();
+            outln!(
+                "{} {:>5} {:>5} {:>12} {} {p}{link}",
+                listing::mode_string(n.kind, n.mode),
+                n.uid,
+                n.gid,
+                listing::size_column(n),
+                t
+            );
         } else {
             outln!("{p}");
         }

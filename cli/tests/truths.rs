@@ -245,3 +245,51 @@ fn key_list_has_a_header() {
     let user = lines[0].find("USER@HOST").unwrap();
     assert!(lines[1][user..].contains('@') && !lines[1][user..].starts_with(' '), "{out}");
 }
+
+/// `ls -l` shows what `ls -l` would: set-id and sticky bits, devices by major and minor, and
+/// names with newlines or bytes that are not UTF-8 escaped as `ls -b` does, one entry a line.
+#[test]
+fn ls_long_shows_special_bits_devices_and_escaped_names() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.init();
+    let src = tmp.path().join("data");
+    std::fs::create_dir_all(src.join("shared")).unwrap();
+    let set_mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    for (name, mode) in [("suid", 0o4755), ("sgid-no-x", 0o2644)] {
+        std::fs::write(src.join(name), "x").unwrap();
+        set_mode(&src.join(name), mode);
+    }
+    set_mode(&src.join("shared"), 0o1777);
+    std::fs::write(src.join(std::ffi::OsStr::from_bytes(b"caf\xe9")), "x").unwrap();
+    std::fs::write(src.join("two\nlines"), "x").unwrap();
+    let device = std::process::Command::new("mknod")
+        .arg(src.join("null"))
+        .args(["c", "1", "3"])
+        .status()
+        .is_ok_and(|s| s.success());
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    let out = stdout(&h.ok(&["ls", "-l", "latest"]));
+    let line = |suffix: &str| -> &str {
+        out.lines().find(|l| l.ends_with(suffix)).unwrap_or_else(|| panic!("no line ending {suffix:?} in:\n{out}"))
+    };
+    assert!(line(" /data/suid").starts_with("-rwsr-xr-x "), "{out}");
+    assert!(line(" /data/sgid-no-x").starts_with("-rw-r-Sr-- "), "{out}");
+    assert!(line(" /data/shared").starts_with("drwxrwxrwt "), "{out}");
+    assert!(line(" /data/caf\\351").starts_with("-rw"), "{out}");
+    assert!(line(" /data/two\\nlines").starts_with("-rw"), "{out}");
+    assert!(!out.contains('\u{fffd}'), "{out}");
+    if device {
+        let l = line(" /data/null");
+        assert!(l.starts_with("crw"), "{out}");
+        assert!(l.contains(" 1, 3 "), "{out}");
+    }
+    // One line per entry: the newline in a name does not split it.
+    let entries = 5 + usize::from(device);
+    assert_eq!(out.lines().count(), entries, "{out}");
+    let short = stdout(&h.ok(&["ls", "latest"]));
+    assert_eq!(short.lines().count(), entries, "{short}");
+    assert!(short.lines().any(|l| l == "/data/two\\nlines"), "{short}");
+}
