@@ -293,3 +293,42 @@ fn ls_long_shows_special_bits_devices_and_escaped_names() {
     assert_eq!(short.lines().count(), entries, "{short}");
     assert!(short.lines().any(|l| l == "/data/two\\nlines"), "{short}");
 }
+
+/// Each component of `snapshots --json` reports its own new blobs, new bytes, warnings and
+/// duration; together they are the snapshot's.
+#[test]
+fn snapshots_json_reports_each_components_own_new_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.init();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    std::fs::write(a.join("one"), hoard_testkit::random_bytes(300_000, 1)).unwrap();
+    std::fs::write(b.join("two"), hoard_testkit::random_bytes(700_000, 2)).unwrap();
+    std::fs::write(b.join("three"), hoard_testkit::random_bytes(50_000, 3)).unwrap();
+    h.backup_json(&[a.to_str().unwrap(), b.to_str().unwrap()], 0);
+    let v: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "snapshots"]).stdout).unwrap();
+    let snap = &v[0];
+    let comps = snap["components"].as_array().unwrap();
+    assert_eq!(comps.len(), 2, "{snap}");
+    let stat = |c: &serde_json::Value, k: &str| c["stats"][k].as_u64().unwrap();
+    let (ca, cb) = (&comps[0], &comps[1]);
+    assert_eq!(ca["name"], "a");
+    // Every byte was new: each component's new bytes are its file data plus its trees.
+    assert!((300_000..310_000).contains(&stat(ca, "bytes_new")), "{ca}");
+    assert!((750_000..760_000).contains(&stat(cb, "bytes_new")), "{cb}");
+    assert!(stat(ca, "blobs_new") >= 2 && stat(cb, "blobs_new") >= 3, "{comps:?}");
+    for k in ["blobs_new", "bytes_new", "warnings"] {
+        assert_eq!(stat(ca, k) + stat(cb, k), snap["summary"][k].as_u64().unwrap(), "{k}: {snap}");
+    }
+    for c in comps {
+        assert!(stat(c, "duration_ms") <= snap["summary"]["duration_ms"].as_u64().unwrap(), "{snap}");
+    }
+    // The same data again is not new in either component.
+    h.backup_json(&[a.to_str().unwrap(), b.to_str().unwrap(), "--force"], 0);
+    let v: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "snapshots"]).stdout).unwrap();
+    for c in v[1]["components"].as_array().unwrap() {
+        assert_eq!(stat(c, "blobs_new"), 0, "{c}");
+    }
+}
