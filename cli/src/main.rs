@@ -431,6 +431,9 @@ fn main() -> ExitCode {
             }),
         )
         .with_ansi(hoard::output::stderr_colour())
+        // A log line that cannot be written (standard error closed) is dropped: reporting
+        // that on standard error would panic.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr)
         .init();
     raise_fd_limit();

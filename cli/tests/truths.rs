@@ -332,3 +332,24 @@ fn snapshots_json_reports_each_components_own_new_data() {
         assert_eq!(stat(c, "blobs_new"), 0, "{c}");
     }
 }
+
+/// With standard error closed too, a command that logs a warning (a damaged index file it
+/// skips) still ends normally instead of panicking over the message it cannot write.
+#[test]
+fn a_closed_standard_error_is_no_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = repo_with_files(tmp.path(), 10);
+    let index = files_under(&tmp.path().join("repo"), "index");
+    let victim = index.iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
+    let mut bytes = std::fs::read(victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(victim, bytes).unwrap();
+    let warned = h.run(&["--no-cache", "stats"]);
+    assert!(stderr(&warned).contains("skipping damaged index/"), "{}", stderr(&warned));
+    let mut child = h.cmd(&["--no-cache", "stats"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
