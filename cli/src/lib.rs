@@ -5,5 +5,6 @@
 //! `kubectl hoard repo check` and `hoard check` are the same code path. [`kubectl`] is the plugin.
 
 pub mod kubectl;
+pub mod listing;
 pub mod ops;
 pub mod output;

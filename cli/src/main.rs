@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 failure, 3 finished with warnings (some files skipped or failed),
 //! 10 no repository, 11 repository locked, 12 wrong password, 13 unsupported format version,
 //! 14 repository damaged, 15 no space left (repository or restore target), 130 interrupted.
+//! A reader of standard output that goes away is no failure (see [`hoard::output`]).
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -24,8 +25,9 @@ use hoard_core::tree::NodeKind;
 use hoard_core::util::human_bytes;
 use hoard_core::{Error, Id, Password, Repository};
 
+use hoard::listing;
 use hoard::ops::parse_percent;
-use hoard::output::{ProgressReporter, print_json};
+use hoard::output::{ProgressReporter, count, print_json};
 use hoard::{errln, outln};
 
 const EXIT_WARNINGS: u8 = 3;
@@ -485,6 +487,9 @@ fn main() -> ExitCode {
             }),
         )
         .with_ansi(hoard::output::stderr_colour())
+        // A log line that cannot be written (standard error closed) is dropped: reporting
+        // that on standard error would panic.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr)
         .init();
     raise_fd_limit();
@@ -891,50 +896,33 @@ async fn cmd_snapshots(g: &Global, f: &FilterArgs) -> anyhow::Result<u8> {
             human_bytes(s.summary.total_bytes)
         );
     }
-    outln!("{} snapshots", snaps.len());
+    outln!("{}", count(snaps.len(), "snapshot"));
     Ok(0)
-}
-
-fn mode_string(kind: NodeKind, mode: u32) -> String {
-    let t = match kind {
-        NodeKind::Dir => 'd',
-        NodeKind::Symlink => 'l',
-        NodeKind::Fifo => 'p',
-        NodeKind::Socket => 's',
-        NodeKind::CharDevice => 'c',
-        NodeKind::BlockDevice => 'b',
-        NodeKind::File => '-',
-    };
-    let mut s = String::from(t);
-    for shift in [6, 3, 0] {
-        let b = (mode >> shift) & 7;
-        s.push(if b & 4 != 0 { 'r' } else { '-' });
-        s.push(if b & 2 != 0 { 'w' } else { '-' });
-        s.push(if b & 1 != 0 { 'x' } else { '-' });
-    }
-    s
 }
 
 async fn cmd_ls(g: &Global, spec: &str, path: Option<&str>, long: bool, f: &FilterArgs) -> anyhow::Result<u8> {
     let repo = open_repo(g).await?;
     repo.load_index().await?;
     let (id, snap) = repo.find_snapshot(spec, &f.filter()).await?;
-    let mut rows: Vec<(String, hoard_core::tree::Node)> = Vec::new();
-    let mut visit = |p: &str, n: &hoard_core::tree::Node| rows.push((p.to_string(), n.clone()));
+    // Paths as the snapshot records them: names need not be UTF-8.
+    let mut rows: Vec<(Vec<u8>, hoard_core::tree::Node)> = Vec::new();
+    let mut visit = |p: &[u8], n: &hoard_core::tree::Node| rows.push((p.to_vec(), n.clone()));
     match path {
         None | Some("/") | Some("") => {
             for c in &snap.components {
-                browse::walk(&repo, c.root, format!("/{}", c.name), &mut visit).await?;
+                listing::walk(&repo, c.root, format!("/{}", c.name).into_bytes(), &mut visit).await?;
             }
         }
         Some(p) => match browse::locate(&repo, &snap, p).await? {
-            Located::Root { component, tree } => browse::walk(&repo, tree, format!("/{component}"), &mut visit).await?,
+            Located::Root { component, tree } => {
+                listing::walk(&repo, tree, format!("/{component}").into_bytes(), &mut visit).await?
+            }
             Located::Node { path, node } => {
                 let sub = node.subtree;
                 let is_dir = node.kind == NodeKind::Dir;
-                visit(&path, &node);
+                visit(path.as_bytes(), &node);
                 if let (true, Some(sub)) = (is_dir, sub) {
-                    browse::walk(&repo, sub, path, &mut visit).await?;
+                    listing::walk(&repo, sub, path.into_bytes(), &mut visit).await?;
                 }
             }
         },
@@ -943,7 +931,7 @@ async fn cmd_ls(g: &Global, spec: &str, path: Option<&str>, long: bool, f: &Filt
         print_json(&serde_json::json!({"message_type": "snapshot", "id": id.to_hex(), "time": snap.time}));
         for (p, n) in &rows {
             print_json(&serde_json::json!({
-                "message_type": "node", "path": p, "type": format!("{:?}", n.kind).to_lowercase(),
+                "message_type": "node", "path": String::from_utf8_lossy(p), "type": format!("{:?}", n.kind).to_lowercase(),
                 "size": n.size, "mode": n.mode, "uid": n.uid, "gid": n.gid,
                 "mtime": chrono::DateTime::from_timestamp(n.mtime.sec, n.mtime.nsec),
             }));
@@ -951,13 +939,20 @@ async fn cmd_ls(g: &Global, spec: &str, path: Option<&str>, long: bool, f: &Filt
         return Ok(0);
     }
     for (p, n) in &rows {
+        let p = listing::escape_name(p);
         if long {
             let t = chrono::DateTime::from_timestamp(n.mtime.sec, n.mtime.nsec)
                 .map(|t| t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S").to_string())
                 .unwrap_or_default();
-            let link =
-                n.link_target.as_ref().map(|t| format!(" -> {}", String::from_utf8_lossy(t))).unwrap_or_default();
-            outln!("{} {:>5} {:>5} {:>12} {} {p}{link}", mode_string(n.kind, n.mode), n.uid, n.gid, n.size, t);
+            let link = n.link_target.as_ref().map(|t| format!(" -> {}", listing::escape_name(t))).unwrap_or_default();
+            outln!(
+                "{} {:>5} {:>5} {:>12} {} {p}{link}",
+                listing::mode_string(n.kind, n.mode),
+                n.uid,
+                n.gid,
+                listing::size_column(n),
+                t
+            );
         } else {
             outln!("{p}");
         }
@@ -1094,11 +1089,11 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
             errln!("error: {p}: {why}");
         }
         outln!(
-            "restored snapshot {} into {}: {} files, {} dirs, {} other, {}",
+            "restored snapshot {} into {}: {}, {}, {} other, {}",
             id.short(),
             a.target.display(),
-            combined.files,
-            combined.dirs,
+            count(combined.files, "file"),
+            count(combined.dirs, "dir"),
             combined.other,
             human_bytes(combined.bytes)
         );
@@ -1126,14 +1121,14 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
         }
         if combined.target_full {
             outln!(
-                "{} files could not be restored (listed above): no space left in {} (device or quota full)",
-                combined.failed.len(),
+                "{} could not be restored (listed above): no space left in {} (device or quota full)",
+                count(combined.failed.len(), "file"),
                 a.target.display()
             );
         } else if !combined.failed.is_empty() {
             outln!(
-                "{} files could not be restored (listed above); run `hoard check --read-data`",
-                combined.failed.len()
+                "{} could not be restored (listed above); run `hoard check --read-data`",
+                count(combined.failed.len(), "file")
             );
         }
     }
@@ -1359,12 +1354,12 @@ async fn cmd_stats(g: &Global, spec: Option<&str>, f: &FilterArgs) -> anyhow::Re
         outln!("  stored: {} ({} before compression)", human_bytes(stored), human_bytes(raw));
         if let Some(s) = v.get("snapshot") {
             outln!(
-                "snapshot {}: {} files, {} to restore, {} in {} unique blobs",
-                &s["id"].as_str().unwrap_or_default()[..8],
-                s["files"],
+                "snapshot {}: {}, {} to restore, {} in {}",
+                s["id"].as_str().and_then(|id| id.get(..8)).unwrap_or_default(),
+                count(s["files"].as_u64().unwrap_or(0), "file"),
                 human_bytes(s["restore_size"].as_u64().unwrap_or(0)),
                 human_bytes(s["unique_bytes"].as_u64().unwrap_or(0)),
-                s["unique_blobs"]
+                count(s["unique_blobs"].as_u64().unwrap_or(0), "unique blob")
             );
         }
     }
@@ -1481,11 +1476,11 @@ async fn cmd_prune(g: &Global, a: PruneArgs) -> anyhow::Result<u8> {
     } else {
         let p = &out.plan;
         outln!(
-            "{}used {}, unused {}; {} packs to delete, {} to repack ({}), {} kept; unused afterwards {}",
+            "{}used {}, unused {}; {} to delete, {} to repack ({}), {} kept; unused afterwards {}",
             if a.dry_run { "would prune: " } else { "" },
             human_bytes(p.used_bytes),
             human_bytes(p.unused_bytes),
-            p.delete.len(),
+            count(p.delete.len(), "pack"),
             p.repack.len(),
             human_bytes(p.repack_bytes),
             p.keep.len(),
@@ -1493,13 +1488,13 @@ async fn cmd_prune(g: &Global, a: PruneArgs) -> anyhow::Result<u8> {
         );
         if !a.dry_run {
             outln!(
-                "removed {} packs and {} index files, wrote {} packs",
-                out.packs_removed,
-                out.index_files_removed,
-                out.packs_written
+                "removed {} and {}, wrote {}",
+                count(out.packs_removed, "pack"),
+                count(out.index_files_removed, "index file"),
+                count(out.packs_written, "pack")
             );
             if out.staging_files_removed > 0 {
-                outln!("removed {} staging files of interrupted writes", out.staging_files_removed);
+                outln!("removed {} of interrupted writes", count(out.staging_files_removed, "staging file"));
             }
         }
     }
@@ -1579,7 +1574,7 @@ async fn cmd_copy(g: &Global, from: &str, from_pw: Option<PathBuf>, only: &[Stri
         for (a, b) in &done {
             outln!("copied snapshot {} -> {}", a.short(), b.short());
         }
-        outln!("{} snapshots copied", done.len());
+        outln!("{} copied", count(done.len(), "snapshot"));
     }
     Ok(0)
 }
@@ -1659,13 +1654,17 @@ async fn cmd_forget(g: &Global, a: ForgetArgs) -> anyhow::Result<u8> {
             "removed": remove.iter().map(|(id, _)| id.to_hex()).collect::<Vec<_>>(),
         }));
     } else {
-        outln!("{} {} snapshots", if a.dry_run { "would remove" } else { "removed" }, remove.len());
+        outln!("{} {}", if a.dry_run { "would remove" } else { "removed" }, count(remove.len(), "snapshot"));
     }
     if a.prune && !a.dry_run {
         let opts = hoard_core::prune::PruneOptions { max_unused: parse_percent(&a.max_unused)?, dry_run: false };
         let out = hoard_core::prune::prune(repo, opts).await?;
         if !g.json {
-            outln!("prune removed {} packs and {} index files", out.packs_removed, out.index_files_removed);
+            outln!(
+                "prune removed {} and {}",
+                count(out.packs_removed, "pack"),
+                count(out.index_files_removed, "index file")
+            );
         }
     }
     Ok(0)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail};
 use hoard_core::Repository;
 
-use crate::output::print_json;
+use crate::output::{count, is_are, print_json};
 
 /// `10%` → 0.1.
 pub fn parse_percent(s: &str) -> anyhow::Result<f64> {
@@ -33,17 +33,18 @@ pub async fn check(repo: Arc<Repository>, read_data: bool, subset: Option<&str>,
         print_json(&serde_json::to_value(&report)?);
     } else {
         outln!(
-            "checked {} snapshots, {} trees, {} packs ({} read, {} blobs verified)",
-            report.snapshots,
-            report.trees,
-            report.packs,
+            "checked {}, {}, {} ({} read, {} verified)",
+            count(report.snapshots, "snapshot"),
+            count(report.trees, "tree"),
+            count(report.packs, "pack"),
             report.packs_read,
-            report.blobs_read
+            count(report.blobs_read, "blob")
         );
         if !report.unreferenced_packs.is_empty() {
             outln!(
-                "{} packs are not referenced by any index (left by interrupted runs; `hoard prune` removes them)",
-                report.unreferenced_packs.len()
+                "{} {} not referenced by any index (left by interrupted runs; `hoard prune` removes them)",
+                count(report.unreferenced_packs.len(), "pack"),
+                is_are(report.unreferenced_packs.len())
             );
         }
         if report.stale_locks > 0 {
@@ -55,8 +56,9 @@ pub async fn check(repo: Arc<Repository>, read_data: bool, subset: Option<&str>,
         }
         if report.unreferenced_trees > 0 {
             outln!(
-                "{} directory trees are not referenced by any snapshot (a snapshot was forgotten without prune, or deleted)",
-                report.unreferenced_trees
+                "{} {} not referenced by any snapshot (a snapshot was forgotten without prune, or deleted)",
+                count(report.unreferenced_trees, "directory tree"),
+                is_are(report.unreferenced_trees)
             );
         }
         for e in &report.errors {
@@ -84,12 +86,13 @@ pub async fn unlock(repo: &Repository, remove_all: bool, json: bool) -> anyhow::
     if json {
         print_json(&serde_json::json!({"removed_locks": n}));
     } else {
-        outln!("removed {n} locks");
+        outln!("removed {}", count(n, "lock"));
     }
     Ok(0)
 }
 
-/// Lists the key slots; `*` marks the one that opened the repository. Never prints key material.
+/// Lists the key slots under a header; `*` marks the one that opened the repository. Never
+/// prints key material.
 pub async fn key_list(repo: &Repository, json: bool) -> anyhow::Result<u8> {
     let keys = repo.list_keys().await?;
     let rows: Vec<serde_json::Value> = keys
@@ -102,16 +105,24 @@ pub async fn key_list(repo: &Repository, json: bool) -> anyhow::Result<u8> {
     if json {
         print_json(&serde_json::Value::Array(rows));
     } else {
-        for r in rows {
+        outln!("  {:<8}  {:<20}  USER@HOST", "ID", "CREATED");
+        for (r, (_, slot)) in rows.iter().zip(&keys) {
             let id = r["id"].as_str().unwrap_or_default();
+            let line = match slot {
+                Ok(s) => format!(
+                    "{:<20}  {}@{}",
+                    s.created.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S"),
+                    s.username,
+                    s.hostname
+                ),
+                // An unreadable slot is listed with why, so it can be removed by its id.
+                Err(e) => format!("{:<20}  {e}", "-"),
+            };
             outln!(
-                "{} {:<10} {} {}@{} {}",
+                "{} {:<8}  {}",
                 if r["current"] == true { "*" } else { " " },
                 id.get(..8).unwrap_or(id),
-                r["created"].as_str().unwrap_or("-"),
-                r["user"].as_str().unwrap_or("-"),
-                r["host"].as_str().unwrap_or("-"),
-                r["error"].as_str().unwrap_or("")
+                line.trim_end()
             );
         }
     }

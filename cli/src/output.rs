@@ -120,6 +120,18 @@ pub fn without_help(mut cmd: clap::Command) -> Vec<String> {
     missing
 }
 
+/// `1 snapshot`, `0 snapshots`, `2 snapshots`: `n` and `noun`, with an `s` unless `n` is 1
+/// (every noun the tools count takes one).
+pub fn count<N: TryInto<u64> + Copy + std::fmt::Display>(n: N, noun: &str) -> String {
+    let one = n.try_into().is_ok_and(|n| n == 1);
+    format!("{n} {noun}{}", if one { "" } else { "s" })
+}
+
+/// `is` for one, else `are`.
+pub fn is_are<N: TryInto<u64> + Copy>(n: N) -> &'static str {
+    if n.try_into().is_ok_and(|n| n == 1) { "is" } else { "are" }
+}
+
 /// One JSON document and a newline on standard output, through [`write_out`].
 pub fn print_json(v: &serde_json::Value) {
     let mut line = serde_json::to_vec(v).unwrap_or_default();
@@ -201,6 +213,16 @@ impl ProgressReporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_are_singular_only_for_one() {
+        assert_eq!(count(0usize, "snapshot"), "0 snapshots");
+        assert_eq!(count(1usize, "snapshot"), "1 snapshot");
+        assert_eq!(count(2u64, "index file"), "2 index files");
+        assert_eq!(count(1u64, "index file"), "1 index file");
+        assert_eq!(is_are(1usize), "is");
+        assert_eq!(is_are(3u64), "are");
+    }
 
     #[test]
     fn colour_only_on_a_terminal_without_no_color() {

@@ -204,3 +204,152 @@ fn restore_errors_are_printed_once_without_colour_when_stderr_is_not_a_terminal(
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("hoard: wrong password"), "{err}");
 }
+
+/// Counts read right: `1 snapshot`, `removed 1 snapshot`, `checked 1 snapshot`.
+#[test]
+fn counts_of_one_are_singular() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.init();
+    let src = tmp.path().join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), "x").unwrap();
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    assert!(stdout(&h.ok(&["snapshots"])).ends_with("\n1 snapshot\n"), "{}", stdout(&h.ok(&["snapshots"])));
+    std::fs::write(src.join("g"), "y").unwrap();
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    assert!(stdout(&h.ok(&["snapshots"])).ends_with("\n2 snapshots\n"));
+    assert!(stdout(&h.ok(&["forget", "--keep-last", "1", "--dry-run"])).ends_with("\nwould remove 1 snapshot\n"));
+    assert!(stdout(&h.ok(&["forget", "--keep-last", "1"])).ends_with("\nremoved 1 snapshot\n"));
+    let check = stdout(&h.ok(&["check"]));
+    assert!(check.starts_with("checked 1 snapshot, "), "{check}");
+    assert!(check.contains("1 directory tree is not referenced"), "{check}");
+    assert_eq!(stdout(&h.ok(&["unlock"])), "removed 0 locks\n");
+}
+
+#[test]
+fn key_list_has_a_header() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.init();
+    let out = stdout(&h.ok(&["key", "list"]));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(header, ["ID", "CREATED", "USER@HOST"], "{out}");
+    assert!(lines[1].starts_with("* "), "{out}");
+    // The columns line up under the header: the creation date under CREATED, user@host under
+    // USER@HOST.
+    let created = lines[0].find("CREATED").unwrap();
+    assert!(lines[1][created..].starts_with("20"), "{out}");
+    let user = lines[0].find("USER@HOST").unwrap();
+    assert!(lines[1][user..].contains('@') && !lines[1][user..].starts_with(' '), "{out}");
+}
+
+/// `ls -l` shows what `ls -l` would: set-id and sticky bits, devices by major and minor, and
+/// names with newlines or bytes that are not UTF-8 escaped as `ls -b` does, one entry a line.
+#[test]
+fn ls_long_shows_special_bits_devices_and_escaped_names() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.init();
+    let src = tmp.path().join("data");
+    std::fs::create_dir_all(src.join("shared")).unwrap();
+    let set_mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    for (name, mode) in [("suid", 0o4755), ("sgid-no-x", 0o2644)] {
+        std::fs::write(src.join(name), "x").unwrap();
+        set_mode(&src.join(name), mode);
+    }
+    set_mode(&src.join("shared"), 0o1777);
+    std::fs::write(src.join(std::ffi::OsStr::from_bytes(b"caf\xe9")), "x").unwrap();
+    std::fs::write(src.join("two\nlines"), "x").unwrap();
+    let device = std::process::Command::new("mknod")
+        .arg(src.join("null"))
+        .args(["c", "1", "3"])
+        .status()
+        .is_ok_and(|s| s.success());
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    let out = stdout(&h.ok(&["ls", "-l", "latest"]));
+    let line = |suffix: &str| -> &str {
+        out.lines().find(|l| l.ends_with(suffix)).unwrap_or_else(|| panic!("no line ending {suffix:?} in:\n{out}"))
+    };
+    assert!(line(" /data/suid").starts_with("-rwsr-xr-x "), "{out}");
+    assert!(line(" /data/sgid-no-x").starts_with("-rw-r-Sr-- "), "{out}");
+    assert!(line(" /data/shared").starts_with("drwxrwxrwt "), "{out}");
+    assert!(line(" /data/caf\\351").starts_with("-rw"), "{out}");
+    assert!(line(" /data/two\\nlines").starts_with("-rw"), "{out}");
+    assert!(!out.contains('\u{fffd}'), "{out}");
+    if device {
+        let l = line(" /data/null");
+        assert!(l.starts_with("crw"), "{out}");
+        assert!(l.contains(" 1, 3 "), "{out}");
+    }
+    // One line per entry: the newline in a name does not split it.
+    let entries = 5 + usize::from(device);
+    assert_eq!(out.lines().count(), entries, "{out}");
+    let short = stdout(&h.ok(&["ls", "latest"]));
+    assert_eq!(short.lines().count(), entries, "{short}");
+    assert!(short.lines().any(|l| l == "/data/two\\nlines"), "{short}");
+}
+
+/// Each component of `snapshots --json` reports its own new blobs, new bytes, warnings and
+/// duration; together they are the snapshot's.
+#[test]
+fn snapshots_json_reports_each_components_own_new_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.init();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    std::fs::write(a.join("one"), hoard_testkit::random_bytes(300_000, 1)).unwrap();
+    std::fs::write(b.join("two"), hoard_testkit::random_bytes(700_000, 2)).unwrap();
+    std::fs::write(b.join("three"), hoard_testkit::random_bytes(50_000, 3)).unwrap();
+    h.backup_json(&[a.to_str().unwrap(), b.to_str().unwrap()], 0);
+    let v: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "snapshots"]).stdout).unwrap();
+    let snap = &v[0];
+    let comps = snap["components"].as_array().unwrap();
+    assert_eq!(comps.len(), 2, "{snap}");
+    let stat = |c: &serde_json::Value, k: &str| c["stats"][k].as_u64().unwrap();
+    let (ca, cb) = (&comps[0], &comps[1]);
+    assert_eq!(ca["name"], "a");
+    // Every byte was new: each component's new bytes are its file data plus its trees.
+    assert!((300_000..310_000).contains(&stat(ca, "bytes_new")), "{ca}");
+    assert!((750_000..760_000).contains(&stat(cb, "bytes_new")), "{cb}");
+    assert!(stat(ca, "blobs_new") >= 2 && stat(cb, "blobs_new") >= 3, "{comps:?}");
+    for k in ["blobs_new", "bytes_new", "warnings"] {
+        assert_eq!(stat(ca, k) + stat(cb, k), snap["summary"][k].as_u64().unwrap(), "{k}: {snap}");
+    }
+    for c in comps {
+        assert!(stat(c, "duration_ms") <= snap["summary"]["duration_ms"].as_u64().unwrap(), "{snap}");
+    }
+    // The same data again is not new in either component.
+    h.backup_json(&[a.to_str().unwrap(), b.to_str().unwrap(), "--force"], 0);
+    let v: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "snapshots"]).stdout).unwrap();
+    for c in v[1]["components"].as_array().unwrap() {
+        assert_eq!(stat(c, "blobs_new"), 0, "{c}");
+    }
+}
+
+/// With standard error closed too, a command that logs a warning (a damaged index file it
+/// skips) still ends normally instead of panicking over the message it cannot write.
+#[test]
+fn a_closed_standard_error_is_no_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = repo_with_files(tmp.path(), 10);
+    let index = files_under(&tmp.path().join("repo"), "index");
+    let victim = index.iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
+    let mut bytes = std::fs::read(victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(victim, bytes).unwrap();
+    let warned = h.run(&["--no-cache", "stats"]);
+    assert!(stderr(&warned).contains("skipping damaged index/"), "{}", stderr(&warned));
+    let mut child = h.cmd(&["--no-cache", "stats"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}

@@ -1844,6 +1844,10 @@ async fn backup_locked(
     let sources = std::mem::take(&mut opts.sources);
     let read_concurrency = opts.read_concurrency;
     for source in sources {
+        let component_started = Instant::now();
+        let blobs_before = wstats.blobs_new.load(Ordering::Relaxed);
+        let bytes_before = wstats.bytes_new.load(Ordering::Relaxed);
+        let warnings_before = ctx.warning_count.load(Ordering::Relaxed);
         let ctx2 = Arc::clone(&ctx);
         let parent_root = match &source {
             Source::Path { name, .. } | Source::Dir { name, .. } => {
@@ -1880,7 +1884,14 @@ async fn backup_locked(
                 return Err(finished.err().unwrap_or(e));
             }
         };
-        let stats = ctx.stats.take();
+        let mut stats = ctx.stats.take();
+        // Components are backed up one after another and a blob is counted new when it is
+        // added, so these differences are the component's own. Stored bytes are counted as
+        // packs, which mix components, are uploaded: only the snapshot's summary has them.
+        stats.blobs_new = wstats.blobs_new.load(Ordering::Relaxed) - blobs_before;
+        stats.bytes_new = wstats.bytes_new.load(Ordering::Relaxed) - bytes_before;
+        stats.warnings = ctx.warning_count.load(Ordering::Relaxed) - warnings_before;
+        stats.duration_ms = component_started.elapsed().as_millis() as u64;
         summary.add(&stats);
         components.push(Component { name, kind, root, source: origin, stats });
     }

@@ -307,6 +307,9 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
         )
         .with_ansi(crate::output::stderr_colour())
+        // A log line that cannot be written (standard error closed) is dropped: reporting
+        // that on standard error would panic.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
