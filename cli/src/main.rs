@@ -1401,25 +1401,25 @@ async fn cmd_repair_packs(g: &Global, packs: &[String], dry_run: bool) -> anyhow
         outln!(
             "{}: {state}; {would}salvage {}, {} elsewhere, {} lost",
             d.pack,
-            plural(d.blobs_salvaged, "blob"),
+            count(d.blobs_salvaged, "blob"),
             d.blobs_elsewhere,
             d.blobs_lost
         );
     }
-    outln!("read {}, {} not intact", plural(out.packs_read, "pack"), out.damaged.len());
+    outln!("read {}, {} not intact", count(out.packs_read, "pack"), out.damaged.len());
     if !dry_run && !out.damaged.is_empty() {
         outln!(
             "wrote {}, removed {} and {}",
-            plural(out.packs_written as usize, "pack"),
-            plural(out.packs_removed, "damaged pack"),
-            plural(out.index_files_removed, "index file")
+            count(out.packs_written as usize, "pack"),
+            count(out.packs_removed, "damaged pack"),
+            count(out.index_files_removed, "index file")
         );
     }
     if out.blobs_lost > 0 {
         outln!(
             "{} {}lost: back up the same sources again to store them anew; for a source that is gone, \
              `hoard repair snapshots` leaves the lost files out of its snapshots",
-            plural(out.blobs_lost, "blob"),
+            count(out.blobs_lost, "blob"),
             if dry_run { "would be " } else { "are " }
         );
     }
@@ -1455,16 +1455,11 @@ async fn cmd_repair_snapshots(g: &Global, specs: &[String], forget: bool, dry_ru
     }
     outln!(
         "checked {}, {} {}",
-        plural(out.snapshots_checked, "snapshot"),
+        count(out.snapshots_checked, "snapshot"),
         out.repaired.len(),
         if dry_run { "would be repaired" } else { "repaired" }
     );
     Ok(0)
-}
-
-/// `1 pack`, `2 packs`.
-fn plural(n: usize, noun: &str) -> String {
-    if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
 }
 
 async fn cmd_prune(g: &Global, a: PruneArgs) -> anyhow::Result<u8> {

@@ -50,6 +50,8 @@ pub fn group_by() -> GroupBy {
 pub fn plan_forget(snapshots: &[(Id, Snapshot)], spec: &RetentionPolicySpec, now: DateTime<Utc>) -> Result<Vec<Id>> {
     let cutoff = match spec.max_retention_period.as_deref() {
         None => None,
+        // A zero period is no rule, as in hoard-core (not a cutoff of now, removing everything).
+        Some(p) if parse_period(p).is_ok_and(|d| d.is_zero()) => None,
         Some(p) => {
             Some(parse_period(p).map_err(|e| Error::invalid("maxRetentionPeriod", e.to_string())).and_then(|d| {
                 Duration::from_std(d)
@@ -101,6 +103,17 @@ mod tests {
             failed_snapshots: FailedSnapshots::default(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_zero_max_retention_period_removes_nothing() {
+        let snaps: Vec<_> = (0..3).map(|h| snap("a", utc(2026, 1, 1, h, 0, 0))).collect();
+        for zero in ["0d", "0m", "0y0mo"] {
+            let removed = plan_forget(&snaps, &spec(None, Some(zero)), utc(2026, 1, 2, 0, 0, 0)).expect("plan");
+            assert!(removed.is_empty(), "{zero}: {removed:?}");
+        }
+        let removed = plan_forget(&snaps, &spec(None, Some("1h")), utc(2026, 1, 1, 2, 30, 0)).expect("plan");
+        assert_eq!(removed.len(), 2);
     }
 
     #[test]

@@ -176,7 +176,7 @@ pub struct StoredRepository {
 #[serde(rename_all = "camelCase")]
 pub struct RetentionPolicySpec {
     /// Snapshots older than this are removed whatever the other rules say, e.g. `30d`, `1y6mo`
-    /// (units largest first, each once: y, mo months, w, d, h, m minutes).
+    /// (units largest first, each once: y, mo months, w, d, h, m minutes); a zero period is no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = super::common::PERIOD_PATTERN), length(min = 2))]
     pub max_retention_period: Option<String>,
