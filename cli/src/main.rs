@@ -1056,6 +1056,7 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
                 combined.bytes += o.bytes;
                 combined.failed.extend(o.failed);
                 combined.target_full |= o.target_full;
+                combined.failed_from_repository += o.failed_from_repository;
                 combined.direct_files += o.direct_files;
                 combined.direct_refused += o.direct_refused;
                 combined.warnings.extend(o.warnings);
@@ -1126,10 +1127,21 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
                 a.target.display()
             );
         } else if !combined.failed.is_empty() {
-            outln!(
-                "{} could not be restored (listed above); run `hoard check --read-data`",
-                count(combined.failed.len(), "file")
-            );
+            let from_repo = combined.failed_from_repository as usize;
+            let refused = combined.failed.len() - from_repo;
+            if from_repo > 0 {
+                outln!(
+                    "{} could not be read from the repository (listed above); `hoard check --read-data` tells what is damaged",
+                    count(from_repo, "file")
+                );
+            }
+            if refused > 0 {
+                outln!(
+                    "{} could not be written into {} (listed above: permissions, a read-only filesystem, an entry in the way)",
+                    count(refused, "file"),
+                    a.target.display()
+                );
+            }
         }
     }
     Ok(if combined.target_full {

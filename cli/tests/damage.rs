@@ -72,6 +72,10 @@ fn damaged_pack_fails_only_the_affected_files() {
     let err = stderr(&out);
     let failed: Vec<String> = err.lines().filter(|l| l.starts_with("error: ")).map(str::to_string).collect();
     assert!(!failed.is_empty() && failed.len() < 6, "{err}");
+    // The advice fits the cause: the repository could not provide the data.
+    let text = stdout(&out);
+    assert!(text.contains("could not be read from the repository") && text.contains("check --read-data"), "{text}");
+    assert!(!text.contains("could not be written"), "{text}");
     // Every file not reported restored byte-identical.
     let mut intact = 0;
     for i in 0..6 {
@@ -544,4 +548,19 @@ fn repair_snapshots_leaves_out_what_is_lost_and_marks_it() {
     // With nothing referencing lost data any more, prune works again.
     h.ok(&["prune"]);
     h.expect(&["check", "--read-data"], 0);
+}
+
+/// A file the target refuses (a directory is in its way) is not the repository's fault: the
+/// advice names the target, not `check`.
+#[test]
+fn a_target_that_refuses_a_file_is_not_called_damage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (h, _) = setup(tmp.path());
+    let target = tmp.path().join("restore");
+    std::fs::create_dir_all(target.join("data/file0/in-the-way")).unwrap();
+    let out = h.expect(&["restore", "latest", "--target", target.to_str().unwrap(), "--overwrite", "always"], 1);
+    let text = stdout(&out);
+    assert!(text.contains("1 file could not be written into"), "{text}");
+    assert!(!text.contains("check --read-data"), "{text}");
+    assert!(stderr(&out).lines().any(|l| l.starts_with("error: ") && l.contains("file0")), "{}", stderr(&out));
 }

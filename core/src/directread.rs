@@ -152,7 +152,11 @@ fn read(path: &Path, ranges: &[Range<u64>]) -> io::Result<(Vec<Bytes>, bool)> {
             if (got as u64) < span.end - start {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!("bytes {}..{} asked, the file ends at {}", span.start, span.end, start + got as u64),
+                    format!(
+                        "truncated: it ends at byte {}, but data was asked up to byte {}",
+                        start + got as u64,
+                        span.end
+                    ),
                 ));
             }
             placed.push((at, start));

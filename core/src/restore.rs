@@ -278,10 +278,14 @@ pub struct RestoreOutcome {
     pub other: u64,
     /// Content bytes of the files restored (those in `failed` not counted).
     pub bytes: u64,
-    /// Files whose content could not be restored, with the reason.
+    /// Files whose content could not be restored, with the reason; paths as the snapshot names
+    /// them (`/component/dir/file` when `match_prefix` names the component).
     pub failed: Vec<(String, String)>,
     /// Some of `failed` failed because the target's device or quota is full.
     pub target_full: bool,
+    /// How many of `failed` failed because the repository could not provide their data
+    /// (`check --read-data` tells more); the others were refused by the target.
+    pub failed_from_repository: u64,
     /// Metadata that could not be applied and skipped entries.
     pub warnings: Vec<String>,
     /// Existing entries left as they are under [`RestoreOptions::overwrite`].
@@ -328,6 +332,9 @@ struct FileState {
     /// Set when the file is written in whole blocks (with `O_DIRECT`).
     blocks: Option<BlockFile>,
     failed: Mutex<Option<String>>,
+    /// The failure was the repository's: it could not provide the file's data (missing,
+    /// damaged or unreadable), as opposed to the target refusing a write.
+    from_repository: std::sync::atomic::AtomicBool,
     /// The failure was a full device or quota.
     no_space: std::sync::atomic::AtomicBool,
     /// Content bytes handed to writes; counted in the outcome only if the file is restored.
@@ -582,11 +589,13 @@ impl Ctx {
         true
     }
 
+    /// Records a failed entry, named as the snapshot names it.
     fn fail(&self, rel: &str, why: String) {
-        tracing::error!("{rel}: {why}");
+        let path = self.snapshot_path(rel);
+        tracing::error!("{path}: {why}");
         // Shown live among the recent warnings (and counted with them).
-        self.progress.add_warning(&format!("{rel}: {why}"));
-        self.outcome.lock().unwrap_or_else(|p| p.into_inner()).failed.push((rel.to_string(), why));
+        self.progress.add_warning(&format!("{path}: {why}"));
+        self.outcome.lock().unwrap_or_else(|p| p.into_inner()).failed.push((path, why));
     }
 
     /// [`Ctx::fail`] for an I/O error; a full device or quota marks the outcome `target_full`.
@@ -615,9 +624,11 @@ impl Ctx {
         if self.match_prefix.is_empty() { rel.to_string() } else { format!("{}/{rel}", self.match_prefix) }
     }
 
-    /// `rel` (below the restore root) as the snapshot names it: `/component/dir/file`.
+    /// `rel` (below the restore root) as the snapshot names it, `/component/dir/file`, when
+    /// `match_prefix` names where the root is; else `rel` itself (relative to the target).
     fn snapshot_path(&self, rel: &str) -> String {
-        format!("/{}", self.match_path(rel.trim_start_matches('/')))
+        let rel = rel.trim_start_matches('/');
+        if self.match_prefix.is_empty() { rel.to_string() } else { format!("/{}/{rel}", self.match_prefix) }
     }
 
     /// Under [`RestoreOptions::delete`]: removes the entries of `dir` that `tree` does not have,
@@ -731,6 +742,9 @@ fn finish_file(ctx: &Ctx, f: &Arc<FileState>) {
                 Ok(Ok(())) => format!("{why} (the partial file was removed)"),
                 _ => why,
             };
+            if f.from_repository.load(Ordering::Relaxed) {
+                ctx.count(|o| o.failed_from_repository += 1);
+            }
             ctx.fail_for_space(&f.rel, why, f.no_space.load(Ordering::Relaxed))
         }
         None => {
@@ -1042,6 +1056,7 @@ impl Walker<'_> {
             blocks,
             failed: Mutex::new(None),
             no_space: Default::default(),
+            from_repository: Default::default(),
             written: AtomicU64::new(0),
         });
         if data.is_empty() {
@@ -1054,6 +1069,7 @@ impl Walker<'_> {
             let index = ctx.repo.index();
             for (offset, id, len) in data {
                 let Some(loc) = index.get(&id) else {
+                    file.from_repository.store(true, Ordering::Relaxed);
                     file.mark_failed(format!("blob {} is not in the index", id.short()));
                     missing += 1;
                     continue;
@@ -1109,8 +1125,10 @@ impl Walker<'_> {
     }
 }
 
-/// Gives up one target: the file fails with `why` (the first reason is kept).
+/// Gives up one target because the repository could not provide its data: the file fails
+/// with `why` (the first reason is kept).
 fn give_up(ctx: &Ctx, t: &Target, why: &str) {
+    t.file.from_repository.store(true, Ordering::Relaxed);
     t.file.mark_failed(why.to_string());
     finish_file(ctx, &t.file);
 }
