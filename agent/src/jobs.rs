@@ -538,11 +538,14 @@ async fn restore_in_volume(
 ) -> Result<pb::Result, JobError> {
     // The same order after a crash: what it restored completely (size and time set) is kept.
     let resumed = read_marker(&vol.dir).as_deref() == Some(ctx.order_id.as_str());
+    let policy = Overwrite::from(order.overwrite());
     let foreign = foreign_entries(&vol.dir, &ctx.order_id)?;
-    if foreign > 0 && !order.overwrite {
+    if foreign > 0 && policy == Overwrite::Never {
         return Err(JobError::new(
             "refused",
-            format!("the volume is not empty ({foreign} entries); set overwrite to restore into it"),
+            format!(
+                "the volume is not empty ({foreign} entries); set overwrite (IfChanged, IfNewer or Always) to restore into it"
+            ),
         ));
     }
     write_marker(&vol.dir, &ctx.order_id)?;
@@ -555,14 +558,9 @@ async fn restore_in_volume(
         includes: order.includes.clone(),
         excludes: order.excludes.clone(),
         full_metadata: order.full_metadata,
-        overwrite: if order.overwrite {
-            Overwrite::Always
-        } else if resumed {
-            Overwrite::IfChanged
-        } else {
-            // The volume was found empty (but for `lost+found`, merged into).
-            Overwrite::Never
-        },
+        // A resumed order rewrites its partial files (their time is not yet the snapshot's);
+        // a fresh one with Never found the volume empty (but for `lost+found`, merged into).
+        overwrite: if resumed && policy != Overwrite::Always { Overwrite::IfChanged } else { policy },
     };
     let r = restore_into(env, ctx, spec, (vol.path, vol.dir)).await;
     // Finished one way or another (done, failed, cancelled): only a crash leaves the marker.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use hoard_api::agent::v1::{
-    BackupOrder, CancelRequest, Phase, RestoreOrder, StatusRequest, VerifyOrder, VolumeIdentity,
+    BackupOrder, CancelRequest, Overwrite, Phase, RestoreOrder, StatusRequest, VerifyOrder, VolumeIdentity,
     volume_identity::Source,
 };
 use hoard_testkit::{compare, kubelet, make_kubelet_tree, make_test_pki, manifest};
@@ -853,18 +853,18 @@ async fn restore_refuses_a_non_empty_volume_unless_overwrite() {
     let done = finish(client.backup(backup_order("b", identity(src), &repo_dir)).await, LONG).await.unwrap();
     let snapshot = done.result.unwrap().snapshot_id;
     let target = &tree.empty.data_dir;
-    let restore = |id: &str, overwrite: bool| RestoreOrder {
+    let restore = |id: &str, overwrite: Overwrite| RestoreOrder {
         order_id: id.into(),
         volume: Some(identity(&tree.empty)),
         repository: Some(repo_msg(&repo_dir)),
         snapshot: snapshot.clone(),
-        overwrite,
+        overwrite: overwrite as i32,
         ..Default::default()
     };
 
     // lost+found alone: still empty.
     std::fs::create_dir(target.join("lost+found")).unwrap();
-    let ev = finish(client.restore(restore("r1", false)).await, LONG).await.unwrap();
+    let ev = finish(client.restore(restore("r1", Overwrite::Never)).await, LONG).await.unwrap();
     assert_eq!(phase(&ev), Phase::Done, "{ev:?}");
     std::fs::remove_dir(target.join("lost+found")).unwrap();
     assert!(compare(&manifest(&src.data_dir), &manifest(target)).is_empty());
@@ -873,20 +873,33 @@ async fn restore_refuses_a_non_empty_volume_unless_overwrite() {
     // Not empty now: refused, nothing touched.
     std::fs::write(target.join("local-only"), b"keep me").unwrap();
     let before = manifest(target);
-    let ev = finish(client.restore(restore("r2", false)).await, LONG).await.unwrap();
+    let ev = finish(client.restore(restore("r2", Overwrite::Never)).await, LONG).await.unwrap();
     assert_eq!((phase(&ev), ev.error_class.as_str()), (Phase::Failed, "refused"), "{ev:?}");
     assert!(compare(&before, &manifest(target)).is_empty());
 
     // Another order's marker is just more content.
     std::fs::write(target.join(hoard_agent::jobs::RESTORE_MARKER), b"some-other-order").unwrap();
-    let ev = finish(client.restore(restore("r3", false)).await, LONG).await.unwrap();
+    let ev = finish(client.restore(restore("r3", Overwrite::Never)).await, LONG).await.unwrap();
     assert_eq!((phase(&ev), ev.error_class.as_str()), (Phase::Failed, "refused"), "{ev:?}");
     // A crash left this order's marker (and part of its data): the re-sent order continues, and
     // leaves what is not in the snapshot alone.
     std::fs::write(target.join(hoard_agent::jobs::RESTORE_MARKER), b"r5").unwrap();
-    let ev = finish(client.restore(restore("r5", false)).await, LONG).await.unwrap();
+    let ev = finish(client.restore(restore("r5", Overwrite::Never)).await, LONG).await.unwrap();
     assert_eq!(phase(&ev), Phase::Done, "{ev:?}");
     assert!(!target.join(hoard_agent::jobs::RESTORE_MARKER).exists());
+    assert_eq!(std::fs::read(target.join("local-only")).unwrap(), b"keep me");
+
+    // IfChanged: what r5 restored is unchanged and kept, a file edited since is rewritten, and
+    // entries the snapshot lacks stay.
+    let (edited, _) = manifest(&src.data_dir)
+        .into_iter()
+        .find(|(p, e)| e.kind == "file" && !p.contains(&b'/') && e.nlink == 1 && e.size > 0)
+        .expect("a top-level file with content");
+    let edited = String::from_utf8(edited).unwrap();
+    std::fs::write(target.join(&edited), b"edited in the volume").unwrap();
+    let ev = finish(client.restore(restore("r6", Overwrite::IfChanged)).await, LONG).await.unwrap();
+    assert_eq!(phase(&ev), Phase::Done, "{ev:?}");
+    assert_eq!(std::fs::read(target.join(&edited)).unwrap(), std::fs::read(src.data_dir.join(&edited)).unwrap());
     assert_eq!(std::fs::read(target.join("local-only")).unwrap(), b"keep me");
 
     // With overwrite: snapshot entries replace same-named ones, other entries stay; a
@@ -899,7 +912,7 @@ async fn restore_refuses_a_non_empty_volume_unless_overwrite() {
     std::fs::remove_file(target.join(&file)).unwrap();
     std::fs::create_dir(target.join(&file)).unwrap();
     std::fs::write(target.join(&file).join("inside"), b"x").unwrap();
-    let ev = finish(client.restore(restore("r4", true)).await, LONG).await.unwrap();
+    let ev = finish(client.restore(restore("r4", Overwrite::Always)).await, LONG).await.unwrap();
     assert_eq!(phase(&ev), Phase::Failed, "{ev:?}");
     let name = file.to_str().unwrap();
     assert!(ev.result.as_ref().unwrap().failed_files.iter().any(|f| f.starts_with(name)), "{ev:?}");
@@ -954,7 +967,7 @@ async fn completed_restore_is_idempotent_across_a_restart() {
     assert_eq!((phase(&other), other.error_class.as_str()), (Phase::Failed, "refused"), "{other:?}");
     // The same id with other content: a conflict, also after the restart.
     let mut changed = restore("restore-once");
-    changed.overwrite = true;
+    changed.overwrite = Overwrite::Always as i32;
     assert_eq!(client.restore(changed).await.err().unwrap().code(), Code::AlreadyExists);
     // Rotated credentials do not make it another order.
     let mut rotated = restore("restore-once");
@@ -1389,7 +1402,7 @@ async fn restore_over_hostile_volume_contents_writes_nothing_outside() {
             volume: Some(identity(vol)),
             repository: Some(repo_msg(&repo_dir)),
             snapshot: snapshot.clone(),
-            overwrite: true,
+            overwrite: Overwrite::Always as i32,
             ..Default::default()
         };
         let mut c = client.clone();

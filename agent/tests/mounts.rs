@@ -90,7 +90,7 @@ async fn backup_and_restore_stop_at_mounts_inside_the_volume() {
         volume: Some(identity(&tree.empty)),
         repository: Some(repo_msg(&repo_dir)),
         snapshot: snapshot.clone(),
-        overwrite: true,
+        overwrite: hoard_api::agent::v1::Overwrite::Always as i32,
         ..Default::default()
     };
     let ev = finish(client.restore(order).await, LONG).await.unwrap();

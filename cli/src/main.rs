@@ -26,7 +26,7 @@ use hoard_core::util::human_bytes;
 use hoard_core::{Error, Id, Password, Repository};
 
 use hoard::listing;
-use hoard::ops::parse_percent;
+use hoard::ops::{OverwriteArg, parse_percent};
 use hoard::output::{ProgressReporter, count, print_json};
 use hoard::{errln, outln};
 
@@ -442,8 +442,8 @@ struct RestoreArgs {
     /// it as it is (the default, as in the cluster), `if-changed` replaces it unless kind, size
     /// and modification time match (finishes an interrupted restore), `if-newer` when the
     /// snapshot's entry is newer, `always` replaces it. Directories are merged into.
-    #[arg(long, value_enum, default_value_t = OverwritePolicy::Never)]
-    overwrite: OverwritePolicy,
+    #[arg(long, value_enum, default_value_t = OverwriteArg::Never)]
+    overwrite: OverwriteArg,
     /// Remove entries of the restored directories that the snapshot does not have (excluded
     /// paths are left alone; refused with --include).
     #[arg(long)]
@@ -451,25 +451,6 @@ struct RestoreArgs {
     /// List what the restore would create, replace, keep and delete; write nothing.
     #[arg(long, short = 'n')]
     dry_run: bool,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum OverwritePolicy {
-    Never,
-    IfChanged,
-    IfNewer,
-    Always,
-}
-
-impl From<OverwritePolicy> for hoard_core::restore::Overwrite {
-    fn from(p: OverwritePolicy) -> Self {
-        match p {
-            OverwritePolicy::Never => Self::Never,
-            OverwritePolicy::IfChanged => Self::IfChanged,
-            OverwritePolicy::IfNewer => Self::IfNewer,
-            OverwritePolicy::Always => Self::Always,
-        }
-    }
 }
 
 fn main() -> ExitCode {

@@ -10,6 +10,38 @@ use hoard_core::Repository;
 
 use crate::output::{count, is_are, print_json};
 
+/// `--overwrite` of `hoard restore` and `kubectl hoard restore`: one policy for both (see
+/// hoard-core's `restore::Overwrite`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverwriteArg {
+    Never,
+    IfChanged,
+    IfNewer,
+    Always,
+}
+
+impl From<OverwriteArg> for hoard_core::restore::Overwrite {
+    fn from(p: OverwriteArg) -> Self {
+        match p {
+            OverwriteArg::Never => Self::Never,
+            OverwriteArg::IfChanged => Self::IfChanged,
+            OverwriteArg::IfNewer => Self::IfNewer,
+            OverwriteArg::Always => Self::Always,
+        }
+    }
+}
+
+impl From<OverwriteArg> for hoard_api::crd::OverwritePolicy {
+    fn from(p: OverwriteArg) -> Self {
+        match p {
+            OverwriteArg::Never => Self::Never,
+            OverwriteArg::IfChanged => Self::IfChanged,
+            OverwriteArg::IfNewer => Self::IfNewer,
+            OverwriteArg::Always => Self::Always,
+        }
+    }
+}
+
 /// `10%` → 0.1.
 pub fn parse_percent(s: &str) -> anyhow::Result<f64> {
     let v: f64 = s.trim().trim_end_matches('%').parse().map_err(|_| anyhow!("{s:?} is not a percentage"))?;

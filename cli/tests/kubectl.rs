@@ -247,12 +247,14 @@ async fn restore_creates_a_restore_session() {
     assert_eq!(rs.spec.data_source.snapshot, "app-repo-1");
     assert_eq!(rs.spec.data_source.include, ["/data/etc"]);
     assert_eq!(rs.spec.data_source.exclude, ["*.tmp"]);
-    assert!(rs.spec.overwrite);
+    assert_eq!(rs.spec.overwrite, hoard_api::crd::OverwritePolicy::Always, "--overwrite alone is always");
 
     // latest from a repository.
     let v = json(&kh_expect(&c, &ns, &["restore", "--repository", "app-repo", "--to", "pvc/data", "-o", "json"], 0));
     assert_eq!(v["spec"]["dataSource"]["snapshot"], "latest");
-    assert_eq!(v["spec"]["overwrite"], false);
+    assert_eq!(v["spec"]["overwrite"], "Never");
+    let args = ["restore", "--repository", "app-repo", "--to", "pvc/data", "--overwrite", "if-changed", "-o", "json"];
+    assert_eq!(json(&kh_expect(&c, &ns, &args, 0))["spec"]["overwrite"], "IfChanged");
 
     // Errors name the object and the next command.
     let out = kh_expect(&c, &ns, &["restore", "--snapshot", "app-repo-1", "--to", "pvc/missing"], 21);

@@ -156,6 +156,39 @@ fn is_true(b: &bool) -> bool {
     *b
 }
 
+/// A restore's choice for entries that already exist (see [`RestoreSessionSpec::overwrite`]).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum OverwritePolicy {
+    #[default]
+    Never,
+    IfChanged,
+    IfNewer,
+    Always,
+}
+
+impl From<OverwritePolicy> for crate::agent::v1::Overwrite {
+    fn from(p: OverwritePolicy) -> Self {
+        match p {
+            OverwritePolicy::Never => Self::Never,
+            OverwritePolicy::IfChanged => Self::IfChanged,
+            OverwritePolicy::IfNewer => Self::IfNewer,
+            OverwritePolicy::Always => Self::Always,
+        }
+    }
+}
+
+impl From<crate::agent::v1::Overwrite> for hoard_core::restore::Overwrite {
+    fn from(p: crate::agent::v1::Overwrite) -> Self {
+        use crate::agent::v1::Overwrite as Wire;
+        match p {
+            Wire::Never => Self::Never,
+            Wire::IfChanged => Self::IfChanged,
+            Wire::IfNewer => Self::IfNewer,
+            Wire::Always => Self::Always,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum SnapshotFallback {
     #[default]
@@ -449,10 +482,12 @@ pub struct RestoreSessionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"))]
     pub restore_timeout: Option<String>,
-    /// Write into volumes that already hold files (existing files are replaced). Without it a
-    /// restore into a non-empty volume fails before writing anything.
+    /// What happens to files already in the target volumes, as `hoard restore --overwrite`:
+    /// `Never` (the default) refuses a volume that holds anything before writing; `IfChanged`
+    /// replaces an entry unless kind, size and modification time match, `IfNewer` when the
+    /// snapshot's entry is newer, `Always` replaces it. Entries the snapshot lacks stay.
     #[serde(default)]
-    pub overwrite: bool,
+    pub overwrite: OverwritePolicy,
     /// With `dataSource.volumeSnapshot`: how the new claim is made. Each field left out comes
     /// from the snapshot's source claim (size: the larger of its request and the snapshot's
     /// restore size).

@@ -496,7 +496,7 @@ pub async fn restore(ctx: &Ctx, a: RestoreArgs) -> anyhow::Result<u8> {
                 encryption_secret: None,
             },
             restore_timeout: None,
-            overwrite: a.overwrite,
+            overwrite: a.overwrite.into(),
             claim: None,
         },
     );
@@ -547,7 +547,7 @@ async fn restore_volume_snapshot(
                 encryption_secret: None,
             },
             restore_timeout: None,
-            overwrite: false,
+            overwrite: Default::default(),
             claim,
         },
     );

@@ -153,9 +153,11 @@ pub struct RestoreArgs {
     /// Leave out paths matching (repeatable).
     #[arg(long)]
     pub exclude: Vec<String>,
-    /// Write into volumes that already hold files (existing files are replaced).
-    #[arg(long)]
-    pub overwrite: bool,
+    /// Files already in the volumes: `never` (the default) refuses a volume that holds any;
+    /// `if-changed`, `if-newer` and `always` decide per entry as `hoard restore --overwrite`
+    /// does. `--overwrite` alone means `always`.
+    #[arg(long, value_enum, num_args = 0..=1, default_value_t = crate::ops::OverwriteArg::Never, default_missing_value = "always")]
+    pub overwrite: crate::ops::OverwriteArg,
 }
 
 #[derive(Args, Debug)]

@@ -374,7 +374,7 @@ async fn dispatch(ctx: &Context, rs: &RestoreSession, st: &mut RestoreSessionSta
             component: comp.clone(),
             includes: ds.include.clone(),
             excludes: ds.exclude.clone(),
-            overwrite: rs.spec.overwrite,
+            overwrite: hoard_api::agent::v1::Overwrite::from(rs.spec.overwrite) as i32,
             full_metadata,
         };
         ctx.orders.start(vol.node(), addr, Order::Restore(order));
