@@ -47,6 +47,7 @@
 //!   search, for the CPU of the hash alone (after-mutate backup of the bench data: 1.24 -> 1.05
 //!   CPU-seconds).
 //! * A file that cannot be read, vanishes, or changes while read is a warning, not a failure.
+//!   So is a path source that does not exist, when another source remains.
 //! * Ordering: the snapshot is saved only after [`BlobWriter::finish`] has stored and indexed
 //!   every blob it references.
 
@@ -1714,7 +1715,36 @@ fn scan_plan(opts: &BackupOptions) -> Result<(Vec<ScanRoot>, ScanRules)> {
     Ok((roots, rules))
 }
 
-/// Backs up every source into one snapshot.
+/// Takes the path sources that do not exist out of `opts` and returns a warning for each, as
+/// restic does: one missing path among several should not cost the backup of the others. When
+/// no source is left, the first missing one is the error. Only "not found" is forgiven; a path
+/// that exists but cannot be read still fails the backup.
+fn drop_missing_sources(mut opts: BackupOptions) -> Result<(BackupOptions, Vec<String>)> {
+    let mut missing = Vec::new();
+    let mut first_error = None;
+    let mut kept = Vec::with_capacity(opts.sources.len());
+    for s in std::mem::take(&mut opts.sources) {
+        if let Source::Path { path, .. } = &s
+            && let Err(e) = std::fs::symlink_metadata(path)
+            && e.kind() == std::io::ErrorKind::NotFound
+        {
+            missing.push(format!("backup source {} does not exist; skipped", path.display()));
+            first_error.get_or_insert_with(|| Error::io(format!("backup source {}", path.display()), e));
+            continue;
+        }
+        kept.push(s);
+    }
+    if kept.is_empty()
+        && let Some(e) = first_error
+    {
+        return Err(e);
+    }
+    opts.sources = kept;
+    Ok((opts, missing))
+}
+
+/// Backs up every source into one snapshot. A path source that does not exist is a warning
+/// when another source remains ([`drop_missing_sources`]).
 pub async fn backup(repo: Arc<Repository>, opts: BackupOptions) -> Result<BackupOutcome> {
     let started = Instant::now();
     if opts.sources.is_empty() {
@@ -1729,8 +1759,9 @@ pub async fn backup(repo: Arc<Repository>, opts: BackupOptions) -> Result<Backup
             return Err(Error::InvalidArgument(format!("component name {name:?} is invalid or repeated")));
         }
     }
+    let (opts, missing) = drop_missing_sources(opts)?;
     let lock = crate::lock::LockGuard::acquire(Arc::clone(&repo), false).await?;
-    let result = backup_locked(&repo, opts, started, &lock).await;
+    let result = backup_locked(&repo, opts, missing, started, &lock).await;
     match result {
         Ok(out) => {
             // The snapshot is saved; a lock left behind only delays others until it is stale.
@@ -1749,6 +1780,7 @@ pub async fn backup(repo: Arc<Repository>, opts: BackupOptions) -> Result<Backup
 async fn backup_locked(
     repo: &Arc<Repository>,
     mut opts: BackupOptions,
+    missing: Vec<String>,
     started: Instant,
     lock: &crate::lock::LockGuard,
 ) -> Result<BackupOutcome> {
@@ -1838,6 +1870,9 @@ async fn backup_locked(
         hardlinks: Hardlinks::default(),
         hooks: opts.hooks.clone(),
     });
+    for m in missing {
+        ctx.warn(m);
+    }
 
     let mut components = Vec::new();
     let mut summary = Summary::default();
