@@ -322,6 +322,15 @@ fn snapshots_json_reports_each_components_own_new_data() {
     for k in ["blobs_new", "bytes_new", "warnings"] {
         assert_eq!(stat(ca, k) + stat(cb, k), snap["summary"][k].as_u64().unwrap(), "{k}: {snap}");
     }
+    // Random data does not compress: each component stores its new bytes and a seal per blob.
+    for c in [ca, cb] {
+        let (new, stored) = (stat(c, "bytes_new"), stat(c, "bytes_stored"));
+        assert!(stored > new * 99 / 100 && stored < new + 100 * stat(c, "blobs_new"), "{c}");
+    }
+    // The summary's stored bytes are whole packs: the components' blobs and pack headers.
+    let parts = stat(ca, "bytes_stored") + stat(cb, "bytes_stored");
+    let whole = snap["summary"]["bytes_stored"].as_u64().unwrap();
+    assert!(parts < whole && whole - parts < 4096, "{snap}");
     for c in comps {
         assert!(stat(c, "duration_ms") <= snap["summary"]["duration_ms"].as_u64().unwrap(), "{snap}");
     }
@@ -330,6 +339,7 @@ fn snapshots_json_reports_each_components_own_new_data() {
     let v: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "snapshots"]).stdout).unwrap();
     for c in v[1]["components"].as_array().unwrap() {
         assert_eq!(stat(c, "blobs_new"), 0, "{c}");
+        assert_eq!(stat(c, "bytes_stored"), 0, "{c}");
     }
 }
 

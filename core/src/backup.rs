@@ -56,7 +56,7 @@ use std::ffi::{CStr, CString};
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -449,6 +449,10 @@ struct DirPlan {
 struct Ctx {
     repo: Arc<Repository>,
     sink: BlobSink,
+    /// One sink per component, each counting the sealed bytes of the new blobs it adds (the
+    /// component's `bytes_stored`); `component` is the index of the one being backed up.
+    component_sinks: Vec<(BlobSink, Arc<AtomicU64>)>,
+    component: AtomicUsize,
     chunker: Chunker,
     /// Chunker for files of at least the given size ([`crate::chunker::LargeFileChunking`]).
     large_chunker: Option<(u64, Chunker)>,
@@ -577,6 +581,11 @@ impl SummaryCounters {
 }
 
 impl Ctx {
+    /// The sink blobs of the component being backed up go to.
+    fn component_sink(&self) -> &BlobSink {
+        self.component_sinks.get(self.component.load(Ordering::Relaxed)).map_or(&self.sink, |(s, _)| s)
+    }
+
     fn warn(&self, msg: String) {
         tracing::warn!("{msg}");
         self.warning_count.fetch_add(1, Ordering::Relaxed);
@@ -615,7 +624,7 @@ impl Ctx {
                 bytes.len()
             )));
         }
-        self.sink.add_bytes(BlobType::Tree, Bytes::from(bytes))
+        self.component_sink().add_bytes(BlobType::Tree, Bytes::from(bytes))
     }
 
     /// Reads a source into content extents: segments under the budget, FastCDC, hash, add.
@@ -709,7 +718,7 @@ impl Ctx {
                 continue;
             }
             let id = id.unwrap_or_else(|| keys.blob_id(&chunk));
-            self.sink.add(BlobType::Data, id, chunk, Some(Arc::clone(guard)))?;
+            self.component_sink().add(BlobType::Data, id, chunk, Some(Arc::clone(guard)))?;
             extents.push(Extent::Data { id, len: n as u32 });
         }
         self.progress.bytes_chunked.fetch_add(pos as u64, Ordering::Relaxed);
@@ -1847,9 +1856,19 @@ async fn backup_locked(
     writer_cfg.pool = Some(Arc::clone(&pool));
     let writer = BlobWriter::start(Arc::clone(repo), writer_cfg);
     let wstats = writer.stats();
+    let sink = writer.sink();
+    let component_sinks: Vec<_> = (0..opts.sources.len())
+        .map(|_| {
+            let stored = Arc::new(AtomicU64::new(0));
+            (sink.counting_sealed(Arc::clone(&stored)), stored)
+        })
+        .collect();
+    let stored_per_component: Vec<_> = component_sinks.iter().map(|(_, c)| Arc::clone(c)).collect();
     let ctx = Arc::new(Ctx {
         repo: Arc::clone(repo),
-        sink: writer.sink(),
+        sink,
+        component_sinks,
+        component: AtomicUsize::new(0),
         chunker,
         large_chunker,
         budget,
@@ -1878,7 +1897,9 @@ async fn backup_locked(
     let mut summary = Summary::default();
     let sources = std::mem::take(&mut opts.sources);
     let read_concurrency = opts.read_concurrency;
-    for source in sources {
+    for (i, source) in sources.into_iter().enumerate() {
+        // Set before the component's threads start, which then see it.
+        ctx.component.store(i, Ordering::Relaxed);
         let component_started = Instant::now();
         let blobs_before = wstats.blobs_new.load(Ordering::Relaxed);
         let bytes_before = wstats.bytes_new.load(Ordering::Relaxed);
@@ -1921,8 +1942,9 @@ async fn backup_locked(
         };
         let mut stats = ctx.stats.take();
         // Components are backed up one after another and a blob is counted new when it is
-        // added, so these differences are the component's own. Stored bytes are counted as
-        // packs, which mix components, are uploaded: only the snapshot's summary has them.
+        // added, so these differences are the component's own. Its stored bytes are counted
+        // as its blobs are sealed, which may be after this: they are read once the writer is
+        // done.
         stats.blobs_new = wstats.blobs_new.load(Ordering::Relaxed) - blobs_before;
         stats.bytes_new = wstats.bytes_new.load(Ordering::Relaxed) - bytes_before;
         stats.warnings = ctx.warning_count.load(Ordering::Relaxed) - warnings_before;
@@ -1934,6 +1956,9 @@ async fn backup_locked(
     let warning_count = ctx.warning_count.load(Ordering::Relaxed);
     drop(ctx);
     writer.finish().await?;
+    for (c, stored) in components.iter_mut().zip(&stored_per_component) {
+        c.stats.bytes_stored = stored.load(Ordering::Relaxed);
+    }
 
     summary.blobs_new = wstats.blobs_new.load(Ordering::Relaxed);
     summary.bytes_new = wstats.bytes_new.load(Ordering::Relaxed);
