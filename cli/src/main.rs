@@ -1,8 +1,9 @@
 //! `hoard`: back up, restore, list and check hoard repositories — no cluster needed.
 //!
-//! Exit codes: 0 success, 1 failure, 3 finished with warnings (some files skipped or failed),
-//! 10 no repository, 11 repository locked, 12 wrong password, 13 unsupported format version,
-//! 14 repository damaged, 15 no space left (repository or restore target), 130 interrupted.
+//! Exit codes: 0 success, 1 failure, 3 finished with warnings (some files skipped or failed, or
+//! a missing backup source skipped), 10 no repository, 11 repository locked, 12 wrong password,
+//! 13 unsupported format version, 14 repository damaged, 15 no space left (repository or
+//! restore target), 130 interrupted.
 //! A reader of standard output that goes away is no failure (see [`hoard::output`]).
 
 use std::collections::BTreeMap;

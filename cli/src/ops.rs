@@ -86,11 +86,22 @@ pub async fn check(repo: Arc<Repository>, read_data: bool, subset: Option<&str>,
                 report.locks
             );
         }
-        if report.unreferenced_trees > 0 {
+        // Trees in packs that hold referenced data are what prune leaves by design; only the
+        // rest point at a forget without prune, or a deleted snapshot.
+        let alone = report.unreferenced_trees.saturating_sub(report.unreferenced_trees_in_used_packs);
+        if alone > 0 {
             outln!(
                 "{} {} not referenced by any snapshot (a snapshot was forgotten without prune, or deleted)",
-                count(report.unreferenced_trees, "directory tree"),
-                is_are(report.unreferenced_trees)
+                count(alone, "directory tree"),
+                is_are(alone)
+            );
+        }
+        if report.unreferenced_trees_in_used_packs > 0 {
+            outln!(
+                "{} not referenced by any snapshot {} kept in packs that hold referenced data (expected: \
+                 prune repacks such packs only when unused space exceeds --max-unused)",
+                count(report.unreferenced_trees_in_used_packs, "directory tree"),
+                is_are(report.unreferenced_trees_in_used_packs)
             );
         }
         for e in &report.errors {

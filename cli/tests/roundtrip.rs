@@ -188,6 +188,39 @@ fn unreadable_and_vanishing_files_are_warnings_with_exit_code_3() {
 }
 
 #[test]
+fn a_missing_source_among_several_is_a_warning_and_all_missing_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f.txt"), "kept").unwrap();
+    let gone = tmp.path().join("gone");
+    let (src_s, gone_s) = (src.to_str().unwrap(), gone.to_str().unwrap());
+    let h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.init();
+
+    let s = h.backup_json(&[src_s, gone_s], 3);
+    assert_eq!(s["summary"]["warnings"], 1, "{s}");
+    let w = s["warnings"][0].as_str().unwrap();
+    assert!(w.contains(gone_s) && w.contains("does not exist"), "{s}");
+    let snaps: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "snapshots"]).stdout).unwrap();
+    let snap = &snaps[0];
+    assert_eq!(snap["components"].as_array().unwrap().len(), 1, "{snap}");
+    assert_eq!(snap["components"][0]["name"], "data");
+    assert!(snap["warnings"][0].as_str().unwrap().contains(gone_s), "{snap}");
+    assert!(stdout(&h.ok(&["ls", "latest"])).contains("/data/f.txt"));
+
+    // Without --json the warning is printed.
+    let out = h.expect(&["backup", gone_s, src_s], 3);
+    assert!(stderr(&out).contains(&format!("warning: backup source {gone_s} does not exist")), "{}", stderr(&out));
+
+    // Nothing to back up: a failure, and no snapshot.
+    let out = h.expect(&["backup", gone_s, tmp.path().join("gone2").to_str().unwrap()], 1);
+    assert!(stderr(&out).contains(gone_s), "{}", stderr(&out));
+    let snaps: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "snapshots"]).stdout).unwrap();
+    assert_eq!(snaps.as_array().unwrap().len(), 2);
+}
+
+#[test]
 fn restore_never_writes_through_a_planted_symlink() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("data");

@@ -322,6 +322,15 @@ fn snapshots_json_reports_each_components_own_new_data() {
     for k in ["blobs_new", "bytes_new", "warnings"] {
         assert_eq!(stat(ca, k) + stat(cb, k), snap["summary"][k].as_u64().unwrap(), "{k}: {snap}");
     }
+    // Random data does not compress: each component stores its new bytes and a seal per blob.
+    for c in [ca, cb] {
+        let (new, stored) = (stat(c, "bytes_new"), stat(c, "bytes_stored"));
+        assert!(stored > new * 99 / 100 && stored < new + 100 * stat(c, "blobs_new"), "{c}");
+    }
+    // The summary's stored bytes are whole packs: the components' blobs and pack headers.
+    let parts = stat(ca, "bytes_stored") + stat(cb, "bytes_stored");
+    let whole = snap["summary"]["bytes_stored"].as_u64().unwrap();
+    assert!(parts < whole && whole - parts < 4096, "{snap}");
     for c in comps {
         assert!(stat(c, "duration_ms") <= snap["summary"]["duration_ms"].as_u64().unwrap(), "{snap}");
     }
@@ -330,6 +339,7 @@ fn snapshots_json_reports_each_components_own_new_data() {
     let v: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "snapshots"]).stdout).unwrap();
     for c in v[1]["components"].as_array().unwrap() {
         assert_eq!(stat(c, "blobs_new"), 0, "{c}");
+        assert_eq!(stat(c, "bytes_stored"), 0, "{c}");
     }
 }
 
@@ -352,4 +362,41 @@ fn a_closed_standard_error_is_no_panic() {
     drop(child.stderr.take());
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+/// `forget --prune` leaves the trees of a forgotten snapshot that share a pack with trees still
+/// referenced (an unchanged subdirectory's): prune keeps such a pack while unused space stays
+/// within `--max-unused`. `check` says so instead of blaming a forget without prune.
+#[test]
+fn check_after_forget_prune_explains_trees_kept_in_used_packs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.init();
+    let src = tmp.path().join("data");
+    std::fs::create_dir_all(src.join("same")).unwrap();
+    std::fs::create_dir_all(src.join("changes")).unwrap();
+    std::fs::write(src.join("same/big"), hoard_testkit::random_bytes(300_000, 4)).unwrap();
+    std::fs::write(src.join("changes/x"), "a").unwrap();
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    std::fs::write(src.join("changes/x"), "b").unwrap();
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    h.ok(&["forget", "--keep-last", "1", "--prune"]);
+
+    // The first snapshot's root and `changes` trees, in the pack that also holds `same`'s.
+    let report: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "check"]).stdout).unwrap();
+    assert_eq!(report["unreferenced_trees"], 2, "{report}");
+    assert_eq!(report["unreferenced_trees_in_used_packs"], 2, "{report}");
+    let text = stdout(&h.ok(&["check"]));
+    assert!(
+        text.contains("2 directory trees not referenced by any snapshot are kept in packs that hold referenced data"),
+        "{text}"
+    );
+    assert!(!text.contains("forgotten without prune"), "{text}");
+
+    // A prune that tolerates no unused space repacks that pack; nothing is left to report.
+    h.ok(&["prune", "--max-unused", "0%"]);
+    let report: serde_json::Value = serde_json::from_slice(&h.ok(&["--json", "check"]).stdout).unwrap();
+    assert_eq!(report["unreferenced_trees"], 0, "{report}");
+    let text = stdout(&h.ok(&["check"]));
+    assert!(!text.contains("not referenced"), "{text}");
 }

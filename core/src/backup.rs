@@ -47,6 +47,7 @@
 //!   search, for the CPU of the hash alone (after-mutate backup of the bench data: 1.24 -> 1.05
 //!   CPU-seconds).
 //! * A file that cannot be read, vanishes, or changes while read is a warning, not a failure.
+//!   So is a path source that does not exist, when another source remains.
 //! * Ordering: the snapshot is saved only after [`BlobWriter::finish`] has stored and indexed
 //!   every blob it references.
 
@@ -55,7 +56,7 @@ use std::ffi::{CStr, CString};
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -448,6 +449,10 @@ struct DirPlan {
 struct Ctx {
     repo: Arc<Repository>,
     sink: BlobSink,
+    /// One sink per component, each counting the sealed bytes of the new blobs it adds (the
+    /// component's `bytes_stored`); `component` is the index of the one being backed up.
+    component_sinks: Vec<(BlobSink, Arc<AtomicU64>)>,
+    component: AtomicUsize,
     chunker: Chunker,
     /// Chunker for files of at least the given size ([`crate::chunker::LargeFileChunking`]).
     large_chunker: Option<(u64, Chunker)>,
@@ -576,6 +581,11 @@ impl SummaryCounters {
 }
 
 impl Ctx {
+    /// The sink blobs of the component being backed up go to.
+    fn component_sink(&self) -> &BlobSink {
+        self.component_sinks.get(self.component.load(Ordering::Relaxed)).map_or(&self.sink, |(s, _)| s)
+    }
+
     fn warn(&self, msg: String) {
         tracing::warn!("{msg}");
         self.warning_count.fetch_add(1, Ordering::Relaxed);
@@ -614,7 +624,7 @@ impl Ctx {
                 bytes.len()
             )));
         }
-        self.sink.add_bytes(BlobType::Tree, Bytes::from(bytes))
+        self.component_sink().add_bytes(BlobType::Tree, Bytes::from(bytes))
     }
 
     /// Reads a source into content extents: segments under the budget, FastCDC, hash, add.
@@ -708,7 +718,7 @@ impl Ctx {
                 continue;
             }
             let id = id.unwrap_or_else(|| keys.blob_id(&chunk));
-            self.sink.add(BlobType::Data, id, chunk, Some(Arc::clone(guard)))?;
+            self.component_sink().add(BlobType::Data, id, chunk, Some(Arc::clone(guard)))?;
             extents.push(Extent::Data { id, len: n as u32 });
         }
         self.progress.bytes_chunked.fetch_add(pos as u64, Ordering::Relaxed);
@@ -1714,7 +1724,36 @@ fn scan_plan(opts: &BackupOptions) -> Result<(Vec<ScanRoot>, ScanRules)> {
     Ok((roots, rules))
 }
 
-/// Backs up every source into one snapshot.
+/// Takes the path sources that do not exist out of `opts` and returns a warning for each, as
+/// restic does: one missing path among several should not cost the backup of the others. When
+/// no source is left, the first missing one is the error. Only "not found" is forgiven; a path
+/// that exists but cannot be read still fails the backup.
+fn drop_missing_sources(mut opts: BackupOptions) -> Result<(BackupOptions, Vec<String>)> {
+    let mut missing = Vec::new();
+    let mut first_error = None;
+    let mut kept = Vec::with_capacity(opts.sources.len());
+    for s in std::mem::take(&mut opts.sources) {
+        if let Source::Path { path, .. } = &s
+            && let Err(e) = std::fs::symlink_metadata(path)
+            && e.kind() == std::io::ErrorKind::NotFound
+        {
+            missing.push(format!("backup source {} does not exist; skipped", path.display()));
+            first_error.get_or_insert_with(|| Error::io(format!("backup source {}", path.display()), e));
+            continue;
+        }
+        kept.push(s);
+    }
+    if kept.is_empty()
+        && let Some(e) = first_error
+    {
+        return Err(e);
+    }
+    opts.sources = kept;
+    Ok((opts, missing))
+}
+
+/// Backs up every source into one snapshot. A path source that does not exist is a warning
+/// when another source remains ([`drop_missing_sources`]).
 pub async fn backup(repo: Arc<Repository>, opts: BackupOptions) -> Result<BackupOutcome> {
     let started = Instant::now();
     if opts.sources.is_empty() {
@@ -1729,8 +1768,9 @@ pub async fn backup(repo: Arc<Repository>, opts: BackupOptions) -> Result<Backup
             return Err(Error::InvalidArgument(format!("component name {name:?} is invalid or repeated")));
         }
     }
+    let (opts, missing) = drop_missing_sources(opts)?;
     let lock = crate::lock::LockGuard::acquire(Arc::clone(&repo), false).await?;
-    let result = backup_locked(&repo, opts, started, &lock).await;
+    let result = backup_locked(&repo, opts, missing, started, &lock).await;
     match result {
         Ok(out) => {
             // The snapshot is saved; a lock left behind only delays others until it is stale.
@@ -1749,6 +1789,7 @@ pub async fn backup(repo: Arc<Repository>, opts: BackupOptions) -> Result<Backup
 async fn backup_locked(
     repo: &Arc<Repository>,
     mut opts: BackupOptions,
+    missing: Vec<String>,
     started: Instant,
     lock: &crate::lock::LockGuard,
 ) -> Result<BackupOutcome> {
@@ -1815,9 +1856,19 @@ async fn backup_locked(
     writer_cfg.pool = Some(Arc::clone(&pool));
     let writer = BlobWriter::start(Arc::clone(repo), writer_cfg);
     let wstats = writer.stats();
+    let sink = writer.sink();
+    let component_sinks: Vec<_> = (0..opts.sources.len())
+        .map(|_| {
+            let stored = Arc::new(AtomicU64::new(0));
+            (sink.counting_sealed(Arc::clone(&stored)), stored)
+        })
+        .collect();
+    let stored_per_component: Vec<_> = component_sinks.iter().map(|(_, c)| Arc::clone(c)).collect();
     let ctx = Arc::new(Ctx {
         repo: Arc::clone(repo),
-        sink: writer.sink(),
+        sink,
+        component_sinks,
+        component: AtomicUsize::new(0),
         chunker,
         large_chunker,
         budget,
@@ -1838,12 +1889,17 @@ async fn backup_locked(
         hardlinks: Hardlinks::default(),
         hooks: opts.hooks.clone(),
     });
+    for m in missing {
+        ctx.warn(m);
+    }
 
     let mut components = Vec::new();
     let mut summary = Summary::default();
     let sources = std::mem::take(&mut opts.sources);
     let read_concurrency = opts.read_concurrency;
-    for source in sources {
+    for (i, source) in sources.into_iter().enumerate() {
+        // Set before the component's threads start, which then see it.
+        ctx.component.store(i, Ordering::Relaxed);
         let component_started = Instant::now();
         let blobs_before = wstats.blobs_new.load(Ordering::Relaxed);
         let bytes_before = wstats.bytes_new.load(Ordering::Relaxed);
@@ -1886,8 +1942,9 @@ async fn backup_locked(
         };
         let mut stats = ctx.stats.take();
         // Components are backed up one after another and a blob is counted new when it is
-        // added, so these differences are the component's own. Stored bytes are counted as
-        // packs, which mix components, are uploaded: only the snapshot's summary has them.
+        // added, so these differences are the component's own. Its stored bytes are counted
+        // as its blobs are sealed, which may be after this: they are read once the writer is
+        // done.
         stats.blobs_new = wstats.blobs_new.load(Ordering::Relaxed) - blobs_before;
         stats.bytes_new = wstats.bytes_new.load(Ordering::Relaxed) - bytes_before;
         stats.warnings = ctx.warning_count.load(Ordering::Relaxed) - warnings_before;
@@ -1899,6 +1956,9 @@ async fn backup_locked(
     let warning_count = ctx.warning_count.load(Ordering::Relaxed);
     drop(ctx);
     writer.finish().await?;
+    for (c, stored) in components.iter_mut().zip(&stored_per_component) {
+        c.stats.bytes_stored = stored.load(Ordering::Relaxed);
+    }
 
     summary.blobs_new = wstats.blobs_new.load(Ordering::Relaxed);
     summary.bytes_new = wstats.bytes_new.load(Ordering::Relaxed);

@@ -48,9 +48,14 @@ pub struct CheckReport {
     pub trees: usize,
     pub packs: usize,
     pub packs_read: usize,
-    /// Directory trees no snapshot reaches: a snapshot was forgotten (prune removes them) or
-    /// deleted. Not damage by itself, but the only trace a deleted snapshot leaves.
+    /// Directory trees no snapshot reaches: a snapshot was forgotten or deleted. Not damage by
+    /// itself, but the only trace a deleted snapshot leaves.
     pub unreferenced_trees: usize,
+    /// Those of `unreferenced_trees` stored in packs that also hold referenced blobs. Prune
+    /// keeps such a pack, with its unused blobs, while the repository's unused space stays
+    /// within `--max-unused`, so these remain after `forget --prune`. The others are in packs
+    /// holding nothing referenced, which any prune deletes.
+    pub unreferenced_trees_in_used_packs: usize,
     pub blobs_read: usize,
     /// Locks held now, and those of them that are stale: left by a process that died or was
     /// killed (not damage; `unlock` removes them, and they block no one for long).
@@ -209,6 +214,8 @@ pub async fn check(repo: Arc<Repository>, opts: CheckOptions) -> Result<CheckRep
     // Walk every tree once; map missing or bad blobs to snapshot paths.
     let mut affected: HashMap<String, BTreeSet<String>> = HashMap::new();
     let mut seen: HashSet<Id> = HashSet::new();
+    // Packs holding a referenced data blob (trees are added after the walk).
+    let mut used_packs: HashSet<Id> = HashSet::new();
     let mut stack: Vec<(Id, String, String)> = Vec::new();
     for (sid, snap) in &snapshots {
         for c in &snap.components {
@@ -247,6 +254,9 @@ pub async fn check(repo: Arc<Repository>, opts: CheckOptions) -> Result<CheckRep
                     for e in &node.content {
                         if let Extent::Data { id, .. } = e {
                             let indexed = repo.index().get(id);
+                            if let Some(loc) = &indexed {
+                                used_packs.insert(loc.pack);
+                            }
                             match indexed {
                                 None => {
                                     if first_visit {
@@ -271,8 +281,18 @@ pub async fn check(repo: Arc<Repository>, opts: CheckOptions) -> Result<CheckRep
             }
         }
     }
-    report.unreferenced_trees =
-        repo.index().iter().filter(|(id, l)| l.ty == BlobType::Tree && !seen.contains(id)).count();
+    {
+        let idx = repo.index();
+        used_packs.extend(seen.iter().filter_map(|t| idx.get(t)).map(|l| l.pack));
+        for (id, l) in idx.iter() {
+            if l.ty == BlobType::Tree && !seen.contains(&id) {
+                report.unreferenced_trees += 1;
+                if used_packs.contains(&l.pack) {
+                    report.unreferenced_trees_in_used_packs += 1;
+                }
+            }
+        }
+    }
     report.affected = affected.into_iter().map(|(s, p)| (s, p.into_iter().collect())).collect();
     report.affected.sort();
     report.errors.sort();

@@ -41,8 +41,8 @@ pub struct Component {
     /// Where the data came from, for display (a path, `stdin`, a volume identity).
     #[serde(default)]
     pub source: String,
-    /// What backing up this component did. `bytes_stored` stays 0: packs mix components, so
-    /// only the snapshot's summary has the bytes stored.
+    /// What backing up this component did. Its `bytes_stored` is the sealed size of its new
+    /// blobs; the summary's also counts pack headers, so it is a little more than the sum.
     #[serde(default)]
     pub stats: Summary,
 }

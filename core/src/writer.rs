@@ -142,6 +142,9 @@ struct Job {
     id: Id,
     data: Bytes,
     guard: Option<Arc<BudgetGuard>>,
+    /// Gets the sealed length (the bytes the blob takes in its pack), from the sink that
+    /// added it ([`BlobSink::counting_sealed`]).
+    sealed_into: Option<Arc<AtomicU64>>,
 }
 
 /// A sealed blob on its way to the packer, still holding its budget.
@@ -207,6 +210,7 @@ impl Shared {
 pub struct BlobSink {
     shared: Arc<Shared>,
     jobs: Sender<Job>,
+    sealed_into: Option<Arc<AtomicU64>>,
 }
 
 impl std::fmt::Debug for BlobSink {
@@ -237,8 +241,17 @@ impl BlobSink {
             let now = stats.budgeted_in_flight.fetch_add(data.len() as u64, Ordering::SeqCst) + data.len() as u64;
             stats.budgeted_high_water.fetch_max(now, Ordering::SeqCst);
         }
-        self.jobs.send(Job { ty, id, data, guard }).map_err(|_| self.shared.failure_description())?;
+        let job = Job { ty, id, data, guard, sealed_into: self.sealed_into.clone() };
+        self.jobs.send(job).map_err(|_| self.shared.failure_description())?;
         Ok(true)
+    }
+
+    /// A sink like this one whose new blobs add their sealed length (compressed, encrypted:
+    /// what each takes in its pack, pack headers aside) to `counter` once sealed. Packs mix
+    /// the blobs of several callers, so this is how one caller's share of the stored bytes is
+    /// known; it is complete when [`BlobWriter::finish`] returns.
+    pub fn counting_sealed(&self, counter: Arc<AtomicU64>) -> BlobSink {
+        BlobSink { sealed_into: Some(counter), ..self.clone() }
     }
 
     /// Hashes and adds a blob.
@@ -340,7 +353,7 @@ impl BlobWriter {
         };
 
         BlobWriter {
-            sink: Some(BlobSink { shared: Arc::clone(&shared), jobs: job_tx }),
+            sink: Some(BlobSink { shared: Arc::clone(&shared), jobs: job_tx, sealed_into: None }),
             workers,
             packer,
             uploader: Some(uploader),
@@ -438,6 +451,9 @@ fn seal_worker(shared: &Shared, level: i32, jobs: &Receiver<Job>, out: &Sender<S
         keys.seal_blob(job.ty.seal_type(), &job.id, payload, &mut bytes);
         let bytes = shared.sealed_pool.freeze(bytes);
         let blob = SealedBlob { ty: job.ty, compression, id: job.id, raw_len: job.data.len() as u32, bytes };
+        if let Some(c) = &job.sealed_into {
+            c.fetch_add(blob.bytes.len() as u64, Ordering::Relaxed);
+        }
         // The plaintext goes now; the budget stays with the blob until its pack is stored.
         let Job { guard, .. } = job;
         if out.send(Sealed { blob, guard }).is_err() {
