@@ -991,8 +991,7 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
     };
     let (id, snap) = repo.find_snapshot(&spec, &a.filter.filter()).await?;
     let progress = Arc::new(Progress::default());
-    // (source, target path for messages, already opened confined directory, match prefix)
-    let mut targets: Vec<(RestoreSource, PathBuf, Option<std::os::fd::OwnedFd>, String)> = Vec::new();
+    let mut targets: Vec<RestoreTarget> = Vec::new();
     let mut total = 0u64;
     match path.as_deref() {
         None | Some("") | Some("/") => {
@@ -1000,22 +999,47 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
                 total += c.stats.total_bytes;
                 // A dry run creates nothing, not even the component's directory.
                 let dir = if a.dry_run { None } else { Some(open_component_dir(&a.target, &c.name, &id)?) };
-                targets.push((RestoreSource::Tree(c.root), a.target.join(&c.name), dir, c.name.clone()));
+                targets.push(RestoreTarget {
+                    source: RestoreSource::Tree(c.root),
+                    path: a.target.join(&c.name),
+                    dir,
+                    prefix: c.name.clone(),
+                    root_node: c.root_node.clone(),
+                });
             }
         }
         Some(p) => match browse::locate(&repo, &snap, p).await? {
             Located::Root { tree, component } => {
                 total += snap.component(&component).map(|c| c.stats.total_bytes).unwrap_or(0);
-                targets.push((RestoreSource::Tree(tree), a.target.clone(), None, component))
+                let root_node = snap.component(&component).and_then(|c| c.root_node.clone());
+                targets.push(RestoreTarget {
+                    source: RestoreSource::Tree(tree),
+                    path: a.target.clone(),
+                    dir: None,
+                    prefix: component,
+                    root_node,
+                })
             }
             Located::Node { node, path } if node.kind == NodeKind::Dir => {
                 let sub = node.subtree.ok_or_else(|| anyhow!("directory without listing"))?;
-                targets.push((RestoreSource::Tree(sub), a.target.clone(), None, path))
+                targets.push(RestoreTarget {
+                    source: RestoreSource::Tree(sub),
+                    path: a.target.clone(),
+                    dir: None,
+                    prefix: path,
+                    root_node: None,
+                })
             }
             Located::Node { node, path } => {
                 total += node.size;
                 let parent = path.rsplit_once('/').map(|(p, _)| p.to_string()).unwrap_or_default();
-                targets.push((RestoreSource::Node(node), a.target.clone(), None, parent))
+                targets.push(RestoreTarget {
+                    source: RestoreSource::Node(node),
+                    path: a.target.clone(),
+                    dir: None,
+                    prefix: parent,
+                    root_node: None,
+                })
             }
         },
     }
@@ -1027,8 +1051,9 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
     let reporter = ProgressReporter::start(Arc::clone(&progress), g.json, g.quiet, "restore");
     let mut combined = hoard_core::restore::RestoreOutcome::default();
     let mut result = Ok(());
-    for (source, target, dir, prefix) in targets {
-        let mut opts = restore_options(&a, target, dir, prefix);
+    for t in targets {
+        let source = t.source.clone();
+        let mut opts = restore_options(&a, t);
         opts.progress = Arc::clone(&progress);
         match hoard_core::restore::restore(Arc::clone(&repo), source, opts).await {
             Ok(o) => {
@@ -1137,16 +1162,25 @@ async fn cmd_restore(g: &Global, a: RestoreArgs) -> anyhow::Result<u8> {
     })
 }
 
-/// The options `restore` (and its dry run) gives one target.
-fn restore_options(
-    a: &RestoreArgs,
-    target: PathBuf,
+/// One directory a restore writes, and what goes there.
+struct RestoreTarget {
+    source: RestoreSource,
+    /// For messages (and to open, when `dir` is not given).
+    path: PathBuf,
+    /// The directory, already opened confined.
     dir: Option<std::os::fd::OwnedFd>,
+    /// Where the source is in the snapshot (`data`, `data/etc`), for patterns and messages.
     prefix: String,
-) -> RestoreOptions {
-    let mut opts = RestoreOptions::new(target);
-    opts.target_dir = dir;
-    opts.match_prefix = prefix;
+    /// Metadata of the directory itself (a whole component's root).
+    root_node: Option<hoard_core::tree::Node>,
+}
+
+/// The options `restore` (and its dry run) gives one target.
+fn restore_options(a: &RestoreArgs, t: RestoreTarget) -> RestoreOptions {
+    let mut opts = RestoreOptions::new(t.path);
+    opts.target_dir = t.dir;
+    opts.match_prefix = t.prefix;
+    opts.root_node = t.root_node;
     opts.includes = a.includes.clone();
     opts.excludes = a.excludes.clone();
     opts.direct_io = !a.no_direct_io;
@@ -1163,11 +1197,12 @@ async fn print_restore_plan(
     g: &Global,
     a: &RestoreArgs,
     repo: Arc<Repository>,
-    targets: Vec<(RestoreSource, PathBuf, Option<std::os::fd::OwnedFd>, String)>,
+    targets: Vec<RestoreTarget>,
 ) -> anyhow::Result<u8> {
     let mut plan = hoard_core::restore::RestorePlan::default();
-    for (source, target, dir, prefix) in targets {
-        let opts = restore_options(a, target, dir, prefix);
+    for t in targets {
+        let source = t.source.clone();
+        let opts = restore_options(a, t);
         let p = hoard_core::restore::plan(Arc::clone(&repo), source, opts).await?;
         plan.create += p.create;
         plan.replace += p.replace;

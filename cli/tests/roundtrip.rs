@@ -888,3 +888,36 @@ fn restore_dry_run_and_delete() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("refused with include patterns"), "{}", stderr(&out));
 }
+
+/// The directory a component was read from gets its mode and times back on the directory it is
+/// restored into (the snapshot records it beside the component).
+#[test]
+fn a_components_root_directory_gets_its_metadata_back() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("data");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), "x").unwrap();
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o750)).unwrap();
+    assert!(
+        std::process::Command::new("touch")
+            .args(["-m", "-d", "2020-01-01 00:00:00"])
+            .arg(&src)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let want = std::fs::metadata(&src).unwrap();
+    let h = Hoard::new(tmp.path().join("repo").to_str().unwrap());
+    h.init();
+    h.backup_json(&[src.to_str().unwrap()], 0);
+    let target = tmp.path().join("target");
+    h.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    let got = std::fs::metadata(target.join("data")).unwrap();
+    assert_eq!(got.permissions().mode() & 0o7777, 0o750);
+    assert_eq!((got.mtime(), got.mtime_nsec()), (want.mtime(), want.mtime_nsec()));
+    // The same for a restore of the component by path.
+    let by_path = tmp.path().join("by-path");
+    h.ok(&["restore", "latest:/data", "--target", by_path.to_str().unwrap()]);
+    assert_eq!(std::fs::metadata(&by_path).unwrap().mtime(), want.mtime());
+}

@@ -1478,8 +1478,9 @@ fn read_jobs(ctx: &Ctx, prefetch: Option<&mut crate::uring::SmallFilePrefetch>, 
     }
 }
 
-/// Walks one directory source with reader and finisher threads; returns the root tree id.
-fn backup_path(ctx: &Ctx, path: &Path, parent_root: Option<Id>, read_concurrency: usize) -> Result<Id> {
+/// Walks one directory source with reader and finisher threads; returns the root tree id and,
+/// for a directory (not a single file), the directory's own node.
+fn backup_path(ctx: &Ctx, path: &Path, parent_root: Option<Id>, read_concurrency: usize) -> Result<(Id, Option<Node>)> {
     let meta = std::fs::symlink_metadata(path).ctx(|| format!("backup source {}", path.display()))?;
     let (dir_path, only): (PathBuf, Option<Vec<u8>>) = if meta.is_dir() {
         (path.to_path_buf(), None)
@@ -1495,7 +1496,19 @@ fn backup_path(ctx: &Ctx, path: &Path, parent_root: Option<Id>, read_concurrency
         rustix::fs::Mode::empty(),
     )
     .ctx(|| format!("open {}", dir_path.display()))?;
-    backup_root(ctx, root, only, parent_root, read_concurrency)
+    let root_node = match only {
+        Some(_) => None,
+        None => Some(root_dir_node(&root)?),
+    };
+    Ok((backup_root(ctx, root, only, parent_root, read_concurrency)?, root_node))
+}
+
+/// The node of a source directory itself: what `stat` and its extended attributes tell.
+fn root_dir_node(root: &OwnedFd) -> Result<Node> {
+    let st = rustix::fs::fstat(root).ctx(|| "stat backup root".into())?;
+    let mut node = fsmeta::node_from_stat(Vec::new(), &st);
+    node.xattrs = fsmeta::read_xattrs_fd(root.as_fd());
+    Ok(node)
 }
 
 /// Walks an open directory (or, with `only`, just that entry of it); returns the root tree id.
@@ -1919,19 +1932,21 @@ async fn backup_locked(
                 (name, ComponentKind::Tree, origin, r)
             }
             Source::Dir { name, dir, origin } => {
-                let r =
-                    tokio::task::spawn_blocking(move || backup_root(&ctx2, dir, None, parent_root, read_concurrency))
-                        .await;
+                let r = tokio::task::spawn_blocking(move || {
+                    let node = root_dir_node(&dir)?;
+                    Ok((backup_root(&ctx2, dir, None, parent_root, read_concurrency)?, Some(node)))
+                })
+                .await;
                 (name, ComponentKind::Tree, origin, r)
             }
             Source::Stream { name, reader } => {
                 let n = name.clone();
-                let r = tokio::task::spawn_blocking(move || stream_tree(&ctx2, &n, reader)).await;
+                let r = tokio::task::spawn_blocking(move || Ok((stream_tree(&ctx2, &n, reader)?, None))).await;
                 (name, ComponentKind::Stream, "stdin".to_string(), r)
             }
         };
         tracing::debug!(component = name, "walked after {:?}", started.elapsed());
-        let root = match result.map_err(|e| Error::Internal(format!("backup task: {e}")))? {
+        let (root, root_node) = match result.map_err(|e| Error::Internal(format!("backup task: {e}")))? {
             Ok(root) => root,
             Err(e) => {
                 drop(ctx);
@@ -1950,7 +1965,7 @@ async fn backup_locked(
         stats.warnings = ctx.warning_count.load(Ordering::Relaxed) - warnings_before;
         stats.duration_ms = component_started.elapsed().as_millis() as u64;
         summary.add(&stats);
-        components.push(Component { name, kind, root, source: origin, stats });
+        components.push(Component { name, kind, root, source: origin, stats, root_node });
     }
     let warnings = std::mem::take(&mut *ctx.warnings.lock().unwrap_or_else(|p| p.into_inner()));
     let warning_count = ctx.warning_count.load(Ordering::Relaxed);

@@ -123,6 +123,9 @@ pub struct RestoreOptions {
     /// Remove entries of the restored directories that the snapshot does not have (restic's
     /// `--delete`); excluded paths are left alone, and include patterns are refused with it.
     pub delete: bool,
+    /// Metadata for the target directory itself (a component's [`crate::snapshot::Component::root_node`]),
+    /// applied after everything in it, as for any restored directory.
+    pub root_node: Option<Node>,
 }
 
 /// Whether an existing entry of the target gives way to the snapshot's entry of the same name
@@ -228,6 +231,7 @@ impl RestoreOptions {
             fidelity: Fidelity::Full,
             overwrite: Overwrite::default(),
             delete: false,
+            root_node: None,
         }
     }
 }
@@ -1509,6 +1513,7 @@ pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: Res
     let one_file_system = opts.one_file_system;
     let target = opts.target.clone();
     let target_dir = opts.target_dir.take();
+    let root_node = opts.root_node.take();
     let workers = opts.workers.max(1);
     let ctx2 = Arc::clone(&ctx);
     tokio::task::spawn_blocking(move || -> Result<()> {
@@ -1535,7 +1540,7 @@ pub async fn restore(repo: Arc<Repository>, source: RestoreSource, mut opts: Res
         let _ = ctx.meta.set(fsmeta::MetaPolicy { as_root: ctx.as_root, confined });
         let root = Arc::new(DirState {
             fd: root_fd,
-            node: None,
+            node: root_node,
             rel: String::new(),
             pending: AtomicUsize::new(1),
             parent: None,

@@ -45,6 +45,11 @@ pub struct Component {
     /// blobs; the summary's also counts pack headers, so it is a little more than the sum.
     #[serde(default)]
     pub stats: Summary,
+    /// The directory the component was read from (mode, owner, times, extended attributes;
+    /// its name is empty), which a restore applies to the directory it restores into. Absent
+    /// for streams, single files, and snapshots written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_node: Option<crate::tree::Node>,
 }
 
 /// What a backup did; stored in the snapshot and printed at the end.
@@ -163,6 +168,7 @@ mod tests {
                     root: Id::default(),
                     source: String::new(),
                     stats: Summary::default(),
+                    root_node: None,
                 })
                 .collect(),
             summary: Summary::default(),

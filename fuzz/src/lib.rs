@@ -262,6 +262,7 @@ pub fn snapshot_seeds() -> Vec<Snapshot> {
                 root: Id([6; 32]),
                 source: "/data".into(),
                 stats: summary.clone(),
+                root_node: None,
             },
             Component {
                 name: "db.sql".into(),
@@ -269,6 +270,7 @@ pub fn snapshot_seeds() -> Vec<Snapshot> {
                 root: Id([7; 32]),
                 source: "stdin".into(),
                 stats: Summary::default(),
+                root_node: None,
             },
         ],
         summary,
