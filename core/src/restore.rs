@@ -155,17 +155,8 @@ pub struct Existing {
 
 impl Existing {
     fn of(st: &rustix::fs::Stat) -> Existing {
-        let kind = match FileType::from_raw_mode(st.st_mode) {
-            FileType::Directory => NodeKind::Dir,
-            FileType::Symlink => NodeKind::Symlink,
-            FileType::Fifo => NodeKind::Fifo,
-            FileType::Socket => NodeKind::Socket,
-            FileType::CharacterDevice => NodeKind::CharDevice,
-            FileType::BlockDevice => NodeKind::BlockDevice,
-            _ => NodeKind::File,
-        };
         Existing {
-            kind,
+            kind: fsmeta::kind_of(st),
             size: st.st_size as u64,
             mtime: crate::tree::Timestamp { sec: st.st_mtime, nsec: st.st_mtime_nsec as u32 },
         }
