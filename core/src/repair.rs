@@ -42,7 +42,8 @@ pub const REPAIRED_FROM_LABEL: &str = "hoard.dev/repaired-from";
 
 /// Largest pack downloaded whole (packs are normally `pack_size`, at most one blob more).
 const MAX_PACK_READ: u64 = 256 * 1024 * 1024;
-/// Packs downloaded at once: each is held in memory while its blobs are verified.
+/// Packs downloaded at once: each is held in memory while its blobs are verified and its
+/// salvage written.
 const PACKS_AT_ONCE: usize = 2;
 /// Left-out paths recorded in one repaired snapshot's warnings; the rest are counted.
 const MAX_RECORDED_PATHS: usize = 1000;
@@ -163,14 +164,14 @@ async fn repair_packs_locked(
     let mut by_pack: BTreeMap<Id, Vec<IndexBlob>> = BTreeMap::new();
     for (_, f) in &files {
         for p in &f.packs {
-            let blobs = by_pack.entry(p.id).or_default();
-            for b in &p.blobs {
-                if !blobs.iter().any(|x| x.id == b.id) {
-                    blobs.push(b.clone());
-                }
-            }
+            by_pack.entry(p.id).or_default().extend(p.blobs.iter().cloned());
         }
     }
+    for blobs in by_pack.values_mut() {
+        blobs.sort_by_key(|b| (b.id, b.offset));
+        blobs.dedup_by_key(|b| b.id);
+    }
+    drop(files);
     let unknown: Vec<String> = opts.packs.iter().filter(|p| !by_pack.contains_key(p)).map(|p| p.to_hex()).collect();
     if !unknown.is_empty() {
         return Err(Error::InvalidArgument(format!("no indexed pack is named {}", unknown.join(", "))));
@@ -181,8 +182,12 @@ async fn repair_packs_locked(
 
     let mut out = PackRepairOutcome::default();
     let mut bad_packs: HashSet<Id> = HashSet::new();
-    let mut salvaged: Vec<(Id, BlobType, Vec<u8>)> = Vec::new();
-    let mut verdicts_seen = Vec::new();
+    // (pack, state, salvaged ids, lost ids) of each pack that is not intact.
+    let mut damaged: Vec<(Id, PackState, Vec<Id>, Vec<Id>)> = Vec::new();
+    // 1. Salvaged blobs go into new packs as soon as they are verified, so memory holds at most
+    // PACKS_AT_ONCE packs. One that also has an intact copy elsewhere is stored once more
+    // (prune reclaims it); waiting to know would mean holding every salvaged blob.
+    let mut writer: Option<BlobWriter> = None;
     let mut verdicts = futures::stream::iter(selected)
         .map(|pack| {
             let blobs = by_pack.get(&pack).cloned().unwrap_or_default();
@@ -210,24 +215,43 @@ async fn repair_packs_locked(
             continue;
         }
         bad_packs.insert(pack);
-        verdicts_seen.push((pack, s.state, s.salvaged.iter().map(|(id, _, _)| *id).collect::<Vec<_>>(), s.lost));
-        // Held until written: the salvage of the damaged packs only (bounded by their size).
-        salvaged.extend(s.salvaged);
+        damaged.push((pack, s.state, s.salvaged.iter().map(|(id, _, _)| *id).collect(), s.lost));
+        if opts.dry_run || s.salvaged.is_empty() {
+            continue;
+        }
+        let w = writer.get_or_insert_with(|| {
+            // A writer that dedups only against what it writes now.
+            *repo.index_mut() = crate::index::MasterIndex::default();
+            BlobWriter::start(Arc::clone(repo), WriterConfig { lease: Some(lock.lease()), ..WriterConfig::default() })
+        });
+        let sink = w.sink();
+        tokio::task::spawn_blocking(move || {
+            s.salvaged.into_iter().try_for_each(|(id, ty, plain)| sink.add(ty, id, Bytes::from(plain), None).map(drop))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("salvage: {e}")))??;
     }
     drop(verdicts);
+    let mut new_packs: Vec<IndexPack> = Vec::new();
+    if let Some(w) = writer {
+        let stats = w.stats();
+        w.finish().await?;
+        out.packs_written = stats.packs.load(std::sync::atomic::Ordering::Relaxed);
+        // The in-memory index now holds exactly the new packs.
+        new_packs = group_by_pack(repo.index().iter());
+    }
     if bad_packs.is_empty() {
         return Ok(out);
     }
-    // A blob with an intact copy in a kept pack is neither lost nor written again.
+    // A blob with an intact copy in a kept pack is not lost.
     let kept_blobs: HashSet<Id> = by_pack
         .iter()
         .filter(|(p, _)| !bad_packs.contains(p))
         .flat_map(|(_, blobs)| blobs.iter().map(|b| b.id))
         .collect();
-    salvaged.retain(|(id, _, _)| !kept_blobs.contains(id));
-    let salvaged_ids: HashSet<Id> = salvaged.iter().map(|(id, _, _)| *id).collect();
+    let salvaged_ids: HashSet<Id> = damaged.iter().flat_map(|(_, _, saved, _)| saved.iter().copied()).collect();
     let mut lost_blobs: HashSet<Id> = HashSet::new();
-    for (pack, state, saved, lost) in verdicts_seen {
+    for (pack, state, saved, lost) in damaged {
         let elsewhere = saved.iter().chain(&lost).filter(|id| kept_blobs.contains(id)).count();
         let lost: Vec<Id> =
             lost.into_iter().filter(|id| !kept_blobs.contains(id) && !salvaged_ids.contains(id)).collect();
@@ -243,27 +267,6 @@ async fn repair_packs_locked(
     out.blobs_lost = lost_blobs.len();
     if opts.dry_run {
         return Ok(out);
-    }
-
-    // 1. Salvaged blobs into new packs (the writer writes their index file).
-    let mut new_packs: Vec<IndexPack> = Vec::new();
-    if !salvaged.is_empty() {
-        // A writer that dedups only against what it writes now.
-        *repo.index_mut() = crate::index::MasterIndex::default();
-        let writer =
-            BlobWriter::start(Arc::clone(repo), WriterConfig { lease: Some(lock.lease()), ..WriterConfig::default() });
-        let sink = writer.sink();
-        for (id, ty, plain) in salvaged {
-            let s2 = sink.clone();
-            tokio::task::spawn_blocking(move || s2.add(ty, id, Bytes::from(plain), None))
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))??;
-        }
-        drop(sink);
-        let stats = writer.stats();
-        writer.finish().await?;
-        out.packs_written = stats.packs.load(std::sync::atomic::Ordering::Relaxed);
-        new_packs = group_by_pack(repo.index().iter());
     }
 
     // 2. One index for every intact pack and the new ones, superseding every old index file;
