@@ -514,7 +514,11 @@ fn repair_snapshots_leaves_out_what_is_lost_and_marks_it() {
     let tmp = tempfile::tempdir().unwrap();
     let (h, src) = setup(tmp.path());
     Damage::BitFlip.apply(&Objects::of(&h));
-    h.ok(&["repair", "packs"]);
+    // One blob of the pack is hit; the pack's other blobs are salvaged into a new pack.
+    let out = h.ok(&["repair", "packs"]);
+    let text = stdout(&out);
+    assert!(text.contains("1 not intact") && text.contains("1 lost"), "{text}");
+    assert!(!text.contains("salvage 0 blobs") && !text.contains("wrote 0 packs"), "{text}");
     // The lost blob is no longer indexed: check names the files that reference it.
     let out = h.expect(&["check"], 1);
     let err = stderr(&out);
