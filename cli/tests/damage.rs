@@ -58,13 +58,7 @@ fn missing_repository_and_unknown_version() {
 fn damaged_pack_fails_only_the_affected_files() {
     let tmp = tempfile::tempdir().unwrap();
     let (h, src) = setup(tmp.path());
-    // Find the pack that holds the most data and flip a byte in its middle.
-    let mut packs: Vec<_> = list_files(&tmp.path().join("repo/packs"));
-    packs.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
-    let (victim, len) = packs[0].clone();
-    let mut bytes = std::fs::read(&victim).unwrap();
-    bytes[(len / 3) as usize] ^= 0x55;
-    std::fs::write(&victim, bytes).unwrap();
+    flip_a_byte_in_the_largest_pack(&tmp.path().join("repo"));
     let target = tmp.path().join("restore");
     let out = h.run(&["restore", "latest", "--target", target.to_str().unwrap()]);
     no_panic(&out);

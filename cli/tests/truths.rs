@@ -174,12 +174,7 @@ fn restore_errors_are_printed_once_without_colour_when_stderr_is_not_a_terminal(
         std::fs::write(src.join(format!("file{i}")), hoard_testkit::random_bytes(3 << 20, i)).unwrap();
     }
     h.backup_json(&[src.to_str().unwrap()], 0);
-    let mut packs = list_files(&tmp.path().join("repo/packs"));
-    packs.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
-    let (victim, len) = packs[0].clone();
-    let mut bytes = std::fs::read(&victim).unwrap();
-    bytes[(len / 3) as usize] ^= 0x55;
-    std::fs::write(&victim, bytes).unwrap();
+    flip_a_byte_in_the_largest_pack(&tmp.path().join("repo"));
 
     let target = tmp.path().join("restore");
     // Standard error is a pipe here, and NO_COLOR is not set.

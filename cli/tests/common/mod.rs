@@ -109,6 +109,17 @@ pub fn list_files(root: &Path) -> Vec<(PathBuf, u64)> {
     out
 }
 
+/// Flips a byte a third into the largest pack of the local repository at `repo`: one blob of
+/// it is damaged, the pack's other blobs stay intact.
+pub fn flip_a_byte_in_the_largest_pack(repo: &Path) {
+    let mut packs = list_files(&repo.join("packs"));
+    packs.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    let (victim, len) = packs[0].clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[(len / 3) as usize] ^= 0x55;
+    std::fs::write(&victim, bytes).unwrap();
+}
+
 pub fn files_under(root: &Path, sub: &str) -> Vec<PathBuf> {
     list_files(&root.join(sub)).into_iter().map(|(p, _)| p).collect()
 }
