@@ -26,6 +26,7 @@ pub mod fsmeta;
 pub mod id;
 pub mod index;
 pub mod lock;
+pub mod mirror;
 pub mod pack;
 pub mod progress;
 pub mod prune;

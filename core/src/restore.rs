@@ -154,7 +154,7 @@ pub struct Existing {
 }
 
 impl Existing {
-    fn of(st: &rustix::fs::Stat) -> Existing {
+    pub(crate) fn of(st: &rustix::fs::Stat) -> Existing {
         Existing {
             kind: fsmeta::kind_of(st),
             size: st.st_size as u64,
