@@ -536,9 +536,39 @@ async fn restore_in_volume(
     order: &pb::RestoreOrder,
     vol: OpenVolume,
 ) -> Result<pb::Result, JobError> {
-    // The same order after a crash: what it restored completely (size and time set) is kept.
-    let resumed = read_marker(&vol.dir).as_deref() == Some(ctx.order_id.as_str());
     let policy = Overwrite::from(order.overwrite());
+    fill_volume(ctx, policy, vol, |overwrite, vol| async move {
+        let spec = RestoreSpec {
+            repo: order.repository.as_ref(),
+            snapshot: &order.snapshot,
+            component: &order.component,
+            includes: order.includes.clone(),
+            excludes: order.excludes.clone(),
+            full_metadata: order.full_metadata,
+            overwrite,
+        };
+        restore_into(env, ctx, spec, (vol.path, vol.dir)).await
+    })
+    .await
+}
+
+/// Writes into a volume through `fill`: refuses a volume with foreign content under
+/// [`Overwrite::Never`]; marks the volume while writing (see [`RESTORE_MARKER`]) and hands
+/// `fill` the policy to write with — a resumed order rewrites its partial files (their time
+/// is not yet the source's); a fresh one with Never found the volume empty (but for
+/// `lost+found`, merged into).
+async fn fill_volume<F, Fut>(
+    ctx: &OrderCtx,
+    policy: Overwrite,
+    vol: OpenVolume,
+    fill: F,
+) -> Result<pb::Result, JobError>
+where
+    F: FnOnce(Overwrite, OpenVolume) -> Fut,
+    Fut: std::future::Future<Output = Result<pb::Result, JobError>>,
+{
+    // The same order after a crash: what it wrote completely (size and time set) is kept.
+    let resumed = read_marker(&vol.dir).as_deref() == Some(ctx.order_id.as_str());
     let foreign = foreign_entries(&vol.dir, &ctx.order_id)?;
     if foreign > 0 && policy == Overwrite::Never {
         return Err(JobError::new(
@@ -551,23 +581,63 @@ async fn restore_in_volume(
     write_marker(&vol.dir, &ctx.order_id)?;
     let marker_dir = rustix::io::fcntl_dupfd_cloexec(&vol.dir, 0)
         .map_err(|e| JobError::new("permanent", format!("volume descriptor: {e}")))?;
-    let spec = RestoreSpec {
-        repo: order.repository.as_ref(),
-        snapshot: &order.snapshot,
-        component: &order.component,
-        includes: order.includes.clone(),
-        excludes: order.excludes.clone(),
-        full_metadata: order.full_metadata,
-        // A resumed order rewrites its partial files (their time is not yet the snapshot's);
-        // a fresh one with Never found the volume empty (but for `lost+found`, merged into).
-        overwrite: if resumed && policy != Overwrite::Always { Overwrite::IfChanged } else { policy },
-    };
-    let r = restore_into(env, ctx, spec, (vol.path, vol.dir)).await;
+    let r = fill(if resumed && policy != Overwrite::Always { Overwrite::IfChanged } else { policy }, vol).await;
     // Finished one way or another (done, failed, cancelled): only a crash leaves the marker.
     if let Err(e) = rustix::fs::unlinkat(&marker_dir, RESTORE_MARKER, rustix::fs::AtFlags::empty()) {
         tracing::warn!(order_id = ctx.order_id, "cannot remove the restore marker: {e}");
     }
     r
+}
+
+/// Copies one volume of this node into another (a VolumeSnapshot's clone into an existing
+/// claim), with the restore's overwrite, marker and fidelity rules.
+pub async fn copy(
+    _env: JobEnv,
+    ctx: OrderCtx,
+    order: pb::CopyOrder,
+    source: OpenVolume,
+    vol: OpenVolume,
+) -> Result<pb::Result, JobError> {
+    let policy = Overwrite::from(order.overwrite());
+    let fidelity = if order.full_metadata { Fidelity::Full } else { Fidelity::Confined };
+    let ctx = &ctx;
+    fill_volume(ctx, policy, vol, |overwrite, vol| async move {
+        ctx.set_phase(Phase::Running);
+        let started = std::time::Instant::now();
+        let (progress, cancel) = (Arc::clone(&ctx.progress), Arc::clone(&ctx.cancel));
+        let opts = hoard_core::mirror::MirrorOptions { overwrite, fidelity };
+        let out = tokio::task::spawn_blocking(move || {
+            use std::os::fd::AsFd;
+            hoard_core::mirror::mirror(source.dir.as_fd(), vol.dir.as_fd(), opts, &progress, &|| cancel.is_cancelled())
+        })
+        .await
+        .map_err(|e| JobError::new("permanent", format!("copy task: {e}")))??;
+        if out.cancelled {
+            return Err(JobError::new("cancelled", "copy stopped"));
+        }
+        let stats = pb::Stats {
+            files_restored: out.files,
+            bytes_restored: out.bytes,
+            duration_ms: started.elapsed().as_millis() as u64,
+            ..Default::default()
+        };
+        let result = pb::Result {
+            snapshot_id: String::new(),
+            stats: Some(stats),
+            failed_files: out.failed.iter().map(|(p, why)| format!("{p}: {why}")).collect(),
+        };
+        if out.failed.is_empty() {
+            return Ok(result);
+        }
+        let failed = out.failed.len() as u64 + out.more_failed;
+        let full = if out.target_full { ": the volume is full" } else { "" };
+        Err(JobError {
+            class: "permanent",
+            message: format!("{failed} entries could not be copied{full}"),
+            result: Some(Box::new(result)),
+        })
+    })
+    .await
 }
 
 /// Restores into a fresh scratch directory, requires every file to restore, then removes it.

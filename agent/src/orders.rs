@@ -31,6 +31,7 @@ pub enum OrderKind {
     Backup,
     Restore,
     Verify,
+    Copy,
 }
 
 impl OrderKind {
@@ -39,6 +40,7 @@ impl OrderKind {
             OrderKind::Backup => "backup",
             OrderKind::Restore => "restore",
             OrderKind::Verify => "verify",
+            OrderKind::Copy => "copy",
         }
     }
 }

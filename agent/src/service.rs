@@ -6,8 +6,8 @@ use std::sync::Arc;
 use futures::Stream;
 use hoard_api::agent::v1::agent_server::Agent;
 use hoard_api::agent::v1::{
-    BackupOrder, CancelReply, CancelRequest, Progress, RestoreOrder, StatusReply, StatusRequest, VerifyOrder,
-    VolumeIdentity,
+    BackupOrder, CancelReply, CancelRequest, CopyOrder, Progress, RestoreOrder, StatusReply, StatusRequest,
+    VerifyOrder, VolumeIdentity,
 };
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -75,7 +75,7 @@ fn follow(rx: watch::Receiver<Progress>) -> ProgressStream {
 }
 
 impl AgentService {
-    /// A backup-only agent's answer to orders that write (restore, verify).
+    /// A backup-only agent's answer to orders that write (restore, verify, copy).
     fn refuse_writes(&self, order_id: &str, kind: OrderKind) -> Result<(), Status> {
         if !self.env.backup_only {
             return Ok(());
@@ -153,6 +153,7 @@ impl Agent for AgentService {
     type BackupStream = ProgressStream;
     type RestoreStream = ProgressStream;
     type VerifyStream = ProgressStream;
+    type CopyStream = ProgressStream;
 
     async fn backup(&self, req: Request<BackupOrder>) -> Result<Response<ProgressStream>, Status> {
         // From here on the credentials are wiped when the order is dropped, whatever happens.
@@ -187,6 +188,19 @@ impl Agent for AgentService {
         self.refuse_writes(&id, OrderKind::Verify)?;
         self.submit(OrderKind::Verify, &id, &encoded, None, move |env, ctx, _| async move {
             jobs::verify(env, ctx, order).await
+        })
+        .await
+    }
+
+    async fn copy(&self, req: Request<CopyOrder>) -> Result<Response<ProgressStream>, Status> {
+        let order = req.into_inner();
+        let encoded = prost::Message::encode_to_vec(&order);
+        let id = order.order_id.clone();
+        self.refuse_writes(&id, OrderKind::Copy)?;
+        // Both volumes are opened before the order is accepted: a refusal is the call's error.
+        let source = self.open_volume(&id, order.source.clone()).await?;
+        self.submit(OrderKind::Copy, &id, &encoded, Some(order.volume.clone()), move |env, ctx, vol| async move {
+            jobs::copy(env, ctx, order, source, take_volume(vol)?).await
         })
         .await
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use hoard_api::agent::v1::{
-    BackupOrder, CancelRequest, Overwrite, Phase, RestoreOrder, StatusRequest, VerifyOrder, VolumeIdentity,
+    BackupOrder, CancelRequest, CopyOrder, Overwrite, Phase, RestoreOrder, StatusRequest, VerifyOrder, VolumeIdentity,
     volume_identity::Source,
 };
 use hoard_testkit::{compare, kubelet, make_kubelet_tree, make_test_pki, manifest};
@@ -834,7 +834,16 @@ async fn a_backup_only_agent_refuses_restores_and_verifies() {
         VerifyOrder { order_id: "v".into(), repository: Some(repo_msg(&repo_dir)), snapshot, ..Default::default() };
     let e = client.verify(verify).await.err().unwrap();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
-    assert_eq!(agent.metric("hoard_agent_refused_orders_total{reason=\"backup-only\"}"), 2.0);
+    let copy = CopyOrder {
+        order_id: "c".into(),
+        source: Some(identity(&tree.volumes[0])),
+        volume: Some(identity(&tree.empty)),
+        ..Default::default()
+    };
+    let e = client.copy(copy).await.err().unwrap();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert_eq!(std::fs::read_dir(&tree.empty.data_dir).unwrap().count(), 0, "the target was touched");
+    assert_eq!(agent.metric("hoard_agent_refused_orders_total{reason=\"backup-only\"}"), 3.0);
 }
 
 /// A restore order refuses a volume that holds data unless it says `overwrite`; an ext4
@@ -919,6 +928,67 @@ async fn restore_refuses_a_non_empty_volume_unless_overwrite() {
     assert!(ev.recent_warnings.iter().any(|w| w.starts_with(name)), "{:?}", ev.recent_warnings);
     assert_eq!(std::fs::read(target.join("local-only")).unwrap(), b"keep me");
     assert!(!ev.recent_warnings.iter().any(|w| w.contains(PASSWORD)));
+}
+
+/// A copy order copies one volume of the node into another with no repository: byte-identical,
+/// refused into a non-empty volume without overwrite, replacing same-named entries with it; a
+/// source on another node or a hostPath source is refused before anything is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_orders_copy_one_volume_into_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = make_kubelet_tree(&tmp.path().join("kubelet"));
+    let pki = make_test_pki(&tmp.path().join("pki"), NODE);
+    let agent = Agent::start(&tree.root, &pki, &tmp.path().join("work"), &[]);
+    let mut client = agent.client(&pki).await;
+    let src = &tree.volumes[0];
+    let target = &tree.empty.data_dir;
+    let copy = |id: &str, source: VolumeIdentity, overwrite: Overwrite| CopyOrder {
+        order_id: id.into(),
+        source: Some(source),
+        volume: Some(identity(&tree.empty)),
+        overwrite: overwrite as i32,
+        full_metadata: false,
+    };
+
+    let ev = finish(client.copy(copy("c1", identity(src), Overwrite::Never)).await, LONG).await.unwrap();
+    assert_eq!(phase(&ev), Phase::Done, "{ev:?}");
+    assert!(compare(&manifest(&src.data_dir), &manifest(target)).is_empty());
+    let stats = ev.result.unwrap().stats.unwrap();
+    assert!(stats.files_restored > 0 && stats.bytes_restored > 0, "{stats:?}");
+    assert!(!target.join(hoard_agent::jobs::RESTORE_MARKER).exists());
+
+    // Not empty now: refused without overwrite; with Always, edited files are put back and
+    // entries the source lacks stay.
+    let (edited, _) = manifest(&src.data_dir)
+        .into_iter()
+        .find(|(p, e)| e.kind == "file" && !p.contains(&b'/') && e.nlink == 1 && e.size > 0)
+        .expect("a top-level file with content");
+    let edited = String::from_utf8(edited).unwrap();
+    std::fs::write(target.join(&edited), b"edited in the volume").unwrap();
+    std::fs::write(target.join("local-only"), b"keep me").unwrap();
+    let ev = finish(client.copy(copy("c2", identity(src), Overwrite::Never)).await, LONG).await.unwrap();
+    assert_eq!((phase(&ev), ev.error_class.as_str()), (Phase::Failed, "refused"), "{ev:?}");
+    assert_eq!(std::fs::read(target.join(&edited)).unwrap(), b"edited in the volume");
+    let ev = finish(client.copy(copy("c3", identity(src), Overwrite::Always)).await, LONG).await.unwrap();
+    assert_eq!(phase(&ev), Phase::Done, "{ev:?}");
+    assert_eq!(std::fs::read(target.join(&edited)).unwrap(), std::fs::read(src.data_dir.join(&edited)).unwrap());
+    assert_eq!(std::fs::read(target.join("local-only")).unwrap(), b"keep me");
+
+    // Sources the agent must not read: another node's volume, a hostPath volume.
+    let before = manifest(target);
+    let mut elsewhere = identity(src);
+    elsewhere.node_name = "another-node".into();
+    let e = client.copy(copy("c4", elsewhere, Overwrite::Always)).await.err().unwrap();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    let mut host = identity(src);
+    host.source = Some(Source::Pvc(hoard_api::agent::v1::PersistentVolumeSource {
+        claim_name: "c".into(),
+        pv_name: "../../../../etc".into(),
+        ..Default::default()
+    }));
+    let e = client.copy(copy("c5", host, Overwrite::Always)).await.err().unwrap();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(compare(&before, &manifest(target)).is_empty(), "a refused copy wrote into the target");
 }
 
 /// A completed restore order re-sent after the agent was killed gets the same result, without
