@@ -660,10 +660,11 @@ async fn wait_running(h: &Harness, name: &str) -> Pod {
 /// Snapshot-only (`upload: false, keepLast: 2`): each session's VolumeSnapshot is the backup —
 /// no clone, no exposer, nothing uploaded — and retention keeps the newest two (the oldest
 /// Snapshot object goes with its VolumeSnapshot). A RestoreSession from a kept VolumeSnapshot
-/// fills a new claim with the content of that time, and refuses an existing claim. Combined
+/// fills a new claim with the content of that time, and an existing claim through a clone and
+/// an agent's copy (refused without overwrite). Combined
 /// (`keepLast: 1`, uploading): the VolumeSnapshot is kept and the repository has the data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kept_snapshots_retention_and_restore_into_a_new_claim() {
+async fn kept_snapshots_retention_and_restore_into_new_and_existing_claims() {
     let Some(mut h) = Harness::new("csi-keep").await else { return };
     let class = format!("{}-keep", h.ns);
     let driver = h.csi.driver.clone();
@@ -774,19 +775,51 @@ async fn kept_snapshots_retention_and_restore_into_a_new_claim() {
     let requested = spec.resources.and_then(|r| r.requests).and_then(|r| r.get("storage").cloned());
     assert_eq!(requested.map(|q| q.0), Some("128Mi".to_string()));
     assert_eq!(spec.storage_class_name, claims.get("data").await.unwrap().spec.unwrap().storage_class_name);
-    // Into an existing claim: refused, and the claim is untouched.
+    // Into an existing claim: a clone of the VolumeSnapshot, mounted with the claim by one
+    // exposer pod, copied by the agent. Without overwrite the non-empty claim is refused and
+    // untouched; with it the claim holds generation 2 again, and nothing temporary remains.
     restores.create(&PostParams::default(), &restore("over", "data", "hoard-only-2-data")).await.unwrap();
-    let refused = wait_for(&restores, "over", Duration::from_secs(60), |r| {
+    let refused = wait_for(&restores, "over", Duration::from_secs(120), |r| {
         r.status.as_ref().and_then(|s| s.phase).is_some_and(RestorePhase::is_finished)
     })
     .await
     .status
     .unwrap();
-    assert_eq!(refused.phase, Some(RestorePhase::Invalid), "{refused:#?}");
-    assert!(refused.message.as_deref().unwrap_or_default().contains("exists"), "{refused:#?}");
+    assert_eq!(refused.phase, Some(RestorePhase::Failed), "{refused:#?}\n{}", h.controller_log());
+    assert!(refused.message.as_deref().unwrap_or_default().contains("not empty"), "{refused:#?}");
     assert!(tree_contents(&data) == generations[2]);
+    let mut over = restore("over-always", "data", "hoard-only-2-data");
+    over.spec.overwrite = hoard_api::crd::OverwritePolicy::Always;
+    restores.create(&PostParams::default(), &over).await.unwrap();
+    let done = wait_for(&restores, "over-always", Duration::from_secs(180), |r| {
+        r.status.as_ref().and_then(|s| s.phase).is_some_and(RestorePhase::is_finished)
+    })
+    .await
+    .status
+    .unwrap();
+    assert_eq!(done.phase, Some(RestorePhase::Succeeded), "{done:#?}\n{}", h.controller_log());
+    let c = &done.components["data"];
+    assert_eq!((c.read_from, c.size.is_some_and(|s| s > 400_000)), (Some(ReadFrom::VolumeSnapshot), true), "{c:#?}");
+    assert_eq!(c.volume_snapshot.as_ref().map(|v| v.name.as_str()), Some("hoard-only-2-data"));
+    assert!(tree_contents(&data) == generations[1], "the claim is not generation 2 again");
+    assert!(generations[1] != generations[2]);
+    for name in ["over", "over-always"] {
+        let lp = ListParams::default().labels(&format!("hoard.dev/restore-session={name}"));
+        let mut left = usize::MAX;
+        for _ in 0..60 {
+            let pods = Api::<Pod>::namespaced(h.client.clone(), &h.ns).list(&lp).await.unwrap().items;
+            let pvcs = claims.list(&lp).await.unwrap().items;
+            left = pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).count()
+                + pvcs.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).count();
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert_eq!(left, 0, "restore {name} left its clone or exposer behind");
+    }
 
-    // Combined: uploaded and kept.
+    // Combined: uploaded and kept (the claim holds generation 2 again).
     h.configuration("both", target, "both-repo", json!({"className": class, "keepLast": 1})).await;
     h.trigger("both", "both-1").await;
     let done = h.finished("both-1", Duration::from_secs(180)).await;
@@ -805,7 +838,7 @@ async fn kept_snapshots_retention_and_restore_into_a_new_claim() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let restored = restore_into_new_claim(&h, "both-repo", "both-copy").await;
-    assert!(tree_contents(&restored) == generations[2]);
+    assert!(tree_contents(&restored) == generations[1]);
 
     // Deleting the Snapshot object that describes a kept VolumeSnapshot deletes it too (the
     // garbage collector follows the owner reference).

@@ -272,7 +272,7 @@ async fn restore_creates_a_restore_session() {
     kh_expect(&c, &ns, &["restore", "--repository", "app-repo", "--to", "daemonset/x"], 2);
     kh_expect(&c, &ns, &["restore", "--repository", "nope", "--to", "pvc/data"], 21);
 
-    // From a CSI VolumeSnapshot: into a new claim only.
+    // From a CSI VolumeSnapshot: into a new claim, or an existing one (overrides only for new).
     let v = json(&kh_expect(
         &c,
         &ns,
@@ -282,8 +282,19 @@ async fn restore_creates_a_restore_session() {
     assert_eq!(v["spec"]["dataSource"]["volumeSnapshot"], "hoard-s-1-data");
     assert_eq!(v["spec"]["target"]["name"], "fresh");
     assert!(v["spec"]["dataSource"].get("repository").is_none_or(|r| r == ""), "{v}");
-    let out = kh_expect(&c, &ns, &["restore", "--from-volume-snapshot", "s", "--to", "pvc/data"], 2);
-    assert!(stderr(&out).contains("restores only into a new claim"), "{}", stderr(&out));
+    let v = json(&kh_expect(
+        &c,
+        &ns,
+        &["restore", "--from-volume-snapshot", "s", "--to", "pvc/data", "--overwrite", "-o", "json"],
+        0,
+    ));
+    assert_eq!(
+        (&v["spec"]["target"]["name"], &v["spec"]["overwrite"]),
+        (&serde_json::json!("data"), &serde_json::json!("Always")),
+        "{v}"
+    );
+    let out = kh_expect(&c, &ns, &["restore", "--from-volume-snapshot", "s", "--to", "pvc/data", "--size", "1Gi"], 2);
+    assert!(stderr(&out).contains("are for a new claim"), "{}", stderr(&out));
     kh_expect(&c, &ns, &["restore", "--from-volume-snapshot", "s", "--to", "deployment/app"], 2);
     kh_expect(&c, &ns, &["restore", "--from-volume-snapshot", "s", "--repository", "r", "--to", "pvc/x"], 2);
 }

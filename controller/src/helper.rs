@@ -38,6 +38,7 @@ pub fn pod<K: Resource<DynamicType = ()>>(
         args,
         read_only: false,
         labels: [(HELPER_LABEL.to_string(), label)].into(),
+        target: None,
     };
     hoard_csi::exposer::pod(owner, &spec)
 }

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hoard_api::agent::v1::{BackupOrder, CancelRequest, Phase, Progress, RestoreOrder};
+use hoard_api::agent::v1::{BackupOrder, CancelRequest, CopyOrder, Phase, Progress, RestoreOrder};
 use hoard_api::tls::TlsMaterial;
 
 /// What is sent.
@@ -26,6 +26,7 @@ use hoard_api::tls::TlsMaterial;
 pub enum Order {
     Backup(BackupOrder),
     Restore(RestoreOrder),
+    Copy(CopyOrder),
 }
 
 impl Order {
@@ -33,6 +34,7 @@ impl Order {
         match self {
             Order::Backup(o) => &o.order_id,
             Order::Restore(o) => &o.order_id,
+            Order::Copy(o) => &o.order_id,
         }
     }
 }
@@ -233,6 +235,7 @@ impl Orders {
         let mut stream = match order {
             Order::Backup(o) => client.backup(o.clone()).await,
             Order::Restore(o) => client.restore(o.clone()).await,
+            Order::Copy(o) => client.copy(o.clone()).await,
         }?
         .into_inner();
         loop {

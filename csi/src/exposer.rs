@@ -23,6 +23,8 @@ pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
 pub const HOSTNAME: &str = "kubernetes.io/hostname";
 /// Where the pod mounts the claim (the agent reads the kubelet's mount, not this path).
 pub const MOUNT_PATH: &str = "/data";
+/// Where the pod mounts its second, writable claim ([`ExposerSpec::target`]).
+pub const TARGET_MOUNT_PATH: &str = "/target";
 
 /// The node the helper pod is bound to; `agents` are the nodes with a Ready agent.
 pub fn node_for(
@@ -84,6 +86,9 @@ pub struct ExposerSpec<'a> {
     pub read_only: bool,
     /// Labels besides `app.kubernetes.io/name` and `managed-by`.
     pub labels: BTreeMap<String, String>,
+    /// A second claim, mounted writable: `(claim, pod volume name)` — the claim a copy from a
+    /// VolumeSnapshot's clone writes into, when no running pod mounts it.
+    pub target: Option<(&'a str, &'a str)>,
 }
 
 /// The exposer Pod, owned (as controller) by `owner`: least privilege, tiny requests, sleeps
@@ -93,6 +98,14 @@ pub fn pod<K: Resource<DynamicType = ()>>(owner: &K, spec: &ExposerSpec<'_>) -> 
     labels.insert("app.kubernetes.io/name".into(), "hoard-exposer".into());
     labels.insert("app.kubernetes.io/managed-by".into(), crate::MANAGED_BY.into());
     let owner_ref = owner.controller_owner_ref(&());
+    let mut mounts = vec![json!({"name": spec.volume, "mountPath": MOUNT_PATH, "readOnly": spec.read_only})];
+    let mut volumes = vec![
+        json!({"name": spec.volume, "persistentVolumeClaim": {"claimName": spec.claim, "readOnly": spec.read_only}}),
+    ];
+    if let Some((claim, volume)) = spec.target {
+        mounts.push(json!({"name": volume, "mountPath": TARGET_MOUNT_PATH, "readOnly": false}));
+        volumes.push(json!({"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": false}}));
+    }
     serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -117,10 +130,9 @@ pub fn pod<K: Resource<DynamicType = ()>>(owner: &K, spec: &ExposerSpec<'_>) -> 
                 "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
                                     "capabilities": {"drop": ["ALL"]}},
                 "resources": {"requests": {"cpu": "1m", "memory": "8Mi"}, "limits": {"memory": "32Mi"}},
-                "volumeMounts": [{"name": spec.volume, "mountPath": MOUNT_PATH, "readOnly": spec.read_only}],
+                "volumeMounts": mounts,
             }],
-            "volumes": [{"name": spec.volume,
-                         "persistentVolumeClaim": {"claimName": spec.claim, "readOnly": spec.read_only}}],
+            "volumes": volumes,
         },
     }))
 }
@@ -225,6 +237,7 @@ mod tests {
             args: &args,
             read_only: true,
             labels: [("hoard.dev/restore-session".to_string(), "back".to_string())].into(),
+            target: None,
         };
         let p = pod(&rs, &spec).unwrap();
         assert_eq!(p.metadata.name.as_deref(), Some("hoard-restore-back"));
@@ -242,5 +255,15 @@ mod tests {
         assert_eq!(labels["hoard.dev/restore-session"], "back");
         assert_eq!(labels["app.kubernetes.io/managed-by"], crate::MANAGED_BY);
         assert!(matches!(state(&p), ExposerState::Waiting(_)));
+
+        // A copy's exposer: the clone read-only first, the target claim writable second.
+        let p = pod(&rs, &ExposerSpec { target: Some(("c2", "target")), ..spec }).unwrap();
+        let pod_spec = p.spec.unwrap();
+        let volumes = pod_spec.volumes.unwrap();
+        let claims: Vec<_> =
+            volumes.iter().map(|v| v.persistent_volume_claim.clone().map(|c| (c.claim_name, c.read_only))).collect();
+        assert_eq!(claims, [Some(("c".into(), Some(true))), Some(("c2".into(), Some(false)))]);
+        let mounts = pod_spec.containers[0].volume_mounts.clone().unwrap();
+        assert_eq!((mounts[1].mount_path.as_str(), mounts[1].read_only), (TARGET_MOUNT_PATH, Some(false)));
     }
 }

@@ -539,8 +539,9 @@ pub struct DataSource {
     /// Repository object name (empty with `volumeSnapshot`).
     #[serde(default)]
     pub repository: String,
-    /// Instead of a repository: a VolumeSnapshot (same namespace) restored by the CSI driver
-    /// into a new claim, the target PersistentVolumeClaim, which must not exist yet.
+    /// Instead of a repository: a VolumeSnapshot (same namespace) restored into the target
+    /// PersistentVolumeClaim — by the CSI driver when the claim does not exist yet, else by the
+    /// node's agent copying a clone of it (then `overwrite` applies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub volume_snapshot: Option<String>,

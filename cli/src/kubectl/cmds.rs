@@ -434,7 +434,7 @@ pub async fn restore(ctx: &Ctx, a: RestoreArgs) -> anyhow::Result<u8> {
                 .collect(),
         };
         let claim = (claim != hoard_api::crd::ClaimOverrides::default()).then_some(claim);
-        return restore_volume_snapshot(ctx, vs, kind, &target, claim).await;
+        return restore_volume_snapshot(ctx, vs, kind, &target, claim, a.overwrite.into()).await;
     }
     let snapshot = a.snapshot.clone().unwrap_or_else(|| "latest".into());
     let repository = if snapshot == "latest" {
@@ -509,25 +509,26 @@ pub async fn restore(ctx: &Ctx, a: RestoreArgs) -> anyhow::Result<u8> {
     create_restore(ctx, &rs).await
 }
 
-/// `restore --from-volume-snapshot NAME --to pvc/NEW`: the CSI driver fills the new claim.
+/// `restore --from-volume-snapshot NAME --to pvc/CLAIM`: the CSI driver fills a new claim; an
+/// existing one gets a copy of the snapshot's clone from the node's agent.
 async fn restore_volume_snapshot(
     ctx: &Ctx,
     vs: &str,
     kind: TargetKind,
     target: &str,
     claim: Option<hoard_api::crd::ClaimOverrides>,
+    overwrite: hoard_api::crd::OverwritePolicy,
 ) -> anyhow::Result<u8> {
     let ns = ctx.namespace.as_str();
     if kind != TargetKind::PersistentVolumeClaim {
-        return Err(PluginError::Usage(
-            "a VolumeSnapshot restores into a new claim: use --to pvc/NAME (a claim that does not exist yet)".into(),
-        )
-        .into());
+        return Err(PluginError::Usage("a VolumeSnapshot restores into a claim: use --to pvc/NAME".into()).into());
     }
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
-    if claims.get_opt(target).await.map_err(|e| api_error(e, Verb::Get, &PVC, Some(target), Some(ns)))?.is_some() {
+    let exists =
+        claims.get_opt(target).await.map_err(|e| api_error(e, Verb::Get, &PVC, Some(target), Some(ns)))?.is_some();
+    if exists && claim.is_some() {
         return Err(PluginError::Usage(format!(
-            "claim \"{target}\" exists; a VolumeSnapshot restores only into a new claim: name another with --to pvc/NAME"
+            "claim \"{target}\" exists: --size, --storage-class and --access-mode are for a new claim"
         ))
         .into());
     }
@@ -547,7 +548,7 @@ async fn restore_volume_snapshot(
                 encryption_secret: None,
             },
             restore_timeout: None,
-            overwrite: Default::default(),
+            overwrite,
             claim,
         },
     );

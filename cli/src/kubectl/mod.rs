@@ -127,8 +127,9 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub repository: Option<String>,
     /// Instead of a repository snapshot: a CSI VolumeSnapshot, restored by its driver into a new
-    /// claim (`--to pvc/NEW`, which must not exist).
-    #[arg(long, conflicts_with_all = ["snapshot", "repository", "components", "include", "exclude", "overwrite"])]
+    /// claim (`--to pvc/NEW`), or into an existing claim through a clone that the node's agent
+    /// copies (with `--overwrite` when the claim holds data).
+    #[arg(long, conflicts_with_all = ["snapshot", "repository", "components", "include", "exclude"])]
     pub from_volume_snapshot: Option<String>,
     /// With --from-volume-snapshot: the new claim's size (e.g. 20Gi; default: as the
     /// snapshot's source claim, at least the snapshot's restore size).

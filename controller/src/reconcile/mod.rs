@@ -5,6 +5,7 @@ pub mod backup;
 pub mod config;
 pub mod repo;
 pub mod restore;
+pub mod restore_copy;
 pub mod snapshots;
 
 use std::collections::BTreeMap;

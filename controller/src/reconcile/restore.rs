@@ -21,6 +21,7 @@ use kube::runtime::controller::Action;
 use crate::error::{Error, Result, is_conflict, is_not_found};
 use crate::helper::{self, HelperState};
 use crate::orders::Order;
+use crate::reconcile::restore_copy::{self, CopyStep};
 use crate::reconcile::{agent_endpoints, repo, resolve_target, target_pods};
 use crate::schedule::{fmt_time, parse_time};
 use crate::{Context, REPOSITORY_LABEL, RESTORE_METADATA_LABEL, apply_status};
@@ -100,15 +101,7 @@ pub async fn reconcile(rs: Arc<RestoreSession>, ctx: Arc<Context>) -> Result<Act
             });
             ctx.orders.forget(&oid);
         } else if let Some(p) = &state.last {
-            c.progress = Some(hoard_api::crd::ComponentProgress {
-                files_done: p.files_done,
-                files_total: p.files_total,
-                bytes_done: p.bytes_done,
-                bytes_total: p.bytes_total,
-                bytes_uploaded: 0,
-                bytes_per_second: p.rate_bytes_per_second.max(0.0) as u64,
-                eta_seconds: (p.eta_seconds >= 0.0).then_some(p.eta_seconds as u64),
-            });
+            c.progress = Some(progress_of(p));
         }
     }
     for (warning, reason, note) in transitions {
@@ -160,6 +153,19 @@ pub async fn reconcile(rs: Arc<RestoreSession>, ctx: Arc<Context>) -> Result<Act
             Ok(Action::await_change())
         }
         None => Ok(Action::requeue(crate::session::POLL)),
+    }
+}
+
+/// A restore's live progress as status shows it.
+pub(crate) fn progress_of(p: &hoard_api::agent::v1::Progress) -> hoard_api::crd::ComponentProgress {
+    hoard_api::crd::ComponentProgress {
+        files_done: p.files_done,
+        files_total: p.files_total,
+        bytes_done: p.bytes_done,
+        bytes_total: p.bytes_total,
+        bytes_uploaded: 0,
+        bytes_per_second: p.rate_bytes_per_second.max(0.0) as u64,
+        eta_seconds: (p.eta_seconds >= 0.0).then_some(p.eta_seconds as u64),
     }
 }
 
@@ -388,7 +394,7 @@ async fn dispatch(ctx: &Context, rs: &RestoreSession, st: &mut RestoreSessionSta
 }
 
 /// Whether an administrator labelled namespace `ns` with `hoard.dev/restore-metadata=full`.
-async fn full_metadata_allowed(ctx: &Context, ns: &str) -> Result<bool> {
+pub(crate) async fn full_metadata_allowed(ctx: &Context, ns: &str) -> Result<bool> {
     let namespace = Api::<Namespace>::all(ctx.client.clone()).get_opt(ns).await?;
     Ok(namespace
         .and_then(|n| n.metadata.labels)
@@ -398,11 +404,13 @@ async fn full_metadata_allowed(ctx: &Context, ns: &str) -> Result<bool> {
 /// Bound on a restore from a VolumeSnapshot without `restoreTimeout`.
 const SNAPSHOT_RESTORE_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Restore from a VolumeSnapshot: the CSI driver fills a new claim — the target — from it;
-/// hoard creates the claim (size, storage class and access modes of the snapshot's source
-/// claim) and waits, bounded by `restoreTimeout`, until it is bound. No agent takes part. The
-/// claim outlives the RestoreSession (no owner reference); a restarted controller recognises
-/// it by its `dataSource`.
+/// Restore from a VolumeSnapshot. Into a new claim, the target: the CSI driver fills it from
+/// the snapshot; hoard creates the claim (size, storage class and access modes of the
+/// snapshot's source claim unless `spec.claim` says otherwise) and waits until it is bound. No
+/// agent takes part. The claim outlives the RestoreSession (no owner reference); a restarted
+/// controller recognises it by its `dataSource` and label. Into a claim that exists: a clone
+/// and an agent's copy ([`restore_copy`]). Waiting is bounded by `restoreTimeout` (default
+/// [`SNAPSHOT_RESTORE_TIMEOUT`]); the copy itself only by an explicit `restoreTimeout`.
 async fn from_volume_snapshot(
     ctx: &Context,
     rs: &RestoreSession,
@@ -412,29 +420,48 @@ async fn from_volume_snapshot(
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Action> {
     let started = st.start_time.as_deref().and_then(parse_time).unwrap_or(now);
-    let timeout = rs.spec.restore_timeout.as_deref().and_then(parse_duration).unwrap_or(SNAPSHOT_RESTORE_TIMEOUT);
+    let explicit = rs.spec.restore_timeout.as_deref().and_then(parse_duration);
+    let timeout = explicit.unwrap_or(SNAPSHOT_RESTORE_TIMEOUT);
     let deadline = started + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
     st.start_time = Some(fmt_time(started));
     st.restore_deadline = Some(fmt_time(deadline));
     let claim = rs.spec.target.name.clone();
-    let step = snapshot_restore_step(ctx, rs, vs_name).await;
+    let copying = st.components.get(&claim).is_some_and(|c| c.phase == Some(ComponentPhase::Running));
+    let step = snapshot_restore_step(ctx, rs, vs_name, deadline, copying).await;
+    let mut finish_with = |c: ComponentStatus| {
+        st.components = [(claim.clone(), c)].into();
+        st.total_components = Some(1);
+    };
     let (phase, msg) = match step {
         Ok(SnapshotRestore::Bound(from)) => {
-            let c = ComponentStatus {
+            finish_with(ComponentStatus {
                 phase: Some(ComponentPhase::Succeeded),
                 claim: Some(claim.clone()),
                 read_from: Some(hoard_api::crd::ReadFrom::VolumeSnapshot),
                 volume_snapshot: Some(from),
                 ..Default::default()
-            };
-            st.components = [(claim.clone(), c)].into();
-            st.total_components = Some(1);
+            });
             (RestorePhase::Succeeded, format!("claim {claim} restored from VolumeSnapshot {vs_name}"))
         }
-        Ok(SnapshotRestore::Waiting(m)) if now > deadline => {
+        Ok(SnapshotRestore::Copy(CopyStep::Done(c))) => {
+            let size = c.size.unwrap_or(0);
+            finish_with(c);
+            (RestorePhase::Succeeded, format!("VolumeSnapshot {vs_name} copied into claim {claim} ({size} bytes)"))
+        }
+        Ok(SnapshotRestore::Copy(CopyStep::Copying(_))) if explicit.is_some() && now > deadline => (
+            RestorePhase::Failed,
+            format!("copying VolumeSnapshot {vs_name} into claim {claim}: restoreTimeout exceeded"),
+        ),
+        Ok(SnapshotRestore::Copy(CopyStep::Copying(c))) => {
+            let node = c.node.clone().unwrap_or_default();
+            finish_with(c);
+            (RestorePhase::Running, format!("copying VolumeSnapshot {vs_name} into claim {claim} on node {node}"))
+        }
+        Ok(SnapshotRestore::Copy(CopyStep::Failed(m))) => (RestorePhase::Failed, m),
+        Ok(SnapshotRestore::Waiting(m) | SnapshotRestore::Copy(CopyStep::Waiting(m))) if now > deadline => {
             (RestorePhase::Failed, format!("{m}: not done within the restoreTimeout"))
         }
-        Ok(SnapshotRestore::Waiting(m)) => (RestorePhase::Running, m),
+        Ok(SnapshotRestore::Waiting(m) | SnapshotRestore::Copy(CopyStep::Waiting(m))) => (RestorePhase::Running, m),
         Err(e) if e.is_retryable() && now <= deadline => (RestorePhase::Running, e.to_string()),
         Err(e) if e.is_retryable() => (RestorePhase::Failed, format!("{e}: not done within the restoreTimeout")),
         Err(e) => (RestorePhase::Invalid, e.to_string()),
@@ -445,6 +472,13 @@ async fn from_volume_snapshot(
     st.message = Some(msg.clone());
     if phase.is_finished() {
         st.duration = Some(format!("{:.1}s", (now - started).num_milliseconds() as f64 / 1000.0));
+        if let Some(c) = st.components.get_mut(&claim).filter(|c| c.phase == Some(ComponentPhase::Running)) {
+            c.phase = Some(ComponentPhase::Failed);
+            c.error = Some(msg.clone());
+            c.progress = None;
+        }
+        // The clone and exposer of a copy (none for a new claim).
+        restore_copy::cleanup(ctx, rs).await?;
     }
     apply_status(api, rs, serde_json::to_value(&st)?).await?;
     if first {
@@ -462,10 +496,17 @@ async fn from_volume_snapshot(
 enum SnapshotRestore {
     Waiting(String),
     Bound(hoard_api::crd::VolumeSnapshotSource),
+    Copy(CopyStep),
 }
 
-async fn snapshot_restore_step(ctx: &Context, rs: &RestoreSession, vs_name: &str) -> Result<SnapshotRestore> {
-    use hoard_csi::objects::{claim_from_snapshot_sized, restored_from, too_small_for};
+async fn snapshot_restore_step(
+    ctx: &Context,
+    rs: &RestoreSession,
+    vs_name: &str,
+    deadline: chrono::DateTime<chrono::Utc>,
+    copying: bool,
+) -> Result<SnapshotRestore> {
+    use hoard_csi::objects::{claim_from_snapshot_sized, label_value, restored_from, too_small_for};
     use hoard_csi::types::VolumeSnapshot;
 
     let ns = rs.namespace().unwrap_or_default();
@@ -473,7 +514,7 @@ async fn snapshot_restore_step(ctx: &Context, rs: &RestoreSession, vs_name: &str
     if rs.spec.target.kind != TargetKind::PersistentVolumeClaim {
         return Err(Error::invalid(
             "target",
-            "a VolumeSnapshot restores into a new claim: target.kind must be PersistentVolumeClaim",
+            "a VolumeSnapshot restores into a claim: target.kind must be PersistentVolumeClaim",
         ));
     }
     if !ds.repository.is_empty() {
@@ -491,11 +532,9 @@ async fn snapshot_restore_step(ctx: &Context, rs: &RestoreSession, vs_name: &str
         .ok_or_else(|| Error::invalid("dataSource", format!("VolumeSnapshot {ns}/{vs_name} does not exist")))?;
     let from = crate::reconcile::snapshots::provenance_of(&vs);
     if let Some(existing) = claims.get_opt(target).await? {
-        if !restored_from(&existing, vs_name) {
-            return Err(Error::invalid(
-                "target",
-                format!("claim {target} exists; a VolumeSnapshot restores only into a new claim"),
-            ));
+        let ours = existing.labels().get(helper::HELPER_LABEL).is_some_and(|l| *l == label_value(&rs.name_any()));
+        if !(ours && restored_from(&existing, vs_name)) {
+            return Ok(SnapshotRestore::Copy(restore_copy::step(ctx, rs, &vs, &existing, deadline, copying).await?));
         }
         return Ok(match existing.status.as_ref().and_then(|s| s.phase.as_deref()) {
             Some("Bound") => SnapshotRestore::Bound(from),
@@ -537,7 +576,7 @@ async fn snapshot_restore_step(ctx: &Context, rs: &RestoreSession, vs_name: &str
         overrides.storage_class_name.as_deref(),
         modes.as_deref(),
     )?;
-    pvc.metadata.labels = Some([(helper::HELPER_LABEL.to_string(), rs.name_any())].into());
+    pvc.metadata.labels = Some([(helper::HELPER_LABEL.to_string(), label_value(&rs.name_any()))].into());
     crate::reconcile::snapshots::create(&claims, &pvc).await?;
     ctx.event(rs, false, "ClaimCreated", format!("claim {target} from VolumeSnapshot {vs_name}")).await;
     Ok(SnapshotRestore::Waiting(format!("claim {target} created from VolumeSnapshot {vs_name}")))

@@ -176,6 +176,7 @@ async fn prepare_one(
                 args: &ctx.config.helper_args,
                 read_only: true,
                 labels: objects::labels(&bs.name_any(), &w.component),
+                target: None,
             };
             create(&pods, &exposer::pod(bs, &spec)?).await?;
             Ok(Prepared::Waiting(format!("exposer pod {name} created on node {node}")))
@@ -188,25 +189,36 @@ async fn prepare_one(
         Step::Fail(m) => Ok(Prepared::Failed(m)),
         Step::Ready(e) => {
             let exposed_claim = clone.as_ref().unwrap_or(&source_claim);
-            let pv = bound_pv(&pvs, exposed_claim).await?;
-            let plugin = pv_plugin(&pv)
-                .ok_or_else(|| Error::invalid("volume", format!("claim {} has a type hoard cannot read", e.claim)))?;
-            let identity = VolumeIdentity {
-                node_name: e.node,
-                pod_uid: e.pod_uid,
-                volume_name: EXPOSED_VOLUME.into(),
-                namespace: ns.clone(),
-                pod_name: e.pod_name,
-                source: Some(Source::Pvc(PersistentVolumeSource {
-                    claim_name: e.claim,
-                    pv_name: pv.name_any(),
-                    plugin: Some(plugin),
-                })),
-            };
+            let identity = exposed_identity(&pvs, &ns, exposed_claim, e, EXPOSED_VOLUME).await?;
             let provenance = snapshot.as_ref().map(provenance_of);
             Ok(Prepared::Ready { identity, provenance })
         }
     }
+}
+
+/// The work-order identity of volume `volume` of an exposer pod that mounts `claim`.
+pub async fn exposed_identity(
+    pvs: &Api<PersistentVolume>,
+    ns: &str,
+    claim: &PersistentVolumeClaim,
+    e: plan::Exposed,
+    volume: &str,
+) -> Result<VolumeIdentity> {
+    let pv = bound_pv(pvs, claim).await?;
+    let plugin = pv_plugin(&pv)
+        .ok_or_else(|| Error::invalid("volume", format!("claim {} has a type hoard cannot read", e.claim)))?;
+    Ok(VolumeIdentity {
+        node_name: e.node,
+        pod_uid: e.pod_uid,
+        volume_name: volume.into(),
+        namespace: ns.to_string(),
+        pod_name: e.pod_name,
+        source: Some(Source::Pvc(PersistentVolumeSource {
+            claim_name: e.claim,
+            pv_name: pv.name_any(),
+            plugin: Some(plugin),
+        })),
+    })
 }
 
 /// What a component (or a restore) records of the VolumeSnapshot it came from.
@@ -220,7 +232,7 @@ pub fn provenance_of(vs: &VolumeSnapshot) -> VolumeSnapshotSource {
 }
 
 /// The PersistentVolume `claim` is bound to (retryable while unbound).
-async fn bound_pv(pvs: &Api<PersistentVolume>, claim: &PersistentVolumeClaim) -> Result<PersistentVolume> {
+pub async fn bound_pv(pvs: &Api<PersistentVolume>, claim: &PersistentVolumeClaim) -> Result<PersistentVolume> {
     let pv_name = claim
         .spec
         .as_ref()
@@ -230,8 +242,9 @@ async fn bound_pv(pvs: &Api<PersistentVolume>, claim: &PersistentVolumeClaim) ->
     pvs.get_opt(&pv_name).await?.ok_or_else(|| Error::Transient(format!("PersistentVolume {pv_name} not found")))
 }
 
-fn owned_by(meta: &kube::api::ObjectMeta, bs: &BackupSession) -> bool {
-    let uid = bs.meta().uid.as_deref().unwrap_or_default();
+/// Whether `owner` is the controller owner of the object with `meta`.
+pub fn owned_by<O: Resource>(meta: &kube::api::ObjectMeta, owner: &O) -> bool {
+    let uid = owner.meta().uid.as_deref().unwrap_or_default();
     meta.owner_references.iter().flatten().any(|o| o.uid == uid && o.controller == Some(true))
 }
 
@@ -259,9 +272,11 @@ pub async fn cleanup(ctx: &Context, bs: &BackupSession) -> Result<usize> {
     Ok(deleted)
 }
 
-async fn delete_owned<K>(api: &Api<K>, lp: &ListParams, bs: &BackupSession) -> Result<usize>
+/// Deletes the objects `lp` selects that `owner` controls; returns how many.
+pub async fn delete_owned<K, O>(api: &Api<K>, lp: &ListParams, owner: &O) -> Result<usize>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    O: Resource,
 {
     let items = match api.list(lp).await {
         Ok(l) => l.items,
@@ -271,7 +286,7 @@ where
     };
     let mut n = 0;
     for obj in items {
-        if !owned_by(obj.meta(), bs) || obj.meta().deletion_timestamp.is_some() {
+        if !owned_by(obj.meta(), owner) || obj.meta().deletion_timestamp.is_some() {
             continue;
         }
         match api.delete(obj.meta().name.as_deref().unwrap_or_default(), &DeleteParams::background()).await {
