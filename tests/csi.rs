@@ -67,6 +67,8 @@ struct Harness {
     csi: Csi,
     kubelet: Option<SimKubelet>,
     classes: Vec<String>,
+    /// Namespaces besides `ns` a test made (deleted by [`Harness::finish`]).
+    other_namespaces: Vec<String>,
     _exclusive: tokio::sync::MutexGuard<'static, ()>,
 }
 
@@ -139,6 +141,7 @@ impl Harness {
             csi,
             kubelet: Some(kubelet),
             classes: Vec::new(),
+            other_namespaces: Vec::new(),
             _exclusive: exclusive,
         };
         h.create(
@@ -261,7 +264,12 @@ impl Harness {
 
     /// The hostpath directory of bound claim `name`.
     async fn volume_dir(&self, name: &str, timeout: Duration) -> PathBuf {
-        let claims = Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), &self.ns);
+        self.volume_dir_in(&self.ns, name, timeout).await
+    }
+
+    /// The hostpath directory of claim `name` of namespace `ns`, once bound.
+    async fn volume_dir_in(&self, ns: &str, name: &str, timeout: Duration) -> PathBuf {
+        let claims = Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), ns);
         let bound =
             wait_for(&claims, name, timeout, |c| c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"))
                 .await;
@@ -364,7 +372,7 @@ impl Harness {
                 .await;
         }
         let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(self.client.clone());
-        for ns in [&self.ns, &self.system_ns] {
+        for ns in [&self.ns, &self.system_ns].into_iter().chain(&self.other_namespaces) {
             let _ = namespaces.delete(ns, &DeleteParams::default()).await;
         }
         // The simulated kubelet finishes pod deletions while the namespaces go away.
@@ -407,6 +415,91 @@ async fn snapshot_of(h: &Harness, bs: &BackupSession) -> Snapshot {
 
 /// Restores repository `repo`'s latest snapshot into a new claim no pod mounts and returns its
 /// directory.
+/// A VolumeSnapshot of one namespace restores into a new claim of another only with its
+/// owner's consent (an annotation naming that namespace): without it the RestoreSession is
+/// Invalid and nothing is made; with it hoard imports the snapshot (a pre-provisioned content
+/// that retains the data, bound to a VolumeSnapshot of the target namespace), the claim holds
+/// the snapshot's content, and the import is deleted afterwards while the source and the
+/// storage system's snapshot stay: a second restore from it succeeds too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_snapshot_restores_into_another_namespace_with_consent() {
+    let Some(mut h) = Harness::new("csi-share").await else { return };
+    let class = format!("{}-share", h.ns);
+    let driver = h.csi.driver.clone();
+    h.snapshot_class(&class, &driver, false).await;
+    let data = h.claim("data").await;
+    write_tree(&data, 77, "shared generation");
+    let expected = tree_contents(&data);
+    let snaps = Api::<VolumeSnapshot>::namespaced(h.client.clone(), &h.ns);
+    let vs: VolumeSnapshot = from_json(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot", "metadata": {"name": "shared"},
+        "spec": {"source": {"persistentVolumeClaimName": "data"}, "volumeSnapshotClassName": class}}));
+    snaps.create(&PostParams::default(), &vs).await.unwrap();
+    wait_for(&snaps, "shared", Duration::from_secs(60), |v| v.ready()).await;
+    write_tree(&data, 78, "moved on");
+    let other = h.cluster.namespace("csi-share-b").await;
+    h.other_namespaces.push(other.clone());
+    h.start_controller();
+
+    let restores = Api::<RestoreSession>::namespaced(h.client.clone(), &other);
+    let restore = |name: &str, claim: &str| -> RestoreSession {
+        from_json(json!({"apiVersion": "hoard.dev/v1alpha1", "kind": "RestoreSession", "metadata": {"name": name},
+            "spec": {"target": {"kind": "PersistentVolumeClaim", "name": claim},
+                     "dataSource": {"namespace": h.ns, "volumeSnapshot": "shared"}}}))
+    };
+    let finished = |name: &str| {
+        let (restores, name) = (restores.clone(), name.to_string());
+        async move {
+            wait_for(&restores, &name, Duration::from_secs(120), |r| {
+                r.status.as_ref().and_then(|s| s.phase).is_some_and(RestorePhase::is_finished)
+            })
+            .await
+            .status
+            .unwrap()
+        }
+    };
+    let claims_b = Api::<PersistentVolumeClaim>::namespaced(h.client.clone(), &other);
+    let contents = Api::<hoard_csi::types::VolumeSnapshotContent>::all(h.client.clone());
+
+    // No consent: Invalid, naming the annotation; nothing made in either namespace.
+    restores.create(&PostParams::default(), &restore("no-consent", "copy")).await.unwrap();
+    let st = finished("no-consent").await;
+    assert_eq!(st.phase, Some(RestorePhase::Invalid), "{st:#?}");
+    assert!(st.message.as_deref().unwrap_or_default().contains("hoard.dev/restore-into-namespaces"), "{st:#?}");
+    assert!(claims_b.get_opt("copy").await.unwrap().is_none());
+    let (content_name, _) = hoard_csi::share::import_names(&other, "no-consent");
+    assert!(contents.get_opt(&content_name).await.unwrap().is_none());
+
+    // Consent for namespace `other`: the new claim holds the snapshot's content.
+    let patch = json!({"metadata": {"annotations": {"hoard.dev/restore-into-namespaces": other}}});
+    snaps.patch("shared", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    for (name, claim) in [("consented", "copy"), ("again", "copy-2")] {
+        restores.create(&PostParams::default(), &restore(name, claim)).await.unwrap();
+        let st = finished(name).await;
+        assert_eq!(st.phase, Some(RestorePhase::Succeeded), "{name}: {st:#?}\n{}", h.controller_log());
+        let c = &st.components[claim];
+        assert_eq!(c.volume_snapshot.as_ref().map(|v| v.name.as_str()), Some("shared"), "{c:#?}");
+        let restored = h.volume_dir_in(&other, claim, Duration::from_secs(30)).await;
+        assert!(tree_contents(&restored) == expected, "{name}: the claim differs from the snapshot");
+        // The import goes; the source stays.
+        let (content_name, local_name) = hoard_csi::share::import_names(&other, name);
+        let local = Api::<VolumeSnapshot>::namespaced(h.client.clone(), &other);
+        let mut gone = false;
+        for _ in 0..120 {
+            let c = contents.get_opt(&content_name).await.unwrap();
+            let l = local.get_opt(&local_name).await.unwrap();
+            if c.is_none() && l.is_none() {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert!(gone, "{name}: the import was left behind\n{}", h.controller_log());
+        assert!(snaps.get("shared").await.unwrap().ready(), "the source VolumeSnapshot changed");
+    }
+    h.finish().await;
+}
+
 async fn restore_into_new_claim(h: &Harness, repo: &str, claim: &str) -> PathBuf {
     let dir = h.claim(claim).await;
     let rs: RestoreSession = serde_json::from_value(json!({

@@ -293,6 +293,10 @@ async fn restore_creates_a_restore_session() {
         (&serde_json::json!("data"), &serde_json::json!("Always")),
         "{v}"
     );
+    let args =
+        ["restore", "--from-volume-snapshot", "s", "--from-namespace", "team-a", "--to", "pvc/new", "-o", "json"];
+    let v = json(&kh_expect(&c, &ns, &args, 0));
+    assert_eq!(v["spec"]["dataSource"]["namespace"], "team-a", "{v}");
     let out = kh_expect(&c, &ns, &["restore", "--from-volume-snapshot", "s", "--to", "pvc/data", "--size", "1Gi"], 2);
     assert!(stderr(&out).contains("are for a new claim"), "{}", stderr(&out));
     kh_expect(&c, &ns, &["restore", "--from-volume-snapshot", "s", "--to", "deployment/app"], 2);

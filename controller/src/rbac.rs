@@ -34,6 +34,9 @@ pub const CALLS: &[(&str, &str, &[&str])] = &[
     // that drops the session's owner reference, deleted) and the classes to choose from.
     ("snapshot.storage.k8s.io", "volumesnapshots", &["get", "list", "create", "patch", "delete"]),
     ("snapshot.storage.k8s.io", "volumesnapshotclasses", &["list"]),
+    // A restore from another namespace's VolumeSnapshot (with its consent): the source's content
+    // is read for its handle, a pre-provisioned content (Retain) is created and later deleted.
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents", &["get", "create", "delete"]),
     ("hoard.dev", "backupstorages", &["get", "list", "watch"]),
     ("hoard.dev", "backupstorages/status", &["patch"]),
     ("hoard.dev", "retentionpolicies", &["get"]),

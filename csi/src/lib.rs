@@ -8,7 +8,9 @@
 //! * [`objects`]: names, labels and bodies of the VolumeSnapshot and its clone claim;
 //! * [`exposer`]: the unprivileged pod that mounts a claim on a node with an agent;
 //! * [`plan`]: the next step of one volume (snapshot → clone → exposer → ready), bounded in time;
-//! * [`keep`]: VolumeSnapshots kept after their session, and which of them retention deletes.
+//! * [`keep`]: VolumeSnapshots kept after their session, and which of them retention deletes;
+//! * [`share`]: a VolumeSnapshot of one namespace imported into another for a restore (consent,
+//!   a pre-provisioned content that retains the data).
 //!
 //! The agent never talks to the Kubernetes API: it gets an ordinary work order that names the
 //! exposer pod's volume by identity.
@@ -18,6 +20,7 @@ pub mod exposer;
 pub mod keep;
 pub mod objects;
 pub mod plan;
+pub mod share;
 pub mod types;
 
 /// `app.kubernetes.io/managed-by` on everything this path creates.

@@ -66,6 +66,64 @@ pub struct VolumeSnapshotError {
     pub message: Option<String>,
 }
 
+/// The cluster-scoped object behind a VolumeSnapshot: the storage system's snapshot handle,
+/// bound to exactly one VolumeSnapshot (`volumeSnapshotRef`).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "snapshot.storage.k8s.io",
+    version = "v1",
+    kind = "VolumeSnapshotContent",
+    status = "VolumeSnapshotContentStatus",
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSnapshotContentSpec {
+    /// `Delete` or `Retain`: whether deleting this object deletes the storage system's snapshot.
+    pub deletion_policy: String,
+    pub driver: String,
+    pub source: VolumeSnapshotContentSource,
+    pub volume_snapshot_ref: SnapshotRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot_class_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_volume_mode: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSnapshotContentSource {
+    /// A pre-provisioned snapshot (what hoard writes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_handle: Option<String>,
+    /// A dynamically provisioned one: the volume it was cut from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_handle: Option<String>,
+}
+
+/// The VolumeSnapshot a content is bound to.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSnapshotContentStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_handle: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_to_use: Option<bool>,
+    /// Bytes (an integer here, unlike the VolumeSnapshot's quantity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_size: Option<i64>,
+}
+
 /// A cluster-scoped class of snapshots of one CSI driver. It has no `spec`: its fields sit at
 /// the top level, which kube's derive cannot express, hence the hand-written [`kube::Resource`]
 /// and `Serialize` (which always writes `apiVersion` and `kind`, as the API server requires).
@@ -162,6 +220,10 @@ mod tests {
         assert_eq!(VolumeSnapshot::api_version(&()), "snapshot.storage.k8s.io/v1");
         assert_eq!(VolumeSnapshot::plural(&()), "volumesnapshots");
         assert_eq!(VolumeSnapshotClass::url_path(&(), None), "/apis/snapshot.storage.k8s.io/v1/volumesnapshotclasses");
+        assert_eq!(
+            VolumeSnapshotContent::url_path(&(), None),
+            "/apis/snapshot.storage.k8s.io/v1/volumesnapshotcontents"
+        );
     }
 
     #[test]

@@ -533,13 +533,15 @@ impl AccessMode {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DataSource {
-    /// Namespace of the Repository and Snapshot (default: the RestoreSession's own).
+    /// Namespace of the Repository and Snapshot, or of the VolumeSnapshot (default: the
+    /// RestoreSession's own). Another namespace's VolumeSnapshot must consent: annotated
+    /// `hoard.dev/restore-into-namespaces` with this RestoreSession's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// Repository object name (empty with `volumeSnapshot`).
     #[serde(default)]
     pub repository: String,
-    /// Instead of a repository: a VolumeSnapshot (same namespace) restored into the target
+    /// Instead of a repository: a VolumeSnapshot (in `namespace`) restored into the target
     /// PersistentVolumeClaim — by the CSI driver when the claim does not exist yet, else by the
     /// node's agent copying a clone of it (then `overwrite` applies).
     #[serde(default, skip_serializing_if = "Option::is_none")]

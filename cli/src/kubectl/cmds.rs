@@ -434,7 +434,8 @@ pub async fn restore(ctx: &Ctx, a: RestoreArgs) -> anyhow::Result<u8> {
                 .collect(),
         };
         let claim = (claim != hoard_api::crd::ClaimOverrides::default()).then_some(claim);
-        return restore_volume_snapshot(ctx, vs, kind, &target, claim, a.overwrite.into()).await;
+        let from = VolumeSnapshotRef { namespace: a.from_namespace.clone(), name: vs.clone() };
+        return restore_volume_snapshot(ctx, from, kind, &target, claim, a.overwrite.into()).await;
     }
     let snapshot = a.snapshot.clone().unwrap_or_else(|| "latest".into());
     let repository = if snapshot == "latest" {
@@ -509,11 +510,17 @@ pub async fn restore(ctx: &Ctx, a: RestoreArgs) -> anyhow::Result<u8> {
     create_restore(ctx, &rs).await
 }
 
+/// A VolumeSnapshot to restore, in the current namespace unless `namespace` names another.
+struct VolumeSnapshotRef {
+    namespace: Option<String>,
+    name: String,
+}
+
 /// `restore --from-volume-snapshot NAME --to pvc/CLAIM`: the CSI driver fills a new claim; an
 /// existing one gets a copy of the snapshot's clone from the node's agent.
 async fn restore_volume_snapshot(
     ctx: &Ctx,
-    vs: &str,
+    vs: VolumeSnapshotRef,
     kind: TargetKind,
     target: &str,
     claim: Option<hoard_api::crd::ClaimOverrides>,
@@ -537,9 +544,9 @@ async fn restore_volume_snapshot(
         RestoreSessionSpec {
             target: TargetRef { api_group: Some(kind.api_group().to_string()), kind, name: target.to_string() },
             data_source: DataSource {
-                namespace: None,
+                namespace: vs.namespace,
                 repository: String::new(),
-                volume_snapshot: Some(vs.to_string()),
+                volume_snapshot: Some(vs.name),
                 snapshot: "latest".into(),
                 components: Vec::new(),
                 volume_map: BTreeMap::new(),

@@ -131,6 +131,10 @@ pub struct RestoreArgs {
     /// copies (with `--overwrite` when the claim holds data).
     #[arg(long, conflicts_with_all = ["snapshot", "repository", "components", "include", "exclude"])]
     pub from_volume_snapshot: Option<String>,
+    /// With --from-volume-snapshot: the VolumeSnapshot's namespace, when it is another one (its
+    /// owner must have annotated it `hoard.dev/restore-into-namespaces` with this namespace).
+    #[arg(long, requires = "from_volume_snapshot")]
+    pub from_namespace: Option<String>,
     /// With --from-volume-snapshot: the new claim's size (e.g. 20Gi; default: as the
     /// snapshot's source claim, at least the snapshot's restore size).
     #[arg(long, requires = "from_volume_snapshot")]

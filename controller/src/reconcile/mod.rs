@@ -6,6 +6,7 @@ pub mod config;
 pub mod repo;
 pub mod restore;
 pub mod restore_copy;
+pub mod restore_import;
 pub mod snapshots;
 
 use std::collections::BTreeMap;

@@ -22,6 +22,7 @@ use crate::error::{Error, Result, is_conflict, is_not_found};
 use crate::helper::{self, HelperState};
 use crate::orders::Order;
 use crate::reconcile::restore_copy::{self, CopyStep};
+use crate::reconcile::restore_import;
 use crate::reconcile::{agent_endpoints, repo, resolve_target, target_pods};
 use crate::schedule::{fmt_time, parse_time};
 use crate::{Context, REPOSITORY_LABEL, RESTORE_METADATA_LABEL, apply_status};
@@ -477,8 +478,9 @@ async fn from_volume_snapshot(
             c.error = Some(msg.clone());
             c.progress = None;
         }
-        // The clone and exposer of a copy (none for a new claim).
+        // The clone and exposer of a copy (none for a new claim), and an import.
         restore_copy::cleanup(ctx, rs).await?;
+        restore_import::cleanup(ctx, rs).await?;
     }
     apply_status(api, rs, serde_json::to_value(&st)?).await?;
     if first {
@@ -520,9 +522,16 @@ async fn snapshot_restore_step(
     if !ds.repository.is_empty() {
         return Err(Error::invalid("dataSource", "name either a repository or a volumeSnapshot, not both"));
     }
-    if ds.namespace.as_deref().is_some_and(|n| n != ns) {
-        return Err(Error::invalid("dataSource", "a VolumeSnapshot restores only into its own namespace"));
-    }
+    // From another namespace: through a local import of it (with the source's consent).
+    let src_ns = ds.namespace.as_deref().filter(|n| !n.is_empty() && *n != ns);
+    let (vs_name, imported_from) = match src_ns {
+        Some(src_ns) => match restore_import::step(ctx, rs, src_ns, vs_name).await? {
+            restore_import::Import::Waiting(m) => return Ok(SnapshotRestore::Waiting(m)),
+            restore_import::Import::Ready { local, source } => (local, Some(source)),
+        },
+        None => (vs_name.to_string(), None),
+    };
+    let vs_name = vs_name.as_str();
     let snapshots: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
     let target = &rs.spec.target.name;
@@ -530,11 +539,22 @@ async fn snapshot_restore_step(
         .get_opt(vs_name)
         .await?
         .ok_or_else(|| Error::invalid("dataSource", format!("VolumeSnapshot {ns}/{vs_name} does not exist")))?;
-    let from = crate::reconcile::snapshots::provenance_of(&vs);
+    // What the restore came from: the source, not its import; and the claim it was cut from
+    // (size, storage class and access modes of a new claim or clone), if it still exists.
+    let original = imported_from.as_deref().unwrap_or(&vs);
+    let from = crate::reconcile::snapshots::provenance_of(original);
+    let source = match original.spec.source.persistent_volume_claim_name.as_deref() {
+        Some(c) => {
+            let src_ns = original.metadata.namespace.as_deref().unwrap_or(&ns);
+            Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), src_ns).get_opt(c).await?
+        }
+        None => None,
+    };
     if let Some(existing) = claims.get_opt(target).await? {
         let ours = existing.labels().get(helper::HELPER_LABEL).is_some_and(|l| *l == label_value(&rs.name_any()));
         if !(ours && restored_from(&existing, vs_name)) {
-            return Ok(SnapshotRestore::Copy(restore_copy::step(ctx, rs, &vs, &existing, deadline, copying).await?));
+            let copy = restore_copy::step(ctx, rs, &vs, source.as_ref(), &existing, deadline, copying).await?;
+            return Ok(SnapshotRestore::Copy(copy));
         }
         return Ok(match existing.status.as_ref().and_then(|s| s.phase.as_deref()) {
             Some("Bound") => SnapshotRestore::Bound(from),
@@ -549,10 +569,6 @@ async fn snapshot_restore_step(
         let why = vs.error_message().map(|e| format!(": {e}")).unwrap_or_default();
         return Ok(SnapshotRestore::Waiting(format!("VolumeSnapshot {vs_name} is not ready to use{why}")));
     }
-    let source = match vs.spec.source.persistent_volume_claim_name.as_deref() {
-        Some(c) => claims.get_opt(c).await?,
-        None => None,
-    };
     let overrides = rs.spec.claim.clone().unwrap_or_default();
     if let Some(needs) = overrides.size.as_deref().and_then(|s| too_small_for(s, &vs)) {
         return Err(Error::invalid(

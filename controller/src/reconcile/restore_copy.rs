@@ -66,12 +66,14 @@ where
     }
 }
 
-/// Takes the next step of copying VolumeSnapshot `vs` into the existing claim `target`.
-/// `copying` says the status already shows the copy running (it holds its agent slot).
+/// Takes the next step of copying VolumeSnapshot `vs` (cut from claim `source`, if that still
+/// exists) into the existing claim `target`. `copying` says the status already shows the copy
+/// running (it holds its agent slot).
 pub async fn step(
     ctx: &Context,
     rs: &RestoreSession,
     vs: &VolumeSnapshot,
+    source: Option<&PersistentVolumeClaim>,
     target: &PersistentVolumeClaim,
     deadline: chrono::DateTime<chrono::Utc>,
     copying: bool,
@@ -99,11 +101,7 @@ pub async fn step(
         Step::Wait(m) => Ok(CopyStep::Waiting(m)),
         Step::Fail(m) => Ok(CopyStep::Failed(m)),
         Step::CreateClone => {
-            let source = match vs.spec.source.persistent_volume_claim_name.as_deref() {
-                Some(c) => claims.get_opt(c).await?,
-                None => None,
-            };
-            let mut pvc = objects::claim_from_snapshot(&clone_name, vs, source.as_ref(), None, None)?;
+            let mut pvc = objects::claim_from_snapshot(&clone_name, vs, source, None, None)?;
             pvc.metadata.labels = Some(labels.into());
             pvc.metadata.owner_references = rs.controller_owner_ref(&()).map(|o| vec![o]);
             create(&claims, &pvc).await?;
