@@ -53,6 +53,7 @@ listed=$(wc -l < MANIFEST)
 [ "$files" -eq "$listed" ] || { echo "found $files files, MANIFEST lists $listed"; exit 1; }
 echo "CHECKED $listed files"
 echo "MODE $(stat -c %a sub/suid)"
+echo "HELLO $(cat hello.txt)"
 "#;
 
 fn busybox_container(name: &str, script: &str, read_only: bool) -> Value {
@@ -434,6 +435,47 @@ async fn helm_installed_hoard_backs_up_and_restores_workloads_on_a_real_node() {
     run(label, Duration::from_secs(60));
     let full = restore_and_check(&node, &web_snapshot, "web-restored").await;
     assert!(full.contains("MODE 4755"), "with the namespace label everything is restored: {full}");
+
+    // A CSI VolumeSnapshot of the Deployment's claim restored into an existing claim that holds
+    // the StatefulSet's data (the same file names, other content), with `--overwrite`: the
+    // exposer pod mounts the clone and the claim through the kubelet, the agent copies one
+    // into the other, and a new pod finds the Deployment's files there.
+    apply(
+        &node,
+        &[json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+                 "metadata": {"name": "web-now", "namespace": NS},
+                 "spec": {"source": {"persistentVolumeClaimName": "web-data"},
+                          "volumeSnapshotClassName": SNAPSHOT_CLASS}})],
+    );
+    let snaps = Api::<hoard_csi::types::VolumeSnapshot>::namespaced(node.client.clone(), NS);
+    wait_for(&snaps, "web-now", Duration::from_secs(120), |v| v.ready()).await;
+    let mut restore = node.tool("kubectl-hoard");
+    restore.args(["restore", "--from-volume-snapshot", "web-now", "--to", "pvc/db-restored", "--overwrite", "-n", NS]);
+    let name = created_name(&run(restore, Duration::from_secs(60)).stdout, "restoresession");
+    let mut watch = node.tool("kubectl-hoard");
+    watch.args(["watch", &name, "-n", NS, "--timeout", "4m"]);
+    let watched = watch.output().unwrap();
+    assert!(
+        watched.status.success(),
+        "kubectl hoard watch {name}: {}\n{}\ncontroller:\n{}\nagent:\n{}",
+        String::from_utf8_lossy(&watched.stdout),
+        String::from_utf8_lossy(&watched.stderr),
+        node_logs(&node, "app.kubernetes.io/name=hoard-controller").await,
+        node_logs(&node, "app.kubernetes.io/name=hoard-agent").await
+    );
+    let (phase, logs) = check_claim(&node, "check-copied", "db-restored").await;
+    assert_eq!(phase, "Succeeded", "the VolumeSnapshot copied into db-restored fails its check:\n{logs}");
+    assert!(logs.contains("CHECKED 33 files") && logs.contains("HELLO written by web-"), "{logs}");
+    let temporary = ListParams::default().labels(&format!("hoard.dev/restore-session={name}"));
+    let claims = Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(node.client.clone(), NS);
+    let pods_ns = Api::<Pod>::namespaced(node.client.clone(), NS);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !(pods_ns.list(&temporary).await.unwrap().items.is_empty()
+        && claims.list(&temporary).await.unwrap().items.is_empty())
+    {
+        assert!(std::time::Instant::now() < deadline, "restore {name} left its clone or exposer pod behind");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     backup_now(&node, "db", "manual").await;
     assert_eq!(workload_pods(&node).await, before, "backups must not restart or replace workload pods");
