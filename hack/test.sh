@@ -35,3 +35,15 @@ echo "== cargo test"
 # after the message) only on request.
 export RUST_BACKTRACE="${HOARD_TEST_BACKTRACE:-0}"
 cargo test --workspace --locked "$@"
+
+# Test isolation: with no arguments (the full run) on the same cluster, the end-to-end tests
+# once more, one at a time and in a random order — each must pass without the others' leftovers.
+if [ "$#" = 0 ] && [ "${HOARD_SKIP_KUBE:-0}" != 1 ]; then
+  echo "== end-to-end tests alone, one at a time, shuffled"
+  mapfile -t e2e_tests < <(cargo test -q --locked -p hoard-e2e --test e2e -- --list 2>/dev/null | sed -n 's/: test$//p' | shuf)
+  ((${#e2e_tests[@]} > 0)) || { echo "no end-to-end tests listed" >&2; exit 1; }
+  for t in "${e2e_tests[@]}"; do
+    echo "-- $t"
+    cargo test -q --locked -p hoard-e2e --test e2e -- --exact "$t" --test-threads=1
+  done
+fi

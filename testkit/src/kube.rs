@@ -2,7 +2,9 @@
 //! `hack/kube/up.sh` and names in `HOARD_TEST_KUBECONFIG` (cluster-admin).
 //!
 //! Tests share the one cluster: each works in namespaces of its own ([`TestCluster::namespace`])
-//! and applies the CRDs idempotently (server-side apply), so tests may run in parallel.
+//! and applies the CRDs idempotently (server-side apply), so tests may run in parallel. The
+//! namespaces a [`TestCluster`] made are deleted when its last clone is dropped — at the end of
+//! the test, passed or panicked — so no test sees another's leftovers.
 //! [`FakeNode`] plays a node's kubelet for Pods bound to it (without a Ready Node, the
 //! controller-manager's pod garbage collector deletes such Pods as orphans).
 
@@ -23,6 +25,42 @@ use serde_json::json;
 pub struct TestCluster {
     pub client: Client,
     pub kubeconfig: std::path::PathBuf,
+    made: std::sync::Arc<Janitor>,
+}
+
+/// The namespaces a [`TestCluster`] made; deletes them when dropped.
+#[derive(Debug)]
+struct Janitor {
+    kubeconfig: PathBuf,
+    namespaces: std::sync::Mutex<Vec<String>>,
+}
+
+impl Drop for Janitor {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut *self.namespaces.lock().unwrap_or_else(|p| p.into_inner()));
+        if names.is_empty() {
+            return;
+        }
+        // A runtime of its own on a thread of its own: drop may run inside or outside one.
+        let path = self.kubeconfig.clone();
+        let deleting = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async move {
+                let Ok(kubeconfig) = Kubeconfig::read_from(&path) else { return };
+                let Ok(config) = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await else {
+                    return;
+                };
+                let Ok(client) = Client::try_from(config) else { return };
+                let api = Api::<Namespace>::all(client);
+                let params = kube::api::DeleteParams::background();
+                for name in names {
+                    let delete = api.delete(&name, &params);
+                    let _ = tokio::time::timeout(Duration::from_secs(20), delete).await;
+                }
+            });
+        });
+        let _ = deleting.join();
+    }
 }
 
 impl std::fmt::Debug for TestCluster {
@@ -38,10 +76,12 @@ impl TestCluster {
         let config =
             Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("kubeconfig usable");
         let client = Client::try_from(config).expect("kube client");
-        Some(TestCluster { client, kubeconfig: path.into() })
+        let made = std::sync::Arc::new(Janitor { kubeconfig: path.clone().into(), namespaces: Default::default() });
+        Some(TestCluster { client, kubeconfig: path.into(), made })
     }
 
-    /// Creates a fresh namespace named `<prefix>-<random>` and returns its name.
+    /// Creates a fresh namespace named `<prefix>-<random>` and returns its name; it is deleted
+    /// when the last clone of this cluster handle is dropped.
     pub async fn namespace(&self, prefix: &str) -> String {
         let name = format!("{prefix}-{:08x}", rand_u32());
         let ns: Namespace = serde_json::from_value(serde_json::json!({
@@ -49,6 +89,7 @@ impl TestCluster {
         }))
         .unwrap();
         Api::<Namespace>::all(self.client.clone()).create(&PostParams::default(), &ns).await.unwrap();
+        self.made.namespaces.lock().unwrap_or_else(|p| p.into_inner()).push(name.clone());
         // Pods need the `default` ServiceAccount; without kube-controller-manager nobody makes it
         // (with it, its controller may win the race: either way it exists afterwards).
         let sa: ServiceAccount = serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}})).unwrap();
