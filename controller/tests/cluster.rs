@@ -909,3 +909,107 @@ async fn tenancy_retention_wipeout_and_repository_sync_against_a_real_api_server
         cleanup(&client, ns).await;
     }
 }
+
+/// Integrity through the controller: a Repository whose structural check passes turns
+/// `integrity: false` once a pack of it is deleted from the bucket, and its status names the
+/// missing pack, the snapshot the damage reaches and files of it; an event says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_pack_turns_the_repository_unhealthy_naming_snapshot_and_files() {
+    let Some(cluster) = TestCluster::connect().await else { return };
+    let Some(s3) = hoard_testkit::require_service("HOARD_TEST_S3_ENDPOINT") else { return };
+    let _serial = ONE_CONTROLLER.lock().await;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    cluster.apply_crds(&hoard_api::crd::definitions()).await;
+    let client = cluster.client.clone();
+    let ns = cluster.namespace("ctrl-integrity").await;
+    let secret = |name: &str, data: serde_json::Value| {
+        let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+        let body = obj::<Secret>(json!({"metadata": {"name": name}, "stringData": data}));
+        async move { api.create(&PostParams::default(), &body).await.unwrap() }
+    };
+    secret("s3-creds", json!({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})).await;
+    secret("repo-pass", json!({"RESTIC_PASSWORD": "tenant-password"})).await;
+    let prefix = format!("controller/{ns}");
+    apply_in(
+        &client,
+        &ns,
+        "BackupStorage",
+        "s3",
+        json!({"storage": {"provider": "s3", "s3": {"endpoint": s3, "bucket": "hoard-test", "prefix": prefix,
+               "secretName": "s3-creds"}}}),
+    )
+    .await;
+    let mut config = controller_config(&ns, "controller-integrity");
+    config.check_interval = Duration::from_secs(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = hoard_testkit::make_test_pki(&tmp.path().join("pki"), NODE);
+    let creds = Credentials { ca: pki.read("ca"), cert: pki.read("controller"), key: pki.read_key("controller") };
+    let ctx = Context::new(client.clone(), config, creds, Arc::new(Metrics::new()), Arc::new(Clock::default()));
+    let controller = tokio::spawn(reconcile::run(Arc::clone(&ctx)));
+
+    // The controller initialises the repository; a backup goes into it with hoard-core.
+    apply_in(
+        &client,
+        &ns,
+        "Repository",
+        "app",
+        json!({"storageRef": {"name": "s3"}, "path": format!("{ns}/app"), "encryptionSecret": {"name": "repo-pass"}}),
+    )
+    .await;
+    let dir = bucket_dir(&s3, &prefix, &format!("{ns}/app"));
+    wait_for("the repository initialised", Duration::from_secs(60), || async {
+        dir.list("").await.ok()?.iter().any(|o| o.key == "config").then_some(())
+    })
+    .await;
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(data.join("db")).unwrap();
+    for i in 0..8u64 {
+        std::fs::write(data.join(format!("db/{i}.dat")), hoard_testkit::random_bytes(300_000, i)).unwrap();
+    }
+    let core = Arc::new(open_repo(&s3, &prefix, &format!("{ns}/app")).await);
+    let opts = hoard_core::backup::BackupOptions {
+        sources: vec![hoard_core::backup::Source::Path { name: "data".into(), path: data.clone() }],
+        host: "integrity-test".into(),
+        ..Default::default()
+    };
+    let outcome = hoard_core::backup::backup(Arc::clone(&core), opts).await.unwrap();
+    let short: String = outcome.snapshot_id.to_hex().chars().take(8).collect();
+    let repos: Api<hoard_api::crd::Repository> = Api::namespaced(client.clone(), &ns);
+    let checked_after = |t: chrono::DateTime<chrono::Utc>| {
+        let repos = repos.clone();
+        async move {
+            let st = repos.get("app").await.ok()?.status?;
+            let at = st.last_check_time.as_deref().and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())?;
+            (at > t).then_some(st)
+        }
+    };
+    let backed_up = chrono::Utc::now();
+    let healthy = wait_for("a check after the backup", Duration::from_secs(60), || checked_after(backed_up)).await;
+    assert_eq!(healthy.integrity, Some(true), "{healthy:#?}");
+
+    // Lose the largest pack (file data).
+    let packs = dir.list("packs/").await.unwrap();
+    let largest = packs.iter().max_by_key(|o| o.size).expect("a pack").key.clone();
+    dir.delete(&largest).await.unwrap();
+    let pack_id = largest.rsplit('/').next().unwrap().to_string();
+    let lost = chrono::Utc::now();
+    let damaged = wait_for("a check after the loss", Duration::from_secs(60), || checked_after(lost)).await;
+    assert_eq!(damaged.integrity, Some(false), "{damaged:#?}");
+    let problems = damaged.integrity_problems.join("\n");
+    assert!(problems.contains(&pack_id[..16]), "the lost pack is named:\n{problems}");
+    let line = damaged
+        .integrity_problems
+        .iter()
+        .find(|p| p.starts_with(&format!("snapshot {short}:")))
+        .unwrap_or_else(|| panic!("the affected snapshot {short} is named:\n{problems}"));
+    assert!(line.contains("/data/db/") && line.contains("file(s) affected"), "{line}");
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns);
+    let failed = wait_for("an IntegrityCheckFailed event", Duration::from_secs(30), || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items.into_iter().find(|e| e.reason.as_deref() == Some("IntegrityCheckFailed"))
+    })
+    .await;
+    assert!(failed.note.as_deref().unwrap_or_default().contains("damaged object"), "{failed:?}");
+    controller.abort();
+    cleanup(&client, &ns).await;
+}

@@ -432,12 +432,31 @@ struct Integrity {
     problems: Vec<String>,
 }
 
+/// At most this many lines of `integrityProblems`: damaged objects first, then (at least half
+/// of them when there is damage) the snapshots and files it affects.
+const MAX_PROBLEMS: usize = 10;
+/// Files named per affected snapshot (the count says how many there are).
+const FILES_NAMED: usize = 3;
+
 impl Integrity {
     fn from_report(r: &hoard_core::check::CheckReport, now: chrono::DateTime<chrono::Utc>) -> Self {
+        let affected: Vec<String> = r
+            .affected
+            .iter()
+            .take(MAX_PROBLEMS / 2)
+            .map(|(snapshot, files)| {
+                let short: String = snapshot.chars().take(8).collect();
+                let named: Vec<&str> = files.iter().take(FILES_NAMED).map(String::as_str).collect();
+                let more = if files.len() > FILES_NAMED { ", …" } else { "" };
+                format!("snapshot {short}: {} file(s) affected: {}{more}", files.len(), named.join(", "))
+            })
+            .collect();
+        let damaged =
+            r.errors.iter().take(MAX_PROBLEMS - affected.len()).map(|p| format!("{}: {}", p.object, p.message));
         Integrity {
             integrity: Some(r.errors.is_empty()),
             last_check_time: Some(fmt_time(now)),
-            problems: r.errors.iter().take(10).map(|p| format!("{}: {}", p.object, p.message)).collect(),
+            problems: damaged.chain(affected).collect(),
         }
     }
 }
@@ -901,5 +920,13 @@ mod tests {
         let i = Integrity::from_report(&report, now);
         assert_eq!((i.integrity, i.problems.len()), (Some(false), 10));
         assert_eq!(i.problems[0], "packs/0: damaged");
+        // The snapshots and files the damage reaches are named too, within the same bound.
+        report.affected = (0..7)
+            .map(|i| (format!("{i}abcdef0123456789"), (0..5).map(|f| format!("/db/{f}.dat")).collect()))
+            .collect();
+        let i = Integrity::from_report(&report, now);
+        assert_eq!(i.problems.len(), 10);
+        assert_eq!(i.problems[4], "packs/4: damaged");
+        assert_eq!(i.problems[5], "snapshot 0abcdef0: 5 file(s) affected: /db/0.dat, /db/1.dat, /db/2.dat, …");
     }
 }
