@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test command: starts the real services the tests use (an S3 server and the Azure Blob
-# emulator on loopback, a kube-apiserver and a CSI snapshot stack built from their Go modules),
+# The test command: starts the real services the tests use (an S3 server, the Azure Blob
+# emulator and a GCS emulator on loopback, a kube-apiserver and a CSI snapshot stack built from their Go modules),
 # runs the workspace's tests, and stops the services.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,8 @@ eval "$(hack/s3-up.sh)"
 trap 'hack/s3-down.sh "$HOARD_S3_DIR"' EXIT
 eval "$(hack/azure-up.sh)"
 trap 'hack/s3-down.sh "$HOARD_S3_DIR"; hack/azure-down.sh "$HOARD_AZURE_DIR"' EXIT
+eval "$(hack/gcs-up.sh)"
+trap 'hack/s3-down.sh "$HOARD_S3_DIR"; hack/azure-down.sh "$HOARD_AZURE_DIR"; hack/gcs-down.sh "$HOARD_GCS_DIR"' EXIT
 
 if [ "${HOARD_SKIP_KUBE:-0}" != 1 ]; then
   echo "== control plane (hack/kube): build or reuse, start, smoke test"
@@ -18,7 +20,7 @@ if [ "${HOARD_SKIP_KUBE:-0}" != 1 ]; then
   hack/kube/build.sh
   # --with-csi: + KCM, snapshot CRDs, snapshot-controller and the hostpath CSI driver stack.
   eval "$(hack/kube/up.sh --with-csi)"
-  trap 'hack/s3-down.sh "$HOARD_S3_DIR"; hack/azure-down.sh "$HOARD_AZURE_DIR"; hack/kube/down.sh --rm' EXIT
+  trap 'hack/s3-down.sh "$HOARD_S3_DIR"; hack/azure-down.sh "$HOARD_AZURE_DIR"; hack/gcs-down.sh "$HOARD_GCS_DIR"; hack/kube/down.sh --rm' EXIT
   hack/kube/smoke.sh
   # Tests that need an API server use this cluster (each in namespaces of its own). CSI tests
   # create their own VolumeSnapshotClass; HOARD_TEST_KUBE_BIN_DIR lets them start further

@@ -192,6 +192,55 @@ async fn init_in(store: Arc<dyn hoard_core::store::Store>) -> Arc<hoard_core::Re
 const AZURITE_ACCOUNT: &str = "devstoreaccount1";
 const AZURITE_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
+/// A backup order into a remote repository with the order's own credentials, restored and
+/// compared: the repository is made through hoard-core with `creds`, the order's repository
+/// message gets its credentials from `credentials`.
+struct RemoteBackup {
+    _tmp: tempfile::TempDir,
+    tree: hoard_testkit::KubeletTree,
+    agent: Agent,
+    client: hoard_api::agent::v1::agent_client::AgentClient<tonic::transport::Channel>,
+    msg: hoard_api::agent::v1::Repository,
+}
+
+impl RemoteBackup {
+    async fn run(
+        location: &str,
+        creds: hoard_core::store::Credentials,
+        credentials: impl FnOnce(&mut hoard_api::agent::v1::Repository),
+    ) -> RemoteBackup {
+        let tmp = tempfile::tempdir().unwrap();
+        let tree = make_kubelet_tree(&tmp.path().join("kubelet"));
+        let pki = make_test_pki(&tmp.path().join("pki"), NODE);
+        let opts = hoard_core::store::StoreOptions { credentials: Some(creds), ..Default::default() };
+        let store = hoard_core::store::open_store(location, &opts).unwrap();
+        let repo = init_in(Arc::clone(&store)).await;
+        let agent = Agent::start(&tree.root, &pki, &tmp.path().join("work"), &[]);
+        let mut client = agent.client(&pki).await;
+        let mut msg = repo_msg(tmp.path());
+        msg.location = location.to_string();
+        credentials(&mut msg);
+        let v = &tree.volumes[0];
+        let order = BackupOrder {
+            order_id: "remote-backup".into(),
+            volume: Some(identity(v)),
+            repository: Some(msg.clone()),
+            ..Default::default()
+        };
+        let done = finish(client.backup(order).await, LONG).await.unwrap();
+        assert_eq!(phase(&done), Phase::Done, "{done:?}");
+        let target = tmp.path().join("restored");
+        core_restore(&repo, &done.result.unwrap().snapshot_id, &target).await;
+        let diffs = compare(&manifest(&v.data_dir), &manifest(&target));
+        assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+        RemoteBackup { _tmp: tmp, tree, agent, client, msg }
+    }
+
+    fn volume(&self) -> &hoard_testkit::KubeletVolume {
+        &self.tree.volumes[0]
+    }
+}
+
 /// Against Azurite (`hack/azure-up.sh`; `HOARD_TEST_AZURITE_URL`, container `hoard-test`), with
 /// the order's own Azure credentials: account key and endpoint travel in the order, nothing
 /// comes from the agent's environment. The test repository is created through hoard-core with
@@ -199,9 +248,6 @@ const AZURITE_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UV
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_to_azurite_with_order_credentials() {
     let Some(url) = hoard_testkit::require_service("HOARD_TEST_AZURITE_URL") else { return };
-    let tmp = tempfile::tempdir().unwrap();
-    let tree = make_kubelet_tree(&tmp.path().join("kubelet"));
-    let pki = make_test_pki(&tmp.path().join("pki"), NODE);
     let location = format!("az://hoard-test/agent-{}", std::process::id());
     let endpoint = format!("{url}/{AZURITE_ACCOUNT}");
     let creds = hoard_core::store::Credentials::Azure {
@@ -210,32 +256,16 @@ async fn backup_to_azurite_with_order_credentials() {
         sas_token: None,
         endpoint: Some(endpoint.clone()),
     };
-    let opts = hoard_core::store::StoreOptions { credentials: Some(creds), ..Default::default() };
-    let store = hoard_core::store::open_store(&location, &opts).unwrap();
-    let repo = init_in(Arc::clone(&store)).await;
-    let agent = Agent::start(&tree.root, &pki, &tmp.path().join("work"), &[]);
-    let mut client = agent.client(&pki).await;
-    let mut msg = repo_msg(tmp.path());
-    msg.location = location.clone();
-    msg.azure = Some(hoard_api::agent::v1::AzureCredentials {
-        account: AZURITE_ACCOUNT.into(),
-        access_key: AZURITE_KEY.into(),
-        sas_token: String::new(),
-        endpoint,
-    });
-    let v = &tree.volumes[0];
-    let order = BackupOrder {
-        order_id: "azure-backup".into(),
-        volume: Some(identity(v)),
-        repository: Some(msg.clone()),
-        ..Default::default()
-    };
-    let done = finish(client.backup(order).await, LONG).await.unwrap();
-    assert_eq!(phase(&done), Phase::Done, "{done:?}");
-    let target = tmp.path().join("restored");
-    core_restore(&repo, &done.result.unwrap().snapshot_id, &target).await;
-    let diffs = compare(&manifest(&v.data_dir), &manifest(&target));
-    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    let remote = RemoteBackup::run(&location, creds, |msg| {
+        msg.azure = Some(hoard_api::agent::v1::AzureCredentials {
+            account: AZURITE_ACCOUNT.into(),
+            access_key: AZURITE_KEY.into(),
+            sas_token: String::new(),
+            endpoint,
+        })
+    })
+    .await;
+    let (agent, mut client, msg, v) = (&remote.agent, remote.client.clone(), remote.msg.clone(), remote.volume());
 
     // A wrong key is refused by the service, and the failure names no secret.
     let wrong = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk=";
@@ -252,6 +282,38 @@ async fn backup_to_azurite_with_order_credentials() {
     assert!(!failed.error.contains(wrong) && !failed.error.contains(AZURITE_KEY), "{}", failed.error);
     let log = agent.log_text();
     assert!(!log.contains(AZURITE_KEY) && !log.contains(wrong) && !log.contains(PASSWORD), "secret in the agent log");
+}
+
+/// Against fake-gcs-server (`hack/gcs-up.sh`; `HOARD_TEST_GCS_KEY`, bucket `hoard-test`), with the
+/// order's own service account key: nothing comes from the agent's environment. A key that
+/// names no reachable service fails the order without quoting the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_to_fake_gcs_with_order_credentials() {
+    let Some(key) = hoard_testkit::require_service("HOARD_TEST_GCS_KEY") else { return };
+    let location = format!("gs://hoard-test/agent-{}", std::process::id());
+    let creds = hoard_core::store::Credentials::Gcs { service_account_json: key.clone() };
+    let remote = RemoteBackup::run(&location, creds, |msg| {
+        msg.gcs = Some(hoard_api::agent::v1::GcsCredentials { service_account_json: key.clone() })
+    })
+    .await;
+    let (agent, mut client, msg, v) = (&remote.agent, remote.client.clone(), remote.msg.clone(), remote.volume());
+
+    // A key naming a port nobody listens on: the order fails (after bounded retries), and
+    // neither the failure nor the log quotes the key.
+    let dead = key.replace("\"gcs_base_url\": \"http://127.0.0.1:", "\"gcs_base_url\": \"http://127.0.0.1:1");
+    assert_ne!(dead, key);
+    let mut bad = msg;
+    bad.gcs = Some(hoard_api::agent::v1::GcsCredentials { service_account_json: dead.clone() });
+    let order = BackupOrder {
+        order_id: "gcs-unreachable".into(),
+        volume: Some(identity(v)),
+        repository: Some(bad),
+        ..Default::default()
+    };
+    let failed = finish(client.backup(order).await, LONG).await.unwrap();
+    assert_eq!(phase(&failed), Phase::Failed, "{failed:?}");
+    assert!(!failed.error.contains("disable_oauth"), "{}", failed.error);
+    assert!(!agent.log_text().contains("disable_oauth"), "the key in the agent log");
 }
 
 /// `includes` in a backup order: only the matching paths and the directories leading to them

@@ -391,6 +391,19 @@ fn azure_round_trip() {
     object_store_round_trip(&h);
 }
 
+/// Against fake-gcs-server, a Google Cloud Storage emulator (started by `hack/gcs-up.sh`;
+/// `HOARD_TEST_GCS_KEY` is a service account key that names it, and the bucket `hoard-test`
+/// exists). The key comes from the environment, as a user's would.
+#[test]
+fn gcs_round_trip() {
+    let Some(key) = hoard_testkit::require_service("HOARD_TEST_GCS_KEY") else { return };
+    let mut h = Hoard::new(format!("gs://hoard-test/rt-{}", std::process::id()));
+    h.envs = vec![("GOOGLE_SERVICE_ACCOUNT_KEY".into(), key)];
+    let cache = tempfile::tempdir().unwrap();
+    h.envs.push(("HOARD_CACHE_DIR".into(), cache.path().to_str().unwrap().into()));
+    object_store_round_trip(&h);
+}
+
 /// `--json` progress: status lines at least once a second while work is under way.
 #[test]
 fn json_progress_lines_while_backing_up() {

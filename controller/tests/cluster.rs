@@ -910,6 +910,23 @@ async fn tenancy_retention_wipeout_and_repository_sync_against_a_real_api_server
     }
 }
 
+/// A controller over `ns` whose structural check runs every 2 s (`dir` holds its PKI).
+fn checking_controller(client: &Client, ns: &str, identity: &str, dir: &Path) -> tokio::task::JoinHandle<()> {
+    let mut config = controller_config(ns, identity);
+    config.check_interval = Duration::from_secs(2);
+    let pki = hoard_testkit::make_test_pki(&dir.join("pki"), NODE);
+    let creds = Credentials { ca: pki.read("ca"), cert: pki.read("controller"), key: pki.read_key("controller") };
+    let ctx = Context::new(client.clone(), config, creds, Arc::new(Metrics::new()), Arc::new(Clock::default()));
+    tokio::spawn(reconcile::run(ctx))
+}
+
+/// Repository `app` of `ns` in BackupStorage `storage`, directory `<ns>/app`, password Secret
+/// `repo-pass`.
+async fn repository_in(client: &Client, ns: &str, storage: &str) {
+    let spec = json!({"storageRef": {"name": storage}, "path": format!("{ns}/app"), "encryptionSecret": {"name": "repo-pass"}});
+    apply_in(client, ns, "Repository", "app", spec).await;
+}
+
 /// Integrity through the controller: a Repository whose structural check passes turns
 /// `integrity: false` once a pack of it is deleted from the bucket, and its status names the
 /// missing pack, the snapshot the damage reaches and files of it; an event says so.
@@ -939,23 +956,11 @@ async fn a_lost_pack_turns_the_repository_unhealthy_naming_snapshot_and_files() 
                "secretName": "s3-creds"}}}),
     )
     .await;
-    let mut config = controller_config(&ns, "controller-integrity");
-    config.check_interval = Duration::from_secs(2);
     let tmp = tempfile::tempdir().unwrap();
-    let pki = hoard_testkit::make_test_pki(&tmp.path().join("pki"), NODE);
-    let creds = Credentials { ca: pki.read("ca"), cert: pki.read("controller"), key: pki.read_key("controller") };
-    let ctx = Context::new(client.clone(), config, creds, Arc::new(Metrics::new()), Arc::new(Clock::default()));
-    let controller = tokio::spawn(reconcile::run(Arc::clone(&ctx)));
+    let controller = checking_controller(&client, &ns, "controller-integrity", tmp.path());
 
     // The controller initialises the repository; a backup goes into it with hoard-core.
-    apply_in(
-        &client,
-        &ns,
-        "Repository",
-        "app",
-        json!({"storageRef": {"name": "s3"}, "path": format!("{ns}/app"), "encryptionSecret": {"name": "repo-pass"}}),
-    )
-    .await;
+    repository_in(&client, &ns, "s3").await;
     let dir = bucket_dir(&s3, &prefix, &format!("{ns}/app"));
     wait_for("the repository initialised", Duration::from_secs(60), || async {
         dir.list("").await.ok()?.iter().any(|o| o.key == "config").then_some(())
@@ -1010,6 +1015,59 @@ async fn a_lost_pack_turns_the_repository_unhealthy_naming_snapshot_and_files() 
     })
     .await;
     assert!(failed.note.as_deref().unwrap_or_default().contains("damaged object"), "{failed:?}");
+    controller.abort();
+    cleanup(&client, &ns).await;
+}
+
+/// A BackupStorage of provider `gcs` against the GCS emulator (`hack/gcs-up.sh`;
+/// `HOARD_TEST_GCS_KEY`, bucket `hoard-test`): the controller reads the service account key
+/// from the Secret, initialises the Repository in the bucket, and its structural check of it
+/// passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gcs_storage_holds_a_repository_the_controller_initialises_and_checks() {
+    let Some(cluster) = TestCluster::connect().await else { return };
+    let Some(key) = hoard_testkit::require_service("HOARD_TEST_GCS_KEY") else { return };
+    let _serial = ONE_CONTROLLER.lock().await;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    cluster.apply_crds(&hoard_api::crd::definitions()).await;
+    let client = cluster.client.clone();
+    let ns = cluster.namespace("ctrl-gcs").await;
+    for (name, data) in [
+        ("gcs-key", json!({"GOOGLE_SERVICE_ACCOUNT_JSON": key})),
+        ("repo-pass", json!({"RESTIC_PASSWORD": "tenant-password"})),
+    ] {
+        let body = obj::<Secret>(json!({"metadata": {"name": name}, "stringData": data}));
+        Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &body).await.unwrap();
+    }
+    let prefix = format!("controller/{ns}");
+    apply_in(
+        &client,
+        &ns,
+        "BackupStorage",
+        "gcs",
+        json!({"storage": {"provider": "gcs", "gcs": {"bucket": "hoard-test", "prefix": prefix,
+               "secretName": "gcs-key"}}}),
+    )
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let controller = checking_controller(&client, &ns, "controller-gcs", tmp.path());
+    repository_in(&client, &ns, "gcs").await;
+    let repos: Api<hoard_api::crd::Repository> = Api::namespaced(client.clone(), &ns);
+    let st = wait_for("the GCS repository checked", Duration::from_secs(60), || async {
+        let st = repos.get("app").await.ok()?.status?;
+        (st.phase == Some(hoard_api::crd::RepositoryPhase::Ready) && st.integrity.is_some()).then_some(st)
+    })
+    .await;
+    assert_eq!(st.integrity, Some(true), "{st:#?}");
+    // The repository is in the emulator's bucket, and opens with its password.
+    let gcs = hoard_controller::storage::StorageCredentials::Gcs(hoard_api::agent::v1::GcsCredentials {
+        service_account_json: key,
+    });
+    let store =
+        hoard_controller::reconcile::repo::open_store(&format!("gs://hoard-test/{prefix}/{ns}/app"), Some(&gcs))
+            .unwrap();
+    assert!(store.list("").await.unwrap().iter().any(|o| o.key == "config"));
+    hoard_core::Repository::open(store, &hoard_core::Password::new("tenant-password")).await.unwrap();
     controller.abort();
     cleanup(&client, &ns).await;
 }

@@ -605,7 +605,9 @@ fn object_store_from_env(
         Provider::Gcs => Arc::new(
             object_store::gcp::GoogleCloudStorageBuilder::from_env()
                 .with_bucket_name(bucket)
-                .with_client_options(client_options())
+                .with_client_options(client_options().with_allow_http(
+                    std::env::var("GOOGLE_SERVICE_ACCOUNT_KEY").is_ok_and(|k| gcs_base_url_is_http(&k)),
+                ))
                 .with_retry(store_retry())
                 .build()?,
         ),
@@ -617,6 +619,16 @@ fn object_store_from_env(
                 .build()?,
         ),
     })
+}
+
+/// Whether a GCS service account key names a plain-HTTP `gcs_base_url` (an emulator such as
+/// fake-gcs-server, reached with `disable_oauth`): then, and only then, HTTP is allowed.
+fn gcs_base_url_is_http(key_json: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Key {
+        gcs_base_url: Option<String>,
+    }
+    serde_json::from_str::<Key>(key_json).ok().and_then(|k| k.gcs_base_url).is_some_and(|u| u.starts_with("http://"))
 }
 
 /// Bucket, endpoint (`http://` allows plain HTTP) and region on an S3 builder. `ambient`: the
@@ -708,13 +720,13 @@ fn object_store_with(bucket: &str, creds: &Credentials, opts: &StoreOptions) -> 
             if bucket.is_empty() {
                 return Err(invalid("the location names no bucket"));
             }
-            // No emulator for GCS is run by the tests: the unit tests cover this builder path
-            // only. The key is parsed here (JSON, then its PEM private key); the parser's own
-            // message could quote part of the key, so it is not passed on.
+            // The key is parsed here (JSON, then its PEM private key); the parser's own message
+            // could quote part of the key, so it is not passed on.
+            let http = gcs_base_url_is_http(service_account_json);
             let s = object_store::gcp::GoogleCloudStorageBuilder::new()
                 .with_service_account_key(service_account_json.as_str())
                 .with_bucket_name(bucket)
-                .with_client_options(client_options())
+                .with_client_options(client_options().with_allow_http(http))
                 .with_retry(store_retry())
                 .build()
                 .map_err(|_| {
@@ -1008,9 +1020,10 @@ mod tests {
         assert!(matches!(open_store("az://container", &with_creds(nobody)), Err(Error::InvalidArgument(_))));
     }
 
-    /// GCS: no emulator runs in the tests, so only the builder path is covered: a service
-    /// account key is taken from the credentials (never from the environment), and a bad one
-    /// is refused without quoting it.
+    /// GCS builder: a service account key is taken from the credentials (never from the
+    /// environment), and a bad one is refused without quoting it; plain HTTP only for a key
+    /// that names an `http://` emulator. (Round trips against fake-gcs-server: the CLI's and the
+    /// agent's tests.)
     #[test]
     fn gcs_credentials_build_from_the_key() {
         // `disable_oauth` spares the test a real RSA key; the JSON is otherwise a key file's.
@@ -1019,6 +1032,9 @@ mod tests {
         let s = open_store("gs://bucket/pre", &with_creds(Credentials::Gcs { service_account_json: key.into() }))
             .expect("builds");
         assert_eq!(s.location(), "gs://bucket/pre");
+        assert!(!gcs_base_url_is_http(key));
+        assert!(gcs_base_url_is_http(&key.replace("https://", "http://")));
+        assert!(!gcs_base_url_is_http("not json"));
         for bad in [r#"{"private_key": "gcs-secret-material"}"#, "gcs-secret-material", "  "] {
             let e = open_store("gs://bucket", &with_creds(Credentials::Gcs { service_account_json: bad.into() }))
                 .expect_err(bad);
