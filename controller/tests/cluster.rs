@@ -1019,55 +1019,90 @@ async fn a_lost_pack_turns_the_repository_unhealthy_naming_snapshot_and_files() 
     cleanup(&client, &ns).await;
 }
 
-/// A BackupStorage of provider `gcs` against the GCS emulator (`hack/gcs-up.sh`;
-/// `HOARD_TEST_GCS_KEY`, bucket `hoard-test`): the controller reads the service account key
-/// from the Secret, initialises the Repository in the bucket, and its structural check of it
-/// passes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gcs_storage_holds_a_repository_the_controller_initialises_and_checks() {
+/// A BackupStorage of `storage` (credentials in Secret `store-key` with `key_data`) backs a
+/// Repository the controller initialises and checks; the repository is then found at
+/// `location` with `creds` and opens with its password.
+async fn emulated_storage_holds_a_checked_repository(
+    prefix: &str,
+    storage: impl Fn(&str) -> serde_json::Value,
+    key_data: serde_json::Value,
+    location: impl Fn(&str) -> String,
+    creds: hoard_controller::storage::StorageCredentials,
+) {
     let Some(cluster) = TestCluster::connect().await else { return };
-    let Some(key) = hoard_testkit::require_service("HOARD_TEST_GCS_KEY") else { return };
     let _serial = ONE_CONTROLLER.lock().await;
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     cluster.apply_crds(&hoard_api::crd::definitions()).await;
     let client = cluster.client.clone();
-    let ns = cluster.namespace("ctrl-gcs").await;
-    for (name, data) in [
-        ("gcs-key", json!({"GOOGLE_SERVICE_ACCOUNT_JSON": key})),
-        ("repo-pass", json!({"RESTIC_PASSWORD": "tenant-password"})),
-    ] {
+    let ns = cluster.namespace(prefix).await;
+    for (name, data) in [("store-key", key_data), ("repo-pass", json!({"RESTIC_PASSWORD": "tenant-password"}))] {
         let body = obj::<Secret>(json!({"metadata": {"name": name}, "stringData": data}));
         Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &body).await.unwrap();
     }
-    let prefix = format!("controller/{ns}");
-    apply_in(
-        &client,
-        &ns,
-        "BackupStorage",
-        "gcs",
-        json!({"storage": {"provider": "gcs", "gcs": {"bucket": "hoard-test", "prefix": prefix,
-               "secretName": "gcs-key"}}}),
-    )
-    .await;
+    let store_prefix = format!("controller/{ns}");
+    apply_in(&client, &ns, "BackupStorage", "store", storage(&store_prefix)).await;
     let tmp = tempfile::tempdir().unwrap();
-    let controller = checking_controller(&client, &ns, "controller-gcs", tmp.path());
-    repository_in(&client, &ns, "gcs").await;
+    let controller = checking_controller(&client, &ns, prefix, tmp.path());
+    repository_in(&client, &ns, "store").await;
     let repos: Api<hoard_api::crd::Repository> = Api::namespaced(client.clone(), &ns);
-    let st = wait_for("the GCS repository checked", Duration::from_secs(60), || async {
+    let st = wait_for("the repository checked", Duration::from_secs(60), || async {
         let st = repos.get("app").await.ok()?.status?;
         (st.phase == Some(hoard_api::crd::RepositoryPhase::Ready) && st.integrity.is_some()).then_some(st)
     })
     .await;
     assert_eq!(st.integrity, Some(true), "{st:#?}");
-    // The repository is in the emulator's bucket, and opens with its password.
-    let gcs = hoard_controller::storage::StorageCredentials::Gcs(hoard_api::agent::v1::GcsCredentials {
-        service_account_json: key,
-    });
     let store =
-        hoard_controller::reconcile::repo::open_store(&format!("gs://hoard-test/{prefix}/{ns}/app"), Some(&gcs))
+        hoard_controller::reconcile::repo::open_store(&location(&format!("{store_prefix}/{ns}/app")), Some(&creds))
             .unwrap();
     assert!(store.list("").await.unwrap().iter().any(|o| o.key == "config"));
     hoard_core::Repository::open(store, &hoard_core::Password::new("tenant-password")).await.unwrap();
     controller.abort();
     cleanup(&client, &ns).await;
+}
+
+/// Provider `gcs` against the GCS emulator (`hack/gcs-up.sh`; `HOARD_TEST_GCS_KEY`, bucket
+/// `hoard-test`): the service account key comes from the Secret's `GOOGLE_SERVICE_ACCOUNT_JSON`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gcs_storage_holds_a_repository_the_controller_initialises_and_checks() {
+    let Some(key) = hoard_testkit::require_service("HOARD_TEST_GCS_KEY") else { return };
+    let creds = hoard_controller::storage::StorageCredentials::Gcs(hoard_api::agent::v1::GcsCredentials {
+        service_account_json: key.clone(),
+    });
+    emulated_storage_holds_a_checked_repository(
+        "ctrl-gcs",
+        |prefix| json!({"storage": {"provider": "gcs", "gcs": {"bucket": "hoard-test", "prefix": prefix, "secretName": "store-key"}}}),
+        json!({"GOOGLE_SERVICE_ACCOUNT_JSON": key}),
+        |path| format!("gs://hoard-test/{path}"),
+        creds,
+    )
+    .await;
+}
+
+/// Provider `azure` against Azurite (`hack/azure-up.sh`; `HOARD_TEST_AZURITE_URL`, container
+/// `hoard-test`): the account key comes from the Secret's `AZURE_ACCOUNT_KEY`, the endpoint
+/// from the storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_azure_storage_holds_a_repository_the_controller_initialises_and_checks() {
+    let Some(url) = hoard_testkit::require_service("HOARD_TEST_AZURITE_URL") else { return };
+    const ACCOUNT: &str = "devstoreaccount1";
+    // Azurite's published development key.
+    const KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+    let endpoint = format!("{url}/{ACCOUNT}");
+    let creds = hoard_controller::storage::StorageCredentials::Azure(hoard_api::agent::v1::AzureCredentials {
+        account: ACCOUNT.into(),
+        access_key: KEY.into(),
+        sas_token: String::new(),
+        endpoint: endpoint.clone(),
+    });
+    emulated_storage_holds_a_checked_repository(
+        "ctrl-azure",
+        |prefix| {
+            json!({"storage": {"provider": "azure", "azure": {"storageAccount": ACCOUNT, "container": "hoard-test",
+                   "prefix": prefix, "endpoint": endpoint, "secretName": "store-key"}}})
+        },
+        json!({"AZURE_ACCOUNT_KEY": KEY}),
+        |path| format!("az://hoard-test/{path}"),
+        creds,
+    )
+    .await;
 }
