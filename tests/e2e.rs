@@ -447,6 +447,20 @@ async fn backup_and_restore_across_two_nodes() {
     let next = config.status.unwrap().sessions.into_iter().find(|s| s.name == "minutely").and_then(|s| s.next_schedule);
     assert!(next.is_some(), "status shows the next run");
 
+    // Metrics: after backups and restores, both agents and the controller expose every metric
+    // their docs list.
+    let agent_metrics = documented_metrics("docs/agent.md", "hoard_agent_");
+    for agent in [&_agent_a, &_agent_b] {
+        let scraped = scrape(agent.metrics.as_deref().expect("the agent printed its metrics address"));
+        let missing = missing_metrics(&agent_metrics, &scraped);
+        assert!(missing.is_empty(), "docs/agent.md lists metrics the agent does not expose: {missing:?}");
+    }
+    let controller_metrics = documented_metrics("docs/controller.md", "hoard_controller_");
+    let scraped = scrape(controller.metrics.as_deref().unwrap());
+    let missing = missing_metrics(&controller_metrics, &scraped);
+    assert!(missing.is_empty(), "docs/controller.md lists metrics the controller does not expose: {missing:?}");
+    assert!(scraped.contains("hoard_controller_backup_sessions_total{phase=\"Succeeded\"}"), "{scraped}");
+
     // RBAC: nothing the controller asked for was refused; permissions it never used are reported.
     if let Some(audit_log) = audit_log {
         let user = format!("system:serviceaccount:{system_ns}:hoard-controller");

@@ -46,6 +46,10 @@ pub struct StageBytes {
     pub restored: u64,
 }
 
+/// The `reason` label values of `hoard_agent_refused_orders_total`.
+pub const REFUSAL_REASONS: &[&str] =
+    &["invalid", "wrong_node", "not_found", "refused", "io", "conflict", "draining", "backup-only"];
+
 /// The agent's metrics, registered under the `hoard_agent` prefix.
 #[derive(Debug)]
 pub struct Metrics {
@@ -74,6 +78,11 @@ impl Metrics {
         let orders = Family::<OrderLabels, Counter>::default();
         registry.register("orders", "Finished orders by kind and result (done, failed, cancelled)", orders.clone());
         let refused = Family::<ReasonLabels, Counter>::default();
+        // Every reason from the start, at zero: a family with no series is not exposed at all,
+        // and `rate()` needs the zero before the first refusal.
+        for reason in REFUSAL_REASONS {
+            let _ = refused.get_or_create(&ReasonLabels { reason: (*reason).into() });
+        }
         registry.register("refused_orders", "Orders refused before running, by reason", refused.clone());
         let bytes_read = Counter::default();
         registry.register("read_bytes", "Bytes read from volumes by backups", bytes_read.clone());
@@ -144,6 +153,7 @@ impl Metrics {
         self.secrets_wiped.clone()
     }
     pub fn refused(&self, reason: &str) {
+        debug_assert!(REFUSAL_REASONS.contains(&reason), "undocumented refusal reason {reason}");
         self.refused.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
     }
     pub fn add_stage_bytes(&self, b: &StageBytes) {

@@ -42,6 +42,8 @@ pub fn bin(name: &str) -> PathBuf {
 pub struct Proc {
     pub child: Child,
     pub log: PathBuf,
+    /// `host:port` of its `/metrics` endpoint.
+    pub metrics: Option<String>,
 }
 
 impl Proc {
@@ -94,7 +96,8 @@ pub fn start_agent(node: &str, kubelet_root: &Path, pki: &Path, work: &Path) -> 
         .and_then(|a| a.rsplit(':').next())
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("agent {node} did not start: {line:?}\n{}", std::fs::read_to_string(&log).unwrap()));
-    (Proc { child, log }, grpc)
+    let metrics = line.split_whitespace().find_map(|w| w.strip_prefix("metrics=")).map(str::to_string);
+    (Proc { child, log, metrics }, grpc)
 }
 
 /// Starts `hoard-controller` as a separate process with `kubeconfig` (a ServiceAccount token).
@@ -133,7 +136,47 @@ pub fn start_controller_with(
         .stderr(append(&log))
         .spawn()
         .unwrap();
-    Proc { child, log }
+    Proc { child, log, metrics: Some(format!("127.0.0.1:{metrics_port}")) }
+}
+
+/// The body of `GET /metrics` at `addr` (`host:port`), over a plain HTTP/1.0 connection;
+/// bounded by 10 s.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    assert!(head.starts_with("HTTP/1.") && head.contains(" 200"), "GET {addr}/metrics: {head}");
+    body.to_string()
+}
+
+/// The metric names the `## Metrics` table of a doc page lists (backticked names in a row's
+/// first cell; `prefix` is added to names without it).
+pub fn documented_metrics(page: &str, prefix: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(page)).unwrap();
+    let section = text.split("\n## Metrics").nth(1).unwrap_or_else(|| panic!("{page} has no Metrics section"));
+    let section = section.split("\n## ").next().unwrap_or_default();
+    let mut names = Vec::new();
+    for row in section.lines().filter(|l| l.starts_with("| `")) {
+        let cell = row.split('|').nth(1).unwrap_or_default();
+        for name in cell.split('`').skip(1).step_by(2) {
+            names.push(if name.starts_with(prefix) { name.to_string() } else { format!("{prefix}{name}") });
+        }
+    }
+    assert!(!names.is_empty(), "{page} lists no metrics");
+    names
+}
+
+/// The documented metrics `scraped` lacks (a counter's family may be exposed without `_total`).
+pub fn missing_metrics<'a>(documented: &'a [String], scraped: &str) -> Vec<&'a str> {
+    documented
+        .iter()
+        .map(String::as_str)
+        .filter(|name| !scraped.contains(&format!(" {} ", name.trim_end_matches("_total"))))
+        .collect()
 }
 
 fn now_rfc3339() -> String {
