@@ -236,8 +236,21 @@ impl RemoteBackup {
         RemoteBackup { _tmp: tmp, tree, agent, client, msg }
     }
 
-    fn volume(&self) -> &hoard_testkit::KubeletVolume {
-        &self.tree.volumes[0]
+    /// A backup order of the same volume into `repository`, which must fail.
+    async fn failing_backup(
+        &self,
+        order_id: &str,
+        repository: hoard_api::agent::v1::Repository,
+    ) -> hoard_api::agent::v1::Progress {
+        let order = BackupOrder {
+            order_id: order_id.into(),
+            volume: Some(identity(&self.tree.volumes[0])),
+            repository: Some(repository),
+            ..Default::default()
+        };
+        let failed = finish(self.client.clone().backup(order).await, LONG).await.unwrap();
+        assert_eq!(phase(&failed), Phase::Failed, "{failed:?}");
+        failed
     }
 }
 
@@ -265,22 +278,14 @@ async fn backup_to_azurite_with_order_credentials() {
         })
     })
     .await;
-    let (agent, mut client, msg, v) = (&remote.agent, remote.client.clone(), remote.msg.clone(), remote.volume());
 
     // A wrong key is refused by the service, and the failure names no secret.
     let wrong = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk=";
-    let mut bad = msg;
+    let mut bad = remote.msg.clone();
     bad.azure.as_mut().unwrap().access_key = wrong.into();
-    let order = BackupOrder {
-        order_id: "azure-wrong-key".into(),
-        volume: Some(identity(v)),
-        repository: Some(bad),
-        ..Default::default()
-    };
-    let failed = finish(client.backup(order).await, LONG).await.unwrap();
-    assert_eq!(phase(&failed), Phase::Failed, "{failed:?}");
+    let failed = remote.failing_backup("azure-wrong-key", bad).await;
     assert!(!failed.error.contains(wrong) && !failed.error.contains(AZURITE_KEY), "{}", failed.error);
-    let log = agent.log_text();
+    let log = remote.agent.log_text();
     assert!(!log.contains(AZURITE_KEY) && !log.contains(wrong) && !log.contains(PASSWORD), "secret in the agent log");
 }
 
@@ -296,24 +301,16 @@ async fn backup_to_fake_gcs_with_order_credentials() {
         msg.gcs = Some(hoard_api::agent::v1::GcsCredentials { service_account_json: key.clone() })
     })
     .await;
-    let (agent, mut client, msg, v) = (&remote.agent, remote.client.clone(), remote.msg.clone(), remote.volume());
 
     // A key naming a port nobody listens on: the order fails (after bounded retries), and
     // neither the failure nor the log quotes the key.
     let dead = key.replace("\"gcs_base_url\": \"http://127.0.0.1:", "\"gcs_base_url\": \"http://127.0.0.1:1");
     assert_ne!(dead, key);
-    let mut bad = msg;
-    bad.gcs = Some(hoard_api::agent::v1::GcsCredentials { service_account_json: dead.clone() });
-    let order = BackupOrder {
-        order_id: "gcs-unreachable".into(),
-        volume: Some(identity(v)),
-        repository: Some(bad),
-        ..Default::default()
-    };
-    let failed = finish(client.backup(order).await, LONG).await.unwrap();
-    assert_eq!(phase(&failed), Phase::Failed, "{failed:?}");
+    let mut bad = remote.msg.clone();
+    bad.gcs = Some(hoard_api::agent::v1::GcsCredentials { service_account_json: dead });
+    let failed = remote.failing_backup("gcs-unreachable", bad).await;
     assert!(!failed.error.contains("disable_oauth"), "{}", failed.error);
-    assert!(!agent.log_text().contains("disable_oauth"), "the key in the agent log");
+    assert!(!remote.agent.log_text().contains("disable_oauth"), "the key in the agent log");
 }
 
 /// `includes` in a backup order: only the matching paths and the directories leading to them

@@ -456,10 +456,7 @@ async fn cleanup(client: &Client, ns: &str) {
 /// with exponential back-off (2 s, 4 s, 8 s, ...), and its status patches do not retrigger it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_storage_backs_off_instead_of_looping() {
-    let Some(cluster) = TestCluster::connect().await else { return };
-    let _serial = ONE_CONTROLLER.lock().await;
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    cluster.apply_crds(&hoard_api::crd::definitions()).await;
+    let Some((cluster, _serial)) = exclusive_cluster().await else { return };
     let client = cluster.client.clone();
     let ns = cluster.namespace("ctrl-loop").await;
     Api::<Secret>::namespaced(client.clone(), &ns)
@@ -540,6 +537,16 @@ fn name_of(body: &serde_json::Value) -> String {
 /// time so no controller acts on another test's objects.
 static ONE_CONTROLLER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The test cluster with hoard's CRDs, held by this test alone ([`ONE_CONTROLLER`]) while the
+/// guard lives; `None` (a skip) outside CI without a cluster.
+async fn exclusive_cluster() -> Option<(TestCluster, tokio::sync::MutexGuard<'static, ()>)> {
+    let cluster = TestCluster::connect().await?;
+    let serial = ONE_CONTROLLER.lock().await;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    cluster.apply_crds(&hoard_api::crd::definitions()).await;
+    Some((cluster, serial))
+}
+
 /// Server-side apply of a hoard object in `ns`.
 async fn apply_in(client: &Client, ns: &str, kind: &str, name: &str, spec: serde_json::Value) {
     let body = json!({"apiVersion": "hoard.dev/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec});
@@ -614,11 +621,8 @@ async fn open_repo(s3: &str, prefix: &str, path: &str) -> hoard_core::Repository
 /// are gone, re-creates them from the bucket once the tenant consents.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenancy_retention_wipeout_and_repository_sync_against_a_real_api_server() {
-    let Some(cluster) = TestCluster::connect().await else { return };
     let Some(s3) = hoard_testkit::require_service("HOARD_TEST_S3_ENDPOINT") else { return };
-    let _serial = ONE_CONTROLLER.lock().await;
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    cluster.apply_crds(&hoard_api::crd::definitions()).await;
+    let Some((cluster, _serial)) = exclusive_cluster().await else { return };
     let client = cluster.client.clone();
     let owner = cluster.namespace("owner").await;
     let tenant = cluster.namespace("tenant").await;
@@ -932,11 +936,8 @@ async fn repository_in(client: &Client, ns: &str, storage: &str) {
 /// missing pack, the snapshot the damage reaches and files of it; an event says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_pack_turns_the_repository_unhealthy_naming_snapshot_and_files() {
-    let Some(cluster) = TestCluster::connect().await else { return };
     let Some(s3) = hoard_testkit::require_service("HOARD_TEST_S3_ENDPOINT") else { return };
-    let _serial = ONE_CONTROLLER.lock().await;
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    cluster.apply_crds(&hoard_api::crd::definitions()).await;
+    let Some((cluster, _serial)) = exclusive_cluster().await else { return };
     let client = cluster.client.clone();
     let ns = cluster.namespace("ctrl-integrity").await;
     let secret = |name: &str, data: serde_json::Value| {
@@ -1029,10 +1030,7 @@ async fn emulated_storage_holds_a_checked_repository(
     location: impl Fn(&str) -> String,
     creds: hoard_controller::storage::StorageCredentials,
 ) {
-    let Some(cluster) = TestCluster::connect().await else { return };
-    let _serial = ONE_CONTROLLER.lock().await;
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    cluster.apply_crds(&hoard_api::crd::definitions()).await;
+    let Some((cluster, _serial)) = exclusive_cluster().await else { return };
     let client = cluster.client.clone();
     let ns = cluster.namespace(prefix).await;
     for (name, data) in [("store-key", key_data), ("repo-pass", json!({"RESTIC_PASSWORD": "tenant-password"}))] {
