@@ -959,11 +959,7 @@ async fn restore_refuses_a_non_empty_volume_unless_overwrite() {
 
     // IfChanged: what r5 restored is unchanged and kept, a file edited since is rewritten, and
     // entries the snapshot lacks stay.
-    let (edited, _) = manifest(&src.data_dir)
-        .into_iter()
-        .find(|(p, e)| e.kind == "file" && !p.contains(&b'/') && e.nlink == 1 && e.size > 0)
-        .expect("a top-level file with content");
-    let edited = String::from_utf8(edited).unwrap();
+    let edited = top_level_file_with_content(&src.data_dir);
     std::fs::write(target.join(&edited), b"edited in the volume").unwrap();
     let ev = finish(client.restore(restore("r6", Overwrite::IfChanged)).await, LONG).await.unwrap();
     assert_eq!(phase(&ev), Phase::Done, "{ev:?}");
@@ -1018,11 +1014,7 @@ async fn copy_orders_copy_one_volume_into_another() {
 
     // Not empty now: refused without overwrite; with Always, edited files are put back and
     // entries the source lacks stay.
-    let (edited, _) = manifest(&src.data_dir)
-        .into_iter()
-        .find(|(p, e)| e.kind == "file" && !p.contains(&b'/') && e.nlink == 1 && e.size > 0)
-        .expect("a top-level file with content");
-    let edited = String::from_utf8(edited).unwrap();
+    let edited = top_level_file_with_content(&src.data_dir);
     std::fs::write(target.join(&edited), b"edited in the volume").unwrap();
     std::fs::write(target.join("local-only"), b"keep me").unwrap();
     let ev = finish(client.copy(copy("c2", identity(src), Overwrite::Never)).await, LONG).await.unwrap();
@@ -1048,6 +1040,15 @@ async fn copy_orders_copy_one_volume_into_another() {
     let e = client.copy(copy("c5", host, Overwrite::Always)).await.err().unwrap();
     assert_eq!(e.code(), Code::InvalidArgument, "{e}");
     assert!(compare(&before, &manifest(target)).is_empty(), "a refused copy wrote into the target");
+}
+
+/// The name of a top-level regular file of `dir` with content and a single link.
+fn top_level_file_with_content(dir: &std::path::Path) -> String {
+    let (name, _) = manifest(dir)
+        .into_iter()
+        .find(|(p, e)| e.kind == "file" && !p.contains(&b'/') && e.nlink == 1 && e.size > 0)
+        .expect("a top-level file with content");
+    String::from_utf8(name).unwrap()
 }
 
 /// A completed restore order re-sent after the agent was killed gets the same result, without

@@ -54,7 +54,7 @@ fn order_id(rs: &RestoreSession, claim: &str) -> String {
 }
 
 /// Gets `name`; an object of that name the session does not own is refused, never used.
-async fn get_owned<K>(api: &Api<K>, name: &str, rs: &RestoreSession, what: &str) -> Result<Option<K>>
+pub(crate) async fn get_owned<K>(api: &Api<K>, name: &str, rs: &RestoreSession, what: &str) -> Result<Option<K>>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {

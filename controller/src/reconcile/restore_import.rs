@@ -15,6 +15,7 @@ use kube::{Resource, ResourceExt};
 use crate::Context;
 use crate::error::{Error, Result, is_not_found};
 use crate::helper::HELPER_LABEL;
+use crate::reconcile::restore_copy::get_owned;
 use crate::reconcile::snapshots::{create, owned_by};
 
 /// Where the import stands.
@@ -51,10 +52,7 @@ pub async fn step(ctx: &Context, rs: &RestoreSession, src_ns: &str, name: &str) 
     }
     let (content_name, local_name) = share::import_names(&ns, &rs.name_any());
     let locals: Api<VolumeSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
-    if let Some(local) = locals.get_opt(&local_name).await? {
-        if !owned_by(&local.metadata, rs) {
-            return Err(Error::invalid("dataSource", format!("VolumeSnapshot {local_name} exists and is not ours")));
-        }
+    if let Some(local) = get_owned(&locals, &local_name, rs, "VolumeSnapshot").await? {
         if local.ready() {
             return Ok(Import::Ready { local: local_name, source: Box::new(source) });
         }
